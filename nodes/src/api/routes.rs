@@ -1,0 +1,395 @@
+//! The api's routes. Every refusal is `{"error": code, "detail": ...}` with a fitting status.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::auth::{hash_password, Claims, TokenKey};
+use crate::clock::unix_ms;
+use crate::cluster::Peers;
+use crate::limits::{GROUP_MEMBERS_MAX, SYNC_PAGE_MAX, TOKEN_TTL_MS};
+use crate::proto::client::*;
+use crate::proto::internal::{ChannelKind, ChannelRecord, Request, Response, UserRecord};
+use crate::proto::Id;
+use crate::rpc::{RpcClient, RpcError};
+
+pub struct ApiState {
+    pub peers: Arc<Peers>,
+    pub token_key: TokenKey,
+}
+
+type S = State<Arc<ApiState>>;
+
+/// A refusal: HTTP status, code, words.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, ErrorCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> HttpResponse {
+        let body = ErrorBody {
+            error: self.1,
+            detail: self.2,
+        };
+        (self.0, Json(body)).into_response()
+    }
+}
+
+impl From<RpcError> for ApiError {
+    fn from(e: RpcError) -> Self {
+        let code = e.code();
+        ApiError(status_of(code), code, e.to_string())
+    }
+}
+
+fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::NotAuthenticated => {
+            StatusCode::UNAUTHORIZED
+        }
+        ErrorCode::BadCredentials => StatusCode::UNAUTHORIZED,
+        ErrorCode::NotAMember => StatusCode::FORBIDDEN,
+        ErrorCode::UnknownChannel | ErrorCode::UnknownUser => StatusCode::NOT_FOUND,
+        ErrorCode::NameTaken | ErrorCode::GroupFull => StatusCode::CONFLICT,
+        ErrorCode::Unavailable | ErrorCode::NoChatServer => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn refuse(code: ErrorCode, detail: impl Into<String>) -> ApiError {
+    ApiError(status_of(code), code, detail.into())
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/signup", post(signup))
+        .route("/v1/login", post(login))
+        .route("/v1/me", get(me))
+        .route("/v1/friends", post(add_friend))
+        .route("/v1/groups", post(create_group))
+        .route("/v1/groups/{channel}/members", post(add_member))
+        .route("/v1/groups/{channel}/members/{user}", delete(remove_member))
+        .route("/v1/channels/{channel}/messages", get(history))
+        .route("/v1/chat-server", get(chat_server))
+        .with_state(state)
+}
+
+/// Parses a JSON body with our own error code (axum's rejection is plain text).
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| refuse(ErrorCode::MalformedJson, e.to_string()))
+}
+
+fn auth(st: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiError> {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| refuse(ErrorCode::NotAuthenticated, "missing Bearer token"))?;
+    st.token_key
+        .verify(token, unix_ms())
+        .map_err(|code| refuse(code, "token refused"))
+}
+
+async fn call(kv: &RpcClient, req: Request) -> Result<Response, ApiError> {
+    Ok(kv.call(req).await?)
+}
+
+async fn alloc(st: &ApiState, kind: &str) -> Result<Id, ApiError> {
+    let req = Request::AllocId { kind: kind.into() };
+    match call(st.peers.kv_counters(), req).await? {
+        Response::Id(id) => Ok(id),
+        other => Err(refuse(ErrorCode::Unavailable, format!("{other:?}"))),
+    }
+}
+
+async fn get_user(st: &ApiState, user: Id) -> Result<UserRecord, ApiError> {
+    match call(st.peers.kv_for_user(user), Request::GetUser { user }).await? {
+        Response::User(Some(u)) => Ok(u),
+        _ => Err(refuse(ErrorCode::UnknownUser, format!("user {user}"))),
+    }
+}
+
+async fn get_channel(st: &ApiState, channel: Id) -> Result<ChannelRecord, ApiError> {
+    match call(
+        st.peers.kv_for_channel(channel),
+        Request::GetChannel { channel },
+    )
+    .await?
+    {
+        Response::Channel(Some(c)) => Ok(c),
+        _ => Err(refuse(
+            ErrorCode::UnknownChannel,
+            format!("channel {channel}"),
+        )),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+async fn signup(State(st): S, body: Bytes) -> ApiResult<SignupResponse> {
+    let req: SignupRequest = parse(&body)?;
+    if !valid_name(&req.name) || req.password.is_empty() || req.password.len() > 256 {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "name: 1-64 of [A-Za-z0-9-_.]; password: 1-256 bytes",
+        ));
+    }
+    let user = alloc(&st, "user").await?;
+    let reserve = Request::ReserveName {
+        name: req.name.clone(),
+        user,
+    };
+    match call(st.peers.kv_for_name(&req.name), reserve).await? {
+        Response::Reserved { fresh: true, .. } => {}
+        _ => return Err(refuse(ErrorCode::NameTaken, req.name)),
+    }
+    let record = UserRecord {
+        user,
+        name: req.name.clone(),
+        password_hash: hash_password(&req.name, &req.password),
+        ..UserRecord::default()
+    };
+    call(st.peers.kv_for_user(user), Request::PutUser { record }).await?;
+    Ok(Json(SignupResponse { user }))
+}
+
+async fn login(State(st): S, body: Bytes) -> ApiResult<LoginResponse> {
+    let req: LoginRequest = parse(&body)?;
+    let lookup = Request::LookupName {
+        name: req.name.clone(),
+    };
+    let bad = || refuse(ErrorCode::BadCredentials, "unknown name or wrong password");
+    let Response::MaybeId(Some(user)) = call(st.peers.kv_for_name(&req.name), lookup).await? else {
+        return Err(bad());
+    };
+    let rec = get_user(&st, user).await?;
+    if rec.password_hash != hash_password(&req.name, &req.password) {
+        return Err(bad());
+    }
+    let device = match req.device {
+        Some(d) if rec.devices.contains(&d) => d,
+        _ => {
+            let d = alloc(&st, "device").await?;
+            let add = Request::AddDevice { user, device: d };
+            call(st.peers.kv_for_user(user), add).await?;
+            d
+        }
+    };
+    let expires_at_ms = unix_ms() + TOKEN_TTL_MS;
+    Ok(Json(LoginResponse {
+        user,
+        device,
+        token: st.token_key.sign(user, device, expires_at_ms),
+        expires_at_ms,
+    }))
+}
+
+async fn me(State(st): S, headers: HeaderMap) -> ApiResult<Profile> {
+    let c = auth(&st, &headers)?;
+    let u = get_user(&st, c.user).await?;
+    Ok(Json(Profile {
+        user: u.user,
+        name: u.name,
+        devices: u.devices,
+        friends: u.friends,
+        channels: u.channels,
+    }))
+}
+
+async fn add_friend(State(st): S, headers: HeaderMap, body: Bytes) -> ApiResult<AddFriendResponse> {
+    let c = auth(&st, &headers)?;
+    let req: AddFriendRequest = parse(&body)?;
+    if req.user == c.user {
+        return Err(refuse(ErrorCode::BadRequest, "cannot befriend yourself"));
+    }
+    let me = get_user(&st, c.user).await?;
+    get_user(&st, req.user).await?;
+    if let Some(ch) = me.friends.get(&req.user) {
+        return Ok(Json(AddFriendResponse { channel: *ch }));
+    }
+    let channel = alloc(&st, "channel").await?;
+    let record = ChannelRecord {
+        channel,
+        kind: ChannelKind::Direct,
+        name: String::new(),
+        members: vec![c.user, req.user],
+        last_seq: 0,
+        last_message_id: 0,
+    };
+    call(
+        st.peers.kv_for_channel(channel),
+        Request::CreateChannel { record },
+    )
+    .await?;
+    for (a, b) in [(c.user, req.user), (req.user, c.user)] {
+        let link = Request::LinkFriend {
+            user: a,
+            friend: b,
+            channel,
+        };
+        call(st.peers.kv_for_user(a), link).await?;
+    }
+    Ok(Json(AddFriendResponse { channel }))
+}
+
+async fn create_group(State(st): S, headers: HeaderMap, body: Bytes) -> ApiResult<GroupResponse> {
+    let c = auth(&st, &headers)?;
+    let req: CreateGroupRequest = parse(&body)?;
+    let mut members: Vec<Id> = vec![c.user];
+    let mut seen = BTreeSet::from([c.user]);
+    for m in req.members {
+        if seen.insert(m) {
+            members.push(m);
+        }
+    }
+    if members.len() > GROUP_MEMBERS_MAX {
+        return Err(refuse(
+            ErrorCode::GroupFull,
+            format!("{} members, at most {GROUP_MEMBERS_MAX}", members.len()),
+        ));
+    }
+    for m in &members[1..] {
+        get_user(&st, *m).await?;
+    }
+    let channel = alloc(&st, "channel").await?;
+    let record = ChannelRecord {
+        channel,
+        kind: ChannelKind::Group,
+        name: req.name,
+        members: members.clone(),
+        last_seq: 0,
+        last_message_id: 0,
+    };
+    call(
+        st.peers.kv_for_channel(channel),
+        Request::CreateChannel { record },
+    )
+    .await?;
+    for m in &members {
+        set_user_channel(&st, *m, channel, true).await?;
+    }
+    Ok(Json(GroupResponse { channel, members }))
+}
+
+async fn set_user_channel(
+    st: &ApiState,
+    user: Id,
+    channel: Id,
+    member: bool,
+) -> Result<(), ApiError> {
+    let req = Request::SetUserChannel {
+        user,
+        channel,
+        member,
+    };
+    call(st.peers.kv_for_user(user), req).await?;
+    Ok(())
+}
+
+async fn add_member(
+    State(st): S,
+    headers: HeaderMap,
+    Path(channel): Path<Id>,
+    body: Bytes,
+) -> ApiResult<GroupResponse> {
+    let c = auth(&st, &headers)?;
+    let req: AddMemberRequest = parse(&body)?;
+    let ch = get_channel(&st, channel).await?;
+    if !ch.members.contains(&c.user) {
+        return Err(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
+    }
+    get_user(&st, req.user).await?;
+    let add = Request::AddMember {
+        channel,
+        user: req.user,
+    };
+    let Response::Members(members) = call(st.peers.kv_for_channel(channel), add).await? else {
+        return Err(refuse(ErrorCode::Unavailable, "unexpected kv answer"));
+    };
+    set_user_channel(&st, req.user, channel, true).await?;
+    Ok(Json(GroupResponse { channel, members }))
+}
+
+async fn remove_member(
+    State(st): S,
+    headers: HeaderMap,
+    Path((channel, user)): Path<(Id, Id)>,
+) -> ApiResult<GroupResponse> {
+    let c = auth(&st, &headers)?;
+    let ch = get_channel(&st, channel).await?;
+    if !ch.members.contains(&c.user) {
+        return Err(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
+    }
+    let rm = Request::RemoveMember { channel, user };
+    let Response::Members(members) = call(st.peers.kv_for_channel(channel), rm).await? else {
+        return Err(refuse(ErrorCode::Unavailable, "unexpected kv answer"));
+    };
+    set_user_channel(&st, user, channel, false).await?;
+    Ok(Json(GroupResponse { channel, members }))
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    #[serde(default)]
+    after_seq: u64,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+async fn history(
+    State(st): S,
+    headers: HeaderMap,
+    Path(channel): Path<Id>,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult<HistoryResponse> {
+    let c = auth(&st, &headers)?;
+    let ch = get_channel(&st, channel).await?;
+    if !ch.members.contains(&c.user) {
+        return Err(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
+    }
+    let limit = q
+        .limit
+        .unwrap_or(SYNC_PAGE_MAX as u32)
+        .min(SYNC_PAGE_MAX as u32);
+    let read = Request::ReadLog {
+        channel,
+        after_seq: q.after_seq,
+        limit,
+    };
+    match call(st.peers.kv_for_channel(channel), read).await? {
+        Response::Log { messages, last_seq } => Ok(Json(HistoryResponse {
+            channel,
+            messages,
+            last_seq,
+        })),
+        other => Err(refuse(ErrorCode::Unavailable, format!("{other:?}"))),
+    }
+}
+
+async fn chat_server(State(st): S, headers: HeaderMap) -> ApiResult<ChatServerResponse> {
+    let c = auth(&st, &headers)?;
+    let pick = Request::PickChat { hint: c.device };
+    match st.peers.discovery.call(pick).await? {
+        Response::Chat(Some(info)) => Ok(Json(ChatServerResponse {
+            url: format!("ws://{}/ws", info.ws_addr),
+            server: info.server,
+        })),
+        _ => Err(refuse(ErrorCode::NoChatServer, "no live chat server")),
+    }
+}

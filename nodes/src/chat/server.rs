@@ -1,0 +1,219 @@
+//! Chat server listeners and shared state: the WebSocket listener for devices, the RPC
+//! listener for other nodes (`Deliver`, `PresenceFanout`), and the discovery lease loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::sync::mpsc;
+
+use crate::auth::TokenKey;
+use crate::cluster::Peers;
+use crate::limits::DISCOVERY_RENEW_MS;
+use crate::net::{self, Stream};
+use crate::proto::client::{ErrorCode, PresenceStatus, ServerFrame};
+use crate::proto::internal::{ChatServerInfo, Request, Response};
+use crate::proto::Id;
+use crate::rpc;
+
+#[derive(Clone)]
+pub struct ChatConfig {
+    pub server: u32,
+    pub ws_listen: SocketAddr,
+    pub rpc_listen: SocketAddr,
+    /// Addresses other nodes and clients use to reach this server.
+    pub ws_advertise: String,
+    pub rpc_advertise: String,
+    pub peers: Arc<Peers>,
+    pub token_key: TokenKey,
+}
+
+/// What a session's writer task is asked to do.
+#[derive(Debug)]
+pub enum Outbound {
+    Frame(ServerFrame),
+    /// Send this error, then close the connection.
+    Close(ErrorCode, String),
+}
+
+/// One connected device, as the rest of the server sees it.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub user: Id,
+    pub epoch: u64,
+    pub tx: mpsc::Sender<Outbound>,
+    /// Ends the session from outside (slow consumer, replaced by a newer connection).
+    pub closer: Arc<tokio::sync::Notify>,
+}
+
+/// State shared by all tasks of one chat server.
+pub struct ChatState {
+    pub cfg: ChatConfig,
+    /// Device -> its session here. A std mutex: never held across an await.
+    sessions: Mutex<BTreeMap<Id, SessionHandle>>,
+    next_epoch: AtomicU64,
+}
+
+impl ChatState {
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.cfg.peers
+    }
+
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a session, replacing (and closing) an older one of the same device.
+    pub fn attach(&self, device: Id, handle: SessionHandle) {
+        let old = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device, handle);
+        if let Some(old) = old {
+            tracing::debug!(device, "session replaced by a newer connection");
+            old.closer.notify_one();
+        }
+    }
+
+    /// Removes the session if it is still the one with `epoch`.
+    pub fn detach(&self, device: Id, epoch: u64) {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if s.get(&device).is_some_and(|h| h.epoch == epoch) {
+            s.remove(&device);
+        }
+    }
+
+    pub fn load(&self) -> u32 {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u32
+    }
+
+    /// Queues a frame to each listed device held here. A device whose queue is full is too
+    /// slow: it is disconnected (`slow_consumer`) and will resync from its cursor.
+    pub fn deliver_local(&self, devices: &[Id], frame: &ServerFrame) -> usize {
+        let targets: Vec<SessionHandle> = {
+            let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            devices.iter().filter_map(|d| s.get(d).cloned()).collect()
+        };
+        let mut n = 0;
+        for h in targets {
+            match h.tx.try_send(Outbound::Frame(frame.clone())) {
+                Ok(()) => n += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(user = h.user, "session outbox full; disconnecting");
+                    self.detach_all_of(&h);
+                    h.closer.notify_one();
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        n
+    }
+
+    fn detach_all_of(&self, h: &SessionHandle) {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        s.retain(|_, v| !(v.epoch == h.epoch && v.user == h.user));
+    }
+
+    /// Queues a presence frame to the devices here whose user is one of `observers`.
+    pub fn deliver_presence(&self, subject: Id, status: PresenceStatus, observers: &[Id]) {
+        let wanted: BTreeSet<Id> = observers.iter().copied().collect();
+        let targets: Vec<SessionHandle> = {
+            let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            s.values()
+                .filter(|h| wanted.contains(&h.user))
+                .cloned()
+                .collect()
+        };
+        let frame = ServerFrame::Presence {
+            user: subject,
+            status,
+        };
+        for h in targets {
+            let _ = h.tx.try_send(Outbound::Frame(frame.clone()));
+        }
+    }
+}
+
+/// Runs a chat server until the process (or simulated node) dies.
+pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
+    let state = Arc::new(ChatState {
+        cfg: cfg.clone(),
+        sessions: Mutex::new(BTreeMap::new()),
+        next_epoch: AtomicU64::new(1),
+    });
+    let listener = net::bind(cfg.ws_listen).await?;
+    tokio::spawn(lease_loop(state.clone()));
+    tokio::spawn(rpc_server(state.clone()));
+    tracing::info!(server = cfg.server, ws = %cfg.ws_listen, "chat server up");
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    super::session::run(state, Stream::new(tcp)).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ws accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn rpc_server(state: Arc<ChatState>) {
+    let listen = state.cfg.rpc_listen;
+    let handler: rpc::Handler = Arc::new(move |req| {
+        let resp = match req {
+            Request::Deliver { devices, message } => {
+                let n = state.deliver_local(&devices, &ServerFrame::Message(message));
+                Response::Id(n as u64)
+            }
+            Request::PresenceFanout {
+                subject,
+                status,
+                observers,
+            } => {
+                state.deliver_presence(subject, status, &observers);
+                Response::Ok
+            }
+            other => Response::Error {
+                code: ErrorCode::BadRequest,
+                detail: format!("chat does not serve {other:?}"),
+            },
+        };
+        async move { resp }.boxed()
+    });
+    if let Err(e) = rpc::serve(listen, handler).await {
+        tracing::error!(error = %e, "chat rpc listener failed");
+    }
+}
+
+/// Keeps the discovery lease alive and the list of peer chat servers fresh.
+async fn lease_loop(state: Arc<ChatState>) {
+    loop {
+        let info = ChatServerInfo {
+            server: state.cfg.server,
+            ws_addr: state.cfg.ws_advertise.clone(),
+            rpc_addr: state.cfg.rpc_advertise.clone(),
+            load: state.load(),
+        };
+        if let Err(e) = state
+            .peers()
+            .discovery
+            .call(Request::RegisterChat { info })
+            .await
+        {
+            tracing::debug!(error = %e, "lease renewal failed");
+        }
+        let _ = state.peers().refresh_chat_servers().await;
+        tokio::time::sleep(Duration::from_millis(DISCOVERY_RENEW_MS)).await;
+    }
+}

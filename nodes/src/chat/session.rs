@@ -1,0 +1,455 @@
+//! One device connection: WebSocket handshake, `hello` with a token, then frames until the
+//! device leaves, goes silent, or is closed from outside.
+//!
+//! Frames are handled in order on the reader; a device's sends are therefore committed one at
+//! a time, in the order it sent them. Heartbeats and cursor writes are relayed in the
+//! background so a slow kv never delays a heartbeat. Every refusal names an error code and,
+//! except where [`ErrorCode::closes_connection`], the connection stays usable.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use super::fanout::fanout;
+use super::send::{commit, commit_write_behind, SendRequest};
+use super::server::{ChatState, Outbound, SessionHandle};
+use super::validate::{check_text, parse_frame, RateLimit};
+use crate::auth::Claims;
+use crate::canary::Canary;
+use crate::clock::unix_ms;
+use crate::limits::{SESSION_OUTBOX_MAX, SYNC_PAGE_MAX, WS_FRAME_BYTES_MAX};
+use crate::net::Stream;
+use crate::proto::client::{ClientFrame, ErrorCode, ServerFrame};
+use crate::proto::internal::{Request, Response, SessionEntry};
+use crate::proto::Id;
+
+/// A connection that sends nothing (not even a heartbeat) for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed between the handshake and `hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// WebSocket settings: small buffers (an idle connection should cost a few KB), frames capped.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(WS_FRAME_BYTES_MAX))
+        .max_frame_size(Some(WS_FRAME_BYTES_MAX))
+}
+
+type Ws = WebSocketStream<Stream>;
+
+/// Serves one device connection to the end.
+pub async fn run(state: Arc<ChatState>, stream: Stream) {
+    let ws = match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())),
+    )
+    .await
+    {
+        Ok(Ok(ws)) => ws,
+        _ => return,
+    };
+    let (sink, mut frames) = ws.split();
+    let (tx, rx) = mpsc::channel::<Outbound>(SESSION_OUTBOX_MAX);
+    let writer = tokio::spawn(write_loop(sink, rx));
+    let Some(claims) = hello(&state, &mut frames, &tx).await else {
+        drop(tx);
+        let _ = writer.await;
+        return;
+    };
+    let session = Session::open(state, claims, tx).await;
+    let mut session = session;
+    session.serve(&mut frames).await;
+    session.close().await;
+    let _ = writer.await;
+}
+
+async fn write_loop(
+    mut sink: futures::stream::SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+) {
+    while let Some(out) = rx.recv().await {
+        let (frame, close) = match out {
+            Outbound::Frame(f) => (f, false),
+            Outbound::Close(code, detail) => (ServerFrame::error(code, detail), true),
+        };
+        let text = serde_json::to_string(&frame).expect("server frames serialize");
+        if sink.send(Message::text(text)).await.is_err() {
+            break;
+        }
+        if close {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Waits for `hello` and verifies its token.
+async fn hello(
+    state: &ChatState,
+    frames: &mut futures::stream::SplitStream<Ws>,
+    tx: &mpsc::Sender<Outbound>,
+) -> Option<Claims> {
+    loop {
+        let msg = match tokio::time::timeout(HELLO_TIMEOUT, frames.next()).await {
+            Ok(Some(Ok(m))) => m,
+            _ => return None,
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                let _ = tx.try_send(err(ErrorCode::BinaryFrame, "text frames only"));
+                continue;
+            }
+            Message::Close(_) => return None,
+            _ => continue,
+        };
+        match parse_frame(&text) {
+            Ok(ClientFrame::Hello { token }) => {
+                return match state.cfg.token_key.verify(&token, unix_ms()) {
+                    Ok(c) => Some(c),
+                    Err(code) => {
+                        let _ = tx.try_send(Outbound::Close(code, "token refused".into()));
+                        None
+                    }
+                };
+            }
+            Ok(_) => {
+                let _ = tx.try_send(err(ErrorCode::NotAuthenticated, "send hello first"));
+            }
+            Err((code, detail)) => {
+                let _ = tx.try_send(err(code, detail));
+            }
+        }
+    }
+}
+
+fn err(code: ErrorCode, detail: impl Into<String>) -> Outbound {
+    Outbound::Frame(ServerFrame::error(code, detail))
+}
+
+/// An authenticated session.
+struct Session {
+    state: Arc<ChatState>,
+    user: Id,
+    device: Id,
+    epoch: u64,
+    tx: mpsc::Sender<Outbound>,
+    closer: Arc<tokio::sync::Notify>,
+    rate: RateLimit,
+}
+
+impl Session {
+    async fn open(state: Arc<ChatState>, claims: Claims, tx: mpsc::Sender<Outbound>) -> Self {
+        let epoch = state.next_epoch();
+        let closer = Arc::new(tokio::sync::Notify::new());
+        state.attach(
+            claims.device,
+            SessionHandle {
+                user: claims.user,
+                epoch,
+                tx: tx.clone(),
+                closer: closer.clone(),
+            },
+        );
+        let s = Session {
+            user: claims.user,
+            device: claims.device,
+            epoch,
+            tx,
+            closer,
+            rate: RateLimit::new(unix_ms()),
+            state,
+        };
+        // Register before welcoming: the device syncs after `welcome`, and every message
+        // committed after this registration is delivered live, so sync + live leave no hole.
+        let entry = s.entry();
+        let kv = s.state.peers().kv_for_user(s.user).clone();
+        if let Err(e) = kv.call(Request::SetSession { entry }).await {
+            tracing::debug!(device = s.device, error = %e, "session registration failed");
+        }
+        s.send(ServerFrame::Welcome {
+            user: s.user,
+            device: s.device,
+            server: s.state.cfg.server,
+        })
+        .await;
+        s
+    }
+
+    fn entry(&self) -> SessionEntry {
+        SessionEntry {
+            user: self.user,
+            device: self.device,
+            server: self.state.cfg.server,
+            epoch: self.epoch,
+        }
+    }
+
+    async fn send(&self, frame: ServerFrame) {
+        let _ = self.tx.send(Outbound::Frame(frame)).await;
+    }
+
+    async fn serve(&mut self, frames: &mut futures::stream::SplitStream<Ws>) {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = self.closer.notified() => return,
+                n = tokio::time::timeout(IDLE_TIMEOUT, frames.next()) => n,
+            };
+            let msg = match next {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e)))) => {
+                    let detail = format!("{e}; at most {WS_FRAME_BYTES_MAX} bytes");
+                    let _ = self
+                        .tx
+                        .try_send(Outbound::Close(ErrorCode::FrameTooLarge, detail));
+                    return;
+                }
+                // Closed, broken, or silent past the idle timeout.
+                _ => return,
+            };
+            match msg {
+                Message::Text(t) => {
+                    if !self.on_text(&t).await {
+                        return;
+                    }
+                }
+                Message::Binary(_) => {
+                    self.send(ServerFrame::error(
+                        ErrorCode::BinaryFrame,
+                        "text frames only",
+                    ))
+                    .await
+                }
+                Message::Close(_) => return,
+                // Pings are answered by tungstenite; pongs need nothing.
+                _ => {}
+            }
+        }
+    }
+
+    /// Handles one text frame; false ends the session.
+    async fn on_text(&mut self, text: &str) -> bool {
+        let frame = match parse_frame(text) {
+            Ok(f) => f,
+            Err((code, detail)) => {
+                self.send(ServerFrame::error(code, detail)).await;
+                return true;
+            }
+        };
+        match frame {
+            ClientFrame::Hello { .. } => {
+                self.send(ServerFrame::error(
+                    ErrorCode::BadRequest,
+                    "already authenticated",
+                ))
+                .await
+            }
+            ClientFrame::Send {
+                client_msg_id,
+                channel,
+                text,
+            } => self.on_send(client_msg_id, channel, text).await,
+            ClientFrame::Sync {
+                cursors,
+                max_message_id,
+            } => self.on_sync(cursors, max_message_id).await,
+            ClientFrame::Read { channel, seq } => self.on_read(channel, seq),
+            ClientFrame::Heartbeat => self.on_heartbeat(),
+            ClientFrame::PresenceQuery { users } => self.on_presence_query(users).await,
+            ClientFrame::Logout => {
+                let req = Request::Logout {
+                    user: self.user,
+                    device: self.device,
+                };
+                let _ = self.state.peers().presence.call(req).await;
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn on_send(&mut self, client_msg_id: Id, channel: Id, text: String) {
+        let refuse = |code, detail| ServerFrame::Error {
+            code,
+            detail,
+            client_msg_id: Some(client_msg_id),
+            channel: Some(channel),
+        };
+        if let Err((code, detail)) = check_text(&text).and(self.rate.take(unix_ms())) {
+            self.send(refuse(code, detail)).await;
+            return;
+        }
+        let req = SendRequest {
+            user: self.user,
+            device: self.device,
+            channel,
+            client_msg_id,
+            text,
+        };
+        let peers = self.state.peers();
+        let result = if peers.canaries.is_on(Canary::AckBeforePersist) {
+            commit_write_behind(peers, req).await
+        } else {
+            commit(peers, req).await
+        };
+        match result {
+            Ok(c) => {
+                self.send(ServerFrame::Ack {
+                    client_msg_id,
+                    channel,
+                    message_id: c.message.message_id,
+                    seq: c.message.seq,
+                })
+                .await;
+                // A retry of a committed message is fanned out again: the first fanout may
+                // have died with its server. Devices drop what they already have.
+                tokio::spawn(fanout(self.state.clone(), c));
+            }
+            Err(r) => self.send(refuse(r.code, r.detail)).await,
+        }
+    }
+
+    async fn on_sync(&mut self, cursors: BTreeMap<Id, u64>, max_message_id: Option<Id>) {
+        match self.sync(cursors, max_message_id).await {
+            Ok(done) => self.send(ServerFrame::Synced { cursors: done }).await,
+            Err(e) => {
+                self.send(ServerFrame::error(
+                    ErrorCode::Unavailable,
+                    format!("sync: {e}"),
+                ))
+                .await
+            }
+        }
+    }
+
+    /// Sends every message after the cursors, channel by channel, page by page.
+    async fn sync(
+        &mut self,
+        mut cursors: BTreeMap<Id, u64>,
+        max_message_id: Option<Id>,
+    ) -> Result<BTreeMap<Id, u64>, crate::rpc::RpcError> {
+        let peers = self.state.peers().clone();
+        let user_kv = peers.kv_for_user(self.user);
+        let channels = match user_kv.call(Request::GetUser { user: self.user }).await? {
+            Response::User(Some(u)) => u.channels,
+            _ => Vec::new(),
+        };
+        let stored = match user_kv
+            .call(Request::GetCursors {
+                device: self.device,
+            })
+            .await?
+        {
+            Response::Cursors(c) => c,
+            _ => BTreeMap::new(),
+        };
+        let by_id = peers.canaries.is_on(Canary::CursorByMessageId);
+        let mut done = BTreeMap::new();
+        for ch in channels {
+            let kv = peers.kv_for_channel(ch);
+            let mut after = cursors
+                .remove(&ch)
+                .or_else(|| stored.get(&ch).copied())
+                .unwrap_or(0);
+            loop {
+                let req = match (by_id, max_message_id) {
+                    (true, Some(max_id)) => Request::ReadLogByMessageId {
+                        channel: ch,
+                        after_message_id: max_id,
+                        limit: u32::MAX,
+                    },
+                    _ => Request::ReadLog {
+                        channel: ch,
+                        after_seq: after,
+                        limit: SYNC_PAGE_MAX as u32,
+                    },
+                };
+                let Response::Log { messages, .. } = kv.call(req).await? else {
+                    break;
+                };
+                let n = messages.len();
+                for m in messages {
+                    after = after.max(m.seq);
+                    self.send(ServerFrame::Message(m)).await;
+                }
+                if by_id || n < SYNC_PAGE_MAX {
+                    break;
+                }
+            }
+            done.insert(ch, after);
+        }
+        Ok(done)
+    }
+
+    fn on_read(&self, channel: Id, seq: u64) {
+        let kv = self.state.peers().kv_for_user(self.user).clone();
+        let device = self.device;
+        tokio::spawn(async move {
+            let _ = kv
+                .call(Request::SetCursor {
+                    device,
+                    channel,
+                    seq,
+                })
+                .await;
+        });
+    }
+
+    fn on_heartbeat(&self) {
+        let presence = self.state.peers().presence.clone();
+        let req = Request::Heartbeat {
+            user: self.user,
+            device: self.device,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = presence.call(req).await {
+                tracing::debug!(error = %e, "heartbeat relay failed");
+            }
+        });
+    }
+
+    /// Answers with the presence of those of `users` who are friends of this user.
+    async fn on_presence_query(&self, users: Vec<Id>) {
+        let peers = self.state.peers();
+        let friends = match peers
+            .kv_for_user(self.user)
+            .call(Request::GetUser { user: self.user })
+            .await
+        {
+            Ok(Response::User(Some(u))) => u.friends,
+            _ => return,
+        };
+        let asked: Vec<Id> = users
+            .into_iter()
+            .filter(|u| friends.contains_key(u))
+            .collect();
+        if asked.is_empty() {
+            return;
+        }
+        if let Ok(Response::Presence(list)) = peers
+            .presence
+            .call(Request::PresenceOf { users: asked })
+            .await
+        {
+            for (user, status) in list {
+                self.send(ServerFrame::Presence { user, status }).await;
+            }
+        }
+    }
+
+    async fn close(self) {
+        self.state.detach(self.device, self.epoch);
+        let entry = self.entry();
+        let kv = self.state.peers().kv_for_user(self.user).clone();
+        let _ = kv.call(Request::ClearSession { entry }).await;
+    }
+}

@@ -1,0 +1,441 @@
+//! The device state machine: everything a client must remember to see each channel in order,
+//! once, with nothing missing, across reconnects. No I/O: feed it server frames, it returns
+//! what the user would observe and what to send.
+//!
+//! - Per channel a cursor (the last `seq` processed). A message at `cursor + 1` is handed to
+//!   the user; an older one is a duplicate and dropped; a newer one waits in a bounded reorder
+//!   buffer while the device asks to sync the gap.
+//! - An outbox of sends not yet acknowledged, resent with the same `client_msg_id` after a
+//!   reconnect (the server deduplicates). The device's own message arriving by sync counts as
+//!   its acknowledgement.
+//! - The presence of friends as last shown.
+//!
+//! With the `cursor-by-message-id` canary it behaves like the seed's client instead: one
+//! `cur_max_message_id` for all channels, dropping anything not above it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::limits::DEVICE_REORDER_BUFFER_MAX;
+use crate::proto::client::{ChatMessage, ClientFrame, ErrorCode, PresenceStatus, ServerFrame};
+use crate::proto::Id;
+
+/// What the user of the device observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    Ack {
+        channel: Id,
+        client_msg_id: Id,
+        message_id: Id,
+        seq: u64,
+    },
+    SendFailed {
+        channel: Id,
+        client_msg_id: Id,
+        code: ErrorCode,
+    },
+    Deliver(ChatMessage),
+    Presence {
+        user: Id,
+        status: PresenceStatus,
+    },
+    /// A server error not tied to a send.
+    Error {
+        code: ErrorCode,
+        detail: String,
+    },
+}
+
+/// A send waiting for its acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingSend {
+    pub channel: Id,
+    pub text: String,
+}
+
+#[derive(Debug, Default)]
+struct ChannelView {
+    /// Last seq processed.
+    cursor: u64,
+    /// Messages above `cursor + 1`, and own acked seqs (as `None`), waiting for the gap.
+    waiting: BTreeMap<u64, Option<ChatMessage>>,
+    /// A sync for this channel was asked and not yet answered.
+    sync_asked: bool,
+    /// The cursor moved since the last `read` sent to the server.
+    unreported: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct DeviceState {
+    pub user: Id,
+    pub device: Id,
+    channels: BTreeMap<Id, ChannelView>,
+    outbox: BTreeMap<Id, PendingSend>,
+    presence: BTreeMap<Id, PresenceStatus>,
+    /// Canary mode: the seed's single max-id cursor.
+    by_message_id: bool,
+    max_message_id: Id,
+}
+
+impl DeviceState {
+    pub fn new(user: Id, device: Id, by_message_id: bool) -> Self {
+        Self {
+            user,
+            device,
+            by_message_id,
+            ..Self::default()
+        }
+    }
+
+    /// Queues a send; the frame goes out now and again after each reconnect until answered.
+    pub fn send(&mut self, client_msg_id: Id, channel: Id, text: String) -> ClientFrame {
+        self.outbox.insert(
+            client_msg_id,
+            PendingSend {
+                channel,
+                text: text.clone(),
+            },
+        );
+        ClientFrame::Send {
+            client_msg_id,
+            channel,
+            text,
+        }
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Frames to send on a fresh connection: sync from the cursors, then unanswered sends.
+    pub fn on_connected(&mut self) -> Vec<ClientFrame> {
+        for v in self.channels.values_mut() {
+            v.waiting.retain(|_, m| m.is_none());
+            v.sync_asked = true;
+        }
+        let mut out = vec![self.sync_all()];
+        out.extend(self.resends());
+        out
+    }
+
+    /// Unanswered sends, to resend with the same `client_msg_id`.
+    pub fn resends(&self) -> Vec<ClientFrame> {
+        self.outbox
+            .iter()
+            .map(|(id, p)| ClientFrame::Send {
+                client_msg_id: *id,
+                channel: p.channel,
+                text: p.text.clone(),
+            })
+            .collect()
+    }
+
+    pub fn sync_all(&self) -> ClientFrame {
+        if self.by_message_id {
+            return ClientFrame::Sync {
+                cursors: BTreeMap::new(),
+                max_message_id: Some(self.max_message_id),
+            };
+        }
+        ClientFrame::Sync {
+            cursors: self.channels.iter().map(|(c, v)| (*c, v.cursor)).collect(),
+            max_message_id: None,
+        }
+    }
+
+    /// `read` frames for channels whose cursor moved since the last call.
+    pub fn take_reads(&mut self) -> Vec<ClientFrame> {
+        let mut out = Vec::new();
+        for (c, v) in self.channels.iter_mut() {
+            if v.unreported {
+                v.unreported = false;
+                out.push(ClientFrame::Read {
+                    channel: *c,
+                    seq: v.cursor,
+                });
+            }
+        }
+        out
+    }
+
+    pub fn presence_of(&self, user: Id) -> Option<PresenceStatus> {
+        self.presence.get(&user).copied()
+    }
+
+    pub fn cursor(&self, channel: Id) -> u64 {
+        self.channels.get(&channel).map_or(0, |v| v.cursor)
+    }
+
+    /// Feeds one frame; returns observations and frames to send back.
+    pub fn on_frame(&mut self, frame: ServerFrame) -> (Vec<Observation>, Vec<ClientFrame>) {
+        let mut obs = Vec::new();
+        let mut out = Vec::new();
+        match frame {
+            ServerFrame::Welcome { .. } => {}
+            ServerFrame::Ack {
+                client_msg_id,
+                channel,
+                message_id,
+                seq,
+            } => self.on_ack(client_msg_id, channel, message_id, seq, &mut obs),
+            ServerFrame::Message(m) => self.on_message(m, &mut obs, &mut out),
+            ServerFrame::Synced { cursors } => {
+                for c in cursors.keys() {
+                    self.channels.entry(*c).or_default().sync_asked = false;
+                }
+            }
+            ServerFrame::Presence { user, status } => {
+                if self.presence.insert(user, status) != Some(status) {
+                    obs.push(Observation::Presence { user, status });
+                }
+            }
+            ServerFrame::Error {
+                code,
+                detail,
+                client_msg_id,
+                channel,
+            } => match (client_msg_id, channel) {
+                (Some(id), Some(ch)) if !code.retryable() => {
+                    if self.outbox.remove(&id).is_some() {
+                        obs.push(Observation::SendFailed {
+                            channel: ch,
+                            client_msg_id: id,
+                            code,
+                        });
+                    }
+                }
+                _ => obs.push(Observation::Error { code, detail }),
+            },
+        }
+        (obs, out)
+    }
+
+    fn on_ack(
+        &mut self,
+        id: Id,
+        channel: Id,
+        message_id: Id,
+        seq: u64,
+        obs: &mut Vec<Observation>,
+    ) {
+        if self.outbox.remove(&id).is_none() {
+            return; // Already acknowledged (by sync, or an earlier ack of a retry).
+        }
+        obs.push(Observation::Ack {
+            channel,
+            client_msg_id: id,
+            message_id,
+            seq,
+        });
+        if self.by_message_id {
+            self.max_message_id = self.max_message_id.max(message_id);
+            return;
+        }
+        let v = self.channels.entry(channel).or_default();
+        if seq > v.cursor {
+            v.waiting.insert(seq, None);
+        }
+        self.drain(channel, obs);
+    }
+
+    fn on_message(
+        &mut self,
+        m: ChatMessage,
+        obs: &mut Vec<Observation>,
+        out: &mut Vec<ClientFrame>,
+    ) {
+        if self.by_message_id {
+            self.on_message_by_id(m, obs);
+            return;
+        }
+        let channel = m.channel;
+        let v = self.channels.entry(channel).or_default();
+        if m.seq <= v.cursor || v.waiting.contains_key(&m.seq) {
+            return; // A duplicate: already handed over or waiting.
+        }
+        if v.waiting.len() >= DEVICE_REORDER_BUFFER_MAX {
+            // Bounded: forget what waits and fetch it again by sync.
+            v.waiting.clear();
+            v.sync_asked = false;
+        }
+        v.waiting.insert(m.seq, Some(m));
+        self.drain(channel, obs);
+        let v = self.channels.entry(channel).or_default();
+        if !v.waiting.is_empty() && !v.sync_asked {
+            v.sync_asked = true;
+            out.push(ClientFrame::Sync {
+                cursors: BTreeMap::from([(channel, v.cursor)]),
+                max_message_id: None,
+            });
+        }
+    }
+
+    /// Hands over everything contiguous after the cursor.
+    fn drain(&mut self, channel: Id, obs: &mut Vec<Observation>) {
+        loop {
+            let v = self.channels.entry(channel).or_default();
+            let next = v.cursor + 1;
+            let Some(entry) = v.waiting.remove(&next) else {
+                return;
+            };
+            v.cursor = next;
+            v.unreported = true;
+            if let Some(m) = entry {
+                self.hand_over(m, obs);
+            }
+        }
+    }
+
+    /// One message, in order, for the first time.
+    fn hand_over(&mut self, m: ChatMessage, obs: &mut Vec<Observation>) {
+        if m.sender_device != self.device {
+            obs.push(Observation::Deliver(m));
+            return;
+        }
+        // Our own message found by sync: it was committed, so it is acknowledged.
+        if self.outbox.remove(&m.client_msg_id).is_some() {
+            obs.push(Observation::Ack {
+                channel: m.channel,
+                client_msg_id: m.client_msg_id,
+                message_id: m.message_id,
+                seq: m.seq,
+            });
+        }
+    }
+
+    fn on_message_by_id(&mut self, m: ChatMessage, obs: &mut Vec<Observation>) {
+        if m.message_id <= self.max_message_id {
+            return; // The seed's rule: anything not above the max id is "already seen".
+        }
+        self.max_message_id = m.message_id;
+        self.hand_over(m, obs);
+    }
+
+    /// Channels the device has seen.
+    pub fn channels(&self) -> BTreeSet<Id> {
+        self.channels.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(channel: Id, seq: u64, sender_device: Id, cmid: Id) -> ChatMessage {
+        ChatMessage {
+            channel,
+            seq,
+            message_id: 1000 + seq,
+            sender: 1,
+            sender_device,
+            client_msg_id: cmid,
+            text: "hi".into(),
+            sent_at_ms: 0,
+        }
+    }
+
+    fn delivered(obs: &[Observation]) -> Vec<u64> {
+        obs.iter()
+            .filter_map(|o| match o {
+                Observation::Deliver(m) => Some(m.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    // Proves out-of-order arrival is handed over in seq order, duplicates are dropped, and a
+    // gap asks for a sync of that channel once.
+    #[test]
+    fn reorders_dedups_and_asks_for_the_gap() {
+        let mut d = DeviceState::new(2, 20, false);
+        let (o, out) = d.on_frame(ServerFrame::Message(msg(5, 2, 9, 1)));
+        assert!(delivered(&o).is_empty());
+        assert_eq!(out.len(), 1, "a gap asks for a sync");
+        let (o, out) = d.on_frame(ServerFrame::Message(msg(5, 3, 9, 2)));
+        assert!(
+            delivered(&o).is_empty() && out.is_empty(),
+            "one sync per gap"
+        );
+        let (o, _) = d.on_frame(ServerFrame::Message(msg(5, 1, 9, 3)));
+        assert_eq!(delivered(&o), vec![1, 2, 3]);
+        let (o, _) = d.on_frame(ServerFrame::Message(msg(5, 2, 9, 1)));
+        assert!(delivered(&o).is_empty(), "duplicate dropped");
+        assert_eq!(d.cursor(5), 3);
+        assert_eq!(
+            d.take_reads(),
+            vec![ClientFrame::Read { channel: 5, seq: 3 }]
+        );
+        assert!(d.take_reads().is_empty());
+    }
+
+    // Proves an own send is acknowledged once, by ack or by sync, and never delivered to itself.
+    #[test]
+    fn own_message_acknowledged_once() {
+        let mut d = DeviceState::new(1, 10, false);
+        d.send(77, 5, "x".into());
+        let (o, _) = d.on_frame(ServerFrame::Message(msg(5, 1, 10, 77)));
+        assert!(matches!(o.as_slice(), [Observation::Ack { seq: 1, .. }]));
+        let (o, _) = d.on_frame(ServerFrame::Ack {
+            client_msg_id: 77,
+            channel: 5,
+            message_id: 1001,
+            seq: 1,
+        });
+        assert!(
+            o.is_empty(),
+            "the late ack of a retried send is not a second ack"
+        );
+        assert_eq!(d.outbox_len(), 0);
+    }
+
+    // Proves the cursor passes over an own acked message so later messages flow.
+    #[test]
+    fn own_ack_advances_cursor() {
+        let mut d = DeviceState::new(1, 10, false);
+        d.send(1, 5, "x".into());
+        d.on_frame(ServerFrame::Ack {
+            client_msg_id: 1,
+            channel: 5,
+            message_id: 1001,
+            seq: 1,
+        });
+        let (o, _) = d.on_frame(ServerFrame::Message(msg(5, 2, 9, 4)));
+        assert_eq!(delivered(&o), vec![2]);
+    }
+
+    // Proves unanswered sends are resent after a reconnect and refused ones are not.
+    #[test]
+    fn outbox_resends_until_answered() {
+        let mut d = DeviceState::new(1, 10, false);
+        d.send(1, 5, "a".into());
+        d.send(2, 6, "b".into());
+        let (o, _) = d.on_frame(ServerFrame::Error {
+            code: ErrorCode::NotAMember,
+            detail: String::new(),
+            client_msg_id: Some(2),
+            channel: Some(6),
+        });
+        assert!(matches!(
+            o.as_slice(),
+            [Observation::SendFailed {
+                client_msg_id: 2,
+                ..
+            }]
+        ));
+        let frames = d.on_connected();
+        assert_eq!(frames.len(), 2, "sync + one resend");
+    }
+
+    // Proves the seed's max-id cursor loses a message whose id is below one already seen in
+    // another channel (the canary this module can switch on).
+    #[test]
+    fn max_id_cursor_loses_messages() {
+        let mut d = DeviceState::new(2, 20, true);
+        let mut a = msg(5, 1, 9, 1);
+        a.message_id = 2000;
+        let mut b = msg(6, 1, 9, 2);
+        b.message_id = 1500;
+        let (o1, _) = d.on_frame(ServerFrame::Message(a));
+        let (o2, _) = d.on_frame(ServerFrame::Message(b));
+        assert_eq!(delivered(&o1).len() + delivered(&o2).len(), 1);
+    }
+}

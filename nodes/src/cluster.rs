@@ -1,0 +1,166 @@
+//! Who is where: the cluster map (static addresses of the internal roles) and [`Peers`], the
+//! RPC clients a node uses to reach the others. Chat servers are dynamic: they are found
+//! through discovery.
+//!
+//! Sharding: user-keyed data (records, cursors, sessions) lives on kv shard `user % n`;
+//! channel-keyed data (record, log, dedup) on `channel % n`; names on `fnv1a(name) % n`;
+//! counters on shard 0. One node per shard for now.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::canary::Canaries;
+use crate::proto::internal::{ChatServerInfo, Request, Response};
+use crate::proto::Id;
+use crate::rpc::{RpcClient, RpcError};
+
+/// Static addresses of the internal roles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    pub discovery: SocketAddr,
+    pub kv: Vec<SocketAddr>,
+    pub idgen: Vec<SocketAddr>,
+    pub presence: SocketAddr,
+    pub push: SocketAddr,
+}
+
+/// FNV-1a: a stable hash (std's is randomized per process).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// RPC clients for every role, shared by a node's tasks.
+pub struct Peers {
+    pub map: ClusterMap,
+    kv: Vec<RpcClient>,
+    idgen: Vec<RpcClient>,
+    pub presence: RpcClient,
+    pub push: RpcClient,
+    pub discovery: RpcClient,
+    /// Round robin over idgen nodes.
+    next_idgen: AtomicUsize,
+    /// Chat servers by index, as last listed by discovery. A std mutex: never held across await.
+    chat: Mutex<BTreeMap<u32, RpcClient>>,
+    pub canaries: Canaries,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Peers({:?})", self.map)
+    }
+}
+
+impl Peers {
+    pub fn new(map: ClusterMap, canaries: Canaries) -> Arc<Self> {
+        assert!(!map.kv.is_empty(), "a cluster needs at least one kv node");
+        assert!(
+            !map.idgen.is_empty(),
+            "a cluster needs at least one idgen node"
+        );
+        Arc::new(Self {
+            kv: map.kv.iter().copied().map(RpcClient::new).collect(),
+            idgen: map.idgen.iter().copied().map(RpcClient::new).collect(),
+            presence: RpcClient::new(map.presence),
+            push: RpcClient::new(map.push),
+            discovery: RpcClient::new(map.discovery),
+            next_idgen: AtomicUsize::new(0),
+            chat: Mutex::new(BTreeMap::new()),
+            canaries,
+            map,
+        })
+    }
+
+    pub fn kv_shards(&self) -> usize {
+        self.kv.len()
+    }
+
+    pub fn kv_for_user(&self, user: Id) -> &RpcClient {
+        &self.kv[(user % self.kv.len() as u64) as usize]
+    }
+
+    pub fn kv_for_channel(&self, channel: Id) -> &RpcClient {
+        &self.kv[(channel % self.kv.len() as u64) as usize]
+    }
+
+    pub fn kv_for_name(&self, name: &str) -> &RpcClient {
+        &self.kv[(fnv1a(name.as_bytes()) % self.kv.len() as u64) as usize]
+    }
+
+    pub fn kv_counters(&self) -> &RpcClient {
+        &self.kv[0]
+    }
+
+    /// Groups `users` by the kv shard that holds them.
+    pub fn users_by_shard(&self, users: &[Id]) -> BTreeMap<usize, Vec<Id>> {
+        let mut out: BTreeMap<usize, Vec<Id>> = BTreeMap::new();
+        for u in users {
+            out.entry((u % self.kv.len() as u64) as usize)
+                .or_default()
+                .push(*u);
+        }
+        out
+    }
+
+    pub fn kv_shard(&self, shard: usize) -> &RpcClient {
+        &self.kv[shard]
+    }
+
+    /// The next idgen node, round robin; `attempt` moves past a failed one.
+    pub fn idgen(&self, attempt: usize) -> &RpcClient {
+        let i = self.next_idgen.fetch_add(1, Ordering::Relaxed) + attempt;
+        &self.idgen[i % self.idgen.len()]
+    }
+
+    /// Replaces the known chat servers with discovery's list.
+    pub fn set_chat_servers(&self, list: &[ChatServerInfo]) {
+        let mut chat = self.chat.lock().unwrap_or_else(|p| p.into_inner());
+        chat.retain(|k, _| list.iter().any(|s| s.server == *k));
+        for s in list {
+            let Ok(addr) = s.rpc_addr.parse::<SocketAddr>() else {
+                tracing::warn!(addr = %s.rpc_addr, "discovery listed a bad chat address");
+                continue;
+            };
+            let stale = chat.get(&s.server).is_none_or(|c| c.addr() != addr);
+            if stale {
+                chat.insert(s.server, RpcClient::new(addr));
+            }
+        }
+    }
+
+    pub fn chat_server(&self, server: u32) -> Option<RpcClient> {
+        self.chat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&server)
+            .cloned()
+    }
+
+    pub fn chat_servers(&self) -> Vec<(u32, RpcClient)> {
+        self.chat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+
+    /// Asks discovery for the live chat servers and remembers them.
+    pub async fn refresh_chat_servers(&self) -> Result<(), RpcError> {
+        match self.discovery.call(Request::ListChat).await? {
+            Response::ChatList(list) => {
+                self.set_chat_servers(&list);
+                Ok(())
+            }
+            other => Err(RpcError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! The kv store proper: typed operations over redb tables, each one transaction.
+//!
+//! I/O-free apart from the storage backend: [`Store::apply`] takes a [`Request`] and returns the
+//! [`Response`]; the server shell only moves frames. Every write commits with
+//! `Durability::Immediate` before it is answered, so an answered write survives a crash.
+//!
+//! Atomic server-side operations (like Redis commands) keep invariants in one place:
+//! `Append` checks membership, size and dedup, refuses an id not above the channel's last one,
+//! and assigns the channel's next `seq`, all in one transaction. It does not replicate: each
+//! shard lives on one node (the shard map can name replicas later).
+
+use std::collections::BTreeMap;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::limits::{GROUP_MEMBERS_MAX, MESSAGE_CHARS_MAX};
+use crate::proto::client::{ChatMessage, ErrorCode};
+use crate::proto::internal::{
+    AppendOutcome, AppendRequest, ChannelKind, ChannelRecord, Request, Response, SessionEntry,
+    UserRecord,
+};
+use crate::proto::Id;
+
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const NAMES: TableDefinition<&str, u64> = TableDefinition::new("names");
+const USERS: TableDefinition<u64, &[u8]> = TableDefinition::new("users");
+const CHANNELS: TableDefinition<u64, &[u8]> = TableDefinition::new("channels");
+/// (channel, seq) -> message.
+const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
+/// (channel, sender_device, client_msg_id) -> seq: a retried send is one message.
+const DEDUP: TableDefinition<(u64, u64, u64), u64> = TableDefinition::new("dedup");
+/// (device, channel) -> seq the device has processed.
+const CURSORS: TableDefinition<(u64, u64), u64> = TableDefinition::new("cursors");
+/// (user, device) -> session entry.
+const SESSIONS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sessions");
+const LAST_ACTIVE: TableDefinition<u64, u64> = TableDefinition::new("last_active");
+/// (message_id, device) -> 1 once a push was sent.
+const PUSHED: TableDefinition<(u64, u64), u64> = TableDefinition::new("pushed");
+
+type R<T> = Result<T, redb::Error>;
+
+fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> T {
+    serde_json::from_slice(b).expect("stored records were written by enc and decode")
+}
+
+fn refuse(code: ErrorCode, detail: impl Into<String>) -> Response {
+    Response::Error {
+        code,
+        detail: detail.into(),
+    }
+}
+
+/// One shard's database.
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the store and its tables.
+    pub fn open(db: Database) -> R<Self> {
+        let txn = db.begin_write()?;
+        txn.open_table(COUNTERS)?;
+        txn.open_table(NAMES)?;
+        txn.open_table(USERS)?;
+        txn.open_table(CHANNELS)?;
+        txn.open_table(LOG)?;
+        txn.open_table(DEDUP)?;
+        txn.open_table(CURSORS)?;
+        txn.open_table(SESSIONS)?;
+        txn.open_table(LAST_ACTIVE)?;
+        txn.open_table(PUSHED)?;
+        txn.commit()?;
+        Ok(Self { db })
+    }
+
+    /// Executes one request. Storage failures answer `unavailable` (the caller may retry).
+    pub fn apply(&self, req: Request) -> Response {
+        match self.apply_inner(req) {
+            Ok(r) => r,
+            Err(e) => refuse(ErrorCode::Unavailable, format!("storage: {e}")),
+        }
+    }
+
+    fn apply_inner(&self, req: Request) -> R<Response> {
+        match req {
+            Request::AllocId { kind } => self.alloc_id(&kind),
+            Request::ReserveName { name, user } => self.reserve_name(&name, user),
+            Request::LookupName { name } => {
+                let txn = self.db.begin_read()?;
+                let t = txn.open_table(NAMES)?;
+                Ok(Response::MaybeId(t.get(name.as_str())?.map(|v| v.value())))
+            }
+            Request::PutUser { record } => self.write_user(record.user, |u| *u = record.clone()),
+            Request::GetUser { user } => Ok(Response::User(self.read_user(user)?)),
+            Request::GetUsers { users } => {
+                let mut out = Vec::new();
+                for u in users {
+                    out.extend(self.read_user(u)?);
+                }
+                Ok(Response::Users(out))
+            }
+            Request::AddDevice { user, device } => self.write_user(user, |u| {
+                if !u.devices.contains(&device) {
+                    u.devices.push(device);
+                }
+            }),
+            Request::LinkFriend {
+                user,
+                friend,
+                channel,
+            } => self.write_user(user, |u| {
+                u.friends.insert(friend, channel);
+                if !u.channels.contains(&channel) {
+                    u.channels.push(channel);
+                }
+            }),
+            Request::SetUserChannel {
+                user,
+                channel,
+                member,
+            } => self.write_user(user, |u| {
+                u.channels.retain(|c| *c != channel);
+                if member {
+                    u.channels.push(channel);
+                }
+            }),
+            Request::CreateChannel { record } => self.create_channel(record),
+            Request::GetChannel { channel } => Ok(Response::Channel(self.read_channel(channel)?)),
+            Request::AddMember { channel, user } => self.change_member(channel, user, true),
+            Request::RemoveMember { channel, user } => self.change_member(channel, user, false),
+            Request::Append(a) => Ok(Response::Append(self.append(a)?)),
+            Request::ReadLog {
+                channel,
+                after_seq,
+                limit,
+            } => self.read_log(channel, after_seq, limit),
+            Request::ReadLogByMessageId {
+                channel,
+                after_message_id,
+                limit,
+            } => self.read_log_by_id(channel, after_message_id, limit),
+            Request::SetCursor {
+                device,
+                channel,
+                seq,
+            } => self.set_cursor(device, channel, seq),
+            Request::GetCursors { device } => self.get_cursors(device),
+            Request::SetSession { entry } => self.set_session(entry),
+            Request::ClearSession { entry } => self.clear_session(entry),
+            Request::GetSessions { users } => self.get_sessions(users),
+            Request::SetLastActive { user, at_ms } => {
+                let txn = self.begin_write()?;
+                txn.open_table(LAST_ACTIVE)?.insert(user, at_ms)?;
+                txn.commit()?;
+                Ok(Response::Ok)
+            }
+            Request::MarkPushed { message_id, device } => self.mark_pushed(message_id, device),
+            other => Ok(refuse(
+                ErrorCode::BadRequest,
+                format!("kv does not serve {other:?}"),
+            )),
+        }
+    }
+
+    fn begin_write(&self) -> R<redb::WriteTransaction> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        Ok(txn)
+    }
+
+    fn alloc_id(&self, kind: &str) -> R<Response> {
+        let txn = self.begin_write()?;
+        let next = {
+            let mut t = txn.open_table(COUNTERS)?;
+            let next = t.get(kind)?.map(|v| v.value()).unwrap_or(0) + 1;
+            t.insert(kind, next)?;
+            next
+        };
+        txn.commit()?;
+        Ok(Response::Id(next))
+    }
+
+    fn reserve_name(&self, name: &str, user: Id) -> R<Response> {
+        let txn = self.begin_write()?;
+        let existing = {
+            let mut t = txn.open_table(NAMES)?;
+            let existing = t.get(name)?.map(|v| v.value());
+            if existing.is_none() {
+                t.insert(name, user)?;
+            }
+            existing
+        };
+        txn.commit()?;
+        Ok(Response::Reserved {
+            fresh: existing.is_none(),
+            user: existing.unwrap_or(user),
+        })
+    }
+
+    fn read_user(&self, user: Id) -> R<Option<UserRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(USERS)?;
+        Ok(t.get(user)?.map(|v| dec(v.value())))
+    }
+
+    /// Read-modify-write of a user record; `unknown_user` if absent (except `PutUser`).
+    fn write_user(&self, user: Id, f: impl FnOnce(&mut UserRecord)) -> R<Response> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(USERS)?;
+            let current: Option<UserRecord> = t.get(user)?.map(|v| dec(v.value()));
+            let mut rec = current.unwrap_or_default();
+            let existed = rec.user == user;
+            f(&mut rec);
+            if !existed && rec.user != user {
+                return Ok(refuse(ErrorCode::UnknownUser, format!("user {user}")));
+            }
+            t.insert(user, enc(&rec).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(Response::Ok)
+    }
+
+    fn read_channel(&self, channel: Id) -> R<Option<ChannelRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHANNELS)?;
+        Ok(t.get(channel)?.map(|v| dec(v.value())))
+    }
+
+    fn create_channel(&self, record: ChannelRecord) -> R<Response> {
+        if record.members.len() > GROUP_MEMBERS_MAX {
+            return Ok(refuse(
+                ErrorCode::GroupFull,
+                format!(
+                    "{} members, at most {GROUP_MEMBERS_MAX}",
+                    record.members.len()
+                ),
+            ));
+        }
+        let txn = self.begin_write()?;
+        let members = {
+            let mut t = txn.open_table(CHANNELS)?;
+            let existing: Option<ChannelRecord> = t.get(record.channel)?.map(|v| dec(v.value()));
+            match existing {
+                Some(e) => e.members,
+                None => {
+                    t.insert(record.channel, enc(&record).as_slice())?;
+                    record.members
+                }
+            }
+        };
+        txn.commit()?;
+        Ok(Response::Members(members))
+    }
+
+    fn change_member(&self, channel: Id, user: Id, join: bool) -> R<Response> {
+        let txn = self.begin_write()?;
+        let members = {
+            let mut t = txn.open_table(CHANNELS)?;
+            let Some(mut rec) = t.get(channel)?.map(|v| dec::<ChannelRecord>(v.value())) else {
+                return Ok(refuse(
+                    ErrorCode::UnknownChannel,
+                    format!("channel {channel}"),
+                ));
+            };
+            if rec.kind == ChannelKind::Direct {
+                return Ok(refuse(
+                    ErrorCode::BadRequest,
+                    "members of a 1:1 channel cannot change",
+                ));
+            }
+            let present = rec.members.contains(&user);
+            if join && !present {
+                if rec.members.len() >= GROUP_MEMBERS_MAX {
+                    return Ok(refuse(
+                        ErrorCode::GroupFull,
+                        format!("channel {channel} already has {GROUP_MEMBERS_MAX} members"),
+                    ));
+                }
+                rec.members.push(user);
+            } else if !join && present {
+                rec.members.retain(|m| *m != user);
+            }
+            t.insert(channel, enc(&rec).as_slice())?;
+            rec.members
+        };
+        txn.commit()?;
+        Ok(Response::Members(members))
+    }
+
+    /// Commits a message: the single place where a channel's order is decided.
+    pub fn append(&self, a: AppendRequest) -> R<AppendOutcome> {
+        if a.text.chars().count() > MESSAGE_CHARS_MAX {
+            return Ok(AppendOutcome::Refused {
+                code: ErrorCode::MessageTooLong,
+            });
+        }
+        let txn = self.begin_write()?;
+        let outcome = {
+            let mut channels = txn.open_table(CHANNELS)?;
+            let mut log = txn.open_table(LOG)?;
+            let mut dedup = txn.open_table(DEDUP)?;
+            let Some(mut rec) = channels
+                .get(a.channel)?
+                .map(|v| dec::<ChannelRecord>(v.value()))
+            else {
+                return Ok(AppendOutcome::Refused {
+                    code: ErrorCode::UnknownChannel,
+                });
+            };
+            if !rec.members.contains(&a.sender) {
+                return Ok(AppendOutcome::Refused {
+                    code: ErrorCode::NotAMember,
+                });
+            }
+            let key = (a.channel, a.sender_device, a.client_msg_id);
+            if let (false, Some(seq)) = (a.skip_dedup, dedup.get(key)?.map(|v| v.value())) {
+                let m: ChatMessage = dec(log
+                    .get((a.channel, seq))?
+                    .expect("a dedup entry points at a committed message")
+                    .value());
+                return Ok(AppendOutcome::Committed {
+                    seq,
+                    message_id: m.message_id,
+                    members: rec.members,
+                    duplicate: true,
+                    sent_at_ms: m.sent_at_ms,
+                });
+            }
+            if a.message_id <= rec.last_message_id {
+                return Ok(AppendOutcome::StaleId {
+                    last_message_id: rec.last_message_id,
+                });
+            }
+            let seq = rec.last_seq + 1;
+            let msg = ChatMessage {
+                channel: a.channel,
+                seq,
+                message_id: a.message_id,
+                sender: a.sender,
+                sender_device: a.sender_device,
+                client_msg_id: a.client_msg_id,
+                text: a.text,
+                sent_at_ms: a.sent_at_ms,
+            };
+            log.insert((a.channel, seq), enc(&msg).as_slice())?;
+            dedup.insert(key, seq)?;
+            rec.last_seq = seq;
+            rec.last_message_id = a.message_id;
+            channels.insert(a.channel, enc(&rec).as_slice())?;
+            AppendOutcome::Committed {
+                seq,
+                message_id: a.message_id,
+                members: rec.members,
+                duplicate: false,
+                sent_at_ms: msg.sent_at_ms,
+            }
+        };
+        txn.commit()?;
+        Ok(outcome)
+    }
+
+    fn read_log(&self, channel: Id, after_seq: u64, limit: u32) -> R<Response> {
+        let txn = self.db.begin_read()?;
+        let last_seq = match txn.open_table(CHANNELS)?.get(channel)? {
+            Some(v) => dec::<ChannelRecord>(v.value()).last_seq,
+            None => {
+                return Ok(refuse(
+                    ErrorCode::UnknownChannel,
+                    format!("channel {channel}"),
+                ))
+            }
+        };
+        let log = txn.open_table(LOG)?;
+        let mut messages = Vec::new();
+        for item in log.range((channel, after_seq.saturating_add(1))..=(channel, u64::MAX))? {
+            if messages.len() >= limit as usize {
+                break;
+            }
+            let (_, v) = item?;
+            messages.push(dec(v.value()));
+        }
+        Ok(Response::Log { messages, last_seq })
+    }
+
+    fn read_log_by_id(&self, channel: Id, after_id: Id, limit: u32) -> R<Response> {
+        let txn = self.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        let mut messages = Vec::new();
+        let mut last_seq = 0;
+        for item in log.range((channel, 1)..=(channel, u64::MAX))? {
+            let (k, v) = item?;
+            last_seq = k.value().1;
+            let m: ChatMessage = dec(v.value());
+            if m.message_id > after_id && messages.len() < limit as usize {
+                messages.push(m);
+            }
+        }
+        Ok(Response::Log { messages, last_seq })
+    }
+
+    fn set_cursor(&self, device: Id, channel: Id, seq: u64) -> R<Response> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(CURSORS)?;
+            let current = t.get((device, channel))?.map(|v| v.value()).unwrap_or(0);
+            // Cursors only move forward: a late, reordered `read` must not rewind them.
+            if seq > current {
+                t.insert((device, channel), seq)?;
+            }
+        }
+        txn.commit()?;
+        Ok(Response::Ok)
+    }
+
+    fn get_cursors(&self, device: Id) -> R<Response> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CURSORS)?;
+        let mut out = BTreeMap::new();
+        for item in t.range((device, 0)..=(device, u64::MAX))? {
+            let (k, v) = item?;
+            out.insert(k.value().1, v.value());
+        }
+        Ok(Response::Cursors(out))
+    }
+
+    fn set_session(&self, entry: SessionEntry) -> R<Response> {
+        let txn = self.begin_write()?;
+        txn.open_table(SESSIONS)?
+            .insert((entry.user, entry.device), enc(&entry).as_slice())?;
+        txn.commit()?;
+        Ok(Response::Ok)
+    }
+
+    /// Removes the entry only if it is still this session (a newer one may have replaced it).
+    fn clear_session(&self, entry: SessionEntry) -> R<Response> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(SESSIONS)?;
+            let current: Option<SessionEntry> =
+                t.get((entry.user, entry.device))?.map(|v| dec(v.value()));
+            if current.as_ref() == Some(&entry) {
+                t.remove((entry.user, entry.device))?;
+            }
+        }
+        txn.commit()?;
+        Ok(Response::Ok)
+    }
+
+    fn get_sessions(&self, users: Vec<Id>) -> R<Response> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SESSIONS)?;
+        let mut out = Vec::new();
+        for u in users {
+            for item in t.range((u, 0)..=(u, u64::MAX))? {
+                let (_, v) = item?;
+                out.push(dec(v.value()));
+            }
+        }
+        Ok(Response::Sessions(out))
+    }
+
+    fn mark_pushed(&self, message_id: Id, device: Id) -> R<Response> {
+        let txn = self.begin_write()?;
+        let first = txn
+            .open_table(PUSHED)?
+            .insert((message_id, device), 1)?
+            .is_none();
+        txn.commit()?;
+        Ok(Response::Bool(first))
+    }
+}

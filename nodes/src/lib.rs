@@ -1,0 +1,33 @@
+//! chatsim's service nodes, wire protocol and device client library.
+//!
+//! Every role is an I/O-free core (state machine or store) wrapped by a thin async shell that
+//! owns sockets and timers. The same code runs on real tokio and, built with `--cfg madsim`, in
+//! the deterministic simulator: only [`net`] knows the difference.
+//!
+//! | module | role |
+//! |---|---|
+//! | [`api`] | stateless HTTP/1.1 + JSON: signup, login, friends, groups, history, chat server lookup |
+//! | [`chat`] | WebSocket sessions, the commit path, fanout, sync |
+//! | [`discovery`] | chat server leases and picks |
+//! | [`idgen`] | Snowflake ids |
+//! | [`kv`] | redb-backed sharded store |
+//! | [`presence`] | heartbeats, timeouts, fanout to friends |
+//! | [`push`] | notifications through a `PushProvider` |
+//! | [`client`] | what a device runs |
+
+pub mod api;
+pub mod auth;
+pub mod canary;
+pub mod chat;
+pub mod client;
+pub mod clock;
+pub mod cluster;
+pub mod discovery;
+pub mod idgen;
+pub mod kv;
+pub mod limits;
+pub mod net;
+pub mod presence;
+pub mod proto;
+pub mod push;
+pub mod rpc;

@@ -1,0 +1,56 @@
+//! Every product limit in one table. Each constant is enforced in exactly one place, named in
+//! its comment; docs/ARCHITECTURE.md repeats this table.
+
+/// Most members a group channel may have (the product's requirement). Enforced by the kv
+/// `AddMember`/`CreateChannel` operations; the api maps the refusal to `group_full`.
+pub const GROUP_MEMBERS_MAX: usize = 100;
+
+/// Longest message text, in characters (Unicode scalar values). Enforced by the chat server
+/// before anything is stored (`message_too_long`), and again by kv `Append`.
+pub const MESSAGE_CHARS_MAX: usize = 100_000;
+
+/// Largest WebSocket frame a chat server accepts: 100,000 characters of up to 4 UTF-8 bytes
+/// plus JSON framing. Larger frames close the connection (`frame_too_large`).
+pub const WS_FRAME_BYTES_MAX: usize = 4 * MESSAGE_CHARS_MAX + 4096;
+
+/// Largest internal RPC frame (a sync page of 100 maximal messages fits).
+pub const RPC_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Outbound frames queued for one device connection. When full the device is too slow to
+/// keep up: the connection is closed with `slow_consumer` and the device resyncs from its
+/// cursor when it reconnects (nothing is lost, it is all in kv).
+pub const SESSION_OUTBOX_MAX: usize = 1024;
+
+/// Messages per sync page read from kv and sent to a device.
+pub const SYNC_PAGE_MAX: usize = 100;
+
+/// Requests one internal RPC connection may have in flight; further calls wait.
+pub const RPC_IN_FLIGHT_MAX: usize = 4096;
+
+/// Presence: a device heartbeats this often.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 5_000;
+
+/// Presence: a user with no heartbeat for this long is offline.
+pub const PRESENCE_TIMEOUT_MS: u64 = 30_000;
+
+/// Discovery: a chat server's lease lasts this long without renewal.
+pub const DISCOVERY_LEASE_MS: u64 = 6_000;
+
+/// Discovery: a chat server renews its lease this often.
+pub const DISCOVERY_RENEW_MS: u64 = 2_000;
+
+/// Bearer tokens are valid this long after login.
+pub const TOKEN_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// Attempts to commit a message when its id is not above the channel's last one (the id
+/// generator's clock lags); each retry asks for an id above the channel's last one.
+pub const COMMIT_ID_RETRIES_MAX: usize = 8;
+
+/// Per-connection send rate limit: sends per second (a token bucket of this depth).
+pub const SENDS_PER_SECOND_MAX: u32 = 50;
+
+/// Push dedup / presence fanout batch: users per presence status query.
+pub const PRESENCE_QUERY_USERS_MAX: usize = 1000;
+
+/// Device-side reorder buffer per channel; past it the device drops the buffer and resyncs.
+pub const DEVICE_REORDER_BUFFER_MAX: usize = 1000;

@@ -1,0 +1,140 @@
+//! The one place that knows whether the network is simulated.
+//!
+//! madsim's simulated TCP sends bytes only on flush and errors when flushing an empty buffer
+//! to a dead peer, where real TCP would not. [`Stream`] hides that: under `cfg(madsim)` every
+//! write is flushed at once and `poll_flush` is a no-op, so tungstenite and hyper behave as on
+//! real tokio (see MADSIM_NOTES.md). On real tokio it is a plain pass-through.
+//!
+//! Also here: [`SimTimer`], a `hyper::rt::Timer` over `tokio::time` (hyper-util's `TokioTimer`
+//! calls real tokio and panics under madsim), and [`connect`]/[`bind`] helpers.
+//!
+//! It does not retry, buffer or time out anything: callers own their deadlines.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A TCP stream that behaves like real TCP in both worlds.
+pub struct Stream {
+    inner: TcpStream,
+}
+
+impl Stream {
+    pub fn new(inner: TcpStream) -> Self {
+        let _ = inner.set_nodelay(true);
+        Self { inner }
+    }
+}
+
+/// Connects to `addr`.
+pub async fn connect(addr: SocketAddr) -> io::Result<Stream> {
+    Ok(Stream::new(TcpStream::connect(addr).await?))
+}
+
+/// Binds a listener on `addr`.
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let n = match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => n,
+            other => return other,
+        };
+        // Simulated TCP only moves bytes on flush: flush every write so the peer sees it.
+        #[cfg(madsim)]
+        if n > 0 {
+            match Pin::new(&mut self.inner).poll_flush(cx) {
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        #[cfg(madsim)]
+        {
+            let _ = (&mut self, cx);
+            Poll::Ready(Ok(()))
+        }
+        #[cfg(not(madsim))]
+        {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// `hyper::rt::Timer` over `tokio::time` (simulated under madsim).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimTimer;
+
+struct SleepFut {
+    /// hyper's `Sleep` must be `Sync`; the simulated `Sleep` is not. A mutex makes it so at no
+    /// cost: it is only ever reached through `&mut` (`get_mut`), never locked.
+    inner: std::sync::Mutex<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl std::future::Future for SleepFut {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let sleep = self
+            .inner
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        sleep.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for SleepFut {}
+
+impl hyper::rt::Timer for SimTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(SleepFut {
+            inner: std::sync::Mutex::new(Box::pin(tokio::time::sleep(duration))),
+        })
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let now = Instant::now();
+        self.sleep(deadline.saturating_duration_since(now))
+    }
+}
+
+/// hyper executor that spawns on the current (possibly simulated) runtime.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}

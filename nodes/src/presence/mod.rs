@@ -1,0 +1,153 @@
+//! Presence: a user is online while any of their devices heartbeats (every 5 s); offline
+//! `PRESENCE_TIMEOUT_MS` after the last heartbeat of the last device, or at once when the last
+//! device logs out. Changes are published to the user's friends (not to group members: large
+//! groups are not fanned out).
+//!
+//! [`Presence`] is the I/O-free core: `on_heartbeat`, `on_logout`, `on_tick` take `now_ms` and
+//! return the status changes to publish. The shell (`server`) relays them. State is in memory
+//! only: after a restart every user is offline until their devices' next heartbeat.
+
+pub mod server;
+
+use std::collections::BTreeMap;
+
+use crate::canary::{Canaries, Canary};
+use crate::limits::PRESENCE_TIMEOUT_MS;
+use crate::proto::client::PresenceStatus;
+use crate::proto::Id;
+
+/// A change to publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub user: Id,
+    pub status: PresenceStatus,
+}
+
+#[derive(Debug, Default)]
+pub struct Presence {
+    /// Online users -> their heartbeating devices -> last heartbeat (ms).
+    online: BTreeMap<Id, BTreeMap<Id, u64>>,
+    canaries: Canaries,
+}
+
+impl Presence {
+    pub fn new(canaries: Canaries) -> Self {
+        Self {
+            online: BTreeMap::new(),
+            canaries,
+        }
+    }
+
+    pub fn on_heartbeat(&mut self, user: Id, device: Id, now_ms: u64) -> Option<Change> {
+        let devices = self.online.entry(user).or_default();
+        let was_online = !devices.is_empty();
+        devices.insert(device, now_ms);
+        (!was_online).then_some(Change {
+            user,
+            status: PresenceStatus::Online,
+        })
+    }
+
+    pub fn on_logout(&mut self, user: Id, device: Id) -> Option<Change> {
+        let devices = self.online.get_mut(&user)?;
+        devices.remove(&device);
+        if devices.is_empty() {
+            self.online.remove(&user);
+            return Some(Change {
+                user,
+                status: PresenceStatus::Offline,
+            });
+        }
+        None
+    }
+
+    /// Expires silent devices; returns users that went offline.
+    pub fn on_tick(&mut self, now_ms: u64) -> Vec<Change> {
+        if self.canaries.is_on(Canary::PresenceNoTimeout) {
+            return Vec::new();
+        }
+        let mut changes = Vec::new();
+        self.online.retain(|user, devices| {
+            devices.retain(|_, last| now_ms.saturating_sub(*last) < PRESENCE_TIMEOUT_MS);
+            if devices.is_empty() {
+                changes.push(Change {
+                    user: *user,
+                    status: PresenceStatus::Offline,
+                });
+            }
+            !devices.is_empty()
+        });
+        changes
+    }
+
+    pub fn status(&self, user: Id) -> PresenceStatus {
+        if self.online.contains_key(&user) {
+            PresenceStatus::Online
+        } else {
+            PresenceStatus::Offline
+        }
+    }
+
+    pub fn online_users(&self) -> usize {
+        self.online.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ON: PresenceStatus = PresenceStatus::Online;
+    const OFF: PresenceStatus = PresenceStatus::Offline;
+
+    // Proves a user stays online while any device heartbeats, goes offline exactly at the
+    // timeout after the last device's last heartbeat, and a second device keeps them online.
+    #[test]
+    fn timeout_after_last_device() {
+        let mut p = Presence::default();
+        assert_eq!(p.on_heartbeat(1, 10, 0).map(|c| c.status), Some(ON));
+        assert_eq!(p.on_heartbeat(1, 11, 20_000), None);
+        assert!(p.on_tick(PRESENCE_TIMEOUT_MS - 1).is_empty());
+        // Device 10 expires, device 11 still fresh.
+        assert!(p.on_tick(PRESENCE_TIMEOUT_MS).is_empty());
+        assert_eq!(p.status(1), ON);
+        assert!(p.on_tick(20_000 + PRESENCE_TIMEOUT_MS - 1).is_empty());
+        let ch = p.on_tick(20_000 + PRESENCE_TIMEOUT_MS);
+        assert_eq!(
+            ch,
+            vec![Change {
+                user: 1,
+                status: OFF
+            }]
+        );
+    }
+
+    // Proves logout of the last device is immediate, logout of one of two is not.
+    #[test]
+    fn logout_is_immediate_for_last_device() {
+        let mut p = Presence::default();
+        p.on_heartbeat(1, 10, 0);
+        p.on_heartbeat(1, 11, 0);
+        assert_eq!(p.on_logout(1, 10), None);
+        assert_eq!(
+            p.on_logout(1, 11),
+            Some(Change {
+                user: 1,
+                status: OFF
+            })
+        );
+        assert_eq!(p.status(1), OFF);
+    }
+
+    // Proves heartbeats every 5 s never produce a flap.
+    #[test]
+    fn steady_heartbeats_never_flap() {
+        let mut p = Presence::default();
+        for i in 0..100u64 {
+            let now = i * 5_000;
+            let c = p.on_heartbeat(1, 10, now);
+            assert_eq!(c.is_some(), i == 0);
+            assert!(p.on_tick(now + 2_500).is_empty());
+        }
+    }
+}

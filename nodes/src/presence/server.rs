@@ -1,0 +1,146 @@
+//! The presence node shell: relays heartbeats into [`Presence`], ticks it every second, and
+//! publishes each change to the subject's friends through the chat servers that hold their
+//! devices (every live chat server gets the change with the observer list and delivers to the
+//! devices it holds).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+
+use super::{Change, Presence};
+use crate::clock::unix_ms;
+use crate::cluster::Peers;
+use crate::proto::client::{ErrorCode, PresenceStatus};
+use crate::proto::internal::{Request, Response};
+use crate::rpc;
+
+pub struct PresenceConfig {
+    pub listen: SocketAddr,
+    pub peers: Arc<Peers>,
+}
+
+/// How often silent devices are expired.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Changes waiting to be published. Publishing is sequential so observers see one user's
+/// changes in order. When the queue is full the change is dropped and logged; observers then
+/// correct their view at their next presence query (devices re-query periodically).
+const PUBLISH_QUEUE_MAX: usize = 65_536;
+
+pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
+    // A std mutex: the state machine is synchronous.
+    let state = Arc::new(Mutex::new(Presence::new(cfg.peers.canaries.clone())));
+    let peers = cfg.peers.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Change>(PUBLISH_QUEUE_MAX);
+    tokio::spawn(publisher(rx, peers.clone()));
+    tokio::spawn(tick_loop(state.clone(), peers.clone(), tx.clone()));
+    tracing::info!(listen = %cfg.listen, "presence node up");
+    let handler: rpc::Handler = Arc::new(move |req| {
+        let now = unix_ms();
+        let mut change = None;
+        let resp = {
+            let mut p = state.lock().unwrap_or_else(|e| e.into_inner());
+            match req {
+                Request::Heartbeat { user, device } => {
+                    change = p.on_heartbeat(user, device, now);
+                    Response::Ok
+                }
+                Request::Logout { user, device } => {
+                    change = p.on_logout(user, device);
+                    Response::Ok
+                }
+                Request::PresenceOf { users } => {
+                    Response::Presence(users.into_iter().map(|u| (u, p.status(u))).collect())
+                }
+                other => Response::Error {
+                    code: ErrorCode::BadRequest,
+                    detail: format!("presence does not serve {other:?}"),
+                },
+            }
+        };
+        if let Some(c) = change {
+            enqueue(&tx, c);
+        }
+        async move { resp }.boxed()
+    });
+    rpc::serve(cfg.listen, handler).await?;
+    Ok(())
+}
+
+fn enqueue(tx: &tokio::sync::mpsc::Sender<Change>, c: Change) {
+    if tx.try_send(c).is_err() {
+        tracing::warn!(user = c.user, "presence publish queue full; change dropped");
+    }
+}
+
+async fn tick_loop(
+    state: Arc<Mutex<Presence>>,
+    peers: Arc<Peers>,
+    tx: tokio::sync::mpsc::Sender<Change>,
+) {
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::time::sleep(TICK).await;
+        ticks += 1;
+        let changes = state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .on_tick(unix_ms());
+        for c in changes {
+            enqueue(&tx, c);
+        }
+        if ticks % 2 == 0 {
+            let _ = peers.refresh_chat_servers().await;
+        }
+    }
+}
+
+async fn publisher(mut rx: tokio::sync::mpsc::Receiver<Change>, peers: Arc<Peers>) {
+    while let Some(c) = rx.recv().await {
+        publish(peers.clone(), c).await;
+    }
+}
+
+/// Sends one change to every live chat server with the subject's friends as observers.
+async fn publish(peers: Arc<Peers>, change: Change) {
+    if change.status == PresenceStatus::Offline {
+        let req = Request::SetLastActive {
+            user: change.user,
+            at_ms: unix_ms(),
+        };
+        let _ = peers.kv_for_user(change.user).call(req).await;
+    }
+    let friends = match peers
+        .kv_for_user(change.user)
+        .call(Request::GetUser { user: change.user })
+        .await
+    {
+        Ok(Response::User(Some(u))) => u.friends.keys().copied().collect::<Vec<_>>(),
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(user = change.user, error = %e, "presence: no friend list; change not published");
+            return;
+        }
+    };
+    if friends.is_empty() {
+        return;
+    }
+    if peers.chat_servers().is_empty() {
+        let _ = peers.refresh_chat_servers().await;
+    }
+    let calls = peers.chat_servers().into_iter().map(|(_, chat)| {
+        let req = Request::PresenceFanout {
+            subject: change.user,
+            status: change.status,
+            observers: friends.clone(),
+        };
+        async move {
+            if let Err(e) = chat.call(req).await {
+                tracing::debug!(chat = %chat.addr(), error = %e, "presence fanout failed");
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+}

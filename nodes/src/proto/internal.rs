@@ -1,0 +1,258 @@
+//! The internal protocol: one request and one response per call, JSON in length-delimited
+//! frames (see `rpc`). One enum for all roles keeps routing errors impossible to miss: a node
+//! answers a request meant for another role with `Response::Error(WrongRole)`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::client::{ChatMessage, ErrorCode, PresenceStatus};
+use super::Id;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelKind {
+    Direct,
+    Group,
+}
+
+/// A user's record in kv.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub user: Id,
+    pub name: String,
+    /// Salted SHA-256 of the password, hex.
+    pub password_hash: String,
+    pub devices: Vec<Id>,
+    /// Friend -> the 1:1 channel shared with them.
+    pub friends: BTreeMap<Id, Id>,
+    pub channels: Vec<Id>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelRecord {
+    pub channel: Id,
+    pub kind: ChannelKind,
+    pub name: String,
+    pub members: Vec<Id>,
+    pub last_seq: u64,
+    pub last_message_id: Id,
+}
+
+/// Where a device's WebSocket session lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEntry {
+    pub user: Id,
+    pub device: Id,
+    pub server: u32,
+    /// Distinguishes successive sessions of one device on one server.
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatServerInfo {
+    pub server: u32,
+    pub ws_addr: String,
+    pub rpc_addr: String,
+    pub load: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendRequest {
+    pub channel: Id,
+    pub sender: Id,
+    pub sender_device: Id,
+    pub client_msg_id: Id,
+    pub message_id: Id,
+    pub text: String,
+    pub sent_at_ms: u64,
+    /// Canary `no-dedup`: skip the (sender_device, client_msg_id) dedup check.
+    #[serde(default)]
+    pub skip_dedup: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    // ---- kv
+    AllocId {
+        kind: String,
+    },
+    ReserveName {
+        name: String,
+        user: Id,
+    },
+    LookupName {
+        name: String,
+    },
+    PutUser {
+        record: UserRecord,
+    },
+    GetUser {
+        user: Id,
+    },
+    GetUsers {
+        users: Vec<Id>,
+    },
+    AddDevice {
+        user: Id,
+        device: Id,
+    },
+    /// Adds `friend` (and the shared 1:1 channel) to `user`'s record; idempotent.
+    LinkFriend {
+        user: Id,
+        friend: Id,
+        channel: Id,
+    },
+    /// Adds or removes `channel` in `user`'s channel list; idempotent.
+    SetUserChannel {
+        user: Id,
+        channel: Id,
+        member: bool,
+    },
+    CreateChannel {
+        record: ChannelRecord,
+    },
+    GetChannel {
+        channel: Id,
+    },
+    AddMember {
+        channel: Id,
+        user: Id,
+    },
+    RemoveMember {
+        channel: Id,
+        user: Id,
+    },
+    Append(AppendRequest),
+    ReadLog {
+        channel: Id,
+        after_seq: u64,
+        limit: u32,
+    },
+    /// Canary `cursor-by-message-id`: messages with id above `after_message_id`.
+    ReadLogByMessageId {
+        channel: Id,
+        after_message_id: Id,
+        limit: u32,
+    },
+    SetCursor {
+        device: Id,
+        channel: Id,
+        seq: u64,
+    },
+    GetCursors {
+        device: Id,
+    },
+    SetSession {
+        entry: SessionEntry,
+    },
+    ClearSession {
+        entry: SessionEntry,
+    },
+    GetSessions {
+        users: Vec<Id>,
+    },
+    SetLastActive {
+        user: Id,
+        at_ms: u64,
+    },
+    /// Records that `device` was notified of `message_id`; answers whether this is the first.
+    MarkPushed {
+        message_id: Id,
+        device: Id,
+    },
+    // ---- idgen
+    NextId {
+        /// The id must be greater than this (the channel's last id).
+        after: Option<Id>,
+    },
+    // ---- discovery
+    RegisterChat {
+        info: ChatServerInfo,
+    },
+    PickChat {
+        /// Spreads clients over lightly loaded servers.
+        hint: u64,
+    },
+    ListChat,
+    // ---- presence
+    Heartbeat {
+        user: Id,
+        device: Id,
+    },
+    Logout {
+        user: Id,
+        device: Id,
+    },
+    PresenceOf {
+        users: Vec<Id>,
+    },
+    // ---- chat (server to server)
+    Deliver {
+        devices: Vec<Id>,
+        message: ChatMessage,
+    },
+    PresenceFanout {
+        subject: Id,
+        status: PresenceStatus,
+        observers: Vec<Id>,
+    },
+    // ---- push
+    Notify {
+        message: ChatMessage,
+        users: Vec<Id>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppendOutcome {
+    Committed {
+        seq: u64,
+        message_id: Id,
+        members: Vec<Id>,
+        /// True when (sender_device, client_msg_id) was already committed: this is that message.
+        duplicate: bool,
+        sent_at_ms: u64,
+    },
+    /// The id is not above the channel's last id: ask idgen for one after `last_message_id`.
+    StaleId {
+        last_message_id: Id,
+    },
+    Refused {
+        code: ErrorCode,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok,
+    Id(Id),
+    /// `ReserveName`: whether the name was free (else `user` holds it).
+    Reserved {
+        fresh: bool,
+        user: Id,
+    },
+    MaybeId(Option<Id>),
+    User(Option<UserRecord>),
+    Users(Vec<UserRecord>),
+    Channel(Option<ChannelRecord>),
+    Members(Vec<Id>),
+    Append(AppendOutcome),
+    Log {
+        messages: Vec<ChatMessage>,
+        last_seq: u64,
+    },
+    Cursors(BTreeMap<Id, u64>),
+    Sessions(Vec<SessionEntry>),
+    Bool(bool),
+    Chat(Option<ChatServerInfo>),
+    ChatList(Vec<ChatServerInfo>),
+    Presence(Vec<(Id, PresenceStatus)>),
+    Error {
+        code: ErrorCode,
+        detail: String,
+    },
+}

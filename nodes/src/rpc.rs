@@ -1,0 +1,282 @@
+//! Internal RPC: JSON requests and responses in length-delimited frames over TCP, many calls
+//! in flight per connection, matched by a call id.
+//!
+//! A simulated partition neither errors nor times out a TCP stream (MADSIM_NOTES.md), so every
+//! call has a deadline; a call that misses it drops the connection, and the next call dials
+//! again. Retrying is the caller's decision: this module never resends a request.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::limits::{RPC_FRAME_BYTES_MAX, RPC_IN_FLIGHT_MAX};
+use crate::net::{self, Stream};
+use crate::proto::client::ErrorCode;
+use crate::proto::internal::{Request, Response};
+
+/// Default deadline of one call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of a connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("call to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("connection to {0} closed before the answer")]
+    Closed(SocketAddr),
+    #[error("remote error {code:?}: {detail}")]
+    Remote { code: ErrorCode, detail: String },
+    #[error("unexpected response {0}")]
+    Unexpected(String),
+}
+
+impl RpcError {
+    /// The code to show a client for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RpcError::Remote { code, .. } => *code,
+            _ => ErrorCode::Unavailable,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    id: u64,
+    body: T,
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(RPC_FRAME_BYTES_MAX)
+        .new_codec()
+}
+
+/// Handles one request; called concurrently.
+pub type Handler = Arc<dyn Fn(Request) -> BoxFuture<'static, Response> + Send + Sync>;
+
+/// Accepts connections on `addr` forever, answering each request with `handler`.
+pub async fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<()> {
+    let listener = net::bind(addr).await?;
+    loop {
+        let (tcp, _peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "rpc accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        tokio::spawn(serve_connection(Stream::new(tcp), handler.clone()));
+    }
+}
+
+async fn serve_connection(stream: Stream, handler: Handler) {
+    let (mut sink, mut frames) = Framed::new(stream, codec()).split();
+    // Bounded: when the writer falls behind, request handling waits (backpressure on reads).
+    let (tx, mut rx) = mpsc::channel::<Bytes>(RPC_IN_FLIGHT_MAX);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(Ok(frame)) = frames.next().await {
+        let envelope: Envelope<Request> = match serde_json::from_slice(&frame) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed rpc frame; closing connection");
+                break;
+            }
+        };
+        let handler = handler.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let body = handler(envelope.body).await;
+            let out = Envelope {
+                id: envelope.id,
+                body,
+            };
+            let bytes = serde_json::to_vec(&out).expect("responses always serialize");
+            let _ = tx.send(Bytes::from(bytes)).await;
+        });
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// One open connection and its calls in flight.
+struct Conn {
+    out: mpsc::Sender<Bytes>,
+    /// A std mutex: held only to insert or remove, never across an await.
+    pending: Mutex<BTreeMap<u64, oneshot::Sender<Response>>>,
+    next_id: AtomicU64,
+    dead: AtomicBool,
+    /// Wakes the reader task so a stalled (partitioned) connection is closed, not leaked.
+    shutdown: tokio::sync::Notify,
+}
+
+impl Conn {
+    fn fail_all(&self) {
+        self.dead.store(true, Ordering::Relaxed);
+        self.shutdown.notify_one();
+        let drained = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(drained);
+    }
+}
+
+/// A client of one remote node. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct RpcClient {
+    addr: SocketAddr,
+    /// A tokio mutex: held across the connect so concurrent callers dial once.
+    slot: Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>,
+}
+
+impl std::fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RpcClient({})", self.addr)
+    }
+}
+
+impl RpcClient {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            slot: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Calls with the default deadline.
+    pub async fn call(&self, req: Request) -> Result<Response, RpcError> {
+        self.call_timeout(req, CALL_TIMEOUT).await
+    }
+
+    /// Calls and turns `Response::Error` into `RpcError::Remote`.
+    pub async fn call_timeout(
+        &self,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<Response, RpcError> {
+        let conn = self.conn().await?;
+        let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let bytes = serde_json::to_vec(&Envelope { id, body: req }).expect("requests serialize");
+        if conn.out.send(Bytes::from(bytes)).await.is_err() {
+            self.drop_conn(&conn).await;
+            return Err(RpcError::Closed(self.addr));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Response::Error { code, detail })) => Err(RpcError::Remote { code, detail }),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) => Err(RpcError::Closed(self.addr)),
+            Err(_) => {
+                // A partition stalls the stream silently: start over on a fresh connection.
+                conn.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                self.drop_conn(&conn).await;
+                Err(RpcError::Timeout(self.addr))
+            }
+        }
+    }
+
+    async fn drop_conn(&self, conn: &Arc<Conn>) {
+        conn.fail_all();
+        let mut slot = self.slot.lock().await;
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            *slot = None;
+        }
+    }
+
+    async fn conn(&self) -> Result<Arc<Conn>, RpcError> {
+        let mut slot = self.slot.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !c.dead.load(Ordering::Relaxed) {
+                return Ok(c.clone());
+            }
+        }
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, net::connect(self.addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                return Err(RpcError::Connect {
+                    addr: self.addr,
+                    source,
+                })
+            }
+            Err(_) => return Err(RpcError::Timeout(self.addr)),
+        };
+        let conn = start(stream);
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+}
+
+fn start(stream: Stream) -> Arc<Conn> {
+    let (mut sink, mut frames) = Framed::new(stream, codec()).split();
+    let (out, mut rx) = mpsc::channel::<Bytes>(RPC_IN_FLIGHT_MAX);
+    let conn = Arc::new(Conn {
+        out,
+        pending: Mutex::new(BTreeMap::new()),
+        next_id: AtomicU64::new(1),
+        dead: AtomicBool::new(false),
+        shutdown: tokio::sync::Notify::new(),
+    });
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let reader = conn.clone();
+    tokio::spawn(async move {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = reader.shutdown.notified() => break,
+                f = frames.next() => f,
+            };
+            let Some(Ok(frame)) = frame else { break };
+            let Ok(env) = serde_json::from_slice::<Envelope<Response>>(&frame) else {
+                tracing::warn!("malformed rpc response; closing connection");
+                break;
+            };
+            let waiter = reader
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&env.id);
+            if let Some(w) = waiter {
+                let _ = w.send(env.body);
+            }
+        }
+        reader.fail_all();
+    });
+    conn
+}

@@ -1,0 +1,237 @@
+//! Push: one notification per (message, device), none to a device that stayed online, and one
+//! for every device of a recipient that stayed offline.
+//!
+//! From `push`, `ack` and `send` (which message, sent and acked when), `membership`
+//! (recipients at send time), `device` (registrations), the ground truth `heartbeat_start` /
+//! `heartbeat_stop`, `connected` / `disconnected`, disruptive `fault` / `heal` windows and the
+//! `end` phase (E). W = presence_timeout + presence_bound.
+//!
+//! - (a) no (message_id, device) is pushed twice (one check per push);
+//! - (b) a push at t for message m to device d is a violation if d heartbeat and stayed
+//!   connected over all of [ts - W, t], ts being m's send time (its `send`, else its first ack,
+//!   else t), unless a disruptive fault was active in that window (one check per judged push);
+//! - (c) for every message acked with ta + 5 s <= E, sent at ts: for every member at ts other
+//!   than the sender whose known devices all did not heartbeat over [ts - W, ta + 5 s], every
+//!   device of that member registered at or before ts must have a push for m by E (one check
+//!   per (message, device)).
+//!
+//! It does NOT check: that a pushed device belongs to a member of the message's channel, the
+//! content of a notification, pushes to
+//! users that were partly online (some device heartbeating: the rule leaves them free), how soon
+//! a push arrives within E, or whether a push was followed by a delivery (no_loss does).
+
+use std::collections::BTreeMap;
+
+use super::{
+    acked_messages, connections, end_time, heartbeats, off_throughout, on_throughout, AckedMessage,
+    CheckReport, Devices, FaultWindows, Membership, Params, SECOND_US,
+};
+use crate::history::{Event, Id, Record};
+
+/// How long after the ack a push for an offline recipient may take to be requested.
+pub const PUSH_AFTER_ACK_US: u64 = 5 * SECOND_US;
+
+/// A push: time, message, device, user.
+#[derive(Debug, Clone, Copy)]
+struct Push {
+    t: u64,
+    message_id: Id,
+    device: Id,
+    user: Id,
+}
+
+pub fn check(history: &[Record], params: &Params) -> CheckReport {
+    let history = super::sorted(history);
+    let pushes: Vec<Push> = history
+        .iter()
+        .filter_map(|r| match &r.ev {
+            Event::Push {
+                user,
+                device,
+                message_id,
+            } => Some(Push {
+                t: r.t_us,
+                message_id: *message_id,
+                device: *device,
+                user: *user,
+            }),
+            _ => None,
+        })
+        .collect();
+    // message_id -> message (first ack per id; ids checks that an id names one message).
+    let mut by_id: BTreeMap<Id, AckedMessage> = BTreeMap::new();
+    for m in acked_messages(&history).into_values() {
+        by_id.entry(m.message_id).or_insert(m);
+    }
+    let mut report = CheckReport::new("push");
+    pushed_once(&pushes, &mut report);
+    none_to_online(&history, params, &pushes, &by_id, &mut report);
+    offline_get_one(&history, params, &pushes, &by_id, &mut report);
+    report
+}
+
+/// (a): each (message_id, device) pushed at most once.
+fn pushed_once(pushes: &[Push], report: &mut CheckReport) {
+    let mut first: BTreeMap<(Id, Id), u64> = BTreeMap::new();
+    for p in pushes {
+        let prev = first.insert((p.message_id, p.device), p.t);
+        report.assert(prev.is_none(), || {
+            format!(
+                "message {} pushed to device {} (user {}) again at t_us {}, first at t_us {}",
+                p.message_id,
+                p.device,
+                p.user,
+                p.t,
+                prev.unwrap_or_default()
+            )
+        });
+    }
+}
+
+/// (b): no push to a device that heartbeat and stayed connected since ts - W.
+fn none_to_online(
+    history: &[Record],
+    params: &Params,
+    pushes: &[Push],
+    by_id: &BTreeMap<Id, AckedMessage>,
+    report: &mut CheckReport,
+) {
+    let hb = heartbeats(history);
+    let conn = connections(history);
+    let faults = FaultWindows::build(history);
+    for p in pushes {
+        let ts = by_id
+            .get(&p.message_id)
+            .map_or(p.t, |m| m.sent_at().min(p.t));
+        let a = ts.saturating_sub(params.offline_within_us());
+        if faults.overlaps(a, p.t) {
+            continue;
+        }
+        let online = on_throughout(&hb, p.device, a, p.t) && on_throughout(&conn, p.device, a, p.t);
+        report.assert(!online, || {
+            format!(
+                "message {} pushed at t_us {} to device {} (user {}), which heartbeat and stayed \
+                connected since t_us {a} (sent t_us {ts})",
+                p.message_id, p.t, p.device, p.user
+            )
+        });
+    }
+}
+
+/// (c): every registered device of a recipient offline around the send gets a push by E.
+fn offline_get_one(
+    history: &[Record],
+    params: &Params,
+    pushes: &[Push],
+    by_id: &BTreeMap<Id, AckedMessage>,
+    report: &mut CheckReport,
+) {
+    let end = end_time(history);
+    let hb = heartbeats(history);
+    let members = Membership::build(history);
+    let devices = Devices::build(history);
+    let mut pushed: BTreeMap<(Id, Id), u64> = BTreeMap::new();
+    for p in pushes.iter().filter(|p| p.t <= end) {
+        pushed.entry((p.message_id, p.device)).or_insert(p.t);
+    }
+    for m in by_id.values() {
+        let ts = m.sent_at();
+        let (a, b) = (
+            ts.saturating_sub(params.offline_within_us()),
+            m.ack_t + PUSH_AFTER_ACK_US,
+        );
+        if b > end {
+            continue;
+        }
+        for user in members.members_at(m.channel, ts) {
+            let offline = devices.all_of(user).all(|d| off_throughout(&hb, d, a, b));
+            if user == m.sender || !offline {
+                continue;
+            }
+            for device in devices.registered_of(user, ts) {
+                report.assert(pushed.contains_key(&(m.message_id, device)), || {
+                    format!(
+                        "message {} (channel {}, sent t_us {ts}, acked t_us {}) never pushed to \
+                        device {device} of user {user}, offline over [t_us {a}, {b}], by end t_us \
+                        {end}",
+                        m.message_id, m.channel, m.ack_t
+                    )
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::check;
+
+    #[test]
+    fn healthy_passes() {
+        // Proves the healthy run's two pushes to offline device 31 pass all rules: 2 pushes x
+        // (a, b) + 2 (message, device) pairs for (c) = 6 checks.
+        let r = run(check, &healthy());
+        assert!(r.passed(), "{:?}", r.violations);
+        assert_eq!(r.checks, 6);
+    }
+
+    #[test]
+    fn double_push_fails() {
+        // Proves (a): the same message pushed twice to one device is caught.
+        let h = healthy_builder().push(7 * S, 31, 1000).build();
+        let r = run(check, &h);
+        assert_eq!(r.violation_count, 1, "{:?}", r.violations);
+        assert!(r.violations[0].contains("message 1000 pushed to device 31 (user 3) again"));
+    }
+
+    #[test]
+    fn push_to_online_device_fails() {
+        // Proves (b): pushing a message to device 21 of user 2, heartbeating and connected
+        // for the whole 40 s before the send and until the push, is caught (push to online
+        // users).
+        let h = H::new()
+            .up(0, 1, 11)
+            .up(0, 2, 21)
+            .join(0, 100, 1, 1)
+            .join(0, 100, 2, 2)
+            .send(60 * S, 11, 100, 1000)
+            .ack(60 * S, 11, 100, 1000, 1)
+            .push(61 * S, 21, 1000)
+            .build();
+        let r = run(check, &h);
+        assert_eq!(r.violation_count, 1, "{:?}", r.violations);
+        assert!(r.violations[0].contains("pushed at t_us 61000000 to device 21"));
+    }
+
+    #[test]
+    fn push_to_recently_connected_device_passes() {
+        // Proves (b) allows a push to a device that was not online for the whole window before
+        // the send (it connected only 2 s before): presence may still call it offline.
+        let h = H::new()
+            .up(0, 1, 11)
+            .device(0, 2, 21)
+            .join(0, 100, 1, 1)
+            .join(0, 100, 2, 2)
+            .connect(58 * S, 21)
+            .hb_start(58 * S, 21)
+            .send(60 * S, 11, 100, 1000)
+            .ack(60 * S, 11, 100, 1000, 1)
+            .push(60 * S, 21, 1000)
+            .build();
+        let r = run(check, &h);
+        assert!(r.passed(), "{:?}", r.violations);
+        assert!(r.checks >= 2);
+    }
+
+    #[test]
+    fn missing_push_fails() {
+        // Proves (c): an offline recipient device (31) that never gets a push is reported.
+        let mut h = healthy();
+        h.retain(|r| r.t_us != 6 * S + 50_000);
+        let r = run(check, &h);
+        assert_eq!(r.violation_count, 1, "{:?}", r.violations);
+        assert!(r.violations[0].contains("message 1001"));
+        assert!(r.violations[0].contains("never pushed to device 31 of user 3"));
+    }
+}

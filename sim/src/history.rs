@@ -1,0 +1,123 @@
+//! The history: what clients observed (and what the workload drove), one event per line.
+//!
+//! This is a public interface (see docs/ARCHITECTURE.md and DESIGN.md): `--history FILE` writes
+//! one JSON object per line, ordered by simulated time, with `t_us` and `ev` first. Fields may
+//! be added; none may be renamed. The checkers under `checkers/` read only this.
+//!
+//! It does not hold node internals: a checker that needs a fact the clients could not see is
+//! asking the wrong question.
+
+use serde::{Deserialize, Serialize};
+
+/// Integer ids as they appear on the wire (users, devices, channels, messages).
+pub type Id = u64;
+
+/// One line of the history file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Simulated microseconds since the start of the run.
+    pub t_us: u64,
+    #[serde(flatten)]
+    pub ev: Event,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Online,
+    Offline,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberOp {
+    Join,
+    Leave,
+}
+
+/// Every kind of event. The `ev` tag is the snake_case variant name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Event {
+    /// A device handed a message to its client library (first attempt only; retries reuse
+    /// `client_msg_id` and are not new sends).
+    Send {
+        user: Id,
+        device: Id,
+        channel: Id,
+        client_msg_id: Id,
+        /// UTF-8 bytes of the text.
+        bytes: u64,
+        /// Characters (Unicode scalar values) of the text: the 100,000 limit counts these.
+        chars: u64,
+    },
+    /// The server acknowledged a send: the message is durable. Counts as the sending device's
+    /// delivery of its own message.
+    Ack {
+        user: Id,
+        device: Id,
+        channel: Id,
+        client_msg_id: Id,
+        message_id: Id,
+        /// Position in the channel's commit order (1, 2, 3, ...).
+        seq: u64,
+    },
+    /// The server refused a send with an error code, or the device gave up on it.
+    SendFailed {
+        user: Id,
+        device: Id,
+        channel: Id,
+        client_msg_id: Id,
+        reason: String,
+    },
+    /// A device was handed a message as new (live push over its WebSocket or sync).
+    Deliver {
+        user: Id,
+        device: Id,
+        channel: Id,
+        message_id: Id,
+        sender: Id,
+        sender_device: Id,
+        client_msg_id: Id,
+        seq: u64,
+    },
+    /// The presence of `subject` as shown on `observer_device` changed to `status`.
+    Presence {
+        observer: Id,
+        observer_device: Id,
+        subject: Id,
+        status: Status,
+    },
+    /// Ground truth from the workload: the device stopped heartbeating (app closed, logout).
+    HeartbeatStop { user: Id, device: Id },
+    /// Ground truth from the workload: the device started heartbeating.
+    HeartbeatStart { user: Id, device: Id },
+    /// The push provider was asked to notify `device` of `message_id`.
+    Push { user: Id, device: Id, message_id: Id },
+    /// Channel membership changed (1:1 channels included); `members` is the count after.
+    Membership {
+        channel: Id,
+        user: Id,
+        op: MemberOp,
+        members: u32,
+    },
+    /// A fault was applied.
+    Fault { kind: String, targets: Vec<String> },
+    /// A fault was healed.
+    Heal { kind: String, targets: Vec<String> },
+    /// Phase boundary: `safety`, `liveness`, `end`.
+    Phase { name: String },
+    /// A device was registered for a user (its first login).
+    Device { user: Id, device: Id },
+    /// A device's WebSocket session to a chat server was established and authenticated.
+    Connected { user: Id, device: Id, server: String },
+    /// A device's WebSocket session ended (closed, dropped, or timed out).
+    Disconnected { user: Id, device: Id, reason: String },
+}
+
+impl Record {
+    /// One JSON line (no trailing newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("history records always serialize")
+    }
+}
