@@ -93,7 +93,11 @@ pub enum Event {
     /// Ground truth from the workload: the device started heartbeating.
     HeartbeatStart { user: Id, device: Id },
     /// The push provider was asked to notify `device` of `message_id`.
-    Push { user: Id, device: Id, message_id: Id },
+    Push {
+        user: Id,
+        device: Id,
+        message_id: Id,
+    },
     /// Channel membership changed (1:1 channels included); `members` is the count after.
     Membership {
         channel: Id,
@@ -110,9 +114,17 @@ pub enum Event {
     /// A device was registered for a user (its first login).
     Device { user: Id, device: Id },
     /// A device's WebSocket session to a chat server was established and authenticated.
-    Connected { user: Id, device: Id, server: String },
+    Connected {
+        user: Id,
+        device: Id,
+        server: String,
+    },
     /// A device's WebSocket session ended (closed, dropped, or timed out).
-    Disconnected { user: Id, device: Id, reason: String },
+    Disconnected {
+        user: Id,
+        device: Id,
+        reason: String,
+    },
 }
 
 impl Record {

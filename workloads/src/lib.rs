@@ -299,7 +299,6 @@ fn script(
             if t >= cfg.duration_ms {
                 break;
             }
-            online = true;
         }
         steps.push(Step {
             at_ms: t,

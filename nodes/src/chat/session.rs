@@ -25,7 +25,7 @@ use crate::canary::Canary;
 use crate::clock::unix_ms;
 use crate::limits::{SESSION_OUTBOX_MAX, SYNC_PAGE_MAX, WS_FRAME_BYTES_MAX};
 use crate::net::Stream;
-use crate::proto::client::{ClientFrame, ErrorCode, ServerFrame};
+use crate::proto::client::{ClientFrame, Cursor, ErrorCode, ServerFrame};
 use crate::proto::internal::{Request, Response, SessionEntry};
 use crate::proto::Id;
 
@@ -318,9 +318,16 @@ impl Session {
         }
     }
 
-    async fn on_sync(&mut self, cursors: BTreeMap<Id, u64>, max_message_id: Option<Id>) {
+    async fn on_sync(&mut self, cursors: Vec<Cursor>, max_message_id: Option<Id>) {
+        let cursors = cursors.into_iter().map(|c| (c.channel, c.seq)).collect();
         match self.sync(cursors, max_message_id).await {
-            Ok(done) => self.send(ServerFrame::Synced { cursors: done }).await,
+            Ok(done) => {
+                let cursors = done
+                    .into_iter()
+                    .map(|(channel, seq)| Cursor { channel, seq })
+                    .collect();
+                self.send(ServerFrame::Synced { cursors }).await
+            }
             Err(e) => {
                 self.send(ServerFrame::error(
                     ErrorCode::Unavailable,

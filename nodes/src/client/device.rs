@@ -16,7 +16,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::limits::DEVICE_REORDER_BUFFER_MAX;
-use crate::proto::client::{ChatMessage, ClientFrame, ErrorCode, PresenceStatus, ServerFrame};
+use crate::proto::client::{
+    ChatMessage, ClientFrame, Cursor, ErrorCode, PresenceStatus, ServerFrame,
+};
 use crate::proto::Id;
 
 /// What the user of the device observed.
@@ -132,12 +134,19 @@ impl DeviceState {
     pub fn sync_all(&self) -> ClientFrame {
         if self.by_message_id {
             return ClientFrame::Sync {
-                cursors: BTreeMap::new(),
+                cursors: Vec::new(),
                 max_message_id: Some(self.max_message_id),
             };
         }
         ClientFrame::Sync {
-            cursors: self.channels.iter().map(|(c, v)| (*c, v.cursor)).collect(),
+            cursors: self
+                .channels
+                .iter()
+                .map(|(c, v)| Cursor {
+                    channel: *c,
+                    seq: v.cursor,
+                })
+                .collect(),
             max_message_id: None,
         }
     }
@@ -179,8 +188,8 @@ impl DeviceState {
             } => self.on_ack(client_msg_id, channel, message_id, seq, &mut obs),
             ServerFrame::Message(m) => self.on_message(m, &mut obs, &mut out),
             ServerFrame::Synced { cursors } => {
-                for c in cursors.keys() {
-                    self.channels.entry(*c).or_default().sync_asked = false;
+                for c in cursors {
+                    self.channels.entry(c.channel).or_default().sync_asked = false;
                 }
             }
             ServerFrame::Presence { user, status } => {
@@ -263,7 +272,10 @@ impl DeviceState {
         if !v.waiting.is_empty() && !v.sync_asked {
             v.sync_asked = true;
             out.push(ClientFrame::Sync {
-                cursors: BTreeMap::from([(channel, v.cursor)]),
+                cursors: vec![Cursor {
+                    channel,
+                    seq: v.cursor,
+                }],
                 max_message_id: None,
             });
         }

@@ -186,6 +186,13 @@ pub enum PresenceStatus {
     Offline,
 }
 
+/// A device's position in one channel: it has processed everything up to `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub channel: Id,
+    pub seq: u64,
+}
+
 /// Frames from device to chat server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -202,8 +209,10 @@ pub enum ClientFrame {
     /// Ask for everything after the given per-channel cursors (missing channels: from the
     /// cursor stored on the server for this device, else from the start).
     Sync {
+        // A list, not a map: JSON object keys are strings, and integer keys inside an
+        // internally tagged enum do not round-trip through serde.
         #[serde(default)]
-        cursors: BTreeMap<Id, u64>,
+        cursors: Vec<Cursor>,
         /// Only with the `cursor-by-message-id` canary: the seed's single max-id cursor.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         max_message_id: Option<Id>,
@@ -239,7 +248,7 @@ pub enum ServerFrame {
     Message(ChatMessage),
     /// The end of a sync answer: every channel is now sent up to `cursors`.
     Synced {
-        cursors: BTreeMap<Id, u64>,
+        cursors: Vec<Cursor>,
     },
     Presence {
         user: Id,

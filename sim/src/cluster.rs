@@ -1,0 +1,222 @@
+//! Boots the real entry points of every role as madsim nodes, each on its own IP.
+//!
+//! IP plan (also in docs/ARCHITECTURE.md):
+//!
+//! | role | addresses | ports |
+//! |---|---|---|
+//! | setup client | 10.0.0.1 | - |
+//! | api | 10.0.1.1 .. | 8080 (HTTP) |
+//! | discovery | 10.0.2.1 | 7000 (RPC) |
+//! | chat | 10.0.3.1 .. | 9000 (WebSocket), 7000 (RPC) |
+//! | idgen | 10.0.4.1 .. | 7000 |
+//! | kv | 10.0.5.1 .. | 7000 |
+//! | presence | 10.0.6.1 | 7000 |
+//! | push | 10.0.7.1 | 7000 |
+//! | devices | 10.1.0.1 .. 10.255.255.255 (device i: 10.1.0.0 + i + 1) | - |
+//!
+//! A node's init closure captures only configuration and, for kv, its `SimDisk`: a restart
+//! re-runs the closure, so in-memory state is lost and the disk is kept.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use madsim::runtime::{Handle, NodeHandle};
+use madsim::task::NodeId;
+use nodes::auth::TokenKey;
+use nodes::canary::Canaries;
+use nodes::clock::SkewedClock;
+use nodes::cluster::{ClusterMap, Peers};
+use nodes::kv::disk::SimDisk;
+use nodes::push::PushProvider;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use scenarios::Role;
+
+pub const RPC_PORT: u16 = 7000;
+pub const HTTP_PORT: u16 = 8080;
+pub const WS_PORT: u16 = 9000;
+
+/// The token key every api and chat node shares (a config secret in the real build).
+pub fn token_key() -> TokenKey {
+    TokenKey::new(1, "chatsim-simulation-key")
+}
+
+pub fn ip(role: Role, index: u32) -> Ipv4Addr {
+    let third = match role {
+        Role::Api => 1,
+        Role::Discovery => 2,
+        Role::Chat => 3,
+        Role::Idgen => 4,
+        Role::Kv => 5,
+        Role::Presence => 6,
+        Role::Push => 7,
+    };
+    Ipv4Addr::new(10, 0, third, (index + 1) as u8)
+}
+
+pub fn device_ip(index: u32) -> Ipv4Addr {
+    let n = 0x0a01_0000u32 + index + 1;
+    Ipv4Addr::from(n)
+}
+
+pub const SETUP_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+
+pub struct Sizes {
+    pub api: u32,
+    pub chat: u32,
+    pub idgen: u32,
+    pub kv: u32,
+}
+
+/// The running cluster: node ids by role, for faults.
+pub struct Cluster {
+    pub nodes: BTreeMap<(Role, u32), NodeId>,
+    pub api_addrs: Vec<SocketAddr>,
+    pub map: ClusterMap,
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), port)
+}
+
+impl Cluster {
+    pub fn start(
+        sizes: &Sizes,
+        seed: u64,
+        canaries: &Canaries,
+        push: Arc<dyn PushProvider>,
+    ) -> Cluster {
+        let handle = Handle::current();
+        let map = ClusterMap {
+            discovery: sa(ip(Role::Discovery, 0), RPC_PORT),
+            kv: (0..sizes.kv)
+                .map(|i| sa(ip(Role::Kv, i), RPC_PORT))
+                .collect(),
+            idgen: (0..sizes.idgen)
+                .map(|i| sa(ip(Role::Idgen, i), RPC_PORT))
+                .collect(),
+            presence: sa(ip(Role::Presence, 0), RPC_PORT),
+            push: sa(ip(Role::Push, 0), RPC_PORT),
+        };
+        let mut c = Cluster {
+            nodes: BTreeMap::new(),
+            api_addrs: (0..sizes.api)
+                .map(|i| sa(ip(Role::Api, i), HTTP_PORT))
+                .collect(),
+            map,
+        };
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x434c_5553_5445_52);
+        c.add(&handle, Role::Discovery, 0, {
+            let listen = c.map.discovery;
+            move || nodes::discovery::server::run(listen)
+        });
+        for i in 0..sizes.kv {
+            let disk = SimDisk::new();
+            let listen = c.map.kv[i as usize];
+            c.add(&handle, Role::Kv, i, move || {
+                nodes::kv::server::run(nodes::kv::server::KvConfig {
+                    listen,
+                    storage: nodes::kv::server::Storage::Sim(disk.clone()),
+                })
+            });
+        }
+        for i in 0..sizes.idgen {
+            // Clock skew between idgen workers: the first is exact, others up to 200 ms off.
+            let skew_ms = if i == 0 { 0 } else { rng.gen_range(-200..=200) };
+            let listen = c.map.idgen[i as usize];
+            c.add(&handle, Role::Idgen, i, move || {
+                nodes::idgen::server::run(nodes::idgen::server::IdgenConfig {
+                    listen,
+                    worker: i as u16 + 1,
+                    clock: SkewedClock::new(skew_ms),
+                })
+            });
+        }
+        let peers_for = {
+            let map = c.map.clone();
+            let canaries = canaries.clone();
+            move || Peers::new(map.clone(), canaries.clone())
+        };
+        let pf = peers_for.clone();
+        c.add(&handle, Role::Presence, 0, {
+            let listen = c.map.presence;
+            move || {
+                nodes::presence::server::run(nodes::presence::server::PresenceConfig {
+                    listen,
+                    peers: pf(),
+                })
+            }
+        });
+        let pf = peers_for.clone();
+        c.add(&handle, Role::Push, 0, {
+            let listen = c.map.push;
+            move || {
+                nodes::push::server::run(nodes::push::server::PushConfig {
+                    listen,
+                    peers: pf(),
+                    provider: push.clone(),
+                })
+            }
+        });
+        for i in 0..sizes.chat {
+            let pf = peers_for.clone();
+            let chat_ip = ip(Role::Chat, i);
+            c.add(&handle, Role::Chat, i, move || {
+                nodes::chat::run(nodes::chat::ChatConfig {
+                    server: i,
+                    ws_listen: sa(chat_ip, WS_PORT),
+                    rpc_listen: sa(chat_ip, RPC_PORT),
+                    ws_advertise: sa(chat_ip, WS_PORT).to_string(),
+                    rpc_advertise: sa(chat_ip, RPC_PORT).to_string(),
+                    peers: pf(),
+                    token_key: token_key(),
+                })
+            });
+        }
+        for i in 0..sizes.api {
+            let pf = peers_for.clone();
+            let listen = c.api_addrs[i as usize];
+            c.add(&handle, Role::Api, i, move || {
+                nodes::api::run(nodes::api::ApiConfig {
+                    listen,
+                    peers: pf(),
+                    token_key: token_key(),
+                })
+            });
+        }
+        c
+    }
+
+    fn add<F, Fut>(&mut self, handle: &Handle, role: Role, index: u32, f: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + 'static,
+    {
+        let name = format!("{}-{}", role.name(), index);
+        let label = name.clone();
+        let node: NodeHandle = handle
+            .create_node()
+            .name(name)
+            .ip(IpAddr::V4(ip(role, index)))
+            .init(move || {
+                let fut = f();
+                let label = label.clone();
+                async move {
+                    if let Err(e) = fut.await {
+                        tracing::error!(node = %label, error = %e, "node exited with an error");
+                    }
+                }
+            })
+            .build();
+        self.nodes.insert((role, index), node.id());
+    }
+
+    pub fn kill(&self, role: Role, index: u32) {
+        Handle::current().kill(self.nodes[&(role, index)]);
+    }
+
+    pub fn restart(&self, role: Role, index: u32) {
+        Handle::current().restart(self.nodes[&(role, index)]);
+    }
+}

@@ -1,0 +1,446 @@
+//! A simulated device: one madsim node running a user's app, driven by its workload script.
+//!
+//! It speaks only the real client protocol (HTTP to api nodes, WebSocket to chat servers)
+//! through `nodes::client`, and records what the user observed into the history. The app's
+//! local state (cursors, outbox) lives in a `DeviceState` that survives app closes, as a
+//! phone's local database does.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodes::client::device::{DeviceState, Observation};
+use nodes::client::http::HttpClient;
+use nodes::client::ws::{Incoming, WsConn};
+use nodes::proto::client::{ChatServerResponse, ClientFrame, LoginResponse, ServerFrame};
+use nodes::proto::Id;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use workloads::{Action, BadInput, Step, Target};
+
+use crate::history::{Event, Status};
+use crate::run::{Counters, Recorder};
+
+/// Heartbeat period (the product's 5 s).
+const HEARTBEAT: Duration = Duration::from_millis(nodes::limits::HEARTBEAT_INTERVAL_MS);
+/// Friends' presence is asked again this often (repairs a missed change).
+const PRESENCE_REFRESH: Duration = Duration::from_secs(60);
+/// Reconnect backoff bounds.
+const BACKOFF_MIN_MS: u64 = 200;
+const BACKOFF_MAX_MS: u64 = 5_000;
+
+/// What a device knows before it starts: its login and its user's channels.
+pub struct DeviceCtx {
+    pub index: u32,
+    pub login: LoginResponse,
+    pub api: Vec<SocketAddr>,
+    pub steps: Vec<Step>,
+    /// Friend user index -> (friend user id, 1:1 channel).
+    pub friends: BTreeMap<u32, (Id, Id)>,
+    /// Group index -> channel, of this user's groups.
+    pub groups: BTreeMap<u32, Id>,
+    /// Group index -> channel, of every group (to probe one the user is not in).
+    pub all_groups: Arc<BTreeMap<u32, Id>>,
+    pub recorder: Recorder,
+    pub counters: Arc<Counters>,
+    pub liveness_at: Duration,
+    pub seed: u64,
+    pub by_message_id: bool,
+}
+
+struct App {
+    ctx: DeviceCtx,
+    state: DeviceState,
+    conn: Option<WsConn>,
+    /// The app is open (heartbeating, by the workload's ground truth).
+    open: bool,
+    rng: StdRng,
+    next_client_msg_id: Id,
+    backoff_ms: u64,
+    next_connect: Instant,
+    start: Instant,
+}
+
+pub async fn run(ctx: DeviceCtx, start: Instant) {
+    let rng =
+        StdRng::seed_from_u64(ctx.seed ^ (ctx.index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let state = DeviceState::new(ctx.login.user, ctx.login.device, ctx.by_message_id);
+    let mut app = App {
+        ctx,
+        state,
+        conn: None,
+        open: false,
+        rng,
+        next_client_msg_id: 1,
+        backoff_ms: BACKOFF_MIN_MS,
+        next_connect: start,
+        start,
+    };
+    app.main_loop().await;
+}
+
+impl App {
+    fn user(&self) -> Id {
+        self.ctx.login.user
+    }
+    fn device(&self) -> Id {
+        self.ctx.login.device
+    }
+
+    fn record(&self, ev: Event) {
+        self.ctx.recorder.record(ev);
+    }
+
+    async fn main_loop(&mut self) {
+        let steps = std::mem::take(&mut self.ctx.steps);
+        let mut steps = steps.into_iter().peekable();
+        let mut heartbeat = tokio::time::interval_at(self.start + HEARTBEAT, HEARTBEAT);
+        let mut presence =
+            tokio::time::interval_at(self.start + PRESENCE_REFRESH, PRESENCE_REFRESH);
+        let liveness_at = self.start + self.ctx.liveness_at;
+        let mut liveness_done = false;
+        loop {
+            if self.open && self.conn.is_none() && Instant::now() >= self.next_connect {
+                self.connect().await;
+            }
+            let next_step_at = match (liveness_done, steps.peek()) {
+                (false, Some(s)) => (self.start + Duration::from_millis(s.at_ms)).min(liveness_at),
+                (false, None) => liveness_at,
+                (true, _) => Instant::now() + Duration::from_secs(3600),
+            };
+            let want_connect = self.open && self.conn.is_none();
+            tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(next_step_at) => {
+                    if Instant::now() >= liveness_at && !liveness_done {
+                        liveness_done = true;
+                        self.on_liveness().await;
+                    } else if let Some(step) = steps.next() {
+                        self.on_step(step.action).await;
+                    }
+                }
+                incoming = recv(&mut self.conn) => self.on_incoming(incoming).await,
+                _ = heartbeat.tick() => self.on_heartbeat().await,
+                _ = presence.tick() => self.ask_presence().await,
+                _ = tokio::time::sleep_until(self.next_connect), if want_connect => {}
+            }
+        }
+    }
+
+    async fn connect(&mut self) {
+        let api = self.ctx.api[self.rng.gen_range(0..self.ctx.api.len())];
+        let mut http = HttpClient::new(api);
+        http.token = Some(self.ctx.login.token.clone());
+        let result = async {
+            let cs: ChatServerResponse = http.get("/v1/chat-server").await?;
+            let mut ws = WsConn::connect(&cs.url).await?;
+            ws.send(&ClientFrame::Hello {
+                token: self.ctx.login.token.clone(),
+            })
+            .await?;
+            match tokio::time::timeout(Duration::from_secs(5), ws.recv()).await {
+                Ok(Incoming::Frame(ServerFrame::Welcome { server, .. })) => Ok((ws, server)),
+                other => Err(nodes::client::ClientError::Ws(format!(
+                    "no welcome: {other:?}"
+                ))),
+            }
+        }
+        .await;
+        match result {
+            Ok((ws, server)) => {
+                self.conn = Some(ws);
+                self.backoff_ms = BACKOFF_MIN_MS;
+                self.ctx.counters.add_connect();
+                self.record(Event::Connected {
+                    user: self.user(),
+                    device: self.device(),
+                    server: format!("chat-{server}"),
+                });
+                let frames = self.state.on_connected();
+                self.send_all(frames).await;
+                self.send_frame(ClientFrame::Heartbeat).await;
+                self.ask_presence().await;
+            }
+            Err(e) => {
+                tracing::debug!(device = self.device(), error = %e, "connect failed");
+                self.schedule_reconnect();
+            }
+        }
+    }
+
+    fn schedule_reconnect(&mut self) {
+        let jitter = self.rng.gen_range(0..=self.backoff_ms / 2);
+        self.next_connect = Instant::now() + Duration::from_millis(self.backoff_ms + jitter);
+        self.backoff_ms = (self.backoff_ms * 2).min(BACKOFF_MAX_MS);
+    }
+
+    async fn send_frame(&mut self, frame: ClientFrame) {
+        if let Some(ws) = self.conn.as_mut() {
+            if ws.send(&frame).await.is_err() {
+                self.lost_connection("send failed").await;
+            }
+        }
+    }
+
+    async fn send_all(&mut self, frames: Vec<ClientFrame>) {
+        for f in frames {
+            self.send_frame(f).await;
+        }
+    }
+
+    async fn lost_connection(&mut self, reason: &str) {
+        if let Some(ws) = self.conn.take() {
+            drop(ws);
+            self.record(Event::Disconnected {
+                user: self.user(),
+                device: self.device(),
+                reason: reason.into(),
+            });
+            self.schedule_reconnect();
+        }
+    }
+
+    async fn close_app(&mut self, logout: bool) {
+        if !self.open {
+            return;
+        }
+        if logout {
+            self.send_frame(ClientFrame::Logout).await;
+        }
+        if let Some(ws) = self.conn.take() {
+            ws.close().await;
+            self.record(Event::Disconnected {
+                user: self.user(),
+                device: self.device(),
+                reason: if logout { "logout" } else { "app closed" }.into(),
+            });
+        }
+        self.open = false;
+        self.record(Event::HeartbeatStop {
+            user: self.user(),
+            device: self.device(),
+        });
+    }
+
+    fn open_app(&mut self) {
+        if self.open {
+            return;
+        }
+        self.open = true;
+        self.next_connect = Instant::now();
+        self.backoff_ms = BACKOFF_MIN_MS;
+        self.record(Event::HeartbeatStart {
+            user: self.user(),
+            device: self.device(),
+        });
+    }
+
+    async fn on_liveness(&mut self) {
+        if self.open && self.conn.is_some() {
+            let frames = self.state.on_connected();
+            self.send_all(frames).await;
+        }
+        self.open_app();
+    }
+
+    async fn on_step(&mut self, action: Action) {
+        match action {
+            Action::Online => self.open_app(),
+            Action::Offline { logout } => self.close_app(logout).await,
+            Action::Send { to, chars } => self.send_message(to, chars).await,
+            Action::SendAndClose { to, chars } => {
+                self.send_message(to, chars).await;
+                self.close_app(false).await;
+            }
+            Action::DropConnection => self.lost_connection("dropped by the network").await,
+            Action::Bad(b) => self.bad_input(b).await,
+        }
+    }
+
+    fn channel_of(&self, to: Target) -> Option<Id> {
+        match to {
+            Target::Direct(f) => self.ctx.friends.get(&f).map(|(_, c)| *c),
+            Target::Group(g) => self.ctx.groups.get(&g).copied(),
+        }
+    }
+
+    fn text(&mut self, chars: u32) -> String {
+        // Mostly ASCII with some multi-byte characters, so bytes and characters differ.
+        let alphabet = ['a', 'b', 'c', ' ', 'é', 'ж', '字', '😀'];
+        (0..chars)
+            .map(|_| alphabet[self.rng.gen_range(0..alphabet.len())])
+            .collect()
+    }
+
+    async fn send_message(&mut self, to: Target, chars: u32) {
+        if !self.open {
+            return;
+        }
+        let Some(channel) = self.channel_of(to) else {
+            return;
+        };
+        let text = self.text(chars);
+        self.send_text(channel, text).await;
+    }
+
+    async fn send_text(&mut self, channel: Id, text: String) {
+        let client_msg_id = self.next_client_msg_id;
+        self.next_client_msg_id += 1;
+        self.record(Event::Send {
+            user: self.user(),
+            device: self.device(),
+            channel,
+            client_msg_id,
+            bytes: text.len() as u64,
+            chars: text.chars().count() as u64,
+        });
+        self.ctx.counters.add_send();
+        let frame = self.state.send(client_msg_id, channel, text);
+        self.send_frame(frame).await;
+    }
+
+    async fn bad_input(&mut self, b: BadInput) {
+        if !self.open || self.conn.is_none() {
+            return;
+        }
+        self.ctx.counters.add_bad_input();
+        match b {
+            BadInput::TooLong => {
+                let Some(channel) = self.ctx.friends.values().next().map(|(_, c)| *c) else {
+                    return;
+                };
+                let text = "x".repeat(nodes::limits::MESSAGE_CHARS_MAX + 1);
+                self.send_text(channel, text).await;
+            }
+            BadInput::NotMember(g) => {
+                if let Some(channel) = self.ctx.all_groups.get(&g).copied() {
+                    self.send_text(channel, "not my group".into()).await;
+                }
+            }
+            BadInput::UnknownChannel => self.send_text(u64::MAX / 2, "nowhere".into()).await,
+            BadInput::MalformedJson => self.send_raw(Message::text("{\"type\":\"send\",")).await,
+            BadInput::BinaryFrame => self.send_raw(Message::binary(vec![0u8, 1, 2, 3])).await,
+        }
+    }
+
+    async fn send_raw(&mut self, m: Message) {
+        if let Some(ws) = self.conn.as_mut() {
+            if ws.send_raw(m).await.is_err() {
+                self.lost_connection("send failed").await;
+            }
+        }
+    }
+
+    async fn on_heartbeat(&mut self) {
+        if self.conn.is_none() {
+            return;
+        }
+        self.send_frame(ClientFrame::Heartbeat).await;
+        let reads = self.state.take_reads();
+        self.send_all(reads).await;
+    }
+
+    async fn ask_presence(&mut self) {
+        if self.conn.is_none() {
+            return;
+        }
+        let users = self.ctx.friends.values().map(|(u, _)| *u).collect();
+        self.send_frame(ClientFrame::PresenceQuery { users }).await;
+    }
+
+    async fn on_incoming(&mut self, incoming: Incoming) {
+        let frame = match incoming {
+            Incoming::Frame(f) => f,
+            Incoming::Unparsed(t) => {
+                tracing::warn!(device = self.device(), frame = %t, "unparsed server frame");
+                return;
+            }
+            Incoming::Closed => {
+                self.lost_connection("closed by server").await;
+                return;
+            }
+        };
+        let (obs, out) = self.state.on_frame(frame);
+        for o in obs {
+            self.observe(o);
+        }
+        self.send_all(out).await;
+    }
+
+    fn observe(&self, o: Observation) {
+        let (user, device) = (self.user(), self.device());
+        let ev = match o {
+            Observation::Ack {
+                channel,
+                client_msg_id,
+                message_id,
+                seq,
+            } => {
+                self.ctx.counters.add_ack();
+                Event::Ack {
+                    user,
+                    device,
+                    channel,
+                    client_msg_id,
+                    message_id,
+                    seq,
+                }
+            }
+            Observation::SendFailed {
+                channel,
+                client_msg_id,
+                code,
+            } => Event::SendFailed {
+                user,
+                device,
+                channel,
+                client_msg_id,
+                reason: code.as_str().into(),
+            },
+            Observation::Deliver(m) => {
+                self.ctx.counters.add_deliver();
+                Event::Deliver {
+                    user,
+                    device,
+                    channel: m.channel,
+                    message_id: m.message_id,
+                    sender: m.sender,
+                    sender_device: m.sender_device,
+                    client_msg_id: m.client_msg_id,
+                    seq: m.seq,
+                }
+            }
+            Observation::Presence {
+                user: subject,
+                status,
+            } => {
+                self.ctx.counters.add_presence();
+                Event::Presence {
+                    observer: user,
+                    observer_device: device,
+                    subject,
+                    status: match status {
+                        nodes::proto::client::PresenceStatus::Online => Status::Online,
+                        nodes::proto::client::PresenceStatus::Offline => Status::Offline,
+                    },
+                }
+            }
+            Observation::Error { code, .. } => {
+                self.ctx.counters.add_error(code.as_str());
+                return;
+            }
+        };
+        self.record(ev);
+    }
+}
+
+/// Waits for the next frame, or forever when not connected.
+async fn recv(conn: &mut Option<WsConn>) -> Incoming {
+    match conn.as_mut() {
+        Some(ws) => ws.recv().await,
+        None => std::future::pending().await,
+    }
+}

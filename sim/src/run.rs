@@ -1,0 +1,586 @@
+//! One simulated run: boot the cluster, set up users, friends and groups over the api, start
+//! every device, apply the fault schedule (safety phase), bring every device online
+//! (liveness phase), stop, and judge the history with the checkers.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use nodes::canary::{Canaries, Canary};
+use nodes::client::http::HttpClient;
+use nodes::client::ClientError;
+use nodes::proto::client::*;
+use nodes::proto::Id;
+use nodes::push::{Notification, PushError, PushProvider};
+use scenarios::{Fault, Role, ScheduledFault};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use workloads::Workload;
+
+use crate::checkers::{self, CheckReport, Params};
+use crate::cli::Opts;
+use crate::cluster::{self, Cluster, Sizes};
+use crate::device::{self, DeviceCtx};
+use crate::history::{Event, MemberOp, Record};
+
+/// The history being written: a shared, append-only list stamped with simulated time.
+#[derive(Clone)]
+pub struct Recorder {
+    start: Instant,
+    /// A std mutex: appends are synchronous and short.
+    records: Arc<Mutex<Vec<Record>>>,
+}
+
+impl Recorder {
+    fn new(start: Instant) -> Self {
+        Self {
+            start,
+            records: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    pub fn record(&self, ev: Event) {
+        let t_us = Instant::now().duration_since(self.start).as_micros() as u64;
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Record { t_us, ev });
+    }
+
+    fn take(&self) -> Vec<Record> {
+        std::mem::take(&mut *self.records.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Run-wide counters the devices bump (what the output table shows besides the history).
+#[derive(Default)]
+pub struct Counters {
+    sends: AtomicU64,
+    acks: AtomicU64,
+    delivers: AtomicU64,
+    presence: AtomicU64,
+    connects: AtomicU64,
+    bad_inputs: AtomicU64,
+    /// Error codes the devices were shown. A std mutex: short, synchronous.
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Counters {
+    pub fn add_send(&self) {
+        self.sends.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add_ack(&self) {
+        self.acks.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add_deliver(&self) {
+        self.delivers.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add_presence(&self) {
+        self.presence.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add_connect(&self) {
+        self.connects.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add_bad_input(&self) {
+        self.bad_inputs.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add_error(&self, code: &str) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(code.to_string())
+            .or_default() += 1;
+    }
+}
+
+/// The simulation's push provider: records what the platform gateway was asked to deliver.
+struct HistoryPush {
+    recorder: Recorder,
+    pushes: Arc<AtomicU64>,
+}
+
+impl PushProvider for HistoryPush {
+    fn notify(&self, n: Notification) -> BoxFuture<'static, Result<(), PushError>> {
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        self.recorder.record(Event::Push {
+            user: n.user,
+            device: n.device,
+            message_id: n.message_id,
+        });
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// What a run produced.
+pub struct Outcome {
+    pub history: Vec<Record>,
+    pub reports: Vec<CheckReport>,
+    pub stats: Stats,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub users: usize,
+    pub devices: usize,
+    pub groups: usize,
+    pub biggest_group: usize,
+    pub sends: u64,
+    pub acks: u64,
+    pub delivers: u64,
+    pub pushes: u64,
+    pub presence_changes: u64,
+    pub connects: u64,
+    pub bad_inputs: u64,
+    pub group_full_refusals: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub sim_secs: f64,
+    pub wall_secs: f64,
+    pub net_messages: u64,
+    pub history_hash: String,
+}
+
+/// Entry point of the simulated binary.
+pub fn main(opts: Opts) -> i32 {
+    let canaries = match Canaries::parse(opts.canary.iter().map(String::as_str)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    crate::output::print_header(&opts, &canaries);
+    if opts.check_determinism {
+        return check_determinism(&opts, &canaries);
+    }
+    let outcome = run_on_fresh_thread(&opts, &canaries);
+    if let Some(path) = &opts.history {
+        if let Err(e) = write_history(path, &outcome.history) {
+            eprintln!("error: writing {}: {e}", path.display());
+            return 2;
+        }
+    }
+    crate::output::print_outcome(&opts, &outcome)
+}
+
+fn check_determinism(opts: &Opts, canaries: &Canaries) -> i32 {
+    let a = run_on_fresh_thread(opts, canaries);
+    let b = run_on_fresh_thread(opts, canaries);
+    println!("history hash run 1: {}", a.stats.history_hash);
+    println!("history hash run 2: {}", b.stats.history_hash);
+    if a.stats.history_hash == b.stats.history_hash {
+        println!("determinism: OK ({} events)", a.history.len());
+        0
+    } else {
+        let first = a
+            .history
+            .iter()
+            .zip(&b.history)
+            .position(|(x, y)| x != y)
+            .unwrap_or(a.history.len().min(b.history.len()));
+        println!("determinism: MISMATCH; first difference at event {first}");
+        if let Some(x) = a.history.get(first) {
+            println!("  run 1: {}", x.to_line());
+        }
+        if let Some(y) = b.history.get(first) {
+            println!("  run 2: {}", y.to_line());
+        }
+        println!(
+            "reproduce: cargo run -p sim -- {} --check-determinism",
+            opts.repro_args()
+        );
+        1
+    }
+}
+
+fn write_history(path: &std::path::Path, history: &[Record]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for r in history {
+        writeln!(f, "{}", r.to_line())?;
+    }
+    f.flush()
+}
+
+pub fn history_hash(history: &[Record]) -> String {
+    let mut h = Sha256::new();
+    for r in history {
+        h.update(r.to_line().as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// Runs one seed on a fresh OS thread with a fresh runtime (hyper caches per thread; statics
+/// must not leak between seeds).
+pub fn run_on_fresh_thread(opts: &Opts, canaries: &Canaries) -> Outcome {
+    let opts = opts.clone();
+    let canaries = canaries.clone();
+    std::thread::Builder::new()
+        .name(format!("seed-{}", opts.seed))
+        .stack_size(64 << 20)
+        .spawn(move || simulate(&opts, &canaries))
+        .expect("spawn a thread for the seed")
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+fn simulate(opts: &Opts, canaries: &Canaries) -> Outcome {
+    let wall = std::time::Instant::now();
+    let rt = madsim::runtime::Runtime::with_seed_and_config(opts.seed, madsim::Config::default());
+    let (history, mut stats) = rt.block_on(drive(opts.clone(), canaries.clone()));
+    stats.wall_secs = wall.elapsed().as_secs_f64();
+    stats.history_hash = history_hash(&history);
+    let reports = checkers::run_all(&history, &Params::default());
+    Outcome {
+        history,
+        reports,
+        stats,
+    }
+}
+
+async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
+    let start = Instant::now();
+    let recorder = Recorder::new(start);
+    let counters = Arc::new(Counters::default());
+    let pushes = Arc::new(AtomicU64::new(0));
+    let wl_cfg = workloads::Config {
+        users: opts.users,
+        duration_ms: opts.duration * 1000,
+        messages_per_user_per_min: opts.rate,
+    };
+    let workload = workloads::generate(&wl_cfg, opts.seed);
+    let sizes = Sizes {
+        api: opts.api,
+        chat: opts.chat,
+        idgen: opts.idgen,
+        kv: opts.kv,
+    };
+    let provider = Arc::new(HistoryPush {
+        recorder: recorder.clone(),
+        pushes: pushes.clone(),
+    });
+    recorder.record(Event::Phase {
+        name: "safety".into(),
+    });
+    let cluster = Cluster::start(&sizes, opts.seed, &canaries, provider);
+    // Let chat servers take their discovery leases.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let setup = run_setup(&cluster, &workload, &recorder).await;
+    let traffic_start = Instant::now();
+    let liveness_at = Duration::from_secs(opts.duration);
+    start_devices(
+        &cluster,
+        &workload,
+        &setup,
+        &recorder,
+        &counters,
+        &opts,
+        &canaries,
+        traffic_start,
+    );
+    let faults = if opts.no_faults {
+        Vec::new()
+    } else {
+        scenarios::light(opts.seed, opts.duration * 1000, opts.chat, opts.kv)
+    };
+    apply_faults(&cluster, faults, &recorder, traffic_start).await;
+    tokio::time::sleep_until(traffic_start + liveness_at).await;
+    recorder.record(Event::Phase {
+        name: "liveness".into(),
+    });
+    tokio::time::sleep(Duration::from_secs(opts.liveness_budget)).await;
+    recorder.record(Event::Phase { name: "end".into() });
+    let sim_secs = Instant::now().duration_since(start).as_secs_f64();
+    let history = recorder.take();
+    let errors = counters
+        .errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let stats = Stats {
+        users: workload.users.len(),
+        devices: workload.device_count(),
+        groups: workload.groups.len(),
+        biggest_group: workload
+            .groups
+            .iter()
+            .map(|g| g.members.len())
+            .max()
+            .unwrap_or(0),
+        sends: counters.sends.load(Ordering::Relaxed),
+        acks: counters.acks.load(Ordering::Relaxed),
+        delivers: counters.delivers.load(Ordering::Relaxed),
+        pushes: pushes.load(Ordering::Relaxed),
+        presence_changes: counters.presence.load(Ordering::Relaxed),
+        connects: counters.connects.load(Ordering::Relaxed),
+        bad_inputs: counters.bad_inputs.load(Ordering::Relaxed),
+        group_full_refusals: setup.group_full_refusals,
+        errors,
+        sim_secs,
+        net_messages: 0,
+        ..Stats::default()
+    };
+    (history, stats)
+}
+
+/// What setup learned: server ids for the workload's users, devices and channels.
+struct Setup {
+    user_ids: Vec<Id>,
+    /// Per workload device: its login.
+    logins: Vec<LoginResponse>,
+    /// Per user index: friend index -> (friend id, channel).
+    friends: Vec<BTreeMap<u32, (Id, Id)>>,
+    /// Group index -> channel.
+    groups: BTreeMap<u32, Id>,
+    group_full_refusals: u64,
+}
+
+/// Retries an api call until it succeeds (the api may be starting or a kv node down).
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    for attempt in 0.. {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                if attempt % 10 == 9 {
+                    tracing::warn!(what, error = %e, attempt, "setup call failing");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    unreachable!("the loop only ends by returning")
+}
+
+/// Signs up every user, logs in every device, makes friends and groups — over HTTP, from a
+/// setup client node — and records devices and memberships.
+async fn run_setup(cluster: &Cluster, w: &Workload, recorder: &Recorder) -> Setup {
+    let node = madsim::runtime::Handle::current()
+        .create_node()
+        .name("setup")
+        .ip(IpAddr::V4(cluster::SETUP_IP))
+        .build();
+    let api: Vec<SocketAddr> = cluster.api_addrs.clone();
+    let w = w.clone();
+    let recorder = recorder.clone();
+    node.spawn(async move {
+        let cluster_api = api;
+        let c = |i: usize, t: Option<&str>| {
+            let mut h = HttpClient::new(cluster_api[i % cluster_api.len()]);
+            h.token = t.map(str::to_string);
+            h
+        };
+        setup_inner(&w, &recorder, &c).await
+    })
+    .await
+    .expect("the setup task does not panic")
+}
+
+async fn setup_inner(
+    w: &Workload,
+    recorder: &Recorder,
+    c: &(dyn Fn(usize, Option<&str>) -> HttpClient + Sync),
+) -> Setup {
+    let mut user_ids = Vec::new();
+    for u in &w.users {
+        let body = SignupRequest {
+            name: u.name.clone(),
+            password: u.password.clone(),
+        };
+        let h = c(u.index as usize, None);
+        let r: SignupResponse = retry("signup", || h.post("/v1/signup", &body)).await;
+        user_ids.push(r.user);
+    }
+    let mut logins = Vec::new();
+    let mut tokens: BTreeMap<u32, String> = BTreeMap::new();
+    for d in &w.devices {
+        let u = &w.users[d.user as usize];
+        let body = LoginRequest {
+            name: u.name.clone(),
+            password: u.password.clone(),
+            device: None,
+        };
+        let h = c(d.user as usize, None);
+        let r: LoginResponse = retry("login", || h.post("/v1/login", &body)).await;
+        recorder.record(Event::Device {
+            user: r.user,
+            device: r.device,
+        });
+        tokens.entry(d.user).or_insert_with(|| r.token.clone());
+        logins.push(r);
+    }
+    let mut friends: Vec<BTreeMap<u32, (Id, Id)>> = vec![BTreeMap::new(); w.users.len()];
+    for &(a, b) in &w.friendships {
+        let body = AddFriendRequest {
+            user: user_ids[b as usize],
+        };
+        let h = c(a as usize, Some(&tokens[&a]));
+        let r: AddFriendResponse = retry("friend", || h.post("/v1/friends", &body)).await;
+        friends[a as usize].insert(b, (user_ids[b as usize], r.channel));
+        friends[b as usize].insert(a, (user_ids[a as usize], r.channel));
+        for (n, u) in [(1, a), (2, b)] {
+            recorder.record(Event::Membership {
+                channel: r.channel,
+                user: user_ids[u as usize],
+                op: MemberOp::Join,
+                members: n,
+            });
+        }
+    }
+    let mut groups = BTreeMap::new();
+    let mut group_full_refusals = 0;
+    for g in &w.groups {
+        let owner = g.members[0];
+        let body = CreateGroupRequest {
+            name: format!("group{}", g.index),
+            members: g.members[1..]
+                .iter()
+                .map(|m| user_ids[*m as usize])
+                .collect(),
+        };
+        let h = c(owner as usize, Some(&tokens[&owner]));
+        let r: GroupResponse = retry("group", || h.post("/v1/groups", &body)).await;
+        for (n, u) in r.members.iter().enumerate() {
+            recorder.record(Event::Membership {
+                channel: r.channel,
+                user: *u,
+                op: MemberOp::Join,
+                members: n as u32 + 1,
+            });
+        }
+        groups.insert(g.index, r.channel);
+        if r.members.len() >= nodes::limits::GROUP_MEMBERS_MAX {
+            group_full_refusals +=
+                probe_group_full(w, &user_ids, &tokens, owner, &g.members, r.channel, c).await;
+        }
+    }
+    Setup {
+        user_ids,
+        logins,
+        friends,
+        groups,
+        group_full_refusals,
+    }
+}
+
+/// Tries to add a 101st member; it must be refused with `group_full`.
+async fn probe_group_full(
+    w: &Workload,
+    user_ids: &[Id],
+    tokens: &BTreeMap<u32, String>,
+    owner: u32,
+    members: &[u32],
+    channel: Id,
+    c: &(dyn Fn(usize, Option<&str>) -> HttpClient + Sync),
+) -> u64 {
+    let Some(outsider) = w.users.iter().find(|u| !members.contains(&u.index)) else {
+        return 0;
+    };
+    let body = AddMemberRequest {
+        user: user_ids[outsider.index as usize],
+    };
+    let path = format!("/v1/groups/{channel}/members");
+    let r: Result<GroupResponse, _> = c(owner as usize, Some(&tokens[&owner]))
+        .post(&path, &body)
+        .await;
+    match r {
+        Err(ClientError::Refused {
+            code: ErrorCode::GroupFull,
+            ..
+        }) => 1,
+        other => panic!("a 101st member must be refused with group_full, got {other:?}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_devices(
+    cluster: &Cluster,
+    w: &Workload,
+    setup: &Setup,
+    recorder: &Recorder,
+    counters: &Arc<Counters>,
+    opts: &Opts,
+    canaries: &Canaries,
+    start: Instant,
+) {
+    let handle = madsim::runtime::Handle::current();
+    let all_groups = Arc::new(setup.groups.clone());
+    for (i, d) in w.devices.iter().enumerate() {
+        let groups = w
+            .groups
+            .iter()
+            .filter(|g| g.members.contains(&d.user))
+            .map(|g| (g.index, setup.groups[&g.index]))
+            .collect();
+        let ctx = DeviceCtx {
+            index: i as u32,
+            login: setup.logins[i].clone(),
+            api: cluster.api_addrs.clone(),
+            steps: d.steps.clone(),
+            friends: setup.friends[d.user as usize].clone(),
+            groups,
+            all_groups: all_groups.clone(),
+            recorder: recorder.clone(),
+            counters: counters.clone(),
+            liveness_at: Duration::from_secs(opts.duration),
+            seed: opts.seed,
+            by_message_id: canaries.is_on(Canary::CursorByMessageId),
+        };
+        let node = handle
+            .create_node()
+            .name(format!("device-{i}"))
+            .ip(IpAddr::V4(cluster::device_ip(i as u32)))
+            .build();
+        node.spawn(device::run(ctx, start));
+    }
+}
+
+/// Applies the schedule: each fault and its heal are `fault` / `heal` events.
+async fn apply_faults(
+    cluster: &Cluster,
+    faults: Vec<ScheduledFault>,
+    recorder: &Recorder,
+    start: Instant,
+) {
+    // Crashes are applied in order; each restart follows its kill.
+    let mut timeline: Vec<(u64, bool, Role, u32)> = Vec::new();
+    for f in faults {
+        match f.fault {
+            Fault::Crash {
+                role,
+                index,
+                down_ms,
+            } => {
+                timeline.push((f.at_ms, true, role, index));
+                timeline.push((f.at_ms + down_ms, false, role, index));
+            }
+        }
+    }
+    timeline.sort_by_key(|t| (t.0, !t.1));
+    for (at_ms, kill, role, index) in timeline {
+        tokio::time::sleep_until(start + Duration::from_millis(at_ms)).await;
+        let targets = vec![format!("{}-{}", role.name(), index)];
+        if kill {
+            cluster.kill(role, index);
+            recorder.record(Event::Fault {
+                kind: "crash".into(),
+                targets,
+            });
+        } else {
+            cluster.restart(role, index);
+            recorder.record(Event::Heal {
+                kind: "crash".into(),
+                targets,
+            });
+        }
+    }
+}
