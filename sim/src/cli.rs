@@ -11,7 +11,6 @@ use std::path::PathBuf;
 /// presence and push behaved. Same seed, same run. Exit 0 when every invariant holds.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "sim", version)]
-#[cfg_attr(not(madsim), allow(dead_code))]
 pub struct Opts {
     /// The seed: everything in the run derives from it.
     #[arg(long, default_value_t = 42)]
@@ -62,8 +61,7 @@ pub struct Opts {
 
 impl Opts {
     /// The flags that reproduce this run.
-    #[cfg_attr(not(madsim), allow(dead_code))]
-    pub fn repro_args(&self) -> String {
+        pub fn repro_args(&self) -> String {
         let d = Opts {
             seed: 0,
             ..Self::defaults()
@@ -100,8 +98,7 @@ impl Opts {
         a.join(" ")
     }
 
-    #[cfg_attr(not(madsim), allow(dead_code))]
-    pub fn defaults() -> Self {
+        pub fn defaults() -> Self {
         <Self as clap::Parser>::parse_from(["sim"])
     }
 }

@@ -1,6 +1,20 @@
-//! The simulator's public pieces: the history format and the invariant checkers. They judge
-//! any history in the format, from the simulation or from a real run (issue 5's load driver).
-//! The simulation itself is the `sim` binary (`main.rs`).
+//! The simulator. Its public pieces: the history format and the invariant checkers (they
+//! judge any history in the format, from the simulation or from a real run). Built with
+//! `--cfg madsim` it also holds the simulation itself: the cluster and every device as madsim
+//! nodes (`cluster`, `device`), the run's phases and faults (`run`) and its report (`output`).
+//! The `sim` binary (`main.rs`) is the front door.
 
 pub mod checkers;
+pub mod cli;
 pub mod history;
+#[cfg(not(madsim))]
+pub mod launcher;
+
+#[cfg(madsim)]
+pub mod cluster;
+#[cfg(madsim)]
+pub mod device;
+#[cfg(madsim)]
+pub mod output;
+#[cfg(madsim)]
+pub mod run;

@@ -139,7 +139,6 @@ pub struct Stats {
     pub errors: BTreeMap<String, u64>,
     pub sim_secs: f64,
     pub wall_secs: f64,
-    pub net_messages: u64,
     pub history_hash: String,
 }
 
@@ -321,7 +320,6 @@ async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
         group_full_refusals: setup.group_full_refusals,
         errors,
         sim_secs,
-        net_messages: 0,
         ..Stats::default()
     };
     (history, stats)
@@ -329,7 +327,6 @@ async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
 
 /// What setup learned: server ids for the workload's users, devices and channels.
 struct Setup {
-    user_ids: Vec<Id>,
     /// Per workload device: its login.
     logins: Vec<LoginResponse>,
     /// Per user index: friend index -> (friend id, channel).
@@ -464,7 +461,6 @@ async fn setup_inner(
         }
     }
     Setup {
-        user_ids,
         logins,
         friends,
         groups,

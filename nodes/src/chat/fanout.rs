@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::server::ChatState;
 use crate::canary::Canary;
@@ -102,11 +103,22 @@ async fn push_offline(state: &ChatState, c: &Committed) {
     if offline.is_empty() {
         return;
     }
-    let req = Request::Notify {
-        message: c.message.clone(),
-        users: offline,
-    };
-    if let Err(e) = peers.push.call(req).await {
-        tracing::debug!(error = %e, "push request failed");
+    for attempt in 1..=PUSH_ATTEMPTS {
+        let req = Request::Notify {
+            message: c.message.clone(),
+            users: offline.clone(),
+        };
+        match peers.push.call(req).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(attempt, error = %e, "push request failed; retrying");
+                tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
+            }
+        }
     }
+    tracing::warn!(message = c.message.message_id, "push given up");
 }
+
+/// Attempts to hand a notification request to the push node (1 s, 2 s, ... apart). Retries
+/// are safe: the push node marks each (message, device) before notifying.
+const PUSH_ATTEMPTS: u32 = 6;

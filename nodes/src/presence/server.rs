@@ -103,6 +103,10 @@ async fn publisher(mut rx: tokio::sync::mpsc::Receiver<Change>, peers: Arc<Peers
     }
 }
 
+/// Attempts to read the subject's friend list before a change is given up (kv may be down
+/// for a restart); one second apart.
+const FRIENDS_READ_ATTEMPTS: u32 = 30;
+
 /// Sends one change to every live chat server with the subject's friends as observers.
 async fn publish(peers: Arc<Peers>, change: Change) {
     if change.status == PresenceStatus::Offline {
@@ -110,19 +114,29 @@ async fn publish(peers: Arc<Peers>, change: Change) {
             user: change.user,
             at_ms: unix_ms(),
         };
-        let _ = peers.kv_for_user(change.user).call(req).await;
+        let kv = peers.kv_for_user(change.user).clone();
+        tokio::spawn(async move {
+            let _ = kv.call(req).await;
+        });
     }
-    let friends = match peers
-        .kv_for_user(change.user)
-        .call(Request::GetUser { user: change.user })
-        .await
-    {
-        Ok(Response::User(Some(u))) => u.friends.keys().copied().collect::<Vec<_>>(),
-        Ok(_) => return,
-        Err(e) => {
-            tracing::warn!(user = change.user, error = %e, "presence: no friend list; change not published");
-            return;
+    let mut friends = None;
+    for attempt in 1..=FRIENDS_READ_ATTEMPTS {
+        let req = Request::GetUser { user: change.user };
+        match peers.kv_for_user(change.user).call(req).await {
+            Ok(Response::User(Some(u))) => {
+                friends = Some(u.friends.keys().copied().collect::<Vec<_>>());
+                break;
+            }
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(user = change.user, attempt, error = %e, "presence: friend list unavailable");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
+    }
+    let Some(friends) = friends else {
+        tracing::warn!(user = change.user, "presence: no friend list; change not published");
+        return;
     };
     if friends.is_empty() {
         return;

@@ -48,39 +48,55 @@ pub async fn run(cfg: PushConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Notifies every device of every user once. Users are independent: one user's kv shard being
+/// down does not hold back the others; the error is returned so the caller retries (the
+/// (message, device) marks make a retry safe).
 async fn notify(
     peers: &Peers,
     provider: &dyn PushProvider,
     message: &ChatMessage,
     users: &[Id],
 ) -> Result<(), RpcError> {
+    let mut first_err = None;
     for &user in users {
-        let kv = peers.kv_for_user(user);
-        let devices = match kv.call(Request::GetUser { user }).await? {
-            Response::User(Some(u)) => u.devices,
-            _ => continue,
+        if let Err(e) = notify_user(peers, provider, message, user).await {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+async fn notify_user(
+    peers: &Peers,
+    provider: &dyn PushProvider,
+    message: &ChatMessage,
+    user: Id,
+) -> Result<(), RpcError> {
+    let kv = peers.kv_for_user(user);
+    let devices = match kv.call(Request::GetUser { user }).await? {
+        Response::User(Some(u)) => u.devices,
+        _ => return Ok(()),
+    };
+    for device in devices {
+        let mark = Request::MarkPushed {
+            message_id: message.message_id,
+            device,
         };
-        for device in devices {
-            let mark = Request::MarkPushed {
-                message_id: message.message_id,
-                device,
-            };
-            // Mark first: a crash between mark and send loses one notification rather than
-            // sending it twice (push is best-effort; the message itself is in the inbox).
-            if kv.call(mark).await? != Response::Bool(true) {
-                continue;
-            }
-            let n = Notification {
-                user,
-                device,
-                channel: message.channel,
-                message_id: message.message_id,
-                sender: message.sender,
-                preview: message.text.chars().take(PREVIEW_CHARS_MAX).collect(),
-            };
-            if let Err(e) = provider.notify(n).await {
-                tracing::warn!(user, device, error = %e, "push provider failed");
-            }
+        // Mark first: a crash between mark and send loses one notification rather than
+        // sending it twice (push is best-effort; the message itself is in the channel log).
+        if kv.call(mark).await? != Response::Bool(true) {
+            continue;
+        }
+        let n = Notification {
+            user,
+            device,
+            channel: message.channel,
+            message_id: message.message_id,
+            sender: message.sender,
+            preview: message.text.chars().take(PREVIEW_CHARS_MAX).collect(),
+        };
+        if let Err(e) = provider.notify(n).await {
+            tracing::warn!(user, device, error = %e, "push provider failed");
         }
     }
     Ok(())
