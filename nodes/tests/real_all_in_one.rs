@@ -40,7 +40,12 @@ impl Server {
         let child = Command::new(env!("CARGO_BIN_EXE_chatd"))
             .args(["all-in-one", "--data"])
             .arg(data)
-            .args(["--http", &http.to_string(), "--base-port", &base.to_string()])
+            .args([
+                "--http",
+                &http.to_string(),
+                "--base-port",
+                &base.to_string(),
+            ])
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("start chatd");
@@ -176,12 +181,26 @@ async fn real_chat_survives_restart() {
         .expect("group");
     // Malformed JSON over HTTP gets its own code.
     let r: Result<SignupResponse, _> = anon.request("POST", "/v1/signup", "{oops".into()).await;
-    assert!(matches!(r, Err(ClientError::Refused { code: ErrorCode::MalformedJson, .. })));
+    assert!(matches!(
+        r,
+        Err(ClientError::Refused {
+            code: ErrorCode::MalformedJson,
+            ..
+        })
+    ));
 
     let mut a = connect(&alice_http, &alice.token).await;
     let mut b = connect(&bob_http, &bob.token).await;
-    b.send(&ClientFrame::Sync { cursors: vec![], max_message_id: None }).await.unwrap();
-    until(&mut b, |f| matches!(f, ServerFrame::Synced { .. }).then_some(())).await;
+    b.send(&ClientFrame::Sync {
+        cursors: vec![],
+        max_message_id: None,
+    })
+    .await
+    .unwrap();
+    until(&mut b, |f| {
+        matches!(f, ServerFrame::Synced { .. }).then_some(())
+    })
+    .await;
 
     for (i, ch) in [direct.channel, group.channel].into_iter().enumerate() {
         a.send(&ClientFrame::Send {
@@ -202,22 +221,48 @@ async fn real_chat_survives_restart() {
             _ => None,
         })
         .await;
-        assert_eq!((got.channel, got.text.as_str()), (ch, format!("hello {i}").as_str()));
-        b.send(&ClientFrame::Read { channel: ch, seq: got.seq }).await.unwrap();
+        assert_eq!(
+            (got.channel, got.text.as_str()),
+            (ch, format!("hello {i}").as_str())
+        );
+        b.send(&ClientFrame::Read {
+            channel: ch,
+            seq: got.seq,
+        })
+        .await
+        .unwrap();
     }
 
     // Bad input: each refusal names its code, and the connection stays usable.
     let long = "x".repeat(nodes::limits::MESSAGE_CHARS_MAX + 1);
-    a.send(&ClientFrame::Send { client_msg_id: 10, channel: direct.channel, text: long }).await.unwrap();
+    a.send(&ClientFrame::Send {
+        client_msg_id: 10,
+        channel: direct.channel,
+        text: long,
+    })
+    .await
+    .unwrap();
     expect_error(&mut a, ErrorCode::MessageTooLong).await;
-    a.send(&ClientFrame::Send { client_msg_id: 11, channel: 999_999, text: "x".into() }).await.unwrap();
+    a.send(&ClientFrame::Send {
+        client_msg_id: 11,
+        channel: 999_999,
+        text: "x".into(),
+    })
+    .await
+    .unwrap();
     expect_error(&mut a, ErrorCode::UnknownChannel).await;
     a.send_raw(Message::text("{\"type\":")).await.unwrap();
     expect_error(&mut a, ErrorCode::MalformedJson).await;
     a.send_raw(Message::binary(vec![1u8, 2, 3])).await.unwrap();
     expect_error(&mut a, ErrorCode::BinaryFrame).await;
     // A retried send is one message: same client_msg_id, same id and seq.
-    a.send(&ClientFrame::Send { client_msg_id: 1, channel: direct.channel, text: "hello 0".into() }).await.unwrap();
+    a.send(&ClientFrame::Send {
+        client_msg_id: 1,
+        channel: direct.channel,
+        text: "hello 0".into(),
+    })
+    .await
+    .unwrap();
     let again = until(&mut a, |f| match f {
         ServerFrame::Ack { seq, .. } => Some(seq),
         _ => None,
@@ -227,7 +272,11 @@ async fn real_chat_survives_restart() {
     // A bad token is refused with its code.
     let cs: ChatServerResponse = alice_http.get("/v1/chat-server").await.unwrap();
     let mut bad = WsConn::connect(&cs.url).await.unwrap();
-    bad.send(&ClientFrame::Hello { token: "forged.token".into() }).await.unwrap();
+    bad.send(&ClientFrame::Hello {
+        token: "forged.token".into(),
+    })
+    .await
+    .unwrap();
     expect_error(&mut bad, ErrorCode::BadToken).await;
     // Let bob's cursor writes land, then crash the whole process.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -247,7 +296,12 @@ async fn real_chat_survives_restart() {
     }
     // Sync without cursors: the server uses the stored ones, so nothing is resent.
     let mut b = connect(&bob_http, &bob2.token).await;
-    b.send(&ClientFrame::Sync { cursors: vec![], max_message_id: None }).await.unwrap();
+    b.send(&ClientFrame::Sync {
+        cursors: vec![],
+        max_message_id: None,
+    })
+    .await
+    .unwrap();
     let (resent, cursors) = {
         let mut resent = 0;
         loop {

@@ -61,7 +61,7 @@ pub struct Opts {
 
 impl Opts {
     /// The flags that reproduce this run.
-        pub fn repro_args(&self) -> String {
+    pub fn repro_args(&self) -> String {
         let d = Opts {
             seed: 0,
             ..Self::defaults()
@@ -98,7 +98,7 @@ impl Opts {
         a.join(" ")
     }
 
-        pub fn defaults() -> Self {
+    pub fn defaults() -> Self {
         <Self as clap::Parser>::parse_from(["sim"])
     }
 }

@@ -28,6 +28,8 @@ use crate::run::{Counters, Recorder};
 const HEARTBEAT: Duration = Duration::from_millis(nodes::limits::HEARTBEAT_INTERVAL_MS);
 /// Friends' presence is asked again this often (repairs a missed change).
 const PRESENCE_REFRESH: Duration = Duration::from_secs(60);
+/// A write that takes longer than this means the connection is stuck: reconnect.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN_MS: u64 = 200;
 const BACKOFF_MAX_MS: u64 = 5_000;
@@ -179,8 +181,10 @@ impl App {
 
     async fn send_frame(&mut self, frame: ClientFrame) {
         if let Some(ws) = self.conn.as_mut() {
-            if ws.send(&frame).await.is_err() {
-                self.lost_connection("send failed").await;
+            match tokio::time::timeout(WRITE_TIMEOUT, ws.send(&frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => self.lost_connection("send failed").await,
+                Err(_) => self.lost_connection("send timed out").await,
             }
         }
     }
@@ -211,7 +215,8 @@ impl App {
             self.send_frame(ClientFrame::Logout).await;
         }
         if let Some(ws) = self.conn.take() {
-            ws.close().await;
+            // The close handshake waits for the server; do not let a busy server hold the app.
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close()).await;
             self.record(Event::Disconnected {
                 user: self.user(),
                 device: self.device(),
@@ -328,8 +333,9 @@ impl App {
 
     async fn send_raw(&mut self, m: Message) {
         if let Some(ws) = self.conn.as_mut() {
-            if ws.send_raw(m).await.is_err() {
-                self.lost_connection("send failed").await;
+            match tokio::time::timeout(WRITE_TIMEOUT, ws.send_raw(m)).await {
+                Ok(Ok(())) => {}
+                _ => self.lost_connection("send failed").await,
             }
         }
     }

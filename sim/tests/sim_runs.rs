@@ -27,7 +27,11 @@ fn seeds_pass_all_invariants() {
     for seed in [1, 2, 3] {
         let o = run_on_fresh_thread(&small(seed), &Canaries::none());
         for r in &o.reports {
-            assert!(r.checks > 0, "seed {seed}: checker {} checked nothing", r.name);
+            assert!(
+                r.checks > 0,
+                "seed {seed}: checker {} checked nothing",
+                r.name
+            );
             assert_eq!(
                 r.violation_count, 0,
                 "seed {seed}: {} violated: {:?}",
@@ -75,7 +79,10 @@ fn canaries_are_caught() {
                 .iter()
                 .any(|r| checkers.contains(&r.name) && r.violation_count > 0)
         });
-        assert!(caught.is_some(), "canary {name} was not caught by {checkers:?} on seeds 1-3");
+        assert!(
+            caught.is_some(),
+            "canary {name} was not caught by {checkers:?} on seeds 1-3"
+        );
         eprintln!("canary {name}: caught on seed {}", caught.unwrap_or(0));
     }
 }

@@ -93,8 +93,8 @@ async fn push_offline(state: &ChatState, c: &Committed) {
         {
             Ok(Response::Presence(list)) => list
                 .into_iter()
-                .filter(|(_, s)| *s == PresenceStatus::Offline)
-                .map(|(u, _)| u)
+                .filter(|(_, s, _)| *s == PresenceStatus::Offline)
+                .map(|(u, _, _)| u)
                 .collect(),
             // Presence unknown: do not push (a missed push is better than pushing online users).
             _ => return,

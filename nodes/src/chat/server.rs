@@ -122,7 +122,13 @@ impl ChatState {
     }
 
     /// Queues a presence frame to the devices here whose user is one of `observers`.
-    pub fn deliver_presence(&self, subject: Id, status: PresenceStatus, observers: &[Id]) {
+    pub fn deliver_presence(
+        &self,
+        subject: Id,
+        status: PresenceStatus,
+        version: u64,
+        observers: &[Id],
+    ) {
         let wanted: BTreeSet<Id> = observers.iter().copied().collect();
         let targets: Vec<SessionHandle> = {
             let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,6 +140,7 @@ impl ChatState {
         let frame = ServerFrame::Presence {
             user: subject,
             status,
+            version,
         };
         for h in targets {
             let _ = h.tx.try_send(Outbound::Frame(frame.clone()));
@@ -179,9 +186,10 @@ async fn rpc_server(state: Arc<ChatState>) {
             Request::PresenceFanout {
                 subject,
                 status,
+                version,
                 observers,
             } => {
-                state.deliver_presence(subject, status, &observers);
+                state.deliver_presence(subject, status, version, &observers);
                 Response::Ok
             }
             other => Response::Error {

@@ -31,6 +31,8 @@ use crate::proto::Id;
 
 /// A connection that sends nothing (not even a heartbeat) for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts (1 s apart) to read the friend list for a presence query.
+const PRESENCE_QUERY_ATTEMPTS: u32 = 15;
 /// Time allowed between the handshake and `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -424,33 +426,44 @@ impl Session {
         });
     }
 
-    /// Answers with the presence of those of `users` who are friends of this user.
+    /// Answers, in the background, with the presence of those of `users` who are friends of
+    /// this user. The friend list is read from kv, retried through a kv restart.
     async fn on_presence_query(&self, users: Vec<Id>) {
-        let peers = self.state.peers();
-        let friends = match peers
-            .kv_for_user(self.user)
-            .call(Request::GetUser { user: self.user })
-            .await
-        {
-            Ok(Response::User(Some(u))) => u.friends,
-            _ => return,
-        };
-        let asked: Vec<Id> = users
-            .into_iter()
-            .filter(|u| friends.contains_key(u))
-            .collect();
-        if asked.is_empty() {
-            return;
-        }
-        if let Ok(Response::Presence(list)) = peers
-            .presence
-            .call(Request::PresenceOf { users: asked })
-            .await
-        {
-            for (user, status) in list {
-                self.send(ServerFrame::Presence { user, status }).await;
+        let peers = self.state.peers().clone();
+        let (user, tx) = (self.user, self.tx.clone());
+        tokio::spawn(async move {
+            let mut friends = None;
+            for _ in 0..PRESENCE_QUERY_ATTEMPTS {
+                let req = Request::GetUser { user };
+                match peers.kv_for_user(user).call(req).await {
+                    Ok(Response::User(Some(u))) => {
+                        friends = Some(u.friends);
+                        break;
+                    }
+                    Ok(_) => return,
+                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
             }
-        }
+            let Some(friends) = friends else { return };
+            let asked: Vec<Id> = users
+                .into_iter()
+                .filter(|u| friends.contains_key(u))
+                .collect();
+            if asked.is_empty() {
+                return;
+            }
+            let req = Request::PresenceOf { users: asked };
+            if let Ok(Response::Presence(list)) = peers.presence.call(req).await {
+                for (user, status, version) in list {
+                    let frame = ServerFrame::Presence {
+                        user,
+                        status,
+                        version,
+                    };
+                    let _ = tx.send(Outbound::Frame(frame)).await;
+                }
+            }
+        });
     }
 
     async fn close(self) {

@@ -72,7 +72,8 @@ pub struct DeviceState {
     pub device: Id,
     channels: BTreeMap<Id, ChannelView>,
     outbox: BTreeMap<Id, PendingSend>,
-    presence: BTreeMap<Id, PresenceStatus>,
+    /// Friend -> (status shown, version of the answer it came from).
+    presence: BTreeMap<Id, (PresenceStatus, u64)>,
     /// Canary mode: the seed's single max-id cursor.
     by_message_id: bool,
     max_message_id: Id,
@@ -167,7 +168,7 @@ impl DeviceState {
     }
 
     pub fn presence_of(&self, user: Id) -> Option<PresenceStatus> {
-        self.presence.get(&user).copied()
+        self.presence.get(&user).map(|(s, _)| *s)
     }
 
     pub fn cursor(&self, channel: Id) -> u64 {
@@ -185,15 +186,30 @@ impl DeviceState {
                 channel,
                 message_id,
                 seq,
-            } => self.on_ack(client_msg_id, channel, message_id, seq, &mut obs),
+            } => {
+                self.on_ack(client_msg_id, channel, message_id, seq, &mut obs);
+                if !self.by_message_id {
+                    self.ask_gap(channel, &mut out);
+                }
+            }
             ServerFrame::Message(m) => self.on_message(m, &mut obs, &mut out),
             ServerFrame::Synced { cursors } => {
                 for c in cursors {
                     self.channels.entry(c.channel).or_default().sync_asked = false;
                 }
             }
-            ServerFrame::Presence { user, status } => {
-                if self.presence.insert(user, status) != Some(status) {
+            ServerFrame::Presence {
+                user,
+                status,
+                version,
+            } => {
+                let old = self.presence.get(&user).copied();
+                // An older answer than the one shown (a query overtaken by a change) is stale.
+                if old.is_some_and(|(_, v)| v > version) {
+                    return (obs, out);
+                }
+                self.presence.insert(user, (status, version));
+                if old.map(|(s, _)| s) != Some(status) {
                     obs.push(Observation::Presence { user, status });
                 }
             }
@@ -246,6 +262,21 @@ impl DeviceState {
         self.drain(channel, obs);
     }
 
+    /// Asks for a sync of `channel` if something waits behind a gap and none is pending.
+    fn ask_gap(&mut self, channel: Id, out: &mut Vec<ClientFrame>) {
+        let v = self.channels.entry(channel).or_default();
+        if !v.waiting.is_empty() && !v.sync_asked {
+            v.sync_asked = true;
+            out.push(ClientFrame::Sync {
+                cursors: vec![Cursor {
+                    channel,
+                    seq: v.cursor,
+                }],
+                max_message_id: None,
+            });
+        }
+    }
+
     fn on_message(
         &mut self,
         m: ChatMessage,
@@ -268,17 +299,7 @@ impl DeviceState {
         }
         v.waiting.insert(m.seq, Some(m));
         self.drain(channel, obs);
-        let v = self.channels.entry(channel).or_default();
-        if !v.waiting.is_empty() && !v.sync_asked {
-            v.sync_asked = true;
-            out.push(ClientFrame::Sync {
-                cursors: vec![Cursor {
-                    channel,
-                    seq: v.cursor,
-                }],
-                max_message_id: None,
-            });
-        }
+        self.ask_gap(channel, out);
     }
 
     /// Hands over everything contiguous after the cursor.

@@ -21,20 +21,40 @@ use crate::proto::Id;
 pub struct Change {
     pub user: Id,
     pub status: PresenceStatus,
+    /// Orders changes and answers about one user: a device keeps the highest it saw, so a
+    /// stale query answer arriving after a newer change is ignored.
+    pub version: u64,
 }
 
 #[derive(Debug, Default)]
 pub struct Presence {
     /// Online users -> their heartbeating devices -> last heartbeat (ms).
     online: BTreeMap<Id, BTreeMap<Id, u64>>,
+    /// Version of each user's last change (bounded by the number of users).
+    versions: BTreeMap<Id, u64>,
+    /// Next version to hand out; starts from the clock so a restarted node outranks itself.
+    next_version: u64,
     canaries: Canaries,
 }
 
 impl Presence {
-    pub fn new(canaries: Canaries) -> Self {
+    /// `now_ms` seeds the version counter (versions grow across restarts).
+    pub fn new(canaries: Canaries, now_ms: u64) -> Self {
         Self {
             online: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            next_version: now_ms.saturating_mul(1000),
             canaries,
+        }
+    }
+
+    fn change(&mut self, user: Id, status: PresenceStatus) -> Change {
+        self.next_version += 1;
+        self.versions.insert(user, self.next_version);
+        Change {
+            user,
+            status,
+            version: self.next_version,
         }
     }
 
@@ -42,10 +62,7 @@ impl Presence {
         let devices = self.online.entry(user).or_default();
         let was_online = !devices.is_empty();
         devices.insert(device, now_ms);
-        (!was_online).then_some(Change {
-            user,
-            status: PresenceStatus::Online,
-        })
+        (!was_online).then(|| self.change(user, PresenceStatus::Online))
     }
 
     pub fn on_logout(&mut self, user: Id, device: Id) -> Option<Change> {
@@ -53,10 +70,7 @@ impl Presence {
         devices.remove(&device);
         if devices.is_empty() {
             self.online.remove(&user);
-            return Some(Change {
-                user,
-                status: PresenceStatus::Offline,
-            });
+            return Some(self.change(user, PresenceStatus::Offline));
         }
         None
     }
@@ -66,18 +80,17 @@ impl Presence {
         if self.canaries.is_on(Canary::PresenceNoTimeout) {
             return Vec::new();
         }
-        let mut changes = Vec::new();
+        let mut gone = Vec::new();
         self.online.retain(|user, devices| {
             devices.retain(|_, last| now_ms.saturating_sub(*last) < PRESENCE_TIMEOUT_MS);
             if devices.is_empty() {
-                changes.push(Change {
-                    user: *user,
-                    status: PresenceStatus::Offline,
-                });
+                gone.push(*user);
             }
             !devices.is_empty()
         });
-        changes
+        gone.into_iter()
+            .map(|u| self.change(u, PresenceStatus::Offline))
+            .collect()
     }
 
     pub fn status(&self, user: Id) -> PresenceStatus {
@@ -86,6 +99,14 @@ impl Presence {
         } else {
             PresenceStatus::Offline
         }
+    }
+
+    /// Status and the version of the last change (0: none since this node started).
+    pub fn status_versioned(&self, user: Id) -> (PresenceStatus, u64) {
+        (
+            self.status(user),
+            self.versions.get(&user).copied().unwrap_or(0),
+        )
     }
 
     pub fn online_users(&self) -> usize {
@@ -104,7 +125,7 @@ mod tests {
     // timeout after the last device's last heartbeat, and a second device keeps them online.
     #[test]
     fn timeout_after_last_device() {
-        let mut p = Presence::default();
+        let mut p = Presence::new(Canaries::none(), 0);
         assert_eq!(p.on_heartbeat(1, 10, 0).map(|c| c.status), Some(ON));
         assert_eq!(p.on_heartbeat(1, 11, 20_000), None);
         assert!(p.on_tick(PRESENCE_TIMEOUT_MS - 1).is_empty());
@@ -125,7 +146,7 @@ mod tests {
     // Proves logout of the last device is immediate, logout of one of two is not.
     #[test]
     fn logout_is_immediate_for_last_device() {
-        let mut p = Presence::default();
+        let mut p = Presence::new(Canaries::none(), 0);
         p.on_heartbeat(1, 10, 0);
         p.on_heartbeat(1, 11, 0);
         assert_eq!(p.on_logout(1, 10), None);
@@ -142,7 +163,7 @@ mod tests {
     // Proves heartbeats every 5 s never produce a flap.
     #[test]
     fn steady_heartbeats_never_flap() {
-        let mut p = Presence::default();
+        let mut p = Presence::new(Canaries::none(), 0);
         for i in 0..100u64 {
             let now = i * 5_000;
             let c = p.on_heartbeat(1, 10, now);

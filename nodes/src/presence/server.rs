@@ -31,7 +31,10 @@ const PUBLISH_QUEUE_MAX: usize = 65_536;
 
 pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
     // A std mutex: the state machine is synchronous.
-    let state = Arc::new(Mutex::new(Presence::new(cfg.peers.canaries.clone())));
+    let state = Arc::new(Mutex::new(Presence::new(
+        cfg.peers.canaries.clone(),
+        unix_ms(),
+    )));
     let peers = cfg.peers.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<Change>(PUBLISH_QUEUE_MAX);
     tokio::spawn(publisher(rx, peers.clone()));
@@ -52,7 +55,14 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
                     Response::Ok
                 }
                 Request::PresenceOf { users } => {
-                    Response::Presence(users.into_iter().map(|u| (u, p.status(u))).collect())
+                    let list = users
+                        .into_iter()
+                        .map(|u| {
+                            let (s, v) = p.status_versioned(u);
+                            (u, s, v)
+                        })
+                        .collect();
+                    Response::Presence(list)
                 }
                 other => Response::Error {
                     code: ErrorCode::BadRequest,
@@ -135,7 +145,10 @@ async fn publish(peers: Arc<Peers>, change: Change) {
         }
     }
     let Some(friends) = friends else {
-        tracing::warn!(user = change.user, "presence: no friend list; change not published");
+        tracing::warn!(
+            user = change.user,
+            "presence: no friend list; change not published"
+        );
         return;
     };
     if friends.is_empty() {
@@ -148,6 +161,7 @@ async fn publish(peers: Arc<Peers>, change: Change) {
         let req = Request::PresenceFanout {
             subject: change.user,
             status: change.status,
+            version: change.version,
             observers: friends.clone(),
         };
         async move {

@@ -250,9 +250,11 @@ pub enum ServerFrame {
     Synced {
         cursors: Vec<Cursor>,
     },
+    /// `version` orders answers about one user: keep the highest seen.
     Presence {
         user: Id,
         status: PresenceStatus,
+        version: u64,
     },
     Error {
         code: ErrorCode,

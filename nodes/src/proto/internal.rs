@@ -196,6 +196,7 @@ pub enum Request {
     PresenceFanout {
         subject: Id,
         status: PresenceStatus,
+        version: u64,
         observers: Vec<Id>,
     },
     // ---- push
@@ -250,7 +251,8 @@ pub enum Response {
     Bool(bool),
     Chat(Option<ChatServerInfo>),
     ChatList(Vec<ChatServerInfo>),
-    Presence(Vec<(Id, PresenceStatus)>),
+    /// (user, status, version of the last change).
+    Presence(Vec<(Id, PresenceStatus, u64)>),
     Error {
         code: ErrorCode,
         detail: String,
