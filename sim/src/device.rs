@@ -180,6 +180,7 @@ impl App {
     }
 
     async fn send_frame(&mut self, frame: ClientFrame) {
+        tracing::trace!(device = self.device(), ?frame, "send");
         if let Some(ws) = self.conn.as_mut() {
             match tokio::time::timeout(WRITE_TIMEOUT, ws.send(&frame)).await {
                 Ok(Ok(())) => {}
@@ -252,6 +253,7 @@ impl App {
     }
 
     async fn on_step(&mut self, action: Action) {
+        tracing::trace!(device = self.device(), ?action, "step");
         match action {
             Action::Online => self.open_app(),
             Action::Offline { logout } => self.close_app(logout).await,
@@ -358,6 +360,7 @@ impl App {
     }
 
     async fn on_incoming(&mut self, incoming: Incoming) {
+        tracing::trace!(device = self.device(), ?incoming, "incoming");
         let frame = match incoming {
             Incoming::Frame(f) => f,
             Incoming::Unparsed(t) => {

@@ -144,6 +144,14 @@ pub struct Stats {
 
 /// Entry point of the simulated binary.
 pub fn main(opts: Opts) -> i32 {
+    // Logs only when asked (RUST_LOG=debug, ...): they go to stderr and do not touch the history.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .without_time()
+            .try_init();
+    }
     let canaries = match Canaries::parse(opts.canary.iter().map(String::as_str)) {
         Ok(c) => c,
         Err(e) => {

@@ -86,3 +86,27 @@ fn canaries_are_caught() {
         eprintln!("canary {name}: caught on seed {}", caught.unwrap_or(0));
     }
 }
+
+// Regression: seeds 1 and 42 of the default run once lost a message and left a presence view
+// stale. A device connected while its kv shard was restarting; its session was never written
+// to the session registry, so it silently got no live messages. Sessions are now refused until
+// registered. Proves both seeds keep every invariant at the default size.
+#[test]
+fn regression_unregistered_session_seeds() {
+    for seed in [1, 42] {
+        let o = run_on_fresh_thread(
+            &Opts {
+                seed,
+                ..Opts::defaults()
+            },
+            &Canaries::none(),
+        );
+        for r in &o.reports {
+            assert_eq!(
+                r.violation_count, 0,
+                "seed {seed}: {} violated: {:?}",
+                r.name, r.violations
+            );
+        }
+    }
+}

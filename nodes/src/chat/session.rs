@@ -31,6 +31,8 @@ use crate::proto::Id;
 
 /// A connection that sends nothing (not even a heartbeat) for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts (0.5 s apart) to register a session before the connection is refused.
+const REGISTER_ATTEMPTS: u32 = 4;
 /// Attempts (1 s apart) to read the friend list for a presence query.
 const PRESENCE_QUERY_ATTEMPTS: u32 = 15;
 /// Time allowed between the handshake and `hello`.
@@ -66,8 +68,10 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
         let _ = writer.await;
         return;
     };
-    let session = Session::open(state, claims, tx).await;
-    let mut session = session;
+    let Some(mut session) = Session::open(state, claims, tx).await else {
+        let _ = writer.await;
+        return;
+    };
     session.serve(&mut frames).await;
     session.close().await;
     let _ = writer.await;
@@ -149,7 +153,14 @@ struct Session {
 }
 
 impl Session {
-    async fn open(state: Arc<ChatState>, claims: Claims, tx: mpsc::Sender<Outbound>) -> Self {
+    /// Attaches and registers the session, then welcomes the device. `None` when the session
+    /// registry cannot be written: without it the device would silently miss live messages,
+    /// so it is told `unavailable` and reconnects later.
+    async fn open(
+        state: Arc<ChatState>,
+        claims: Claims,
+        tx: mpsc::Sender<Outbound>,
+    ) -> Option<Self> {
         let epoch = state.next_epoch();
         let closer = Arc::new(tokio::sync::Notify::new());
         state.attach(
@@ -172,10 +183,13 @@ impl Session {
         };
         // Register before welcoming: the device syncs after `welcome`, and every message
         // committed after this registration is delivered live, so sync + live leave no hole.
-        let entry = s.entry();
-        let kv = s.state.peers().kv_for_user(s.user).clone();
-        if let Err(e) = kv.call(Request::SetSession { entry }).await {
-            tracing::debug!(device = s.device, error = %e, "session registration failed");
+        if let Err(e) = s.register().await {
+            tracing::warn!(device = s.device, error = %e, "session registration failed; refusing");
+            let detail = format!("session registry unavailable: {e}");
+            let _ =
+                s.tx.try_send(Outbound::Close(ErrorCode::Unavailable, detail));
+            s.state.detach(s.device, s.epoch);
+            return None;
         }
         s.send(ServerFrame::Welcome {
             user: s.user,
@@ -183,7 +197,25 @@ impl Session {
             server: s.state.cfg.server,
         })
         .await;
-        s
+        Some(s)
+    }
+
+    async fn register(&self) -> Result<(), crate::rpc::RpcError> {
+        let kv = self.state.peers().kv_for_user(self.user).clone();
+        let mut last = None;
+        for _ in 0..REGISTER_ATTEMPTS {
+            match kv
+                .call(Request::SetSession {
+                    entry: self.entry(),
+                })
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(last.expect("at least one attempt was made"))
     }
 
     fn entry(&self) -> SessionEntry {
