@@ -106,7 +106,7 @@ impl Cluster {
                 .collect(),
             map,
         };
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x434c_5553_5445_52);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x0043_4c55_5354_4552);
         c.add(&handle, Role::Discovery, 0, {
             let listen = c.map.discovery;
             move || nodes::discovery::server::run(listen)

@@ -251,11 +251,8 @@ impl Session {
                 _ => return,
             };
             match msg {
-                Message::Text(t) => {
-                    if !self.on_text(&t).await {
-                        return;
-                    }
-                }
+                Message::Text(t) if !self.on_text(&t).await => return,
+                Message::Text(_) => {}
                 Message::Binary(_) => {
                     self.send(ServerFrame::error(
                         ErrorCode::BinaryFrame,

@@ -101,7 +101,7 @@ async fn tick_loop(
         for c in changes {
             enqueue(&tx, c);
         }
-        if ticks % 2 == 0 {
+        if ticks.is_multiple_of(2) {
             let _ = peers.refresh_chat_servers().await;
         }
     }
