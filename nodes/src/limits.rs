@@ -49,7 +49,8 @@ pub const COMMIT_ID_RETRIES_MAX: usize = 8;
 /// Per-connection send rate limit: sends per second (a token bucket of this depth).
 pub const SENDS_PER_SECOND_MAX: u32 = 50;
 
-/// Push dedup / presence fanout batch: users per presence status query.
+/// Users one device may ask the presence of in one `presence_query` (its friends list is
+/// far smaller); a longer list is refused with `bad_request`. Enforced by the chat session.
 pub const PRESENCE_QUERY_USERS_MAX: usize = 1000;
 
 /// Device-side reorder buffer per channel; past it the device drops the buffer and resyncs.

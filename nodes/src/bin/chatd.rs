@@ -37,7 +37,8 @@ struct AllInOne {
     /// The api's HTTP address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
-    /// First of 9 consecutive loopback ports for the internal roles and the chat WebSocket.
+    /// Loopback port plan: discovery BASE, idgen +1, presence +2, push +3, chat WebSocket +4,
+    /// chat RPC +5, kv shard i at +9+i.
     #[arg(long, default_value_t = 7100)]
     base_port: u16,
     /// kv shards (one redb file each). Must not change for an existing data directory.

@@ -23,7 +23,9 @@ use super::validate::{check_text, parse_frame, RateLimit};
 use crate::auth::Claims;
 use crate::canary::Canary;
 use crate::clock::unix_ms;
-use crate::limits::{SESSION_OUTBOX_MAX, SYNC_PAGE_MAX, WS_FRAME_BYTES_MAX};
+use crate::limits::{
+    PRESENCE_QUERY_USERS_MAX, SESSION_OUTBOX_MAX, SYNC_PAGE_MAX, WS_FRAME_BYTES_MAX,
+};
 use crate::net::Stream;
 use crate::proto::client::{ClientFrame, Cursor, ErrorCode, ServerFrame};
 use crate::proto::internal::{Request, Response, SessionEntry};
@@ -458,6 +460,15 @@ impl Session {
     /// Answers, in the background, with the presence of those of `users` who are friends of
     /// this user. The friend list is read from kv, retried through a kv restart.
     async fn on_presence_query(&self, users: Vec<Id>) {
+        if users.len() > PRESENCE_QUERY_USERS_MAX {
+            let detail = format!(
+                "{} users asked, at most {PRESENCE_QUERY_USERS_MAX}",
+                users.len()
+            );
+            self.send(ServerFrame::error(ErrorCode::BadRequest, detail))
+                .await;
+            return;
+        }
         let peers = self.state.peers().clone();
         let (user, tx) = (self.user, self.tx.clone());
         tokio::spawn(async move {

@@ -1,6 +1,7 @@
 //! The internal protocol: one request and one response per call, JSON in length-delimited
 //! frames (see `rpc`). One enum for all roles keeps routing errors impossible to miss: a node
-//! answers a request meant for another role with `Response::Error(WrongRole)`.
+//! answers a request meant for another role with `Response::Error` code `bad_request`,
+//! naming the request.
 
 use std::collections::BTreeMap;
 
