@@ -31,6 +31,18 @@ impl Stream {
     }
 }
 
+/// Shortest interval between two flushes of one connection by a coalescing writer (`rpc`).
+///
+/// madsim delivers at most one message per millisecond per connection (its receiver sleeps at
+/// least 1 ms per message) and each flush is one message, so a writer that flushes faster
+/// only builds a queue in the simulated network. Pacing flushes to that rate and sending
+/// everything queued in between is what a real TCP send buffer does under load. On real tokio
+/// the kernel coalesces, so there is no pacing.
+#[cfg(madsim)]
+pub const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
+#[cfg(not(madsim))]
+pub const MIN_FLUSH_INTERVAL: Duration = Duration::ZERO;
+
 /// Connects to `addr`.
 pub async fn connect(addr: SocketAddr) -> io::Result<Stream> {
     Ok(Stream::new(TcpStream::connect(addr).await?))

@@ -67,6 +67,41 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// Frames coalesced into one flush at most (bounds the write buffer to about this many frames).
+const FRAMES_PER_FLUSH_MAX: usize = 256;
+
+type FrameSink = futures::stream::SplitSink<Framed<Stream, LengthDelimitedCodec>, Bytes>;
+
+/// Writes queued frames, coalescing what is queued into one flush, as TCP's send buffer does:
+/// flushes are at least [`net::MIN_FLUSH_INTERVAL`] apart, and each carries every frame queued
+/// since the last one (up to `FRAMES_PER_FLUSH_MAX`). In simulation this is what keeps a busy
+/// link (a 4,000-device reconnect storm's heartbeats and presence queries) from queueing
+/// seconds of one-frame messages; see `net::MIN_FLUSH_INTERVAL`.
+async fn write_frames(mut sink: FrameSink, mut rx: mpsc::Receiver<Bytes>) {
+    let mut last_flush: Option<tokio::time::Instant> = None;
+    while let Some(frame) = rx.recv().await {
+        if sink.feed(frame).await.is_err() {
+            return;
+        }
+        if let Some(at) = last_flush {
+            let next = at + net::MIN_FLUSH_INTERVAL;
+            if tokio::time::Instant::now() < next {
+                tokio::time::sleep_until(next).await;
+            }
+        }
+        for _ in 1..FRAMES_PER_FLUSH_MAX {
+            let Ok(more) = rx.try_recv() else { break };
+            if sink.feed(more).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+        last_flush = Some(tokio::time::Instant::now());
+    }
+}
+
 /// Handles one request; called concurrently.
 pub type Handler = Arc<dyn Fn(Request) -> BoxFuture<'static, Response> + Send + Sync>;
 
@@ -87,16 +122,10 @@ pub async fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<()> {
 }
 
 async fn serve_connection(stream: Stream, handler: Handler) {
-    let (mut sink, mut frames) = Framed::new(stream, codec()).split();
+    let (sink, mut frames) = Framed::new(stream, codec()).split();
     // Bounded: when the writer falls behind, request handling waits (backpressure on reads).
-    let (tx, mut rx) = mpsc::channel::<Bytes>(RPC_IN_FLIGHT_MAX);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if sink.send(frame).await.is_err() {
-                break;
-            }
-        }
-    });
+    let (tx, rx) = mpsc::channel::<Bytes>(RPC_IN_FLIGHT_MAX);
+    let writer = tokio::spawn(write_frames(sink, rx));
     while let Some(Ok(frame)) = frames.next().await {
         let envelope: Envelope<Request> = match serde_json::from_slice(&frame) {
             Ok(e) => e,
@@ -130,6 +159,16 @@ struct Conn {
     dead: AtomicBool,
     /// Wakes the reader task so a stalled (partitioned) connection is closed, not leaked.
     shutdown: tokio::sync::Notify,
+    /// When the last answer arrived. A std mutex: set and read without awaiting.
+    last_answer: Mutex<tokio::time::Instant>,
+}
+
+impl Conn {
+    /// No answer at all for `window`: the stream is stalled (a partition), not just one slow call.
+    fn stalled(&self, window: Duration) -> bool {
+        let last = *self.last_answer.lock().unwrap_or_else(|p| p.into_inner());
+        last.elapsed() >= window
+    }
 }
 
 impl Conn {
@@ -195,12 +234,15 @@ impl RpcClient {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(_)) => Err(RpcError::Closed(self.addr)),
             Err(_) => {
-                // A partition stalls the stream silently: start over on a fresh connection.
                 conn.pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&id);
-                self.drop_conn(&conn).await;
+                // A partition stalls the stream silently: start over on a fresh connection. But
+                // one slow call on a live connection must not fail every other call on it.
+                if conn.stalled(timeout) {
+                    self.drop_conn(&conn).await;
+                }
                 Err(RpcError::Timeout(self.addr))
             }
         }
@@ -238,22 +280,17 @@ impl RpcClient {
 }
 
 fn start(stream: Stream) -> Arc<Conn> {
-    let (mut sink, mut frames) = Framed::new(stream, codec()).split();
-    let (out, mut rx) = mpsc::channel::<Bytes>(RPC_IN_FLIGHT_MAX);
+    let (sink, mut frames) = Framed::new(stream, codec()).split();
+    let (out, rx) = mpsc::channel::<Bytes>(RPC_IN_FLIGHT_MAX);
     let conn = Arc::new(Conn {
         out,
         pending: Mutex::new(BTreeMap::new()),
         next_id: AtomicU64::new(1),
         dead: AtomicBool::new(false),
         shutdown: tokio::sync::Notify::new(),
+        last_answer: Mutex::new(tokio::time::Instant::now()),
     });
-    tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if sink.send(frame).await.is_err() {
-                break;
-            }
-        }
-    });
+    tokio::spawn(write_frames(sink, rx));
     let reader = conn.clone();
     tokio::spawn(async move {
         loop {
@@ -267,6 +304,8 @@ fn start(stream: Stream) -> Arc<Conn> {
                 tracing::warn!("malformed rpc response; closing connection");
                 break;
             };
+            *reader.last_answer.lock().unwrap_or_else(|p| p.into_inner()) =
+                tokio::time::Instant::now();
             let waiter = reader
                 .pending
                 .lock()

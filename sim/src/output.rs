@@ -46,10 +46,12 @@ pub fn print_outcome(opts: &Opts, o: &Outcome) -> i32 {
         println!("errors shown to devices: {}", errs.join(" "));
     }
     println!(
-        "time: simulated {:.1} s, wall {:.2} s, {:.1} simulated s per wall s; history {} events, hash {}",
+        "time: simulated {:.1} s, wall {:.2} s, {:.1} simulated s per wall s; network {} messages, {:.0} per wall s; history {} events, hash {}",
         s.sim_secs,
         s.wall_secs,
         s.sim_secs / s.wall_secs.max(1e-9),
+        s.net_messages,
+        s.net_messages as f64 / s.wall_secs.max(1e-9),
         o.history.len(),
         &s.history_hash[..16.min(s.history_hash.len())]
     );

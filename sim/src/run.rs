@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
 use nodes::canary::{Canaries, Canary};
 use nodes::client::http::HttpClient;
 use nodes::client::ClientError;
@@ -138,6 +138,8 @@ pub struct Stats {
     pub group_full_refusals: u64,
     pub errors: BTreeMap<String, u64>,
     pub sim_secs: f64,
+    /// Messages the simulated network carried (madsim's count: one per flushed TCP write).
+    pub net_messages: u64,
     pub wall_secs: f64,
     pub history_hash: String,
 }
@@ -302,6 +304,7 @@ async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
     tokio::time::sleep(Duration::from_secs(opts.liveness_budget)).await;
     recorder.record(Event::Phase { name: "end".into() });
     let sim_secs = Instant::now().duration_since(start).as_secs_f64();
+    let net_messages = madsim::net::NetSim::current().stat().msg_count;
     let history = recorder.take();
     let errors = counters
         .errors
@@ -328,6 +331,7 @@ async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
         group_full_refusals: setup.group_full_refusals,
         errors,
         sim_secs,
+        net_messages,
         ..Stats::default()
     };
     (history, stats)
@@ -395,46 +399,61 @@ async fn setup_inner(
     recorder: &Recorder,
     c: &(dyn Fn(usize, Option<&str>) -> HttpClient + Sync),
 ) -> Setup {
-    let mut user_ids = Vec::new();
-    for u in &w.users {
-        let body = SignupRequest {
-            name: u.name.clone(),
-            password: u.password.clone(),
-        };
-        let h = c(u.index as usize, None);
-        let r: SignupResponse = retry("signup", || h.post("/v1/signup", &body)).await;
-        user_ids.push(r.user);
-    }
-    let mut logins = Vec::new();
+    let user_ids: Vec<Id> = concurrently(&w.users, |u| {
+        async move {
+            let body = SignupRequest {
+                name: u.name.clone(),
+                password: u.password.clone(),
+            };
+            let h = c(u.index as usize, None);
+            let r: SignupResponse = retry("signup", || h.post("/v1/signup", &body)).await;
+            r.user
+        }
+        .boxed()
+    })
+    .await;
+    let logins: Vec<LoginResponse> = concurrently(&w.devices, |d| {
+        async move {
+            let u = &w.users[d.user as usize];
+            let body = LoginRequest {
+                name: u.name.clone(),
+                password: u.password.clone(),
+                device: None,
+            };
+            let h = c(d.user as usize, None);
+            retry("login", || h.post("/v1/login", &body)).await
+        }
+        .boxed()
+    })
+    .await;
     let mut tokens: BTreeMap<u32, String> = BTreeMap::new();
-    for d in &w.devices {
-        let u = &w.users[d.user as usize];
-        let body = LoginRequest {
-            name: u.name.clone(),
-            password: u.password.clone(),
-            device: None,
-        };
-        let h = c(d.user as usize, None);
-        let r: LoginResponse = retry("login", || h.post("/v1/login", &body)).await;
+    for (d, r) in w.devices.iter().zip(&logins) {
         recorder.record(Event::Device {
             user: r.user,
             device: r.device,
         });
         tokens.entry(d.user).or_insert_with(|| r.token.clone());
-        logins.push(r);
     }
+    let (user_ids_ref, tokens_ref) = (&user_ids, &tokens);
+    let channels: Vec<Id> = concurrently(&w.friendships, |&(a, b)| {
+        async move {
+            let body = AddFriendRequest {
+                user: user_ids_ref[b as usize],
+            };
+            let h = c(a as usize, Some(&tokens_ref[&a]));
+            let r: AddFriendResponse = retry("friend", || h.post("/v1/friends", &body)).await;
+            r.channel
+        }
+        .boxed()
+    })
+    .await;
     let mut friends: Vec<BTreeMap<u32, (Id, Id)>> = vec![BTreeMap::new(); w.users.len()];
-    for &(a, b) in &w.friendships {
-        let body = AddFriendRequest {
-            user: user_ids[b as usize],
-        };
-        let h = c(a as usize, Some(&tokens[&a]));
-        let r: AddFriendResponse = retry("friend", || h.post("/v1/friends", &body)).await;
-        friends[a as usize].insert(b, (user_ids[b as usize], r.channel));
-        friends[b as usize].insert(a, (user_ids[a as usize], r.channel));
+    for (&(a, b), &channel) in w.friendships.iter().zip(&channels) {
+        friends[a as usize].insert(b, (user_ids[b as usize], channel));
+        friends[b as usize].insert(a, (user_ids[a as usize], channel));
         for (n, u) in [(1, a), (2, b)] {
             recorder.record(Event::Membership {
-                channel: r.channel,
+                channel,
                 user: user_ids[u as usize],
                 op: MemberOp::Join,
                 members: n,
@@ -474,6 +493,25 @@ async fn setup_inner(
         groups,
         group_full_refusals,
     }
+}
+
+/// Api calls setup keeps in flight at once (users sign up in parallel, as they would).
+const SETUP_CONCURRENCY: usize = 64;
+
+/// Runs `f` over `items` with at most `SETUP_CONCURRENCY` in flight; results in item order.
+///
+/// The futures are boxed: with plain `async` closures over borrowed items the spawned setup
+/// task fails rustc's higher-ranked `Send` check ("FnOnce is not general enough").
+async fn concurrently<'a, T: Sync, R, F>(items: &'a [T], f: F) -> Vec<R>
+where
+    F: Fn(&'a T) -> BoxFuture<'a, R>,
+{
+    use futures::StreamExt;
+    let futures: Vec<BoxFuture<'a, R>> = items.iter().map(f).collect();
+    futures::stream::iter(futures)
+        .buffered(SETUP_CONCURRENCY)
+        .collect()
+        .await
 }
 
 /// Tries to add a 101st member; it must be refused with `group_full`.

@@ -493,15 +493,26 @@ impl Session {
                 return;
             }
             let req = Request::PresenceOf { users: asked };
-            if let Ok(Response::Presence(list)) = peers.presence.call(req).await {
-                for (user, status, version) in list {
-                    let frame = ServerFrame::Presence {
-                        user,
-                        status,
-                        version,
-                    };
-                    let _ = tx.send(Outbound::Frame(frame)).await;
+            let t0 = tokio::time::Instant::now();
+            let r = peers.presence.call(req).await;
+            tracing::debug!(
+                user,
+                elapsed_ms = t0.elapsed().as_millis() as u64,
+                ok = r.is_ok(),
+                "presence query"
+            );
+            match r {
+                Ok(Response::Presence(list)) => {
+                    for (user, status, version) in list {
+                        let frame = ServerFrame::Presence {
+                            user,
+                            status,
+                            version,
+                        };
+                        let _ = tx.send(Outbound::Frame(frame)).await;
+                    }
                 }
+                other => tracing::warn!(user, ?other, "presence query unanswered"),
             }
         });
     }

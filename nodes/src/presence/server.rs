@@ -24,10 +24,13 @@ pub struct PresenceConfig {
 /// How often silent devices are expired.
 const TICK: Duration = Duration::from_secs(1);
 
-/// Changes waiting to be published. Publishing is sequential so observers see one user's
-/// changes in order. When the queue is full the change is dropped and logged; observers then
-/// correct their view at their next presence query (devices re-query periodically).
+/// Changes waiting to be published. When the queue is full the change is dropped and logged;
+/// observers then correct their view at their next presence query (devices re-query
+/// periodically).
 const PUBLISH_QUEUE_MAX: usize = 65_536;
+
+/// Changes being published at once (each is a kv read and one call per chat server).
+const PUBLISH_IN_FLIGHT_MAX: usize = 256;
 
 pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
     // A std mutex: the state machine is synchronous.
@@ -107,9 +110,19 @@ async fn tick_loop(
     }
 }
 
+/// Publishes changes concurrently, at most `PUBLISH_IN_FLIGHT_MAX` at once. Order between
+/// publishes does not matter: each change carries a version and devices keep the highest.
 async fn publisher(mut rx: tokio::sync::mpsc::Receiver<Change>, peers: Arc<Peers>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(PUBLISH_IN_FLIGHT_MAX));
     while let Some(c) = rx.recv().await {
-        publish(peers.clone(), c).await;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return; // The semaphore is never closed.
+        };
+        let peers = peers.clone();
+        tokio::spawn(async move {
+            publish(peers, c).await;
+            drop(permit);
+        });
     }
 }
 
