@@ -2,9 +2,11 @@
 //! that holds it, found in the kv session registry), and ask the push node to notify members
 //! with no online device.
 //!
-//! Best effort by design: a device that misses a live delivery finds the message by its
-//! cursor (gap detection, reconnect sync). It does not retry a failed delivery, and a crash
-//! of this server between commit and fanout skips the push (noted in docs/ARCHITECTURE.md).
+//! Live delivery is best effort: a device that misses it finds the message by its cursor
+//! (gap detection, reconnect sync). The fanout as a whole is durable: kv keeps a pending
+//! record from the commit until `FanoutDone`, and [`sweep`] redoes fanouts that a crashed
+//! server left unfinished. Redoing is safe: devices drop seqs they have, and the push node
+//! marks each (message, device) before notifying.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,7 +53,54 @@ pub async fn fanout(state: Arc<ChatState>, c: Committed) {
         }
     });
     futures::future::join_all(calls).await;
-    push_offline(&state, &c).await;
+    if push_offline(&state, &c).await {
+        let done = Request::FanoutDone {
+            channel: c.message.channel,
+            seq: c.message.seq,
+        };
+        if let Err(e) = peers.kv_for_channel(c.message.channel).call(done).await {
+            tracing::debug!(error = %e, "fanout done not recorded; a sweep will redo it");
+        }
+    }
+}
+
+/// A pending fanout older than this is presumed abandoned by a crashed server and redone.
+pub const ABANDONED_AFTER_MS: u64 = 10_000;
+/// Pending fanouts taken per kv shard per sweep.
+const SWEEP_BATCH_MAX: u32 = 100;
+
+/// Redoes abandoned fanouts of the kv shards this server is responsible for: shard `s` is
+/// swept by the live chat server at position `s % live` in discovery's list, so each shard has
+/// one sweeper while the list is stable (two at worst while it changes: harmless).
+pub async fn sweep(state: Arc<ChatState>) {
+    let peers = state.peers().clone();
+    let live: Vec<u32> = peers.chat_servers().into_iter().map(|(s, _)| s).collect();
+    let Some(me) = live.iter().position(|s| *s == state.cfg.server) else {
+        return;
+    };
+    let cutoff = crate::clock::unix_ms().saturating_sub(ABANDONED_AFTER_MS);
+    for shard in (0..peers.kv_shards()).filter(|s| s % live.len() == me) {
+        let req = Request::PendingFanouts {
+            committed_before_ms: cutoff,
+            limit: SWEEP_BATCH_MAX,
+        };
+        let Ok(Response::Pending(list)) = peers.kv_shard(shard).call(req).await else {
+            continue;
+        };
+        for (message, members) in list {
+            tracing::info!(
+                channel = message.channel,
+                seq = message.seq,
+                "redoing an abandoned fanout"
+            );
+            let c = Committed {
+                message,
+                members,
+                duplicate: true,
+            };
+            fanout(state.clone(), c).await;
+        }
+    }
 }
 
 /// Session entries of `users`, one kv call per shard.
@@ -72,7 +121,8 @@ async fn sessions_of(state: &ChatState, users: &[Id]) -> Vec<SessionEntry> {
     out
 }
 
-async fn push_offline(state: &ChatState, c: &Committed) {
+/// Asks the push node to notify offline members; false if it could not be reached.
+async fn push_offline(state: &ChatState, c: &Committed) -> bool {
     let peers = state.peers();
     let recipients: Vec<Id> = c
         .members
@@ -81,7 +131,7 @@ async fn push_offline(state: &ChatState, c: &Committed) {
         .filter(|u| *u != c.message.sender)
         .collect();
     if recipients.is_empty() {
-        return;
+        return true;
     }
     let offline: Vec<Id> = if peers.canaries.is_on(Canary::PushToOnline) {
         recipients
@@ -96,12 +146,13 @@ async fn push_offline(state: &ChatState, c: &Committed) {
                 .filter(|(_, s, _)| *s == PresenceStatus::Offline)
                 .map(|(u, _, _)| u)
                 .collect(),
-            // Presence unknown: do not push (a missed push is better than pushing online users).
-            _ => return,
+            // Presence unknown: do not push now (a push to an online user is worse than a
+            // late one); the pending fanout is redone by a sweep.
+            _ => return false,
         }
     };
     if offline.is_empty() {
-        return;
+        return true;
     }
     for attempt in 1..=PUSH_ATTEMPTS {
         let req = Request::Notify {
@@ -109,16 +160,21 @@ async fn push_offline(state: &ChatState, c: &Committed) {
             users: offline.clone(),
         };
         match peers.push.call(req).await {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err(e) => {
                 tracing::debug!(attempt, error = %e, "push request failed; retrying");
                 tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
             }
         }
     }
-    tracing::warn!(message = c.message.message_id, "push given up");
+    tracing::warn!(
+        message = c.message.message_id,
+        "push not reached; a sweep will retry"
+    );
+    false
 }
 
-/// Attempts to hand a notification request to the push node (1 s, 2 s, ... apart). Retries
-/// are safe: the push node marks each (message, device) before notifying.
-const PUSH_ATTEMPTS: u32 = 6;
+/// Attempts to hand a notification request to the push node (1 s, 2 s apart: done within
+/// `ABANDONED_AFTER_MS`, after which a sweep takes over). Retries are safe: the push node
+/// marks each (message, device) before notifying.
+const PUSH_ATTEMPTS: u32 = 3;

@@ -157,6 +157,7 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
     });
     let listener = net::bind(cfg.ws_listen).await?;
     tokio::spawn(lease_loop(state.clone()));
+    tokio::spawn(sweep_loop(state.clone()));
     tokio::spawn(rpc_server(state.clone()));
     tracing::info!(server = cfg.server, ws = %cfg.ws_listen, "chat server up");
     loop {
@@ -201,6 +202,16 @@ async fn rpc_server(state: Arc<ChatState>) {
     });
     if let Err(e) = rpc::serve(listen, handler).await {
         tracing::error!(error = %e, "chat rpc listener failed");
+    }
+}
+
+/// How often abandoned fanouts are looked for.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+async fn sweep_loop(state: Arc<ChatState>) {
+    loop {
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        super::fanout::sweep(state.clone()).await;
     }
 }
 

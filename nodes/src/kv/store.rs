@@ -34,6 +34,9 @@ const CURSORS: TableDefinition<(u64, u64), u64> = TableDefinition::new("cursors"
 /// (user, device) -> session entry.
 const SESSIONS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sessions");
 const LAST_ACTIVE: TableDefinition<u64, u64> = TableDefinition::new("last_active");
+/// (channel, seq) -> commit time (ms) of messages whose fanout is not finished: written in the
+/// commit's transaction, removed by `FanoutDone`, swept by chat servers after a crash.
+const PENDING: TableDefinition<(u64, u64), u64> = TableDefinition::new("pending_fanout");
 /// (message_id, device) -> 1 once a push was sent.
 const PUSHED: TableDefinition<(u64, u64), u64> = TableDefinition::new("pushed");
 
@@ -73,6 +76,7 @@ impl Store {
         txn.open_table(SESSIONS)?;
         txn.open_table(LAST_ACTIVE)?;
         txn.open_table(PUSHED)?;
+        txn.open_table(PENDING)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -149,6 +153,16 @@ impl Store {
                 seq,
             } => self.set_cursor(device, channel, seq),
             Request::GetCursors { device } => self.get_cursors(device),
+            Request::FanoutDone { channel, seq } => {
+                let txn = self.begin_write()?;
+                txn.open_table(PENDING)?.remove((channel, seq))?;
+                txn.commit()?;
+                Ok(Response::Ok)
+            }
+            Request::PendingFanouts {
+                committed_before_ms,
+                limit,
+            } => self.pending_fanouts(committed_before_ms, limit),
             Request::SetSession { entry } => self.set_session(entry),
             Request::ClearSession { entry } => self.clear_session(entry),
             Request::GetSessions { users } => self.get_sessions(users),
@@ -349,6 +363,8 @@ impl Store {
             };
             log.insert((a.channel, seq), enc(&msg).as_slice())?;
             dedup.insert(key, seq)?;
+            txn.open_table(PENDING)?
+                .insert((a.channel, seq), msg.sent_at_ms)?;
             rec.last_seq = seq;
             rec.last_message_id = a.message_id;
             channels.insert(a.channel, enc(&rec).as_slice())?;
@@ -401,6 +417,30 @@ impl Store {
             }
         }
         Ok(Response::Log { messages, last_seq })
+    }
+
+    fn pending_fanouts(&self, committed_before_ms: u64, limit: u32) -> R<Response> {
+        let txn = self.db.begin_read()?;
+        let pending = txn.open_table(PENDING)?;
+        let log = txn.open_table(LOG)?;
+        let channels = txn.open_table(CHANNELS)?;
+        let mut out = Vec::new();
+        for item in pending.iter()? {
+            if out.len() >= limit as usize {
+                break;
+            }
+            let (k, at) = item?;
+            if at.value() >= committed_before_ms {
+                continue;
+            }
+            let (channel, seq) = k.value();
+            let (Some(m), Some(c)) = (log.get((channel, seq))?, channels.get(channel)?) else {
+                continue;
+            };
+            let record: ChannelRecord = dec(c.value());
+            out.push((dec(m.value()), record.members));
+        }
+        Ok(Response::Pending(out))
     }
 
     fn set_cursor(&self, device: Id, channel: Id, seq: u64) -> R<Response> {
@@ -472,5 +512,162 @@ impl Store {
             .is_none();
         txn.commit()?;
         Ok(Response::Bool(first))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Store {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .expect("in-memory database");
+        Store::open(db).expect("tables")
+    }
+
+    fn group(s: &Store, channel: Id, members: Vec<Id>) {
+        let record = ChannelRecord {
+            channel,
+            kind: ChannelKind::Group,
+            name: "g".into(),
+            members,
+            last_seq: 0,
+            last_message_id: 0,
+        };
+        assert!(matches!(
+            s.apply(Request::CreateChannel { record }),
+            Response::Members(_)
+        ));
+    }
+
+    fn append(s: &Store, sender: Id, cmid: Id, message_id: Id, text: &str) -> AppendOutcome {
+        s.append(AppendRequest {
+            channel: 7,
+            sender,
+            sender_device: sender * 10,
+            client_msg_id: cmid,
+            message_id,
+            text: text.into(),
+            sent_at_ms: 1_000,
+            skip_dedup: false,
+        })
+        .expect("append")
+    }
+
+    fn seq_of(o: &AppendOutcome) -> (u64, bool) {
+        match o {
+            AppendOutcome::Committed { seq, duplicate, .. } => (*seq, *duplicate),
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+
+    // Proves commits get consecutive seqs, a retry is the same message, an id not above the
+    // channel's last is refused with that last id, and non-members, unknown channels and
+    // oversize texts are refused with their codes.
+    #[test]
+    fn append_orders_dedups_and_refuses() {
+        let s = store();
+        group(&s, 7, vec![1, 2]);
+        assert_eq!(seq_of(&append(&s, 1, 1, 100, "a")), (1, false));
+        assert_eq!(seq_of(&append(&s, 2, 1, 200, "b")), (2, false));
+        assert_eq!(
+            seq_of(&append(&s, 1, 1, 300, "a")),
+            (1, true),
+            "retry deduplicated"
+        );
+        assert_eq!(
+            append(&s, 1, 2, 150, "c"),
+            AppendOutcome::StaleId {
+                last_message_id: 200
+            }
+        );
+        assert_eq!(
+            append(&s, 3, 1, 400, "d"),
+            AppendOutcome::Refused {
+                code: ErrorCode::NotAMember
+            }
+        );
+        let long = "x".repeat(MESSAGE_CHARS_MAX + 1);
+        assert_eq!(
+            append(&s, 1, 3, 500, &long),
+            AppendOutcome::Refused {
+                code: ErrorCode::MessageTooLong
+            }
+        );
+        let r = s.apply(Request::ReadLog {
+            channel: 7,
+            after_seq: 0,
+            limit: 10,
+        });
+        let Response::Log { messages, last_seq } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((messages.len(), last_seq), (2, 2));
+        let r = s.apply(Request::ReadLog {
+            channel: 9,
+            after_seq: 0,
+            limit: 10,
+        });
+        assert!(matches!(
+            r,
+            Response::Error {
+                code: ErrorCode::UnknownChannel,
+                ..
+            }
+        ));
+    }
+
+    // Proves a commit leaves a pending fanout until `FanoutDone`, visible only once old enough.
+    #[test]
+    fn pending_fanout_lifecycle() {
+        let s = store();
+        group(&s, 7, vec![1, 2]);
+        append(&s, 1, 1, 100, "a");
+        let pending = |before| match s.apply(Request::PendingFanouts {
+            committed_before_ms: before,
+            limit: 10,
+        }) {
+            Response::Pending(p) => p,
+            other => panic!("{other:?}"),
+        };
+        assert!(pending(1_000).is_empty(), "not old enough");
+        let p = pending(1_001);
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].0.seq, p[0].1.clone()), (1, vec![1, 2]));
+        s.apply(Request::FanoutDone { channel: 7, seq: 1 });
+        assert!(pending(u64::MAX).is_empty());
+    }
+
+    // Proves the 101st member is refused and cursors never move backwards.
+    #[test]
+    fn group_cap_and_monotone_cursors() {
+        let s = store();
+        group(&s, 7, (1..=100).collect());
+        let r = s.apply(Request::AddMember {
+            channel: 7,
+            user: 101,
+        });
+        assert!(matches!(
+            r,
+            Response::Error {
+                code: ErrorCode::GroupFull,
+                ..
+            }
+        ));
+        s.apply(Request::SetCursor {
+            device: 5,
+            channel: 7,
+            seq: 9,
+        });
+        s.apply(Request::SetCursor {
+            device: 5,
+            channel: 7,
+            seq: 4,
+        });
+        assert_eq!(
+            s.apply(Request::GetCursors { device: 5 }),
+            Response::Cursors(BTreeMap::from([(7, 9)]))
+        );
     }
 }

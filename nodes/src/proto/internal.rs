@@ -137,6 +137,16 @@ pub enum Request {
         after_message_id: Id,
         limit: u32,
     },
+    /// The fanout (live delivery and push) of (channel, seq) is finished.
+    FanoutDone {
+        channel: Id,
+        seq: u64,
+    },
+    /// Committed messages whose fanout was not finished by `committed_before_ms`.
+    PendingFanouts {
+        committed_before_ms: u64,
+        limit: u32,
+    },
     SetCursor {
         device: Id,
         channel: Id,
@@ -248,6 +258,8 @@ pub enum Response {
         last_seq: u64,
     },
     Cursors(BTreeMap<Id, u64>),
+    /// Messages with an unfinished fanout, each with its channel's members.
+    Pending(Vec<(ChatMessage, Vec<Id>)>),
     Sessions(Vec<SessionEntry>),
     Bool(bool),
     Chat(Option<ChatServerInfo>),
