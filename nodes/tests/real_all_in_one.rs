@@ -278,9 +278,9 @@ async fn real_chat_survives_restart() {
     .await
     .unwrap();
     expect_error(&mut bad, ErrorCode::BadToken).await;
-    // Let bob's cursor writes land, then crash the whole process.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Close the apps (sessions write their cursors when they end), then crash the process.
     drop((a, b));
+    tokio::time::sleep(Duration::from_millis(500)).await;
     server.kill();
 
     let mut server = Server::start(data.path(), base);

@@ -33,6 +33,8 @@ use crate::proto::Id;
 
 /// A connection that sends nothing (not even a heartbeat) for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Channels whose cursor a session remembers between two writes (a device is in far fewer).
+const READS_PENDING_MAX: usize = 10_000;
 /// Attempts (0.5 s apart) to register a session before the connection is refused.
 const REGISTER_ATTEMPTS: u32 = 4;
 /// Attempts (1 s apart) to read the friend list for a presence query.
@@ -152,6 +154,8 @@ struct Session {
     tx: mpsc::Sender<Outbound>,
     closer: Arc<tokio::sync::Notify>,
     rate: RateLimit,
+    /// Cursors reported by `read` and not yet written (channel -> seq).
+    reads: BTreeMap<Id, u64>,
 }
 
 impl Session {
@@ -181,6 +185,7 @@ impl Session {
             tx,
             closer,
             rate: RateLimit::new(unix_ms()),
+            reads: BTreeMap::new(),
             state,
         };
         // Register before welcoming: the device syncs after `welcome`, and every message
@@ -296,7 +301,10 @@ impl Session {
                 max_message_id,
             } => self.on_sync(cursors, max_message_id).await,
             ClientFrame::Read { channel, seq } => self.on_read(channel, seq),
-            ClientFrame::Heartbeat => self.on_heartbeat(),
+            ClientFrame::Heartbeat => {
+                self.on_heartbeat();
+                self.flush_reads();
+            }
             ClientFrame::PresenceQuery { users } => self.on_presence_query(users).await,
             ClientFrame::Logout => {
                 let req = Request::Logout {
@@ -430,17 +438,26 @@ impl Session {
         Ok(done)
     }
 
-    fn on_read(&self, channel: Id, seq: u64) {
+    /// Remembers the cursor; cursors are written to kv in one batch per heartbeat and at close
+    /// (a cursor lost in a crash only makes the device be offered messages it already has).
+    fn on_read(&mut self, channel: Id, seq: u64) {
+        if self.reads.len() >= READS_PENDING_MAX && !self.reads.contains_key(&channel) {
+            return; // Bounded: the device reports again at its next heartbeat.
+        }
+        let e = self.reads.entry(channel).or_default();
+        *e = (*e).max(seq);
+    }
+
+    /// Writes the remembered cursors in one kv call, in the background.
+    fn flush_reads(&mut self) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let cursors = std::mem::take(&mut self.reads).into_iter().collect();
         let kv = self.state.peers().kv_for_user(self.user).clone();
         let device = self.device;
         tokio::spawn(async move {
-            let _ = kv
-                .call(Request::SetCursor {
-                    device,
-                    channel,
-                    seq,
-                })
-                .await;
+            let _ = kv.call(Request::SetCursors { device, cursors }).await;
         });
     }
 
@@ -517,7 +534,8 @@ impl Session {
         });
     }
 
-    async fn close(self) {
+    async fn close(mut self) {
+        self.flush_reads();
         self.state.detach(self.device, self.epoch);
         let entry = self.entry();
         let kv = self.state.peers().kv_for_user(self.user).clone();

@@ -147,11 +147,7 @@ impl Store {
                 after_message_id,
                 limit,
             } => self.read_log_by_id(channel, after_message_id, limit),
-            Request::SetCursor {
-                device,
-                channel,
-                seq,
-            } => self.set_cursor(device, channel, seq),
+            Request::SetCursors { device, cursors } => self.set_cursors(device, &cursors),
             Request::GetCursors { device } => self.get_cursors(device),
             Request::FanoutDone { channel, seq } => {
                 let txn = self.begin_write()?;
@@ -443,14 +439,16 @@ impl Store {
         Ok(Response::Pending(out))
     }
 
-    fn set_cursor(&self, device: Id, channel: Id, seq: u64) -> R<Response> {
+    fn set_cursors(&self, device: Id, cursors: &[(Id, u64)]) -> R<Response> {
         let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(CURSORS)?;
-            let current = t.get((device, channel))?.map(|v| v.value()).unwrap_or(0);
-            // Cursors only move forward: a late, reordered `read` must not rewind them.
-            if seq > current {
-                t.insert((device, channel), seq)?;
+            for &(channel, seq) in cursors {
+                let current = t.get((device, channel))?.map(|v| v.value()).unwrap_or(0);
+                // Cursors only move forward: a late, reordered `read` must not rewind them.
+                if seq > current {
+                    t.insert((device, channel), seq)?;
+                }
             }
         }
         txn.commit()?;
@@ -655,19 +653,17 @@ mod tests {
                 ..
             }
         ));
-        s.apply(Request::SetCursor {
+        s.apply(Request::SetCursors {
             device: 5,
-            channel: 7,
-            seq: 9,
+            cursors: vec![(7, 9)],
         });
-        s.apply(Request::SetCursor {
+        s.apply(Request::SetCursors {
             device: 5,
-            channel: 7,
-            seq: 4,
+            cursors: vec![(7, 4), (8, 2)],
         });
         assert_eq!(
             s.apply(Request::GetCursors { device: 5 }),
-            Response::Cursors(BTreeMap::from([(7, 9)]))
+            Response::Cursors(BTreeMap::from([(7, 9), (8, 2)]))
         );
     }
 }

@@ -147,10 +147,11 @@ pub enum Request {
         committed_before_ms: u64,
         limit: u32,
     },
-    SetCursor {
+    /// Moves the device's cursors forward (never back), in one write.
+    SetCursors {
         device: Id,
-        channel: Id,
-        seq: u64,
+        /// (channel, seq) pairs.
+        cursors: Vec<(Id, u64)>,
     },
     GetCursors {
         device: Id,
