@@ -39,7 +39,7 @@ const READS_PENDING_MAX: usize = 10_000;
 const REGISTER_ATTEMPTS: u32 = 4;
 /// Attempts (1 s apart) to read the friend list for a presence query.
 const PRESENCE_QUERY_ATTEMPTS: u32 = 15;
-/// Time allowed between the handshake and `hello`.
+/// Time allowed for the WebSocket handshake, and then for a valid `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// WebSocket settings: small buffers (an idle connection should cost a few KB), frames capped.
@@ -67,7 +67,9 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
     let (sink, mut frames) = ws.split();
     let (tx, rx) = mpsc::channel::<Outbound>(SESSION_OUTBOX_MAX);
     let writer = tokio::spawn(write_loop(sink, rx));
-    let Some(claims) = hello(&state, &mut frames, &tx).await else {
+    // One deadline for the whole greeting: junk frames do not extend it.
+    let greeted = tokio::time::timeout(HELLO_TIMEOUT, hello(&state, &mut frames, &tx)).await;
+    let Ok(Some(claims)) = greeted else {
         drop(tx);
         let _ = writer.await;
         return;
@@ -108,8 +110,8 @@ async fn hello(
     tx: &mpsc::Sender<Outbound>,
 ) -> Option<Claims> {
     loop {
-        let msg = match tokio::time::timeout(HELLO_TIMEOUT, frames.next()).await {
-            Ok(Some(Ok(m))) => m,
+        let msg = match frames.next().await {
+            Some(Ok(m)) => m,
             _ => return None,
         };
         let text = match msg {
