@@ -51,6 +51,11 @@ pub struct Params {
     pub max_group_members: u32,
     /// Longest allowed message, in characters (100,000).
     pub max_message_chars: u64,
+    /// The stated bound for a push: a recipient who stays offline this long after the ack must
+    /// get one (30 s: a kv restart plus the chat servers' sweep of abandoned fanouts, which
+    /// redoes them after 10 s, every 5 s). One who comes back sooner may get the message by
+    /// sync instead.
+    pub push_bound_us: u64,
 }
 
 impl Default for Params {
@@ -61,6 +66,7 @@ impl Default for Params {
             heartbeat_interval_us: 5 * SECOND_US,
             max_group_members: 100,
             max_message_chars: 100_000,
+            push_bound_us: 30 * SECOND_US,
         }
     }
 }

@@ -10,8 +10,9 @@
 //! - (b) a push at t for message m to device d is a violation if d heartbeat and stayed
 //!   connected over all of [ts - W, t], ts being m's send time (its `send`, else its first ack,
 //!   else t), unless a disruptive fault was active in that window (one check per judged push);
-//! - (c) for every message acked with ta + 5 s <= E, sent at ts: for every member at ts other
-//!   than the sender whose known devices all did not heartbeat over [ts - W, ta + 5 s], every
+//! - (c) for every message acked with ta + P <= E (P = `push_bound_us`, 30 s), sent at ts: for
+//!   every member at ts other than the sender whose known devices all did not heartbeat over
+//!   [ts - W, ta + P] (a recipient that stays offline), every
 //!   device of that member registered at or before ts must have a push for m by E (one check
 //!   per (message, device)).
 //!
@@ -24,12 +25,9 @@ use std::collections::BTreeMap;
 
 use super::{
     acked_messages, connections, end_time, heartbeats, off_throughout, on_throughout, AckedMessage,
-    CheckReport, Devices, FaultWindows, Membership, Params, SECOND_US,
+    CheckReport, Devices, FaultWindows, Membership, Params,
 };
 use crate::history::{Event, Id, Record};
-
-/// How long after the ack a push for an offline recipient may take to be requested.
-pub const PUSH_AFTER_ACK_US: u64 = 5 * SECOND_US;
 
 /// A push: time, message, device, user.
 #[derive(Debug, Clone, Copy)]
@@ -138,7 +136,7 @@ fn offline_get_one(
         let ts = m.sent_at();
         let (a, b) = (
             ts.saturating_sub(params.offline_within_us()),
-            m.ack_t + PUSH_AFTER_ACK_US,
+            m.ack_t + params.push_bound_us,
         );
         if b > end {
             continue;
