@@ -5,6 +5,7 @@
 //! | role | addresses | ports |
 //! |---|---|---|
 //! | setup client | 10.0.0.1 | - |
+//! | counter scraper | 10.0.0.2 | - |
 //! | api | 10.0.1.1 .. | 8080 (HTTP) |
 //! | discovery | 10.0.2.1 | 7000 (RPC) |
 //! | chat | 10.0.3.1 .. | 9000 (WebSocket), 7000 (RPC) |
@@ -61,6 +62,8 @@ pub fn device_ip(index: u32) -> Ipv4Addr {
 }
 
 pub const SETUP_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// The node that reads the chat servers' counters at the end of a run.
+pub const SCRAPER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 
 pub struct Sizes {
     pub api: u32,

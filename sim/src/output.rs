@@ -45,6 +45,17 @@ pub fn print_outcome(opts: &Opts, o: &Outcome) -> i32 {
         let errs: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("errors shown to devices: {}", errs.join(" "));
     }
+    if !s.server_errors.is_empty() {
+        let errs: Vec<String> = s
+            .server_errors
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "errors counted by chat servers (since their last start): {}",
+            errs.join(" ")
+        );
+    }
     println!(
         "time: simulated {:.1} s, wall {:.2} s, {:.1} simulated s per wall s; network {} messages, {:.0} per wall s; history {} events, hash {}",
         s.sim_secs,

@@ -137,6 +137,8 @@ pub struct Stats {
     pub bad_inputs: u64,
     pub group_full_refusals: u64,
     pub errors: BTreeMap<String, u64>,
+    /// Errors the chat servers counted sending, by code (since each last started).
+    pub server_errors: BTreeMap<String, u64>,
     pub sim_secs: f64,
     /// Messages the simulated network carried (madsim's count: one per flushed TCP write).
     pub net_messages: u64,
@@ -303,6 +305,7 @@ async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
     });
     tokio::time::sleep(Duration::from_secs(opts.liveness_budget)).await;
     recorder.record(Event::Phase { name: "end".into() });
+    let server_errors = scrape_chat_errors(opts.chat).await;
     let sim_secs = Instant::now().duration_since(start).as_secs_f64();
     let net_messages = madsim::net::NetSim::current().stat().msg_count;
     let history = recorder.take();
@@ -330,11 +333,40 @@ async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
         bad_inputs: counters.bad_inputs.load(Ordering::Relaxed),
         group_full_refusals: setup.group_full_refusals,
         errors,
+        server_errors,
         sim_secs,
         net_messages,
         ..Stats::default()
     };
     (history, stats)
+}
+
+/// Asks every chat server for its error counters, over the simulated network from a node of
+/// its own (as a metrics scraper would). A server that does not answer is left out.
+async fn scrape_chat_errors(chat: u32) -> BTreeMap<String, u64> {
+    let node = madsim::runtime::Handle::current()
+        .create_node()
+        .name("scraper")
+        .ip(IpAddr::V4(cluster::SCRAPER_IP))
+        .build();
+    node.spawn(async move {
+        let mut out = BTreeMap::new();
+        for i in 0..chat {
+            let addr = SocketAddr::new(IpAddr::V4(cluster::ip(Role::Chat, i)), cluster::RPC_PORT);
+            let client = nodes::rpc::RpcClient::new(addr);
+            if let Ok(nodes::proto::internal::Response::ErrorCounts(counts)) = client
+                .call(nodes::proto::internal::Request::ChatStats)
+                .await
+            {
+                for (code, n) in counts {
+                    *out.entry(code.as_str().to_string()).or_default() += n;
+                }
+            }
+        }
+        out
+    })
+    .await
+    .expect("the scrape task does not panic")
 }
 
 /// What setup learned: server ids for the workload's users, devices and channels.

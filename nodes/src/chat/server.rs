@@ -55,6 +55,8 @@ pub struct ChatState {
     /// Device -> its session here. A std mutex: never held across an await.
     sessions: Mutex<BTreeMap<Id, SessionHandle>>,
     next_epoch: AtomicU64,
+    /// Errors sent to devices, by code (answered to `ChatStats`). A std mutex: short updates.
+    errors: Mutex<BTreeMap<ErrorCode, u64>>,
 }
 
 impl ChatState {
@@ -85,6 +87,20 @@ impl ChatState {
         if s.get(&device).is_some_and(|h| h.epoch == epoch) {
             s.remove(&device);
         }
+    }
+
+    pub fn count_error(&self, code: ErrorCode) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(code)
+            .or_default() += 1;
+    }
+
+    pub fn error_counts(&self) -> Vec<(ErrorCode, u64)> {
+        let e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        e.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     pub fn load(&self) -> u32 {
@@ -154,6 +170,7 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         sessions: Mutex::new(BTreeMap::new()),
         next_epoch: AtomicU64::new(1),
+        errors: Mutex::new(BTreeMap::new()),
     });
     let listener = net::bind(cfg.ws_listen).await?;
     tokio::spawn(lease_loop(state.clone()));
@@ -193,6 +210,7 @@ async fn rpc_server(state: Arc<ChatState>) {
                 state.deliver_presence(subject, status, version, &observers);
                 Response::Ok
             }
+            Request::ChatStats => Response::ErrorCounts(state.error_counts()),
             other => Response::Error {
                 code: ErrorCode::BadRequest,
                 detail: format!("chat does not serve {other:?}"),

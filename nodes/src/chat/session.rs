@@ -66,7 +66,7 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
     };
     let (sink, mut frames) = ws.split();
     let (tx, rx) = mpsc::channel::<Outbound>(SESSION_OUTBOX_MAX);
-    let writer = tokio::spawn(write_loop(sink, rx));
+    let writer = tokio::spawn(write_loop(state.clone(), sink, rx));
     // One deadline for the whole greeting: junk frames do not extend it.
     let greeted = tokio::time::timeout(HELLO_TIMEOUT, hello(&state, &mut frames, &tx)).await;
     let Ok(Some(claims)) = greeted else {
@@ -83,7 +83,9 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
     let _ = writer.await;
 }
 
+/// Sends queued frames; every error frame a device is sent is counted here, by code.
 async fn write_loop(
+    state: Arc<ChatState>,
     mut sink: futures::stream::SplitSink<Ws, Message>,
     mut rx: mpsc::Receiver<Outbound>,
 ) {
@@ -92,6 +94,9 @@ async fn write_loop(
             Outbound::Frame(f) => (f, false),
             Outbound::Close(code, detail) => (ServerFrame::error(code, detail), true),
         };
+        if let ServerFrame::Error { code, .. } = &frame {
+            state.count_error(*code);
+        }
         let text = serde_json::to_string(&frame).expect("server frames serialize");
         if sink.send(Message::text(text)).await.is_err() {
             break;

@@ -205,6 +205,8 @@ pub enum Request {
         devices: Vec<Id>,
         message: ChatMessage,
     },
+    /// Counters of a chat server (errors sent to devices, by code).
+    ChatStats,
     PresenceFanout {
         subject: Id,
         status: PresenceStatus,
@@ -263,6 +265,8 @@ pub enum Response {
     Pending(Vec<(ChatMessage, Vec<Id>)>),
     Sessions(Vec<SessionEntry>),
     Bool(bool),
+    /// Errors sent to devices since the server started, by code.
+    ErrorCounts(Vec<(ErrorCode, u64)>),
     Chat(Option<ChatServerInfo>),
     ChatList(Vec<ChatServerInfo>),
     /// (user, status, version of the last change).
