@@ -124,6 +124,15 @@ async fn next(ws: &mut WsConn) -> ServerFrame {
     }
 }
 
+/// Asks for everything after the cursors the server stored for this device.
+async fn ask_sync(ws: &mut WsConn) {
+    let sync = ClientFrame::Sync {
+        cursors: vec![],
+        max_message_id: None,
+    };
+    ws.send(&sync).await.expect("send sync");
+}
+
 /// Reads frames until one matches.
 async fn until<T>(ws: &mut WsConn, mut f: impl FnMut(ServerFrame) -> Option<T>) -> T {
     for _ in 0..100 {
@@ -191,12 +200,7 @@ async fn real_chat_survives_restart() {
 
     let mut a = connect(&alice_http, &alice.token).await;
     let mut b = connect(&bob_http, &bob.token).await;
-    b.send(&ClientFrame::Sync {
-        cursors: vec![],
-        max_message_id: None,
-    })
-    .await
-    .unwrap();
+    ask_sync(&mut b).await;
     until(&mut b, |f| {
         matches!(f, ServerFrame::Synced { .. }).then_some(())
     })
@@ -296,12 +300,7 @@ async fn real_chat_survives_restart() {
     }
     // Sync without cursors: the server uses the stored ones, so nothing is resent.
     let mut b = connect(&bob_http, &bob2.token).await;
-    b.send(&ClientFrame::Sync {
-        cursors: vec![],
-        max_message_id: None,
-    })
-    .await
-    .unwrap();
+    ask_sync(&mut b).await;
     let (resent, cursors) = {
         let mut resent = 0;
         loop {
