@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::TokenKey;
 use crate::cluster::Peers;
-use crate::limits::DISCOVERY_RENEW_MS;
+use crate::limits::{DISCOVERY_RENEW_MS, SESSION_OUTBOX_MAX};
 use crate::net::{self, Stream};
 use crate::proto::client::{ErrorCode, PresenceStatus, ServerFrame};
 use crate::proto::internal::{ChatServerInfo, Request, Response};
@@ -39,6 +39,38 @@ pub enum Outbound {
     Close(ErrorCode, String),
 }
 
+/// Ends a session from outside with a reason. The session's writer sends the reason ahead of
+/// anything still queued (a full queue is often why) and closes; its reader stops.
+#[derive(Debug)]
+pub struct Closer {
+    reason: tokio::sync::watch::Sender<Option<(ErrorCode, String)>>,
+}
+
+impl Closer {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            reason: tokio::sync::watch::channel(None).0,
+        })
+    }
+
+    /// Closes with `code`; later calls keep the first reason.
+    pub fn close(&self, code: ErrorCode, detail: impl Into<String>) {
+        let detail = detail.into();
+        self.reason.send_if_modified(|r| {
+            let first = r.is_none();
+            if first {
+                *r = Some((code, detail));
+            }
+            first
+        });
+    }
+
+    /// A receiver that sees the reason once `close` is called.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<(ErrorCode, String)>> {
+        self.reason.subscribe()
+    }
+}
+
 /// One connected device, as the rest of the server sees it.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
@@ -46,7 +78,7 @@ pub struct SessionHandle {
     pub epoch: u64,
     pub tx: mpsc::Sender<Outbound>,
     /// Ends the session from outside (slow consumer, replaced by a newer connection).
-    pub closer: Arc<tokio::sync::Notify>,
+    pub closer: Arc<Closer>,
 }
 
 /// State shared by all tasks of one chat server.
@@ -77,7 +109,10 @@ impl ChatState {
             .insert(device, handle);
         if let Some(old) = old {
             tracing::debug!(device, "session replaced by a newer connection");
-            old.closer.notify_one();
+            old.closer.close(
+                ErrorCode::SessionReplaced,
+                "this device connected again; this connection is closed",
+            );
         }
     }
 
@@ -124,7 +159,12 @@ impl ChatState {
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!(user = h.user, "session outbox full; disconnecting");
                     self.detach_all_of(&h);
-                    h.closer.notify_one();
+                    h.closer.close(
+                        ErrorCode::SlowConsumer,
+                        format!(
+                            "{SESSION_OUTBOX_MAX} frames waiting; reconnect and sync from your cursors"
+                        ),
+                    );
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }

@@ -18,7 +18,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::fanout::fanout;
 use super::send::{commit, commit_write_behind, SendRequest};
-use super::server::{ChatState, Outbound, SessionHandle};
+use super::server::{ChatState, Closer, Outbound, SessionHandle};
 use super::validate::{check_text, parse_frame, RateLimit};
 use crate::auth::Claims;
 use crate::canary::Canary;
@@ -66,7 +66,8 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
     };
     let (sink, mut frames) = ws.split();
     let (tx, rx) = mpsc::channel::<Outbound>(SESSION_OUTBOX_MAX);
-    let writer = tokio::spawn(write_loop(state.clone(), sink, rx));
+    let closer = Closer::new();
+    let writer = tokio::spawn(write_loop(state.clone(), sink, rx, closer.subscribe()));
     // One deadline for the whole greeting: junk frames do not extend it.
     let greeted = tokio::time::timeout(HELLO_TIMEOUT, hello(&state, &mut frames, &tx)).await;
     let Ok(Some(claims)) = greeted else {
@@ -74,7 +75,7 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
         let _ = writer.await;
         return;
     };
-    let Some(mut session) = Session::open(state, claims, tx).await else {
+    let Some(mut session) = Session::open(state, claims, tx, closer).await else {
         let _ = writer.await;
         return;
     };
@@ -83,13 +84,34 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
     let _ = writer.await;
 }
 
-/// Sends queued frames; every error frame a device is sent is counted here, by code.
+/// Sends queued frames; every error frame a device is sent is counted here, by code. A close
+/// from outside (`Closer`) jumps the queue: its reason is sent next, then the connection ends.
 async fn write_loop(
     state: Arc<ChatState>,
     mut sink: futures::stream::SplitSink<Ws, Message>,
     mut rx: mpsc::Receiver<Outbound>,
+    mut closed: tokio::sync::watch::Receiver<Option<(ErrorCode, String)>>,
 ) {
-    while let Some(out) = rx.recv().await {
+    let mut closer_alive = true;
+    loop {
+        let out = tokio::select! {
+            biased;
+            changed = closed.changed(), if closer_alive => {
+                if changed.is_err() {
+                    closer_alive = false; // Every handle is gone: no close can come any more.
+                    continue;
+                }
+                let reason = closed.borrow().clone();
+                match reason {
+                    Some((code, detail)) => Outbound::Close(code, detail),
+                    None => continue,
+                }
+            }
+            out = rx.recv() => match out {
+                Some(out) => out,
+                None => break,
+            },
+        };
         let (frame, close) = match out {
             Outbound::Frame(f) => (f, false),
             Outbound::Close(code, detail) => (ServerFrame::error(code, detail), true),
@@ -159,7 +181,9 @@ struct Session {
     device: Id,
     epoch: u64,
     tx: mpsc::Sender<Outbound>,
-    closer: Arc<tokio::sync::Notify>,
+    closer: Arc<Closer>,
+    /// Sees the closer's reason: the reader stops when it is set.
+    closed: tokio::sync::watch::Receiver<Option<(ErrorCode, String)>>,
     rate: RateLimit,
     /// Cursors reported by `read` and not yet written (channel -> seq).
     reads: BTreeMap<Id, u64>,
@@ -173,9 +197,9 @@ impl Session {
         state: Arc<ChatState>,
         claims: Claims,
         tx: mpsc::Sender<Outbound>,
+        closer: Arc<Closer>,
     ) -> Option<Self> {
         let epoch = state.next_epoch();
-        let closer = Arc::new(tokio::sync::Notify::new());
         state.attach(
             claims.device,
             SessionHandle {
@@ -190,6 +214,7 @@ impl Session {
             device: claims.device,
             epoch,
             tx,
+            closed: closer.subscribe(),
             closer,
             rate: RateLimit::new(unix_ms()),
             reads: BTreeMap::new(),
@@ -200,8 +225,7 @@ impl Session {
         if let Err(e) = s.register().await {
             tracing::warn!(device = s.device, error = %e, "session registration failed; refusing");
             let detail = format!("session registry unavailable: {e}");
-            let _ =
-                s.tx.try_send(Outbound::Close(ErrorCode::Unavailable, detail));
+            s.closer.close(ErrorCode::Unavailable, detail);
             s.state.detach(s.device, s.epoch);
             return None;
         }
@@ -249,7 +273,7 @@ impl Session {
         loop {
             let next = tokio::select! {
                 biased;
-                _ = self.closer.notified() => return,
+                _ = self.closed.changed() => return,
                 n = tokio::time::timeout(IDLE_TIMEOUT, frames.next()) => n,
             };
             let msg = match next {

@@ -26,6 +26,8 @@ pub enum ErrorCode {
     NotAuthenticated,
     RateLimited,
     SlowConsumer,
+    /// The same device connected again; the older connection is closed.
+    SessionReplaced,
     NameTaken,
     BadCredentials,
     UnknownUser,
@@ -50,6 +52,7 @@ impl ErrorCode {
             ErrorCode::NotAuthenticated => "not_authenticated",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::SessionReplaced => "session_replaced",
             ErrorCode::NameTaken => "name_taken",
             ErrorCode::BadCredentials => "bad_credentials",
             ErrorCode::UnknownUser => "unknown_user",
@@ -67,6 +70,7 @@ impl ErrorCode {
                 | ErrorCode::TokenExpired
                 | ErrorCode::FrameTooLarge
                 | ErrorCode::SlowConsumer
+                | ErrorCode::SessionReplaced
         )
     }
 
