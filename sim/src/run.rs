@@ -515,8 +515,13 @@ async fn setup_inner(
         }
         groups.insert(g.index, r.channel);
         if r.members.len() >= nodes::limits::GROUP_MEMBERS_MAX {
+            let probe = GroupProbe {
+                owner,
+                members: &g.members,
+                channel: r.channel,
+            };
             group_full_refusals +=
-                probe_group_full(w, &user_ids, &tokens, owner, &g.members, r.channel, c).await;
+                probe_group_full(w, &user_ids, &tokens, probe, recorder, c).await;
         }
     }
     Setup {
@@ -546,32 +551,50 @@ where
         .await
 }
 
-/// Tries to add a 101st member; it must be refused with `group_full`.
+/// A full group to probe.
+struct GroupProbe<'a> {
+    owner: u32,
+    members: &'a [u32],
+    channel: Id,
+}
+
+/// Tries to add a 101st member: refused with `group_full` counts 1. Any other answer is what
+/// the setup client observed: an accepted add is recorded as the join it is (the limits checker
+/// then reports the 101-member group); another error is logged.
 async fn probe_group_full(
     w: &Workload,
     user_ids: &[Id],
     tokens: &BTreeMap<u32, String>,
-    owner: u32,
-    members: &[u32],
-    channel: Id,
+    g: GroupProbe<'_>,
+    recorder: &Recorder,
     c: &(dyn Fn(usize, Option<&str>) -> HttpClient + Sync),
 ) -> u64 {
-    let Some(outsider) = w.users.iter().find(|u| !members.contains(&u.index)) else {
+    let Some(outsider) = w.users.iter().find(|u| !g.members.contains(&u.index)) else {
         return 0;
     };
-    let body = AddMemberRequest {
-        user: user_ids[outsider.index as usize],
-    };
-    let path = format!("/v1/groups/{channel}/members");
-    let r: Result<GroupResponse, _> = c(owner as usize, Some(&tokens[&owner]))
-        .post(&path, &body)
+    let user = user_ids[outsider.index as usize];
+    let path = format!("/v1/groups/{}/members", g.channel);
+    let r: Result<GroupResponse, _> = c(g.owner as usize, Some(&tokens[&g.owner]))
+        .post(&path, &AddMemberRequest { user })
         .await;
     match r {
         Err(ClientError::Refused {
             code: ErrorCode::GroupFull,
             ..
         }) => 1,
-        other => panic!("a 101st member must be refused with group_full, got {other:?}"),
+        Ok(grown) => {
+            recorder.record(Event::Membership {
+                channel: g.channel,
+                user,
+                op: MemberOp::Join,
+                members: grown.members.len() as u32,
+            });
+            0
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the 101st-member probe got no answer");
+            0
+        }
     }
 }
 
