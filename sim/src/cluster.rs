@@ -124,23 +124,25 @@ impl Cluster {
                 })
             });
         }
-        for i in 0..sizes.idgen {
-            // Clock skew between idgen workers: the first is exact, others up to 200 ms off.
-            let skew_ms = if i == 0 { 0 } else { rng.gen_range(-200..=200) };
-            let listen = c.map.idgen[i as usize];
-            c.add(&handle, Role::Idgen, i, move || {
-                nodes::idgen::server::run(nodes::idgen::server::IdgenConfig {
-                    listen,
-                    worker: i as u16 + 1,
-                    clock: SkewedClock::new(skew_ms),
-                })
-            });
-        }
         let peers_for = {
             let map = c.map.clone();
             let canaries = canaries.clone();
             move || Peers::new(map.clone(), canaries.clone())
         };
+        for i in 0..sizes.idgen {
+            // Clock skew between idgen workers: the first is exact, others up to 200 ms off.
+            let skew_ms = if i == 0 { 0 } else { rng.gen_range(-200..=200) };
+            let listen = c.map.idgen[i as usize];
+            let pf = peers_for.clone();
+            c.add(&handle, Role::Idgen, i, move || {
+                nodes::idgen::server::run(nodes::idgen::server::IdgenConfig {
+                    listen,
+                    worker: i as u16 + 1,
+                    clock: SkewedClock::new(skew_ms),
+                    peers: pf(),
+                })
+            });
+        }
         let pf = peers_for.clone();
         c.add(&handle, Role::Presence, 0, {
             let listen = c.map.presence;

@@ -103,14 +103,15 @@ async fn all_in_one(a: AllInOne) -> anyhow::Result<()> {
         };
         tasks.push(tokio::spawn(nodes::kv::server::run(cfg)));
     }
+    let peers = || Peers::new(map.clone(), Canaries::none());
     tasks.push(tokio::spawn(nodes::idgen::server::run(
         nodes::idgen::server::IdgenConfig {
             listen: map.idgen[0],
             worker: 1,
             clock: SkewedClock::new(0),
+            peers: peers(),
         },
     )));
-    let peers = || Peers::new(map.clone(), Canaries::none());
     tasks.push(tokio::spawn(nodes::presence::server::run(
         nodes::presence::server::PresenceConfig {
             listen: map.presence,

@@ -7,6 +7,9 @@
 //! is how a channel's ids stay increasing in commit order across several workers whose clocks
 //! differ (kv refuses a stale id and the chat server asks again with `after`).
 //!
+//! Across restarts: the shell leases time ahead in kv ([`Snowflake::set_reserved`]); ids are
+//! never issued past the lease, and a restarted worker starts above the last lease, so ids
+//! never repeat or go backwards even if its clock is behind the last id it issued.
 //! It does not lease worker ids yet: the cluster assigns each idgen node a distinct one.
 
 pub mod server;
@@ -40,6 +43,8 @@ pub struct Snowflake {
     last_ts_ms: u64,
     /// Sequence of the last id issued within `last_ts_ms`.
     last_seq: u64,
+    /// No id is issued with milliseconds above this (the time leased in kv).
+    reserved_until_ms: u64,
 }
 
 impl Snowflake {
@@ -52,6 +57,7 @@ impl Snowflake {
             worker,
             last_ts_ms: EPOCH_MS,
             last_seq: 0,
+            reserved_until_ms: u64::MAX,
         }
     }
 
@@ -70,6 +76,23 @@ impl Snowflake {
     /// Milliseconds of the last id issued.
     pub fn high_water_ms(&self) -> u64 {
         self.last_ts_ms
+    }
+
+    /// Limits ids to milliseconds up to `until_ms` (the lease held in kv).
+    pub fn set_reserved(&mut self, until_ms: u64) {
+        self.reserved_until_ms = until_ms;
+    }
+
+    /// Like [`Snowflake::next`], but `None` if the id would pass the reserved time: the caller
+    /// must renew the lease first. Nothing changes on `None`.
+    pub fn try_next(&mut self, now_ms: u64, after: Option<Id>) -> Option<Id> {
+        let saved = (self.last_ts_ms, self.last_seq);
+        let id = self.next(now_ms, after);
+        if decode(id).0 > self.reserved_until_ms {
+            (self.last_ts_ms, self.last_seq) = saved;
+            return None;
+        }
+        Some(id)
     }
 
     /// The next id, given the clock reading `now_ms`, greater than every id issued before and
@@ -138,6 +161,22 @@ mod tests {
         assert!(c > a);
         // And stays above it afterwards.
         assert!(slow.next(t0, None) > c);
+    }
+
+    // Proves ids stop at the reserved time (and resume once it moves), and that a worker
+    // restarted above its last lease issues ids above all earlier ones even with a clock 5 s
+    // behind.
+    #[test]
+    fn reservation_bounds_ids_across_restarts() {
+        let t0 = EPOCH_MS + 10_000_000;
+        let mut g = Snowflake::new(1);
+        g.set_reserved(t0 + 100);
+        let last = g.try_next(t0 + 100, None).expect("inside the lease");
+        assert_eq!(g.try_next(t0 + 101, None), None, "past the lease");
+        g.set_reserved(t0 + 200);
+        assert!(g.try_next(t0 + 101, None).expect("renewed") > last);
+        let mut restarted = Snowflake::with_floor(1, t0 + 200);
+        assert!(restarted.next(t0 - 5_000, None) > last);
     }
 
     // Proves two workers never collide at the same millisecond and sequence.

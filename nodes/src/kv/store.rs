@@ -92,6 +92,7 @@ impl Store {
     fn apply_inner(&self, req: Request) -> R<Response> {
         match req {
             Request::AllocId { kind } => self.alloc_id(&kind),
+            Request::LeaseIdTime { worker, until_ms } => self.lease_id_time(worker, until_ms),
             Request::ReserveName { name, user } => self.reserve_name(&name, user),
             Request::LookupName { name } => {
                 let txn = self.db.begin_read()?;
@@ -192,6 +193,19 @@ impl Store {
         };
         txn.commit()?;
         Ok(Response::Id(next))
+    }
+
+    fn lease_id_time(&self, worker: u16, until_ms: u64) -> R<Response> {
+        let key = format!("idgen-lease-{worker}");
+        let txn = self.begin_write()?;
+        let previous = {
+            let mut t = txn.open_table(COUNTERS)?;
+            let previous = t.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
+            t.insert(key.as_str(), previous.max(until_ms))?;
+            previous
+        };
+        txn.commit()?;
+        Ok(Response::Id(previous))
     }
 
     fn reserve_name(&self, name: &str, user: Id) -> R<Response> {

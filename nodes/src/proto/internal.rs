@@ -174,6 +174,12 @@ pub enum Request {
         message_id: Id,
         device: Id,
     },
+    /// idgen time lease: stores max(stored, `until_ms`) for `worker`; answers the previous
+    /// value (`Id`, 0 if none).
+    LeaseIdTime {
+        worker: u16,
+        until_ms: u64,
+    },
     // ---- idgen
     NextId {
         /// The id must be greater than this (the channel's last id).
