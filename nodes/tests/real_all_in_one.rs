@@ -124,6 +124,36 @@ async fn next(ws: &mut WsConn) -> ServerFrame {
     }
 }
 
+/// Sends until acknowledged, resending with the same `client_msg_id` after `unavailable` as a
+/// real client's outbox does (the server deduplicates). Answers (channel, seq).
+async fn send_until_acked(
+    ws: &mut WsConn,
+    client_msg_id: u64,
+    channel: u64,
+    text: &str,
+) -> (u64, u64) {
+    for _ in 0..20 {
+        let send = ClientFrame::Send {
+            client_msg_id,
+            channel,
+            text: text.into(),
+        };
+        ws.send(&send).await.expect("send");
+        let answer = until(ws, |f| match f {
+            ServerFrame::Ack { channel, seq, .. } => Some(Ok((channel, seq))),
+            ServerFrame::Error { code, .. } => Some(Err(code)),
+            _ => None,
+        })
+        .await;
+        match answer {
+            Ok(acked) => return acked,
+            Err(ErrorCode::Unavailable) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(code) => panic!("send refused with {code:?}"),
+        }
+    }
+    panic!("send never acknowledged");
+}
+
 /// Asks for everything after the cursors the server stored for this device.
 async fn ask_sync(ws: &mut WsConn) {
     let sync = ClientFrame::Sync {
@@ -207,18 +237,7 @@ async fn real_chat_survives_restart() {
     .await;
 
     for (i, ch) in [direct.channel, group.channel].into_iter().enumerate() {
-        a.send(&ClientFrame::Send {
-            client_msg_id: i as u64 + 1,
-            channel: ch,
-            text: format!("hello {i}"),
-        })
-        .await
-        .unwrap();
-        let acked = until(&mut a, |f| match f {
-            ServerFrame::Ack { channel, seq, .. } => Some((channel, seq)),
-            _ => None,
-        })
-        .await;
+        let acked = send_until_acked(&mut a, i as u64 + 1, ch, &format!("hello {i}")).await;
         assert_eq!(acked, (ch, 1));
         let got = until(&mut b, |f| match f {
             ServerFrame::Message(m) => Some(m),

@@ -48,14 +48,23 @@ pub struct SendRequest {
     pub text: String,
 }
 
-/// Asks idgen for an id above `after`, trying each idgen node once.
+/// Asks idgen for an id above `after`, trying each idgen node, a few rounds.
+/// Rounds over all idgen nodes before a send is refused `unavailable`, 100 ms apart (covers an
+/// idgen that is starting and has not taken its time lease yet).
+const IDGEN_ROUNDS: u32 = 3;
+
 pub async fn next_id(peers: &Peers, after: Option<Id>) -> Result<Id, RpcError> {
     let mut last_err = None;
-    for attempt in 0..peers.map.idgen.len() {
-        match peers.idgen(attempt).call(Request::NextId { after }).await {
-            Ok(Response::Id(id)) => return Ok(id),
-            Ok(other) => last_err = Some(RpcError::Unexpected(format!("{other:?}"))),
-            Err(e) => last_err = Some(e),
+    for round in 0..IDGEN_ROUNDS {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for attempt in 0..peers.map.idgen.len() {
+            match peers.idgen(attempt).call(Request::NextId { after }).await {
+                Ok(Response::Id(id)) => return Ok(id),
+                Ok(other) => last_err = Some(RpcError::Unexpected(format!("{other:?}"))),
+                Err(e) => last_err = Some(e),
+            }
         }
     }
     Err(last_err.expect("at least one idgen node was tried"))
