@@ -124,16 +124,29 @@ impl Peers {
     pub fn set_chat_servers(&self, list: &[ChatServerInfo]) {
         let mut chat = self.chat.lock().unwrap_or_else(|p| p.into_inner());
         chat.retain(|k, _| list.iter().any(|s| s.server == *k));
+        drop(chat);
         for s in list {
-            let Ok(addr) = s.rpc_addr.parse::<SocketAddr>() else {
-                tracing::warn!(addr = %s.rpc_addr, "discovery listed a bad chat address");
-                continue;
-            };
-            let stale = chat.get(&s.server).is_none_or(|c| c.addr() != addr);
-            if stale {
-                chat.insert(s.server, RpcClient::new(addr));
-            }
+            self.upsert_chat_server(s);
         }
+    }
+
+    /// Adds or updates one chat server.
+    pub fn upsert_chat_server(&self, info: &ChatServerInfo) {
+        let Ok(addr) = info.rpc_addr.parse::<SocketAddr>() else {
+            tracing::warn!(addr = %info.rpc_addr, "bad chat server address");
+            return;
+        };
+        let mut chat = self.chat.lock().unwrap_or_else(|p| p.into_inner());
+        if chat.get(&info.server).is_none_or(|c| c.addr() != addr) {
+            chat.insert(info.server, RpcClient::new(addr));
+        }
+    }
+
+    pub fn remove_chat_server(&self, server: u32) {
+        self.chat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&server);
     }
 
     pub fn chat_server(&self, server: u32) -> Option<RpcClient> {

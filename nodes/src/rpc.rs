@@ -107,7 +107,13 @@ pub type Handler = Arc<dyn Fn(Request) -> BoxFuture<'static, Response> + Send + 
 
 /// Accepts connections on `addr` forever, answering each request with `handler`.
 pub async fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<()> {
-    let listener = net::bind(addr).await?;
+    serve_on(net::bind(addr).await?, handler).await
+}
+
+/// Like [`serve`], on a listener bound by the caller (who may need it bound before telling
+/// others where to call).
+pub async fn serve_on(listener: tokio::net::TcpListener, handler: Handler) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
     loop {
         let (tcp, _peer) = match listener.accept().await {
             Ok(x) => x,

@@ -213,9 +213,18 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
         errors: Mutex::new(BTreeMap::new()),
     });
     let listener = net::bind(cfg.ws_listen).await?;
+    let rpc_listener = net::bind(cfg.rpc_listen).await?;
+    tokio::spawn(rpc_server(state.clone(), rpc_listener));
+    // Subscribe to presence before taking devices: a device's presence snapshot is only
+    // complete if every later change reaches this server.
+    for _ in 0..SUBSCRIBE_ATTEMPTS {
+        if subscribe_presence(&state).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tokio::spawn(lease_loop(state.clone()));
     tokio::spawn(sweep_loop(state.clone()));
-    tokio::spawn(rpc_server(state.clone()));
     tracing::info!(server = cfg.server, ws = %cfg.ws_listen, "chat server up");
     loop {
         match listener.accept().await {
@@ -233,8 +242,7 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
     }
 }
 
-async fn rpc_server(state: Arc<ChatState>) {
-    let listen = state.cfg.rpc_listen;
+async fn rpc_server(state: Arc<ChatState>, listener: tokio::net::TcpListener) {
     let handler: rpc::Handler = Arc::new(move |req| {
         let resp = match req {
             Request::Deliver { devices, message } => {
@@ -258,7 +266,7 @@ async fn rpc_server(state: Arc<ChatState>) {
         };
         async move { resp }.boxed()
     });
-    if let Err(e) = rpc::serve(listen, handler).await {
+    if let Err(e) = rpc::serve_on(listener, handler).await {
         tracing::error!(error = %e, "chat rpc listener failed");
     }
 }
@@ -274,14 +282,35 @@ async fn sweep_loop(state: Arc<ChatState>) {
 }
 
 /// Keeps the discovery lease alive and the list of peer chat servers fresh.
+/// Attempts (200 ms apart) to subscribe to presence before accepting devices anyway (presence
+/// may be down; the lease loop keeps trying).
+const SUBSCRIBE_ATTEMPTS: u32 = 15;
+
+fn info(state: &ChatState) -> ChatServerInfo {
+    ChatServerInfo {
+        server: state.cfg.server,
+        ws_addr: state.cfg.ws_advertise.clone(),
+        rpc_addr: state.cfg.rpc_advertise.clone(),
+        load: state.load(),
+    }
+}
+
+/// Subscribes (or renews the subscription) to presence changes; true on success.
+async fn subscribe_presence(state: &ChatState) -> bool {
+    let req = Request::SubscribePresence { info: info(state) };
+    match state.peers().presence.call(req).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "presence subscription failed");
+            false
+        }
+    }
+}
+
 async fn lease_loop(state: Arc<ChatState>) {
     loop {
-        let info = ChatServerInfo {
-            server: state.cfg.server,
-            ws_addr: state.cfg.ws_advertise.clone(),
-            rpc_addr: state.cfg.rpc_advertise.clone(),
-            load: state.load(),
-        };
+        subscribe_presence(&state).await;
+        let info = info(&state);
         if let Err(e) = state
             .peers()
             .discovery

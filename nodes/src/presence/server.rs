@@ -3,6 +3,7 @@
 //! devices (every live chat server gets the change with the observer list and delivers to the
 //! devices it holds).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,8 +13,9 @@ use futures::FutureExt;
 use super::{Change, Presence};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
+use crate::limits::DISCOVERY_LEASE_MS;
 use crate::proto::client::{ErrorCode, PresenceStatus};
-use crate::proto::internal::{Request, Response};
+use crate::proto::internal::{ChatServerInfo, Request, Response};
 use crate::rpc;
 
 pub struct PresenceConfig {
@@ -39,11 +41,18 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
         unix_ms(),
     )));
     let peers = cfg.peers.clone();
+    let subs: Subscribers = Arc::new(Mutex::new(BTreeMap::new()));
     let (tx, rx) = tokio::sync::mpsc::channel::<Change>(PUBLISH_QUEUE_MAX);
     tokio::spawn(publisher(rx, peers.clone()));
-    tokio::spawn(tick_loop(state.clone(), peers.clone(), tx.clone()));
+    tokio::spawn(tick_loop(
+        state.clone(),
+        peers.clone(),
+        subs.clone(),
+        tx.clone(),
+    ));
     tracing::info!(listen = %cfg.listen, "presence node up");
     let handler: rpc::Handler = Arc::new(move |req| {
+        let subs = &subs;
         let now = unix_ms();
         let mut change = None;
         let resp = {
@@ -55,6 +64,10 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
                 }
                 Request::Logout { user, device } => {
                     change = p.on_logout(user, device);
+                    Response::Ok
+                }
+                Request::SubscribePresence { info } => {
+                    subscribers_renew(subs, &peers, &info, now);
                     Response::Ok
                 }
                 Request::PresenceOf { users } => {
@@ -88,9 +101,34 @@ fn enqueue(tx: &tokio::sync::mpsc::Sender<Change>, c: Change) {
     }
 }
 
+/// Chat servers subscribed to changes -> when their subscription lapses (ms). A std mutex:
+/// short synchronous updates.
+type Subscribers = Arc<Mutex<BTreeMap<u32, u64>>>;
+
+/// Adds or renews a chat server's subscription; changes go to it from now on.
+fn subscribers_renew(subs: &Subscribers, peers: &Peers, info: &ChatServerInfo, now_ms: u64) {
+    peers.upsert_chat_server(info);
+    subs.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(info.server, now_ms + DISCOVERY_LEASE_MS);
+}
+
+/// Forgets chat servers that stopped renewing (crashed or gone).
+fn subscribers_expire(subs: &Subscribers, peers: &Peers, now_ms: u64) {
+    let mut s = subs.lock().unwrap_or_else(|e| e.into_inner());
+    s.retain(|server, until| {
+        let live = *until > now_ms;
+        if !live {
+            peers.remove_chat_server(*server);
+        }
+        live
+    });
+}
+
 async fn tick_loop(
     state: Arc<Mutex<Presence>>,
     peers: Arc<Peers>,
+    subs: Subscribers,
     tx: tokio::sync::mpsc::Sender<Change>,
 ) {
     let mut ticks: u64 = 0;
@@ -105,7 +143,7 @@ async fn tick_loop(
             enqueue(&tx, c);
         }
         if ticks.is_multiple_of(2) {
-            let _ = peers.refresh_chat_servers().await;
+            subscribers_expire(&subs, &peers, unix_ms());
         }
     }
 }
@@ -166,9 +204,6 @@ async fn publish(peers: Arc<Peers>, change: Change) {
     };
     if friends.is_empty() {
         return;
-    }
-    if peers.chat_servers().is_empty() {
-        let _ = peers.refresh_chat_servers().await;
     }
     let calls = peers.chat_servers().into_iter().map(|(_, chat)| {
         let req = Request::PresenceFanout {

@@ -195,6 +195,11 @@ pub enum Request {
     },
     ListChat,
     // ---- presence
+    /// A chat server asks for presence changes (renewed like a lease; it lapses after
+    /// `DISCOVERY_LEASE_MS`). Sent before the server accepts devices.
+    SubscribePresence {
+        info: ChatServerInfo,
+    },
     Heartbeat {
         user: Id,
         device: Id,
