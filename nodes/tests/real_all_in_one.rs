@@ -103,8 +103,23 @@ async fn login(http: SocketAddr, name: &str, device: Option<u64>) -> (HttpClient
     (authed, r)
 }
 
+/// Asks for a chat server, retrying while none is live yet (just after start) as a client does.
+async fn chat_server(http: &HttpClient) -> ChatServerResponse {
+    for _ in 0..100 {
+        match http.get::<ChatServerResponse>("/v1/chat-server").await {
+            Ok(cs) => return cs,
+            Err(ClientError::Refused {
+                code: ErrorCode::NoChatServer,
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("chat server lookup failed: {e}"),
+        }
+    }
+    panic!("no chat server became live");
+}
+
 async fn connect(http: &HttpClient, token: &str) -> WsConn {
-    let cs: ChatServerResponse = http.get("/v1/chat-server").await.expect("chat server");
+    let cs = chat_server(http).await;
     let mut ws = WsConn::connect(&cs.url).await.expect("ws connect");
     ws.send(&ClientFrame::Hello {
         token: token.into(),
@@ -293,7 +308,7 @@ async fn real_chat_survives_restart() {
     .await;
     assert_eq!(again, 1, "the retry is deduplicated");
     // A bad token is refused with its code.
-    let cs: ChatServerResponse = alice_http.get("/v1/chat-server").await.unwrap();
+    let cs = chat_server(&alice_http).await;
     let mut bad = WsConn::connect(&cs.url).await.unwrap();
     bad.send(&ClientFrame::Hello {
         token: "forged.token".into(),
