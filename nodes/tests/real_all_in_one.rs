@@ -123,6 +123,7 @@ async fn connect(http: &HttpClient, token: &str) -> WsConn {
     let mut ws = WsConn::connect(&cs.url).await.expect("ws connect");
     ws.send(&ClientFrame::Hello {
         token: token.into(),
+        connection: 0,
     })
     .await
     .expect("hello");
@@ -312,6 +313,7 @@ async fn real_chat_survives_restart() {
     let mut bad = WsConn::connect(&cs.url).await.unwrap();
     bad.send(&ClientFrame::Hello {
         token: "forged.token".into(),
+        connection: 0,
     })
     .await
     .unwrap();

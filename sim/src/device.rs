@@ -63,6 +63,9 @@ struct App {
     next_client_msg_id: Id,
     backoff_ms: u64,
     next_connect: Instant,
+    /// Connections attempted so far: numbers each `hello`, so servers can tell a stale
+    /// connection from the live one.
+    connections: u64,
     start: Instant,
 }
 
@@ -79,6 +82,7 @@ pub async fn run(ctx: DeviceCtx, start: Instant) {
         next_client_msg_id: 1,
         backoff_ms: BACKOFF_MIN_MS,
         next_connect: start,
+        connections: 0,
         start,
     };
     app.main_loop().await;
@@ -133,6 +137,7 @@ impl App {
     }
 
     async fn connect(&mut self) {
+        self.connections += 1;
         let api = self.ctx.api[self.rng.gen_range(0..self.ctx.api.len())];
         let mut http = HttpClient::new(api);
         http.token = Some(self.ctx.login.token.clone());
@@ -141,6 +146,7 @@ impl App {
             let mut ws = WsConn::connect(&cs.url).await?;
             ws.send(&ClientFrame::Hello {
                 token: self.ctx.login.token.clone(),
+                connection: self.connections,
             })
             .await?;
             match tokio::time::timeout(Duration::from_secs(5), ws.recv()).await {

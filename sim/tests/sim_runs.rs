@@ -93,10 +93,13 @@ fn canaries_are_caught() {
 //   and it silently got no live messages (sessions are now refused until registered);
 // - seed 84 once left a device showing a friend online forever: the offline change went out
 //   1.9 s after its chat server restarted, before presence knew that server again (chat
-//   servers now subscribe to presence before accepting devices).
+//   servers now subscribe to presence before accepting devices);
+// - seed 99 once lost live messages to a device: an abandoned connection's late registry
+//   write replaced the live connection's entry, and its close then removed it (hello now
+//   numbers connections; an older one never replaces a newer one).
 #[test]
 fn regression_seeds() {
-    for seed in [1, 42, 84] {
+    for seed in [1, 42, 84, 99] {
         let o = run_on_fresh_thread(
             &Opts {
                 seed,

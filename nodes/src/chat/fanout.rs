@@ -30,6 +30,12 @@ pub async fn fanout(state: Arc<ChatState>, c: Committed) {
             by_server.entry(s.server).or_default().push(s.device);
         }
     }
+    tracing::debug!(
+        channel = c.message.channel,
+        seq = c.message.seq,
+        targets = ?by_server,
+        "fanout"
+    );
     let me = state.cfg.server;
     let calls = by_server.into_iter().map(|(server, devices)| {
         let state = state.clone();

@@ -76,6 +76,8 @@ impl Closer {
 pub struct SessionHandle {
     pub user: Id,
     pub epoch: u64,
+    /// The device's connection number (from `hello`).
+    pub connection: u64,
     pub tx: mpsc::Sender<Outbound>,
     /// Ends the session from outside (slow consumer, replaced by a newer connection).
     pub closer: Arc<Closer>,
@@ -100,13 +102,19 @@ impl ChatState {
         self.next_epoch.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers a session, replacing (and closing) an older one of the same device.
-    pub fn attach(&self, device: Id, handle: SessionHandle) {
-        let old = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(device, handle);
+    /// Registers a session, replacing (and closing) an older one of the same device. False,
+    /// and nothing changes, if a newer connection of the device is already here.
+    pub fn attach(&self, device: Id, handle: SessionHandle) -> bool {
+        let old = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if sessions
+                .get(&device)
+                .is_some_and(|h| h.connection > handle.connection)
+            {
+                return false;
+            }
+            sessions.insert(device, handle)
+        };
         if let Some(old) = old {
             tracing::debug!(device, "session replaced by a newer connection");
             old.closer.close(
@@ -114,6 +122,7 @@ impl ChatState {
                 "this device connected again; this connection is closed",
             );
         }
+        true
     }
 
     /// Removes the session if it is still the one with `epoch`.

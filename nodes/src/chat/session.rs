@@ -70,12 +70,12 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
     let writer = tokio::spawn(write_loop(state.clone(), sink, rx, closer.subscribe()));
     // One deadline for the whole greeting: junk frames do not extend it.
     let greeted = tokio::time::timeout(HELLO_TIMEOUT, hello(&state, &mut frames, &tx)).await;
-    let Ok(Some(claims)) = greeted else {
+    let Ok(Some((claims, connection))) = greeted else {
         drop(tx);
         let _ = writer.await;
         return;
     };
-    let Some(mut session) = Session::open(state, claims, tx, closer).await else {
+    let Some(mut session) = Session::open(state, claims, connection, tx, closer).await else {
         let _ = writer.await;
         return;
     };
@@ -135,7 +135,7 @@ async fn hello(
     state: &ChatState,
     frames: &mut futures::stream::SplitStream<Ws>,
     tx: &mpsc::Sender<Outbound>,
-) -> Option<Claims> {
+) -> Option<(Claims, u64)> {
     loop {
         let msg = match frames.next().await {
             Some(Ok(m)) => m,
@@ -151,9 +151,9 @@ async fn hello(
             _ => continue,
         };
         match parse_frame(&text) {
-            Ok(ClientFrame::Hello { token }) => {
+            Ok(ClientFrame::Hello { token, connection }) => {
                 return match state.cfg.token_key.verify(&token, unix_ms()) {
-                    Ok(c) => Some(c),
+                    Ok(c) => Some((c, connection)),
                     Err(code) => {
                         let _ = tx.try_send(Outbound::Close(code, "token refused".into()));
                         None
@@ -180,6 +180,8 @@ struct Session {
     user: Id,
     device: Id,
     epoch: u64,
+    /// The device's connection number (from `hello`).
+    connection: u64,
     tx: mpsc::Sender<Outbound>,
     closer: Arc<Closer>,
     /// Sees the closer's reason: the reader stops when it is set.
@@ -196,23 +198,30 @@ impl Session {
     async fn open(
         state: Arc<ChatState>,
         claims: Claims,
+        connection: u64,
         tx: mpsc::Sender<Outbound>,
         closer: Arc<Closer>,
     ) -> Option<Self> {
         let epoch = state.next_epoch();
-        state.attach(
-            claims.device,
-            SessionHandle {
-                user: claims.user,
-                epoch,
-                tx: tx.clone(),
-                closer: closer.clone(),
-            },
-        );
+        let handle = SessionHandle {
+            user: claims.user,
+            epoch,
+            connection,
+            tx: tx.clone(),
+            closer: closer.clone(),
+        };
+        if !state.attach(claims.device, handle) {
+            closer.close(
+                ErrorCode::SessionReplaced,
+                "a newer connection of this device is open",
+            );
+            return None;
+        }
         let s = Session {
             user: claims.user,
             device: claims.device,
             epoch,
+            connection,
             tx,
             closed: closer.subscribe(),
             closer,
@@ -222,12 +231,24 @@ impl Session {
         };
         // Register before welcoming: the device syncs after `welcome`, and every message
         // committed after this registration is delivered live, so sync + live leave no hole.
-        if let Err(e) = s.register().await {
-            tracing::warn!(device = s.device, error = %e, "session registration failed; refusing");
-            let detail = format!("session registry unavailable: {e}");
-            s.closer.close(ErrorCode::Unavailable, detail);
-            s.state.detach(s.device, s.epoch);
-            return None;
+        match s.register().await {
+            Ok(true) => {}
+            Ok(false) => {
+                // A newer connection of this device registered first: this one is stale.
+                s.closer.close(
+                    ErrorCode::SessionReplaced,
+                    "a newer connection of this device is open",
+                );
+                s.state.detach(s.device, s.epoch);
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(device = s.device, error = %e, "session registration failed; refusing");
+                let detail = format!("session registry unavailable: {e}");
+                s.closer.close(ErrorCode::Unavailable, detail);
+                s.state.detach(s.device, s.epoch);
+                return None;
+            }
         }
         s.send(ServerFrame::Welcome {
             user: s.user,
@@ -238,7 +259,8 @@ impl Session {
         Some(s)
     }
 
-    async fn register(&self) -> Result<(), crate::rpc::RpcError> {
+    /// Writes the registry entry; `Ok(false)` if a newer connection of the device holds it.
+    async fn register(&self) -> Result<bool, crate::rpc::RpcError> {
         let kv = self.state.peers().kv_for_user(self.user).clone();
         let mut last = None;
         for _ in 0..REGISTER_ATTEMPTS {
@@ -248,7 +270,7 @@ impl Session {
                 })
                 .await
             {
-                Ok(_) => return Ok(()),
+                Ok(answer) => return Ok(answer != Response::Bool(false)),
                 Err(e) => last = Some(e),
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -262,6 +284,7 @@ impl Session {
             device: self.device,
             server: self.state.cfg.server,
             epoch: self.epoch,
+            connection: self.connection,
         }
     }
 

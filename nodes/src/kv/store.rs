@@ -160,8 +160,14 @@ impl Store {
                 committed_before_ms,
                 limit,
             } => self.pending_fanouts(committed_before_ms, limit),
-            Request::SetSession { entry } => self.set_session(entry),
-            Request::ClearSession { entry } => self.clear_session(entry),
+            Request::SetSession { entry } => {
+                tracing::trace!(?entry, "set session");
+                self.set_session(entry)
+            }
+            Request::ClearSession { entry } => {
+                tracing::trace!(?entry, "clear session");
+                self.clear_session(entry)
+            }
             Request::GetSessions { users } => self.get_sessions(users),
             Request::SetLastActive { user, at_ms } => {
                 let txn = self.begin_write()?;
@@ -480,12 +486,21 @@ impl Store {
         Ok(Response::Cursors(out))
     }
 
+    /// Registers a session unless a newer connection of the device is registered: a slow
+    /// registration of an abandoned connection must not hide the live one.
     fn set_session(&self, entry: SessionEntry) -> R<Response> {
         let txn = self.begin_write()?;
-        txn.open_table(SESSIONS)?
-            .insert((entry.user, entry.device), enc(&entry).as_slice())?;
+        {
+            let mut t = txn.open_table(SESSIONS)?;
+            let key = (entry.user, entry.device);
+            let current: Option<SessionEntry> = t.get(key)?.map(|v| dec(v.value()));
+            if current.is_some_and(|c| c.connection > entry.connection) {
+                return Ok(Response::Bool(false));
+            }
+            t.insert(key, enc(&entry).as_slice())?;
+        }
         txn.commit()?;
-        Ok(Response::Ok)
+        Ok(Response::Bool(true))
     }
 
     /// Removes the entry only if it is still this session (a newer one may have replaced it).
@@ -649,6 +664,33 @@ mod tests {
         assert_eq!((p[0].0.seq, p[0].1.clone()), (1, vec![1, 2]));
         s.apply(Request::FanoutDone { channel: 7, seq: 1 });
         assert!(pending(u64::MAX).is_empty());
+    }
+
+    // Proves a late registration of an older connection neither replaces the entry of the
+    // device's newer connection nor lets its close remove that entry.
+    #[test]
+    fn stale_session_registration_is_ignored() {
+        let s = store();
+        let entry = |epoch, connection| SessionEntry {
+            user: 1,
+            device: 10,
+            server: 0,
+            epoch,
+            connection,
+        };
+        assert_eq!(
+            s.apply(Request::SetSession { entry: entry(2, 6) }),
+            Response::Bool(true)
+        );
+        assert_eq!(
+            s.apply(Request::SetSession { entry: entry(1, 5) }),
+            Response::Bool(false)
+        );
+        s.apply(Request::ClearSession { entry: entry(1, 5) });
+        assert_eq!(
+            s.apply(Request::GetSessions { users: vec![1] }),
+            Response::Sessions(vec![entry(2, 6)])
+        );
     }
 
     // Proves the 101st member is refused and cursors never move backwards.

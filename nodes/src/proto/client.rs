@@ -204,6 +204,10 @@ pub enum ClientFrame {
     /// First frame on a connection.
     Hello {
         token: String,
+        /// This device's connection number, increasing with each new connection. It orders a
+        /// device's sessions: an older connection never replaces a newer one (0 if unknown).
+        #[serde(default)]
+        connection: u64,
     },
     Send {
         client_msg_id: Id,

@@ -48,6 +48,10 @@ pub struct SessionEntry {
     pub server: u32,
     /// Distinguishes successive sessions of one device on one server.
     pub epoch: u64,
+    /// The device's connection number (from `hello`): a registration never replaces the entry
+    /// of a newer connection, however late it arrives.
+    #[serde(default)]
+    pub connection: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
