@@ -21,15 +21,26 @@ pub enum Canary {
     PresenceNoTimeout,
     /// Push notifies every recipient, online or not.
     PushToOnline,
+    /// A chat server whose session ended clears the device's registry entry whatever it now
+    /// says: a server cut off by a partition wipes the entry of the session that moved.
+    StaleChatServer,
+    /// idgen takes its clock's reading even when it stepped back below the last id issued.
+    IdgenIgnoresClock,
+    /// kv commits without fsync and acknowledges at once; a background task fsyncs every
+    /// second (a crash loses what was acknowledged since).
+    KvAckBeforeSync,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 5] = [
+    pub const ALL: [Canary; 8] = [
         Canary::AckBeforePersist,
         Canary::CursorByMessageId,
         Canary::NoDedup,
         Canary::PresenceNoTimeout,
         Canary::PushToOnline,
+        Canary::StaleChatServer,
+        Canary::IdgenIgnoresClock,
+        Canary::KvAckBeforeSync,
     ];
 
     pub fn name(self) -> &'static str {
@@ -39,6 +50,9 @@ impl Canary {
             Canary::NoDedup => "no-dedup",
             Canary::PresenceNoTimeout => "presence-no-timeout",
             Canary::PushToOnline => "push-to-online",
+            Canary::StaleChatServer => "stale-chat-server",
+            Canary::IdgenIgnoresClock => "idgen-ignores-clock",
+            Canary::KvAckBeforeSync => "kv-ack-before-sync",
         }
     }
 
@@ -55,7 +69,7 @@ pub struct Canaries {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CanaryError {
-    #[error("unknown canary {0:?}; known: ack-before-persist, cursor-by-message-id, no-dedup, presence-no-timeout, push-to-online")]
+    #[error("unknown canary {0:?}; known: ack-before-persist, cursor-by-message-id, no-dedup, presence-no-timeout, push-to-online, stale-chat-server, idgen-ignores-clock, kv-ack-before-sync")]
     Unknown(String),
     #[error("canary {0:?} needs a build with `--features canaries`")]
     NotCompiled(String),

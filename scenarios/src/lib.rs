@@ -1,14 +1,25 @@
-//! Fault schedules: what goes wrong, when. Issue 2's default run has light faults — one chat
-//! server and one kv node are killed during traffic and restarted; connection drops are in the
-//! device scripts (workloads). Named scenarios, swarm schedules, partitions, tunnels and clock
-//! steps are issue 3.
+//! Fault schedules: what goes wrong, when, to whom.
+//!
+//! A schedule is a list of [`ScheduledFault`]s: a [`Fault`] that starts at `at_ms` (simulated
+//! milliseconds after traffic starts) and heals `duration_ms` later. Schedules come from a
+//! named scenario ([`SCENARIOS`]), from a seeded swarm plan ([`swarm`]), or from a JSON file
+//! (`--schedule FILE`, written by `--shrink`). Everything here is pure: the simulator applies
+//! the schedule; this crate only decides it, from the seed.
+//!
+//! Every fault heals before the safety phase ends (`at_ms + duration_ms <= duration_ms` of the
+//! run), so the liveness phase starts from a healed system.
+
+use std::fmt;
+use std::str::FromStr;
 
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// The roles a fault can target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Role {
     Api,
     Discovery,
@@ -20,6 +31,16 @@ pub enum Role {
 }
 
 impl Role {
+    pub const ALL: [Role; 7] = [
+        Role::Api,
+        Role::Discovery,
+        Role::Chat,
+        Role::Idgen,
+        Role::Kv,
+        Role::Presence,
+        Role::Push,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Role::Api => "api",
@@ -33,60 +54,896 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Fault {
-    /// Kill the node (in-memory state lost) and restart it `down_ms` later.
-    Crash {
-        role: Role,
-        index: u32,
-        down_ms: u64,
-    },
+/// A node a fault can hit: a server node by role and index, or a client device by its index in
+/// the workload. Written `chat-0`, `kv-2`, `device-17` in schedules and in the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    Node(Role, u32),
+    Device(u32),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Node(r, i) => write!(f, "{}-{}", r.name(), i),
+            Target::Device(i) => write!(f, "device-{i}"),
+        }
+    }
+}
+
+impl FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, index) = s
+            .rsplit_once('-')
+            .ok_or_else(|| format!("target `{s}`: expected ROLE-INDEX, e.g. chat-0 or device-3"))?;
+        let index: u32 = index
+            .parse()
+            .map_err(|_| format!("target `{s}`: `{index}` is not an index"))?;
+        if name == "device" {
+            return Ok(Target::Device(index));
+        }
+        Role::ALL
+            .iter()
+            .find(|r| r.name() == name)
+            .map(|r| Target::Node(*r, index))
+            .ok_or_else(|| format!("target `{s}`: unknown role `{name}`"))
+    }
+}
+
+impl Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What goes wrong. The history names each by [`Fault::kind`], exactly these names:
+/// `partition`, `disconnect`, `tunnel`, `crash`, `clock_step`, `pause`, `latency`, `loss`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// Links from every node of `a` to every node of `b` carry nothing (and back, when
+    /// `two_way`). Like a real partition, nothing errors: writes buffer, reads stall; new
+    /// connections across it are refused.
+    Partition {
+        a: Vec<Target>,
+        b: Vec<Target>,
+        two_way: bool,
+    },
+    /// A device's connections are torn down (a NAT rebinding, a cell handover). Instant.
+    Disconnect { device: u32 },
+    /// A device loses all connectivity, then comes back. A short tunnel may leave its TCP
+    /// connection alive; a long one lets both ends time it out.
+    Tunnel { device: u32 },
+    /// The node is killed (in-memory state lost; kv keeps what it synced and loses unsynced
+    /// writes) and restarted when the fault heals.
+    Crash { target: Target },
+    /// An idgen node's wall clock steps by `delta_ms` (negative: backwards) and is corrected
+    /// (stepped back) when the fault heals, as an NTP resync would.
+    ClockStep { idgen: u32, delta_ms: i64 },
+    /// The node's process stalls (a GC pause, a stopped VM): no task runs until it heals.
+    Pause { target: Target },
+    /// Every link's one-way latency becomes `min_ms..max_ms` until the fault heals.
+    Latency { min_ms: u64, max_ms: u64 },
+    /// Every link loses this share of packets (per mille) until the fault heals: established
+    /// TCP streams slow down with retransmissions, new connections may fail.
+    Loss { per_mille: u32 },
+}
+
+impl Fault {
+    /// The history's `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Partition { .. } => "partition",
+            Fault::Disconnect { .. } => "disconnect",
+            Fault::Tunnel { .. } => "tunnel",
+            Fault::Crash { .. } => "crash",
+            Fault::ClockStep { .. } => "clock_step",
+            Fault::Pause { .. } => "pause",
+            Fault::Latency { .. } => "latency",
+            Fault::Loss { .. } => "loss",
+        }
+    }
+
+    /// The history's `targets`: the nodes the fault hits (for a partition, side `a` then side
+    /// `b`; network-wide faults have none).
+    pub fn targets(&self) -> Vec<Target> {
+        match self {
+            Fault::Partition { a, b, .. } => a.iter().chain(b).copied().collect(),
+            Fault::Disconnect { device } | Fault::Tunnel { device } => {
+                vec![Target::Device(*device)]
+            }
+            Fault::Crash { target } | Fault::Pause { target } => vec![*target],
+            Fault::ClockStep { idgen, .. } => vec![Target::Node(Role::Idgen, *idgen)],
+            Fault::Latency { .. } | Fault::Loss { .. } => Vec::new(),
+        }
+    }
+
+    /// Parameters beyond kind and targets, for the history's `detail` and the printed plan.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Fault::Partition { a, b, two_way } => Some(format!(
+                "{} | {} {}",
+                describe(a),
+                describe(b),
+                if *two_way { "two-way" } else { "one-way" }
+            )),
+            Fault::ClockStep { delta_ms, .. } => Some(format!("delta_ms={delta_ms}")),
+            Fault::Latency { min_ms, max_ms } => Some(format!("{min_ms}..{max_ms} ms")),
+            Fault::Loss { per_mille } => Some(format!("{per_mille} per mille")),
+            _ => None,
+        }
+    }
+}
+
+/// One fault of a schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduledFault {
+    /// Simulated milliseconds after traffic starts.
     pub at_ms: u64,
+    /// How long until it heals (0 for an instant fault such as `disconnect`).
+    pub duration_ms: u64,
     pub fault: Fault,
+}
+
+impl fmt::Display for ScheduledFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:>8.1}s {:<10} {:>6.1}s  {}",
+            self.at_ms as f64 / 1000.0,
+            self.fault.kind(),
+            self.duration_ms as f64 / 1000.0,
+            describe(&self.fault.targets()),
+        )?;
+        if let Some(d) = self.fault.detail() {
+            write!(f, "  ({d})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A compact list of targets: `chat-0, kv-1, device-3..=9`.
+pub fn describe(targets: &[Target]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < targets.len() {
+        if let Target::Device(first) = targets[i] {
+            let mut j = i;
+            while let Some(Target::Device(n)) = targets.get(j + 1) {
+                if *n != first + (j + 1 - i) as u32 {
+                    break;
+                }
+                j += 1;
+            }
+            if j > i + 1 {
+                parts.push(format!("device-{first}..={}", first + (j - i) as u32));
+                i = j + 1;
+                continue;
+            }
+        }
+        parts.push(targets[i].to_string());
+        i += 1;
+    }
+    if parts.is_empty() {
+        "network".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// A schedule with the name of what produced it: the `--schedule FILE` format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// `light`, a scenario name, `swarm`, or `shrunk from ...`.
+    pub name: String,
+    pub faults: Vec<ScheduledFault>,
+}
+
+impl Schedule {
+    /// Sorted by start time, then kind (a stable order for printing and applying).
+    pub fn sorted(mut self) -> Self {
+        self.faults
+            .sort_by(|x, y| (x.at_ms, x.fault.kind()).cmp(&(y.at_ms, y.fault.kind())));
+        self
+    }
+
+    /// Checks the schedule against the cluster it will run on: every target exists, every
+    /// fault heals inside the safety phase.
+    pub fn validate(&self, ctx: &Ctx) -> Result<(), String> {
+        for f in &self.faults {
+            for t in f.fault.targets() {
+                let ok = match t {
+                    Target::Device(i) => i < ctx.devices,
+                    Target::Node(role, i) => i < ctx.count(role),
+                };
+                if !ok {
+                    return Err(format!("fault `{f}`: no node {t} in this cluster"));
+                }
+            }
+            if let Fault::Crash {
+                target: Target::Device(_),
+            } = f.fault
+            {
+                return Err(format!(
+                    "fault `{f}`: devices do not crash (use tunnel or disconnect)"
+                ));
+            }
+            if f.at_ms + f.duration_ms > ctx.duration_ms {
+                return Err(format!(
+                    "fault `{f}`: heals at {} ms, after the safety phase ends at {} ms",
+                    f.at_ms + f.duration_ms,
+                    ctx.duration_ms
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a schedule is drawn for: the cluster's size and the safety phase's length.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub seed: u64,
+    /// Simulated milliseconds of the safety phase; every fault heals inside it.
+    pub duration_ms: u64,
+    pub api: u32,
+    pub chat: u32,
+    pub idgen: u32,
+    pub kv: u32,
+    /// Client devices in the workload.
+    pub devices: u32,
+}
+
+impl Ctx {
+    pub fn count(&self, role: Role) -> u32 {
+        match role {
+            Role::Api => self.api,
+            Role::Chat => self.chat,
+            Role::Idgen => self.idgen,
+            Role::Kv => self.kv,
+            Role::Discovery | Role::Presence | Role::Push => 1,
+        }
+    }
+
+    /// Every server node, in role order.
+    pub fn servers(&self) -> Vec<Target> {
+        Role::ALL
+            .iter()
+            .flat_map(|r| (0..self.count(*r)).map(move |i| Target::Node(*r, i)))
+            .collect()
+    }
+
+    pub fn all_devices(&self) -> Vec<Target> {
+        (0..self.devices).map(Target::Device).collect()
+    }
+
+    fn rng(&self, salt: &str) -> StdRng {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in salt.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        StdRng::seed_from_u64(self.seed ^ h)
+    }
+
+    /// A start time in [from, to) percent of the run that leaves room to heal.
+    fn at(&self, rng: &mut StdRng, from_pct: u64, to_pct: u64, duration_ms: u64) -> u64 {
+        let lo = self.duration_ms * from_pct / 100;
+        let hi =
+            (self.duration_ms * to_pct / 100).min(self.duration_ms.saturating_sub(duration_ms));
+        if hi <= lo {
+            return self.duration_ms.saturating_sub(duration_ms).min(lo);
+        }
+        rng.gen_range(lo..hi)
+    }
+}
+
+/// The named scenarios, `--scenario NAME`, with one line each for `--list-scenarios`.
+pub const SCENARIOS: &[(&str, &str)] = &[
+    ("light", "the default: a chat server crash (10 s) at ~40 %, a kv crash (5 s) at ~65 %"),
+    ("none", "no injected faults (scripted connection drops stay)"),
+    ("chat-crash", "kill the chat server holding the most devices (chat-0) for 20 s: the reconnect storm"),
+    ("kv-crash", "kill two kv nodes in turn, losing their unsynced writes"),
+    ("idgen-clock-back", "step idgen clocks back 5 s and 30 s (and one forward), corrected later"),
+    ("partition-halves", "split servers and devices into two halves for 30 s, then a one-way split"),
+    ("tunnel-commute", "40 % of devices go through tunnels of 1 s to 3 min, some shorter than the presence timeout"),
+    ("presence-partition", "cut presence from the chat servers (two-way, then one-way) and pause it"),
+    ("discovery-down", "crash discovery for 40 s, then cut it off for 30 s"),
+    ("rolling-restart", "restart every server node in turn, 3 s down each"),
+    ("everything", "all of the above, overlapping"),
+    ("swarm", "fault kinds, rates and targets drawn from the seed (also: --faults swarm)"),
+];
+
+/// The schedule of a named scenario.
+pub fn scenario(name: &str, ctx: &Ctx) -> Result<Schedule, String> {
+    let faults = match name {
+        "light" => light(ctx),
+        "none" => Vec::new(),
+        "chat-crash" => chat_crash(ctx),
+        "kv-crash" => kv_crash(ctx),
+        "idgen-clock-back" => idgen_clock_back(ctx),
+        "partition-halves" => partition_halves(ctx),
+        "tunnel-commute" => tunnel_commute(ctx),
+        "presence-partition" => presence_partition(ctx),
+        "discovery-down" => discovery_down(ctx),
+        "rolling-restart" => rolling_restart(ctx),
+        "everything" => everything(ctx),
+        "swarm" => return Ok(swarm(ctx).schedule),
+        _ => {
+            let names: Vec<&str> = SCENARIOS.iter().map(|s| s.0).collect();
+            return Err(format!(
+                "unknown scenario `{name}`; known: {}",
+                names.join(", ")
+            ));
+        }
+    };
+    let s = Schedule {
+        name: name.to_string(),
+        faults,
+    }
+    .sorted();
+    s.validate(ctx)?;
+    Ok(s)
+}
+
+fn crash(at_ms: u64, duration_ms: u64, role: Role, index: u32) -> ScheduledFault {
+    ScheduledFault {
+        at_ms,
+        duration_ms,
+        fault: Fault::Crash {
+            target: Target::Node(role, index),
+        },
+    }
 }
 
 /// The default run's light faults: a chat server crash (down 10 s) around 40 % of the run and
 /// a kv crash (down 5 s) around 65 %, targets drawn from the seed.
-pub fn light(seed: u64, duration_ms: u64, chat_nodes: u32, kv_nodes: u32) -> Vec<ScheduledFault> {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x4641_554c_5453);
+pub fn light(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = StdRng::seed_from_u64(ctx.seed ^ 0x4641_554c_5453);
     let mut out = Vec::new();
-    if chat_nodes > 0 {
-        out.push(ScheduledFault {
-            at_ms: duration_ms * rng.gen_range(35..45) / 100,
-            fault: Fault::Crash {
-                role: Role::Chat,
-                index: rng.gen_range(0..chat_nodes),
-                down_ms: 10_000,
-            },
-        });
+    if ctx.chat > 0 {
+        let at = ctx.duration_ms * rng.gen_range(35..45) / 100;
+        out.push(crash(at, 10_000, Role::Chat, rng.gen_range(0..ctx.chat)));
     }
-    if kv_nodes > 0 {
-        out.push(ScheduledFault {
-            at_ms: duration_ms * rng.gen_range(60..70) / 100,
-            fault: Fault::Crash {
-                role: Role::Kv,
-                index: rng.gen_range(0..kv_nodes),
-                down_ms: 5_000,
+    if ctx.kv > 0 {
+        let at = ctx.duration_ms * rng.gen_range(60..70) / 100;
+        out.push(crash(at, 5_000, Role::Kv, rng.gen_range(0..ctx.kv)));
+    }
+    out.retain(|f| f.at_ms + f.duration_ms <= ctx.duration_ms);
+    out
+}
+
+/// chat-0 is the first server discovery knows, so it holds the most devices when the run
+/// starts; killing it sends a third or more of the devices to reconnect at once.
+fn chat_crash(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("chat-crash");
+    vec![crash(
+        ctx.at(&mut rng, 40, 45, 20_000),
+        20_000,
+        Role::Chat,
+        0,
+    )]
+}
+
+fn kv_crash(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("kv-crash");
+    let first = rng.gen_range(0..ctx.kv.max(1));
+    let second = (first + 1) % ctx.kv.max(1);
+    vec![
+        crash(ctx.at(&mut rng, 25, 35, 8_000), 8_000, Role::Kv, first),
+        crash(ctx.at(&mut rng, 55, 65, 3_000), 3_000, Role::Kv, second),
+    ]
+}
+
+fn idgen_clock_back(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("idgen-clock-back");
+    let other = if ctx.idgen > 1 { 1 } else { 0 };
+    vec![
+        ScheduledFault {
+            at_ms: ctx.at(&mut rng, 20, 30, 60_000),
+            duration_ms: 60_000,
+            fault: Fault::ClockStep {
+                idgen: 0,
+                delta_ms: -5_000,
             },
-        });
+        },
+        ScheduledFault {
+            at_ms: ctx.at(&mut rng, 45, 55, 40_000),
+            duration_ms: 40_000,
+            fault: Fault::ClockStep {
+                idgen: other,
+                delta_ms: -30_000,
+            },
+        },
+        ScheduledFault {
+            at_ms: ctx.at(&mut rng, 70, 80, 20_000),
+            duration_ms: 20_000,
+            fault: Fault::ClockStep {
+                idgen: 0,
+                delta_ms: 15_000,
+            },
+        },
+        // A restart while the clock is behind: the lease must keep ids above what was issued.
+        crash(ctx.at(&mut rng, 50, 55, 2_000), 2_000, Role::Idgen, other),
+    ]
+}
+
+/// Splits every server role and the devices into two halves (even / odd index).
+fn halves(ctx: &Ctx) -> (Vec<Target>, Vec<Target>) {
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for t in ctx.servers().into_iter().chain(ctx.all_devices()) {
+        let i = match t {
+            Target::Node(_, i) | Target::Device(i) => i,
+        };
+        if i % 2 == 0 {
+            a.push(t);
+        } else {
+            b.push(t);
+        }
+    }
+    (a, b)
+}
+
+fn partition_halves(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("partition-halves");
+    let (a, b) = halves(ctx);
+    vec![
+        ScheduledFault {
+            at_ms: ctx.at(&mut rng, 30, 40, 30_000),
+            duration_ms: 30_000,
+            fault: Fault::Partition {
+                a: a.clone(),
+                b: b.clone(),
+                two_way: true,
+            },
+        },
+        ScheduledFault {
+            at_ms: ctx.at(&mut rng, 65, 75, 20_000),
+            duration_ms: 20_000,
+            fault: Fault::Partition {
+                a: b,
+                b: a,
+                two_way: false,
+            },
+        },
+    ]
+}
+
+/// A tunnel length, log-uniform between 1 s and 3 min: most are short, some outlast the
+/// presence timeout (30 s) and the server's idle timeout.
+fn tunnel_ms(rng: &mut StdRng) -> u64 {
+    let x: f64 = rng.gen_range(0.0..1.0);
+    (1_000.0 * 180f64.powf(x)) as u64
+}
+
+fn tunnel_commute(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("tunnel-commute");
+    let mut devices: Vec<u32> = (0..ctx.devices).collect();
+    devices.shuffle(&mut rng);
+    devices.truncate((ctx.devices as usize * 2).div_ceil(5));
+    devices.sort_unstable();
+    let mut out = Vec::new();
+    for d in devices {
+        // One or two tunnels per commuting device.
+        for _ in 0..rng.gen_range(1..=2) {
+            let len = tunnel_ms(&mut rng);
+            out.push(ScheduledFault {
+                at_ms: ctx.at(&mut rng, 5, 90, len),
+                duration_ms: len,
+                fault: Fault::Tunnel { device: d },
+            });
+        }
     }
     out
+}
+
+fn presence_partition(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("presence-partition");
+    let presence = vec![Target::Node(Role::Presence, 0)];
+    let chats: Vec<Target> = (0..ctx.chat).map(|i| Target::Node(Role::Chat, i)).collect();
+    vec![
+        ScheduledFault {
+            at_ms: ctx.at(&mut rng, 25, 35, 20_000),
+            duration_ms: 20_000,
+            fault: Fault::Partition {
+                a: presence.clone(),
+                b: chats.clone(),
+                two_way: true,
+            },
+        },
+        ScheduledFault {
+            at_ms: ctx.at(&mut rng, 50, 60, 15_000),
+            duration_ms: 15_000,
+            fault: Fault::Partition {
+                a: chats[..1.min(chats.len())].to_vec(),
+                b: presence.clone(),
+                two_way: false,
+            },
+        },
+        ScheduledFault {
+            at_ms: ctx.at(&mut rng, 75, 85, 8_000),
+            duration_ms: 8_000,
+            fault: Fault::Pause {
+                target: presence[0],
+            },
+        },
+    ]
+}
+
+fn discovery_down(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("discovery-down");
+    let discovery = Target::Node(Role::Discovery, 0);
+    let others: Vec<Target> = ctx
+        .servers()
+        .into_iter()
+        .filter(|t| *t != discovery)
+        .collect();
+    vec![
+        crash(ctx.at(&mut rng, 30, 40, 40_000), 40_000, Role::Discovery, 0),
+        ScheduledFault {
+            at_ms: ctx.at(&mut rng, 65, 75, 30_000),
+            duration_ms: 30_000,
+            fault: Fault::Partition {
+                a: vec![discovery],
+                b: others,
+                two_way: true,
+            },
+        },
+    ]
+}
+
+fn rolling_restart(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let servers = ctx.servers();
+    let step = (ctx.duration_ms * 8 / 10 / servers.len().max(1) as u64).clamp(3_000, 15_000);
+    servers
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| ScheduledFault {
+            at_ms: ctx.duration_ms / 10 + i as u64 * step,
+            duration_ms: 3_000,
+            fault: Fault::Crash { target: t },
+        })
+        .filter(|f| f.at_ms + f.duration_ms <= ctx.duration_ms)
+        .collect()
+}
+
+fn everything(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut out = Vec::new();
+    for f in [
+        chat_crash,
+        kv_crash,
+        idgen_clock_back,
+        partition_halves,
+        tunnel_commute,
+        presence_partition,
+        discovery_down,
+        rolling_restart,
+    ] {
+        out.extend(f(ctx));
+    }
+    out
+}
+
+/// A swarm plan: which fault kinds this seed uses, how often, and the schedule drawn from it.
+#[derive(Debug, Clone)]
+pub struct Swarm {
+    /// (kind, mean seconds between two faults of that kind).
+    pub rates: Vec<(&'static str, f64)>,
+    /// Server roles crashes and pauses may hit.
+    pub roles: Vec<Role>,
+    pub schedule: Schedule,
+}
+
+impl fmt::Display for Swarm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kinds: Vec<String> = self
+            .rates
+            .iter()
+            .map(|(k, s)| format!("{k} every ~{s:.0} s"))
+            .collect();
+        let roles: Vec<&str> = self.roles.iter().map(|r| r.name()).collect();
+        write!(
+            f,
+            "swarm: {}; crash/pause roles: {}; {} faults",
+            kinds.join(", "),
+            roles.join(","),
+            self.schedule.faults.len()
+        )
+    }
+}
+
+const SWARM_KINDS: [&str; 8] = [
+    "partition",
+    "disconnect",
+    "tunnel",
+    "crash",
+    "clock_step",
+    "pause",
+    "latency",
+    "loss",
+];
+
+/// Draws a swarm plan from the seed (as FoundationDB's and TigerBeetle's simulators do): each
+/// fault kind is on with probability 1/2 (at least one is), each with its own mean interval;
+/// crashes and pauses hit a seeded subset of roles; targets, durations and parameters are
+/// drawn per fault. Every fault heals inside the safety phase.
+pub fn swarm(ctx: &Ctx) -> Swarm {
+    let mut rng = ctx.rng("swarm");
+    let mut kinds: Vec<&'static str> = SWARM_KINDS
+        .iter()
+        .copied()
+        .filter(|_| rng.gen_bool(0.5))
+        .collect();
+    if kinds.is_empty() {
+        kinds.push(SWARM_KINDS[rng.gen_range(0..SWARM_KINDS.len())]);
+    }
+    let mut roles: Vec<Role> = Role::ALL
+        .iter()
+        .copied()
+        .filter(|_| rng.gen_bool(0.6))
+        .collect();
+    if roles.is_empty() {
+        roles.push(Role::Chat);
+    }
+    let rates: Vec<(&'static str, f64)> = kinds
+        .iter()
+        .map(|k| {
+            let (lo, hi) = match *k {
+                "disconnect" | "tunnel" => (2.0, 20.0),
+                "latency" | "loss" => (60.0, 180.0),
+                _ => (20.0, 90.0),
+            };
+            (*k, rng.gen_range(lo..hi))
+        })
+        .collect();
+    let mut faults = Vec::new();
+    for (kind, mean_s) in &rates {
+        let mut t = 2_000.0;
+        loop {
+            // Exponential gaps: a Poisson process per kind.
+            let u: f64 = rng.gen_range(1e-9..1.0);
+            t += -u.ln() * mean_s * 1000.0;
+            let at_ms = t as u64;
+            if at_ms >= ctx.duration_ms {
+                break;
+            }
+            let Some((fault, duration_ms)) = swarm_fault(kind, &roles, ctx, &mut rng) else {
+                continue;
+            };
+            if at_ms + duration_ms <= ctx.duration_ms {
+                faults.push(ScheduledFault {
+                    at_ms,
+                    duration_ms,
+                    fault,
+                });
+            }
+        }
+    }
+    Swarm {
+        rates,
+        roles,
+        schedule: Schedule {
+            name: "swarm".into(),
+            faults,
+        }
+        .sorted(),
+    }
+}
+
+fn pick_node(roles: &[Role], ctx: &Ctx, rng: &mut StdRng) -> Option<Target> {
+    let role = *roles.choose(rng)?;
+    let n = ctx.count(role);
+    (n > 0).then(|| Target::Node(role, rng.gen_range(0..n)))
+}
+
+fn swarm_fault(kind: &str, roles: &[Role], ctx: &Ctx, rng: &mut StdRng) -> Option<(Fault, u64)> {
+    Some(match kind {
+        "partition" => {
+            let servers = ctx.servers();
+            let (a, b) = match rng.gen_range(0..3) {
+                // One server cut off from the other servers (its clients may still reach it).
+                0 => {
+                    let t = *servers.choose(rng)?;
+                    (
+                        vec![t],
+                        servers.iter().copied().filter(|s| *s != t).collect(),
+                    )
+                }
+                // One server cut off from everything.
+                1 => {
+                    let t = *servers.choose(rng)?;
+                    let rest = servers
+                        .iter()
+                        .copied()
+                        .filter(|s| *s != t)
+                        .chain(ctx.all_devices())
+                        .collect();
+                    (vec![t], rest)
+                }
+                // A random split of every node.
+                _ => {
+                    let mut a = Vec::new();
+                    let mut b = Vec::new();
+                    for t in servers.into_iter().chain(ctx.all_devices()) {
+                        if rng.gen_bool(0.5) {
+                            a.push(t)
+                        } else {
+                            b.push(t)
+                        }
+                    }
+                    (a, b)
+                }
+            };
+            if a.is_empty() || b.is_empty() {
+                return None;
+            }
+            (
+                Fault::Partition {
+                    a,
+                    b,
+                    two_way: rng.gen_bool(0.7),
+                },
+                rng.gen_range(2_000..40_000),
+            )
+        }
+        "disconnect" => (
+            Fault::Disconnect {
+                device: rng.gen_range(0..ctx.devices.max(1)),
+            },
+            0,
+        ),
+        "tunnel" => (
+            Fault::Tunnel {
+                device: rng.gen_range(0..ctx.devices.max(1)),
+            },
+            tunnel_ms(rng),
+        ),
+        "crash" => (
+            Fault::Crash {
+                target: pick_node(roles, ctx, rng)?,
+            },
+            rng.gen_range(1_000..20_000),
+        ),
+        "clock_step" => {
+            let size = rng.gen_range(100..30_000i64);
+            (
+                Fault::ClockStep {
+                    idgen: rng.gen_range(0..ctx.idgen.max(1)),
+                    delta_ms: if rng.gen_bool(0.7) { -size } else { size },
+                },
+                rng.gen_range(5_000..60_000),
+            )
+        }
+        "pause" => (
+            Fault::Pause {
+                target: pick_node(roles, ctx, rng)?,
+            },
+            rng.gen_range(500..10_000),
+        ),
+        "latency" => {
+            let min_ms = rng.gen_range(5..50);
+            (
+                Fault::Latency {
+                    min_ms,
+                    max_ms: min_ms + rng.gen_range(10..300),
+                },
+                rng.gen_range(10_000..60_000),
+            )
+        }
+        "loss" => (
+            Fault::Loss {
+                per_mille: rng.gen_range(10..100),
+            },
+            rng.gen_range(10_000..30_000),
+        ),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn ctx(seed: u64) -> Ctx {
+        Ctx {
+            seed,
+            duration_ms: 300_000,
+            api: 2,
+            chat: 3,
+            idgen: 2,
+            kv: 3,
+            devices: 400,
+        }
+    }
+
     // Proves the light schedule kills one chat and one kv node inside the run, seeded.
     #[test]
     fn light_schedule_is_seeded_and_inside_the_run() {
-        let a = light(1, 300_000, 3, 3);
-        assert_eq!(a, light(1, 300_000, 3, 3));
+        let a = light(&ctx(1));
+        assert_eq!(a, light(&ctx(1)));
         assert_eq!(a.len(), 2);
         assert!(a.iter().all(|f| f.at_ms > 0 && f.at_ms < 300_000));
+    }
+
+    // Proves every named scenario draws a valid schedule (targets exist, heals in time) and
+    // that the same seed draws the same one.
+    #[test]
+    fn every_scenario_is_valid_and_seeded() {
+        for (name, _) in SCENARIOS {
+            for seed in 0..20 {
+                let s = scenario(name, &ctx(seed)).unwrap();
+                s.validate(&ctx(seed)).unwrap();
+                assert_eq!(s, scenario(name, &ctx(seed)).unwrap(), "{name}");
+                if *name != "none" && *name != "swarm" {
+                    assert!(!s.faults.is_empty(), "{name} has faults");
+                }
+            }
+        }
+        assert!(scenario("no-such", &ctx(1))
+            .unwrap_err()
+            .contains("unknown scenario"));
+    }
+
+    // Proves swarm plans differ between seeds and cover every fault kind over a few seeds.
+    #[test]
+    fn swarm_draws_kinds_from_the_seed() {
+        let mut kinds = std::collections::BTreeSet::new();
+        for seed in 0..40 {
+            let s = swarm(&ctx(seed));
+            assert!(!s.rates.is_empty());
+            s.schedule.validate(&ctx(seed)).unwrap();
+            kinds.extend(s.schedule.faults.iter().map(|f| f.fault.kind()));
+        }
+        assert_eq!(kinds.len(), SWARM_KINDS.len(), "{kinds:?}");
+        assert_ne!(swarm(&ctx(1)).schedule, swarm(&ctx(2)).schedule);
+    }
+
+    // Proves targets and schedules round-trip through their text forms.
+    #[test]
+    fn schedules_round_trip_as_json() {
+        for t in ["chat-0", "kv-2", "device-17", "discovery-0"] {
+            assert_eq!(t.parse::<Target>().unwrap().to_string(), t);
+        }
+        assert!("mars-1".parse::<Target>().is_err());
+        assert!("chat".parse::<Target>().is_err());
+        let s = scenario("everything", &ctx(3)).unwrap();
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Schedule>(&text).unwrap(), s);
+    }
+
+    // Proves validation refuses a target outside the cluster and a fault that outlives the run.
+    #[test]
+    fn validation_refuses_bad_schedules() {
+        let mut s = Schedule {
+            name: "t".into(),
+            faults: vec![crash(1_000, 1_000, Role::Chat, 9)],
+        };
+        assert!(s.validate(&ctx(1)).unwrap_err().contains("no node chat-9"));
+        s.faults = vec![crash(299_000, 5_000, Role::Chat, 0)];
+        assert!(s
+            .validate(&ctx(1))
+            .unwrap_err()
+            .contains("after the safety phase"));
+    }
+
+    #[test]
+    fn describe_compresses_device_runs() {
+        let t = vec![
+            Target::Node(Role::Chat, 0),
+            Target::Device(3),
+            Target::Device(4),
+            Target::Device(5),
+            Target::Device(9),
+        ];
+        assert_eq!(describe(&t), "chat-0, device-3..=5, device-9");
     }
 }

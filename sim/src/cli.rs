@@ -5,10 +5,12 @@ use std::path::PathBuf;
 /// chatsim: a Messenger-style chat system in a deterministic simulator.
 ///
 /// Runs the whole cluster (api, discovery, chat, idgen, kv, presence, push) and every device
-/// as nodes of a seeded madsim simulation, drives a workload with light faults (a safety
-/// phase), then brings every device online (a liveness phase), and checks from what the
-/// clients observed that no acknowledged message was lost, reordered or duplicated, and that
-/// presence and push behaved. Same seed, same run. Exit 0 when every invariant holds.
+/// as nodes of a seeded madsim simulation, drives a workload under a fault schedule (the
+/// safety phase: partitions, tunnels, crashes, clock steps, pauses, latency, loss), heals
+/// everything and brings every device online (the liveness phase), and checks from what the
+/// clients observed that no acknowledged message was lost, reordered or duplicated, that ids
+/// are unique, and that presence and push behaved. Same seed, same run. Exit 0 when every
+/// invariant holds.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "sim", version)]
 pub struct Opts {
@@ -28,9 +30,43 @@ pub struct Opts {
     /// Messages per user per minute while a device is online.
     #[arg(long, default_value_t = 2.5)]
     pub rate: f64,
-    /// Run without the light faults (chat and kv crash). Scripted connection drops stay.
+    /// Run without injected faults (same as `--scenario none`). Scripted connection drops stay.
     #[arg(long)]
     pub no_faults: bool,
+    /// The fault scenario (see --list-scenarios).
+    #[arg(long, default_value = "light", value_name = "NAME")]
+    pub scenario: String,
+    /// `swarm`: fault kinds, rates and targets drawn from the seed (same as `--scenario
+    /// swarm`); `scenario`: use --scenario; `none`: no faults.
+    #[arg(long, value_name = "MODE", value_parser = ["swarm", "scenario", "none"])]
+    pub faults: Option<String>,
+    /// List the named scenarios and exit.
+    #[arg(long)]
+    pub list_scenarios: bool,
+    /// Replay the fault schedule in this JSON file (as written by --shrink) instead of a
+    /// scenario.
+    #[arg(long, value_name = "FILE")]
+    pub schedule: Option<PathBuf>,
+    /// Print every fault of the schedule before the run.
+    #[arg(long)]
+    pub print_schedule: bool,
+    /// Run a range of seeds, `A..B` (B excluded) or `A..=B`, each on a fresh thread, and print
+    /// a summary of failures with the command that replays each.
+    #[arg(long, value_name = "A..B")]
+    pub seeds: Option<String>,
+    /// Seeds run at once with --seeds (each on its own thread).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// If the run fails, replay the seed with subsets of its fault schedule (delta debugging),
+    /// write the smallest schedule that still fails, and print the command that replays it.
+    #[arg(long)]
+    pub shrink: bool,
+    /// At most this many replays while shrinking.
+    #[arg(long, default_value_t = 150)]
+    pub shrink_runs: usize,
+    /// Where --shrink writes the smallest failing schedule (default: shrunk-seed-SEED.json).
+    #[arg(long, value_name = "FILE")]
+    pub shrink_out: Option<PathBuf>,
     /// Write the history (JSON lines, see docs/ARCHITECTURE.md) to this file.
     #[arg(long, value_name = "FILE")]
     pub history: Option<PathBuf>,
@@ -79,8 +115,14 @@ impl Opts {
         if self.rate != d.rate {
             a.push(format!("--rate {}", self.rate));
         }
-        if self.no_faults {
-            a.push("--no-faults".into());
+        match self.fault_source() {
+            FaultSource::None => a.push("--faults none".into()),
+            FaultSource::Scenario(name) if name != d.scenario => {
+                a.push(format!("--scenario {name}"))
+            }
+            FaultSource::Scenario(_) => {}
+            FaultSource::Swarm => a.push("--faults swarm".into()),
+            FaultSource::File(p) => a.push(format!("--schedule {}", p.display())),
         }
         for c in &self.canary {
             a.push(format!("--canary {c}"));
@@ -100,5 +142,97 @@ impl Opts {
 
     pub fn defaults() -> Self {
         <Self as clap::Parser>::parse_from(["sim"])
+    }
+
+    /// Where this run's faults come from.
+    pub fn fault_source(&self) -> FaultSource {
+        if let Some(p) = &self.schedule {
+            return FaultSource::File(p.clone());
+        }
+        match (
+            self.no_faults,
+            self.faults.as_deref(),
+            self.scenario.as_str(),
+        ) {
+            (true, _, _) | (_, Some("none"), _) | (_, _, "none") => FaultSource::None,
+            (_, Some("swarm"), _) | (_, _, "swarm") => FaultSource::Swarm,
+            (_, _, name) => FaultSource::Scenario(name.to_string()),
+        }
+    }
+
+    /// The seeds of `--seeds`, or just `--seed`.
+    pub fn seed_range(&self) -> Result<std::ops::Range<u64>, String> {
+        let Some(spec) = &self.seeds else {
+            return Ok(self.seed..self.seed + 1);
+        };
+        let bad = || format!("--seeds {spec}: expected A..B or A..=B, e.g. 1..100");
+        let (a, b, inclusive) = match spec.split_once("..=") {
+            Some((a, b)) => (a, b, true),
+            None => {
+                let (a, b) = spec.split_once("..").ok_or_else(bad)?;
+                (a, b, false)
+            }
+        };
+        let a: u64 = a.trim().parse().map_err(|_| bad())?;
+        let b: u64 = b.trim().parse().map_err(|_| bad())?;
+        let b = if inclusive { b + 1 } else { b };
+        if b <= a {
+            return Err(format!("--seeds {spec}: the range is empty"));
+        }
+        Ok(a..b)
+    }
+}
+
+/// Where a run's faults come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultSource {
+    None,
+    Scenario(String),
+    Swarm,
+    File(PathBuf),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    // Proves seed ranges parse both forms and refuse empty or malformed ones.
+    #[test]
+    fn seed_ranges() {
+        let o = |s: &str| Opts::parse_from(["sim", "--seeds", s]).seed_range();
+        assert_eq!(o("1..4").unwrap(), 1..4);
+        assert_eq!(o("1..=4").unwrap(), 1..5);
+        assert!(o("4..4").unwrap_err().contains("empty"));
+        assert!(o("x..4").unwrap_err().contains("expected A..B"));
+        assert_eq!(
+            Opts::parse_from(["sim", "--seed", "9"])
+                .seed_range()
+                .unwrap(),
+            9..10
+        );
+    }
+
+    // Proves every way of choosing faults maps to one source, and repro args replay it.
+    #[test]
+    fn fault_sources_and_repro_args() {
+        let p = |args: &[&str]| {
+            let mut v = vec!["sim"];
+            v.extend_from_slice(args);
+            Opts::parse_from(v)
+        };
+        assert_eq!(p(&[]).fault_source(), FaultSource::Scenario("light".into()));
+        assert_eq!(p(&["--no-faults"]).fault_source(), FaultSource::None);
+        assert_eq!(p(&["--faults", "swarm"]).fault_source(), FaultSource::Swarm);
+        assert_eq!(
+            p(&["--scenario", "swarm"]).fault_source(),
+            FaultSource::Swarm
+        );
+        let o = p(&["--seed", "7", "--scenario", "kv-crash"]);
+        assert_eq!(o.repro_args(), "--seed 7 --scenario kv-crash");
+        let o = p(&["--seed", "7", "--faults", "swarm", "--users", "50"]);
+        assert_eq!(o.repro_args(), "--seed 7 --users 50 --faults swarm");
+        let o = p(&["--schedule", "s.json", "--scenario", "kv-crash"]);
+        assert!(o.repro_args().contains("--schedule s.json"));
     }
 }

@@ -77,6 +77,11 @@ pub struct Cluster {
     pub nodes: BTreeMap<(Role, u32), NodeId>,
     pub api_addrs: Vec<SocketAddr>,
     pub map: ClusterMap,
+    /// Each kv node's disk: it outlives the process, and a crash loses its unsynced writes.
+    pub disks: BTreeMap<u32, Arc<SimDisk>>,
+    /// Each idgen node's wall clock: the machine's, so it outlives a process restart and can
+    /// be stepped by a fault.
+    pub clocks: BTreeMap<u32, Arc<SkewedClock>>,
 }
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
@@ -108,6 +113,8 @@ impl Cluster {
                 .map(|i| sa(ip(Role::Api, i), HTTP_PORT))
                 .collect(),
             map,
+            disks: BTreeMap::new(),
+            clocks: BTreeMap::new(),
         };
         let mut rng = StdRng::seed_from_u64(seed ^ 0x0043_4c55_5354_4552);
         c.add(&handle, Role::Discovery, 0, {
@@ -116,11 +123,14 @@ impl Cluster {
         });
         for i in 0..sizes.kv {
             let disk = SimDisk::new();
+            c.disks.insert(i, disk.clone());
             let listen = c.map.kv[i as usize];
+            let canaries = canaries.clone();
             c.add(&handle, Role::Kv, i, move || {
                 nodes::kv::server::run(nodes::kv::server::KvConfig {
                     listen,
                     storage: nodes::kv::server::Storage::Sim(disk.clone()),
+                    canaries: canaries.clone(),
                 })
             });
         }
@@ -132,13 +142,15 @@ impl Cluster {
         for i in 0..sizes.idgen {
             // Clock skew between idgen workers: the first is exact, others up to 200 ms off.
             let skew_ms = if i == 0 { 0 } else { rng.gen_range(-200..=200) };
+            let clock = SkewedClock::new(skew_ms);
+            c.clocks.insert(i, clock.clone());
             let listen = c.map.idgen[i as usize];
             let pf = peers_for.clone();
             c.add(&handle, Role::Idgen, i, move || {
                 nodes::idgen::server::run(nodes::idgen::server::IdgenConfig {
                     listen,
                     worker: i as u16 + 1,
-                    clock: SkewedClock::new(skew_ms),
+                    clock: clock.clone(),
                     peers: pf(),
                 })
             });
@@ -217,8 +229,14 @@ impl Cluster {
         self.nodes.insert((role, index), node.id());
     }
 
-    pub fn kill(&self, role: Role, index: u32) {
+    /// Kills a node: its tasks are dropped, its connections reset; a kv node's disk loses
+    /// every write not yet synced. Returns the writes lost.
+    pub fn kill(&self, role: Role, index: u32) -> u64 {
         Handle::current().kill(self.nodes[&(role, index)]);
+        match role {
+            Role::Kv => self.disks[&index].crash(),
+            _ => 0,
+        }
     }
 
     pub fn restart(&self, role: Role, index: u32) {

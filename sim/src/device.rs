@@ -30,6 +30,12 @@ const HEARTBEAT: Duration = Duration::from_millis(nodes::limits::HEARTBEAT_INTER
 const PRESENCE_REFRESH: Duration = Duration::from_secs(60);
 /// A write that takes longer than this means the connection is stuck: reconnect.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that brought nothing (not even a `heartbeat_ack`) for this long is dead: a
+/// partition or a tunnel raises no TCP error, so silence is the only sign.
+const SERVER_SILENT: Duration = Duration::from_millis(3 * nodes::limits::HEARTBEAT_INTERVAL_MS);
+/// The whole connect sequence (chat server lookup, WebSocket handshake, welcome) must finish
+/// in this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN_MS: u64 = 200;
 const BACKOFF_MAX_MS: u64 = 5_000;
@@ -66,6 +72,8 @@ struct App {
     /// Connections attempted so far: numbers each `hello`, so servers can tell a stale
     /// connection from the live one.
     connections: u64,
+    /// When the current connection last brought a frame.
+    last_heard: Instant,
     start: Instant,
 }
 
@@ -83,6 +91,7 @@ pub async fn run(ctx: DeviceCtx, start: Instant) {
         backoff_ms: BACKOFF_MIN_MS,
         next_connect: start,
         connections: 0,
+        last_heard: start,
         start,
     };
     app.main_loop().await;
@@ -141,7 +150,7 @@ impl App {
         let api = self.ctx.api[self.rng.gen_range(0..self.ctx.api.len())];
         let mut http = HttpClient::new(api);
         http.token = Some(self.ctx.login.token.clone());
-        let result = async {
+        let attempt = async {
             let cs: ChatServerResponse = http.get("/v1/chat-server").await?;
             let mut ws = WsConn::connect(&cs.url).await?;
             ws.send(&ClientFrame::Hello {
@@ -155,11 +164,15 @@ impl App {
                     "no welcome: {other:?}"
                 ))),
             }
-        }
-        .await;
+        };
+        let result = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(nodes::client::ClientError::Ws("connect timed out".into())),
+        };
         match result {
             Ok((ws, server)) => {
                 self.conn = Some(ws);
+                self.last_heard = Instant::now();
                 self.backoff_ms = BACKOFF_MIN_MS;
                 self.ctx.counters.add_connect();
                 self.record(Event::Connected {
@@ -352,6 +365,10 @@ impl App {
         if self.conn.is_none() {
             return;
         }
+        if Instant::now().duration_since(self.last_heard) > SERVER_SILENT {
+            self.lost_connection("server silent").await;
+            return;
+        }
         self.send_frame(ClientFrame::Heartbeat).await;
         let reads = self.state.take_reads();
         self.send_all(reads).await;
@@ -368,7 +385,10 @@ impl App {
     async fn on_incoming(&mut self, incoming: Incoming) {
         tracing::trace!(device = self.device(), ?incoming, "incoming");
         let frame = match incoming {
-            Incoming::Frame(f) => f,
+            Incoming::Frame(f) => {
+                self.last_heard = Instant::now();
+                f
+            }
             Incoming::Unparsed(t) => {
                 tracing::warn!(device = self.device(), frame = %t, "unparsed server frame");
                 return;
@@ -379,10 +399,15 @@ impl App {
             }
         };
         let (obs, out) = self.state.on_frame(frame);
+        let mut refresh = false;
         for o in obs {
+            refresh |= o == Observation::PresenceRefresh;
             self.observe(o);
         }
         self.send_all(out).await;
+        if refresh {
+            self.ask_presence().await;
+        }
     }
 
     fn observe(&self, o: Observation) {
@@ -447,6 +472,7 @@ impl App {
                 self.ctx.counters.add_error(code.as_str());
                 return;
             }
+            Observation::PresenceRefresh => return,
         };
         self.record(ev);
     }

@@ -105,14 +105,33 @@ pub enum Event {
         op: MemberOp,
         members: u32,
     },
-    /// A fault was applied.
-    Fault { kind: String, targets: Vec<String> },
-    /// A fault was healed.
-    Heal { kind: String, targets: Vec<String> },
+    /// A fault was applied. `kind`: partition, disconnect, tunnel, crash, clock_step, pause,
+    /// latency, loss. `targets`: node names (`chat-0`, `device-17` where 17 is the device's
+    /// workload index, see `device`); a partition lists side `a` then side `b`. `detail`: the
+    /// parameters (partition sides, clock delta, latency range, loss rate).
+    Fault {
+        kind: String,
+        targets: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+    /// A fault was healed (same `kind`, `targets` and `detail` as its `fault`).
+    Heal {
+        kind: String,
+        targets: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
     /// Phase boundary: `safety`, `liveness`, `end`.
     Phase { name: String },
-    /// A device was registered for a user (its first login).
-    Device { user: Id, device: Id },
+    /// A device was registered for a user (its first login). `index` is its place in the
+    /// workload: fault targets name it `device-INDEX`.
+    Device {
+        user: Id,
+        device: Id,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        index: Option<u32>,
+    },
     /// A device's WebSocket session to a chat server was established and authenticated.
     Connected {
         user: Id,

@@ -4,6 +4,7 @@
 //! nodes (`cluster`, `device`), the run's phases and faults (`run`) and its report (`output`).
 //! The `sim` binary (`main.rs`) is the front door.
 
+pub mod analysis;
 pub mod checkers;
 pub mod cli;
 pub mod history;
@@ -15,6 +16,10 @@ pub mod cluster;
 #[cfg(madsim)]
 pub mod device;
 #[cfg(madsim)]
+pub mod faults;
+#[cfg(madsim)]
 pub mod output;
 #[cfg(madsim)]
 pub mod run;
+#[cfg(madsim)]
+pub mod sweep;

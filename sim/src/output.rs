@@ -3,7 +3,9 @@
 
 use nodes::canary::Canaries;
 
-use crate::cli::Opts;
+use scenarios::Schedule;
+
+use crate::cli::{FaultSource, Opts};
 use crate::run::Outcome;
 
 pub fn print_header(opts: &Opts, canaries: &Canaries) {
@@ -14,13 +16,50 @@ pub fn print_header(opts: &Opts, canaries: &Canaries) {
         opts.duration,
         opts.liveness_budget,
         opts.rate,
-        if opts.no_faults { "none" } else { "light" },
+        match opts.fault_source() {
+            FaultSource::None => "none".to_string(),
+            FaultSource::Scenario(n) => n,
+            FaultSource::Swarm => "swarm".to_string(),
+            FaultSource::File(p) => format!("schedule file {}", p.display()),
+        },
         opts.api,
         opts.chat,
         opts.idgen,
         opts.kv,
         canaries.names().join(",")
     );
+}
+
+/// Prints what the schedule holds: for swarm the plan drawn from the seed, then the count of
+/// faults by kind; every fault with --print-schedule.
+pub fn print_schedule(opts: &Opts, schedule: &Schedule) {
+    if opts.fault_source() == FaultSource::Swarm {
+        println!("{}", scenarios::swarm(&crate::run::scenario_ctx(opts)));
+    }
+    let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+    for f in &schedule.faults {
+        *kinds.entry(f.fault.kind()).or_default() += 1;
+    }
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}={n}")).collect();
+    println!(
+        "schedule: {} ({} faults: {})",
+        schedule.name,
+        schedule.faults.len(),
+        if kinds.is_empty() {
+            "none".to_string()
+        } else {
+            kinds.join(" ")
+        }
+    );
+    if opts.print_schedule {
+        for f in &schedule.faults {
+            println!("  {f}");
+        }
+    }
+}
+
+fn secs(us: Option<u64>) -> String {
+    us.map_or("never".to_string(), |u| format!("{:.1} s", u as f64 / 1e6))
 }
 
 /// Prints the outcome; returns the exit code (0 when every invariant holds).
@@ -56,6 +95,37 @@ pub fn print_outcome(opts: &Opts, o: &Outcome) -> i32 {
             errs.join(" ")
         );
     }
+    let c = &o.convergence;
+    println!(
+        "after the heal: backlog delivered in {} ({} deliveries), presence settled in {}, every device connected in {}{}",
+        secs(c.backlog_delivered_after_us),
+        c.backlog_deliveries,
+        secs(c.presence_settled_after_us),
+        secs(c.all_connected_after_us),
+        if c.devices_not_connected > 0 {
+            format!(" ({} devices not connected at the end)", c.devices_not_connected)
+        } else {
+            String::new()
+        }
+    );
+    for st in &o.storms {
+        println!(
+            "reconnect storm: {} crashed at {:.1} s with {} devices; peak {} connects per simulated s; reconnect p50 {} p99 {}; all back in {}",
+            st.server,
+            st.crashed_at_us as f64 / 1e6,
+            st.dropped,
+            st.peak_connects_per_s,
+            secs(st.reconnect_p50_us),
+            secs(st.reconnect_p99_us),
+            secs(st.all_back_after_us)
+        );
+    }
+    if s.faults > 0 {
+        println!(
+            "faults: {} applied; kv writes lost to crashes (unsynced): {}",
+            s.faults, s.lost_disk_writes
+        );
+    }
     println!(
         "time: simulated {:.1} s, wall {:.2} s, {:.1} simulated s per wall s; network {} messages, {:.0} per wall s; history {} events, hash {}",
         s.sim_secs,
@@ -80,14 +150,19 @@ pub fn print_outcome(opts: &Opts, o: &Outcome) -> i32 {
     }
     println!();
     println!("result: FAIL");
+    println!("reproduce: {}", repro_command(opts));
+    1
+}
+
+/// The exact command that replays this run.
+pub fn repro_command(opts: &Opts) -> String {
     let features = if opts.canary.is_empty() {
         ""
     } else {
         " --features canaries"
     };
-    println!(
-        "reproduce: cargo run -p sim{features} -- {} --history history.jsonl",
+    format!(
+        "cargo run --release -p sim{features} -- {} --history history.jsonl",
         opts.repro_args()
-    );
-    1
+    )
 }

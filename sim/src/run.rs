@@ -15,13 +15,14 @@ use nodes::client::ClientError;
 use nodes::proto::client::*;
 use nodes::proto::Id;
 use nodes::push::{Notification, PushError, PushProvider};
-use scenarios::{Fault, Role, ScheduledFault};
+use scenarios::{Role, Schedule};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use workloads::Workload;
 
+use crate::analysis::{self, Convergence, Storm};
 use crate::checkers::{self, CheckReport, Params};
-use crate::cli::Opts;
+use crate::cli::{FaultSource, Opts};
 use crate::cluster::{self, Cluster, Sizes};
 use crate::device::{self, DeviceCtx};
 use crate::history::{Event, MemberOp, Record};
@@ -120,6 +121,23 @@ pub struct Outcome {
     pub history: Vec<Record>,
     pub reports: Vec<CheckReport>,
     pub stats: Stats,
+    pub convergence: Convergence,
+    pub storms: Vec<Storm>,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.reports.iter().all(|r| r.violation_count == 0)
+    }
+
+    /// Names of the invariants that failed.
+    pub fn failed(&self) -> Vec<&'static str> {
+        self.reports
+            .iter()
+            .filter(|r| r.violation_count > 0)
+            .map(|r| r.name)
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -142,6 +160,9 @@ pub struct Stats {
     pub sim_secs: f64,
     /// Messages the simulated network carried (madsim's count: one per flushed TCP write).
     pub net_messages: u64,
+    /// kv writes lost to crashes (not yet synced when the node died).
+    pub lost_disk_writes: u64,
+    pub faults: usize,
     pub wall_secs: f64,
     pub history_hash: String,
 }
@@ -163,23 +184,85 @@ pub fn main(opts: Opts) -> i32 {
             return 2;
         }
     };
-    crate::output::print_header(&opts, &canaries);
-    if opts.check_determinism {
-        return check_determinism(&opts, &canaries);
+    if opts.list_scenarios {
+        for (name, what) in scenarios::SCENARIOS {
+            println!("{name:<20} {what}");
+        }
+        return 0;
     }
-    let outcome = run_on_fresh_thread(&opts, &canaries);
+    if opts.seeds.is_some() {
+        return crate::sweep::seeds(&opts, &canaries);
+    }
+    let schedule = match schedule_for(&opts) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    crate::output::print_header(&opts, &canaries);
+    crate::output::print_schedule(&opts, &schedule);
+    if opts.check_determinism {
+        return check_determinism(&opts, &canaries, &schedule);
+    }
+    let outcome = run_on_fresh_thread(&opts, &canaries, &schedule);
     if let Some(path) = &opts.history {
         if let Err(e) = write_history(path, &outcome.history) {
             eprintln!("error: writing {}: {e}", path.display());
             return 2;
         }
     }
-    crate::output::print_outcome(&opts, &outcome)
+    let code = crate::output::print_outcome(&opts, &outcome);
+    if code != 0 && opts.shrink {
+        return crate::sweep::shrink(&opts, &canaries, &schedule, &outcome);
+    }
+    code
 }
 
-fn check_determinism(opts: &Opts, canaries: &Canaries) -> i32 {
-    let a = run_on_fresh_thread(opts, canaries);
-    let b = run_on_fresh_thread(opts, canaries);
+/// The scenario's context for this run: the cluster's size, the workload's device count and
+/// the safety phase's length.
+pub fn scenario_ctx(opts: &Opts) -> scenarios::Ctx {
+    scenarios::Ctx {
+        seed: opts.seed,
+        duration_ms: opts.duration * 1000,
+        api: opts.api,
+        chat: opts.chat,
+        idgen: opts.idgen,
+        kv: opts.kv,
+        devices: workloads::generate(&workload_config(opts), opts.seed).device_count() as u32,
+    }
+}
+
+fn workload_config(opts: &Opts) -> workloads::Config {
+    workloads::Config {
+        users: opts.users,
+        duration_ms: opts.duration * 1000,
+        messages_per_user_per_min: opts.rate,
+    }
+}
+
+/// The fault schedule the options ask for, drawn from the seed (or read from a file).
+pub fn schedule_for(opts: &Opts) -> Result<Schedule, String> {
+    let ctx = scenario_ctx(opts);
+    let schedule = match opts.fault_source() {
+        FaultSource::None => scenarios::scenario("none", &ctx)?,
+        FaultSource::Scenario(name) => scenarios::scenario(&name, &ctx)?,
+        FaultSource::Swarm => scenarios::swarm(&ctx).schedule,
+        FaultSource::File(path) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let s: Schedule = serde_json::from_str(&text)
+                .map_err(|e| format!("{} is not a schedule: {e}", path.display()))?;
+            s.sorted()
+        }
+    };
+    schedule.validate(&ctx)?;
+    Ok(schedule)
+}
+
+fn check_determinism(opts: &Opts, canaries: &Canaries, schedule: &Schedule) -> i32 {
+    let a = run_on_fresh_thread(opts, canaries, schedule);
+    let b = run_on_fresh_thread(opts, canaries, schedule);
     println!("history hash run 1: {}", a.stats.history_hash);
     println!("history hash run 2: {}", b.stats.history_hash);
     if a.stats.history_hash == b.stats.history_hash {
@@ -225,45 +308,49 @@ pub fn history_hash(history: &[Record]) -> String {
     hex::encode(h.finalize())
 }
 
+/// Runs one seed with the schedule its options ask for (panics on an invalid one: for tests).
+pub fn run_opts(opts: &Opts, canaries: &Canaries) -> Outcome {
+    let schedule = schedule_for(opts).expect("a valid fault schedule");
+    run_on_fresh_thread(opts, canaries, &schedule)
+}
+
 /// Runs one seed on a fresh OS thread with a fresh runtime (hyper caches per thread; statics
 /// must not leak between seeds).
-pub fn run_on_fresh_thread(opts: &Opts, canaries: &Canaries) -> Outcome {
+pub fn run_on_fresh_thread(opts: &Opts, canaries: &Canaries, schedule: &Schedule) -> Outcome {
     let opts = opts.clone();
     let canaries = canaries.clone();
+    let schedule = schedule.clone();
     std::thread::Builder::new()
         .name(format!("seed-{}", opts.seed))
         .stack_size(64 << 20)
-        .spawn(move || simulate(&opts, &canaries))
+        .spawn(move || simulate(&opts, &canaries, &schedule))
         .expect("spawn a thread for the seed")
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
-fn simulate(opts: &Opts, canaries: &Canaries) -> Outcome {
+fn simulate(opts: &Opts, canaries: &Canaries, schedule: &Schedule) -> Outcome {
     let wall = std::time::Instant::now();
     let rt = madsim::runtime::Runtime::with_seed_and_config(opts.seed, madsim::Config::default());
-    let (history, mut stats) = rt.block_on(drive(opts.clone(), canaries.clone()));
+    let (history, mut stats) = rt.block_on(drive(opts.clone(), canaries.clone(), schedule.clone()));
     stats.wall_secs = wall.elapsed().as_secs_f64();
     stats.history_hash = history_hash(&history);
     let reports = checkers::run_all(&history, &Params::default());
     Outcome {
+        convergence: analysis::convergence(&history),
+        storms: analysis::storms(&history),
         history,
         reports,
         stats,
     }
 }
 
-async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
+async fn drive(opts: Opts, canaries: Canaries, schedule: Schedule) -> (Vec<Record>, Stats) {
     let start = Instant::now();
     let recorder = Recorder::new(start);
     let counters = Arc::new(Counters::default());
     let pushes = Arc::new(AtomicU64::new(0));
-    let wl_cfg = workloads::Config {
-        users: opts.users,
-        duration_ms: opts.duration * 1000,
-        messages_per_user_per_min: opts.rate,
-    };
-    let workload = workloads::generate(&wl_cfg, opts.seed);
+    let workload = workloads::generate(&workload_config(&opts), opts.seed);
     let sizes = Sizes {
         api: opts.api,
         chat: opts.chat,
@@ -283,7 +370,7 @@ async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
     let setup = run_setup(&cluster, &workload, &recorder).await;
     let traffic_start = Instant::now();
     let liveness_at = Duration::from_secs(opts.duration);
-    start_devices(
+    let device_nodes = start_devices(
         &cluster,
         &workload,
         &setup,
@@ -293,12 +380,9 @@ async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
         &canaries,
         traffic_start,
     );
-    let faults = if opts.no_faults {
-        Vec::new()
-    } else {
-        scenarios::light(opts.seed, opts.duration * 1000, opts.chat, opts.kv)
-    };
-    apply_faults(&cluster, faults, &recorder, traffic_start).await;
+    let mut injector = crate::faults::Injector::new(&cluster, device_nodes, recorder.clone());
+    injector.run(&schedule.faults, traffic_start).await;
+    let lost_disk_writes = injector.lost_writes;
     tokio::time::sleep_until(traffic_start + liveness_at).await;
     recorder.record(Event::Phase {
         name: "liveness".into(),
@@ -336,6 +420,8 @@ async fn drive(opts: Opts, canaries: Canaries) -> (Vec<Record>, Stats) {
         server_errors,
         sim_secs,
         net_messages,
+        lost_disk_writes,
+        faults: schedule.faults.len(),
         ..Stats::default()
     };
     (history, stats)
@@ -459,10 +545,11 @@ async fn setup_inner(
     })
     .await;
     let mut tokens: BTreeMap<u32, String> = BTreeMap::new();
-    for (d, r) in w.devices.iter().zip(&logins) {
+    for (i, (d, r)) in w.devices.iter().zip(&logins).enumerate() {
         recorder.record(Event::Device {
             user: r.user,
             device: r.device,
+            index: Some(i as u32),
         });
         tokens.entry(d.user).or_insert_with(|| r.token.clone());
     }
@@ -608,8 +695,9 @@ fn start_devices(
     opts: &Opts,
     canaries: &Canaries,
     start: Instant,
-) {
+) -> Vec<madsim::task::NodeId> {
     let handle = madsim::runtime::Handle::current();
+    let mut ids = Vec::with_capacity(w.devices.len());
     let all_groups = Arc::new(setup.groups.clone());
     for (i, d) in w.devices.iter().enumerate() {
         let groups = w
@@ -638,46 +726,7 @@ fn start_devices(
             .ip(IpAddr::V4(cluster::device_ip(i as u32)))
             .build();
         node.spawn(device::run(ctx, start));
+        ids.push(node.id());
     }
-}
-
-/// Applies the schedule: each fault and its heal are `fault` / `heal` events.
-async fn apply_faults(
-    cluster: &Cluster,
-    faults: Vec<ScheduledFault>,
-    recorder: &Recorder,
-    start: Instant,
-) {
-    // Crashes are applied in order; each restart follows its kill.
-    let mut timeline: Vec<(u64, bool, Role, u32)> = Vec::new();
-    for f in faults {
-        match f.fault {
-            Fault::Crash {
-                role,
-                index,
-                down_ms,
-            } => {
-                timeline.push((f.at_ms, true, role, index));
-                timeline.push((f.at_ms + down_ms, false, role, index));
-            }
-        }
-    }
-    timeline.sort_by_key(|t| (t.0, !t.1));
-    for (at_ms, kill, role, index) in timeline {
-        tokio::time::sleep_until(start + Duration::from_millis(at_ms)).await;
-        let targets = vec![format!("{}-{}", role.name(), index)];
-        if kill {
-            cluster.kill(role, index);
-            recorder.record(Event::Fault {
-                kind: "crash".into(),
-                targets,
-            });
-        } else {
-            cluster.restart(role, index);
-            recorder.record(Event::Heal {
-                kind: "crash".into(),
-                targets,
-            });
-        }
-    }
+    ids
 }

@@ -8,7 +8,7 @@
 
 use nodes::canary::Canaries;
 use sim::cli::Opts;
-use sim::run::run_on_fresh_thread;
+use sim::run::run_opts as run_on_fresh_thread;
 
 fn small(seed: u64) -> Opts {
     Opts {

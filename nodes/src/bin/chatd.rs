@@ -100,6 +100,7 @@ async fn all_in_one(a: AllInOne) -> anyhow::Result<()> {
         let cfg = KvConfig {
             listen: *addr,
             storage: Storage::File(a.data.join(format!("kv-{i}.redb"))),
+            canaries: Canaries::none(),
         };
         tasks.push(tokio::spawn(nodes::kv::server::run(cfg)));
     }

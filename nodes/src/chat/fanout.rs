@@ -154,9 +154,21 @@ async fn push_offline(state: &ChatState, c: &Committed) -> bool {
                 .collect(),
             // Presence unknown: do not push now (a push to an online user is worse than a
             // late one); the pending fanout is redone by a sweep.
-            _ => return false,
+            other => {
+                tracing::debug!(
+                    message = c.message.message_id,
+                    ?other,
+                    "presence unknown; push later"
+                );
+                return false;
+            }
         }
     };
+    tracing::debug!(
+        message = c.message.message_id,
+        ?offline,
+        "push to offline members"
+    );
     if offline.is_empty() {
         return true;
     }
@@ -166,7 +178,13 @@ async fn push_offline(state: &ChatState, c: &Committed) -> bool {
             users: offline.clone(),
         };
         match peers.push.call(req).await {
-            Ok(_) => return true,
+            Ok(Response::Ok) => return true,
+            Ok(other) => {
+                // The push node answered but not every device was handled (its kv shard
+                // down, a claim held elsewhere): not done; retry, then leave it to a sweep.
+                tracing::debug!(attempt, answer = ?other, "push incomplete; retrying");
+                tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
+            }
             Err(e) => {
                 tracing::debug!(attempt, error = %e, "push request failed; retrying");
                 tokio::time::sleep(Duration::from_secs(attempt as u64)).await;

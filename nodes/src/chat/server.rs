@@ -89,6 +89,8 @@ pub struct ChatState {
     /// Device -> its session here. A std mutex: never held across an await.
     sessions: Mutex<BTreeMap<Id, SessionHandle>>,
     next_epoch: AtomicU64,
+    /// The presence node's boot time last seen, and whether it was seen warming up since.
+    presence_boot: Mutex<(Option<u64>, bool)>,
     /// Errors sent to devices, by code (answered to `ChatStats`). A std mutex: short updates.
     errors: Mutex<BTreeMap<ErrorCode, u64>>,
 }
@@ -156,6 +158,18 @@ impl ChatState {
 
     /// Queues a frame to each listed device held here. A device whose queue is full is too
     /// slow: it is disconnected (`slow_consumer`) and will resync from its cursor.
+    /// Sends `frame` to every session here; returns how many took it.
+    pub fn broadcast(&self, frame: &ServerFrame) -> usize {
+        let devices: Vec<Id> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        self.deliver_local(&devices, frame)
+    }
+
     pub fn deliver_local(&self, devices: &[Id], frame: &ServerFrame) -> usize {
         let targets: Vec<SessionHandle> = {
             let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -219,6 +233,7 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         sessions: Mutex::new(BTreeMap::new()),
         next_epoch: AtomicU64::new(1),
+        presence_boot: Mutex::new((None, false)),
         errors: Mutex::new(BTreeMap::new()),
     });
     let listener = net::bind(cfg.ws_listen).await?;
@@ -304,11 +319,37 @@ fn info(state: &ChatState) -> ChatServerInfo {
     }
 }
 
-/// Subscribes (or renews the subscription) to presence changes; true on success.
+/// Subscribes (or renews the subscription) to presence changes; true on success. When the
+/// presence node restarted (its boot time changed, or it was warming up) every session is
+/// told to ask for its friends' presence again: changes published before the restart, or
+/// lost with it, would otherwise leave views stale.
 async fn subscribe_presence(state: &ChatState) -> bool {
     let req = Request::SubscribePresence { info: info(state) };
     match state.peers().presence.call(req).await {
-        Ok(_) => true,
+        Ok(answer) => {
+            let refresh = {
+                let mut seen = state
+                    .presence_boot
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                match answer {
+                    Response::Id(boot) => {
+                        let changed = seen.0.is_some_and(|b| b != boot) || seen.1;
+                        *seen = (Some(boot), false);
+                        changed
+                    }
+                    _ => {
+                        seen.1 = true;
+                        false
+                    }
+                }
+            };
+            if refresh {
+                let n = state.broadcast(&ServerFrame::PresenceRefresh);
+                tracing::info!(sessions = n, "presence restarted; sessions told to refresh");
+            }
+            true
+        }
         Err(e) => {
             tracing::debug!(error = %e, "presence subscription failed");
             false

@@ -358,6 +358,7 @@ impl Session {
             ClientFrame::Heartbeat => {
                 self.on_heartbeat();
                 self.flush_reads();
+                self.send(ServerFrame::HeartbeatAck).await;
             }
             ClientFrame::PresenceQuery { users } => self.on_presence_query(users).await,
             ClientFrame::Logout => {
@@ -520,6 +521,7 @@ impl Session {
         let req = Request::Heartbeat {
             user: self.user,
             device: self.device,
+            at_ms: unix_ms(),
         };
         tokio::spawn(async move {
             if let Err(e) = presence.call(req).await {
@@ -591,8 +593,19 @@ impl Session {
     async fn close(mut self) {
         self.flush_reads();
         self.state.detach(self.device, self.epoch);
-        let entry = self.entry();
+        let mut entry = self.entry();
         let kv = self.state.peers().kv_for_user(self.user).clone();
+        if self.state.peers().canaries.is_on(Canary::StaleChatServer) {
+            // The canary's bug: clear whatever entry the device has now, even a newer session's.
+            let req = Request::GetSessions {
+                users: vec![self.user],
+            };
+            if let Ok(Response::Sessions(list)) = kv.call(req).await {
+                if let Some(current) = list.into_iter().find(|e| e.device == self.device) {
+                    entry = current;
+                }
+            }
+        }
         let _ = kv.call(Request::ClearSession { entry }).await;
     }
 }

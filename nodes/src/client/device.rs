@@ -45,6 +45,8 @@ pub enum Observation {
         code: ErrorCode,
         detail: String,
     },
+    /// The server asks the app to query its friends' presence again (the app owns the list).
+    PresenceRefresh,
 }
 
 /// A send waiting for its acknowledgement.
@@ -180,7 +182,8 @@ impl DeviceState {
         let mut obs = Vec::new();
         let mut out = Vec::new();
         match frame {
-            ServerFrame::Welcome { .. } => {}
+            ServerFrame::Welcome { .. } | ServerFrame::HeartbeatAck => {}
+            ServerFrame::PresenceRefresh => obs.push(Observation::PresenceRefresh),
             ServerFrame::Ack {
                 client_msg_id,
                 channel,

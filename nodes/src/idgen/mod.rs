@@ -45,6 +45,8 @@ pub struct Snowflake {
     last_seq: u64,
     /// No id is issued with milliseconds above this (the time leased in kv).
     reserved_until_ms: u64,
+    /// The idgen-ignores-clock canary: take the clock's reading even below the last id.
+    follow_clock: bool,
 }
 
 impl Snowflake {
@@ -58,7 +60,13 @@ impl Snowflake {
             last_ts_ms: EPOCH_MS,
             last_seq: 0,
             reserved_until_ms: u64::MAX,
+            follow_clock: false,
         }
+    }
+
+    /// The idgen-ignores-clock canary's bug: ids follow the clock even when it steps back.
+    pub fn set_follow_clock(&mut self, on: bool) {
+        self.follow_clock = on;
     }
 
     /// Resumes after a restart: never issue at or below `floor_ms`.
@@ -99,7 +107,11 @@ impl Snowflake {
     /// greater than `after`.
     pub fn next(&mut self, now_ms: u64, after: Option<Id>) -> Id {
         let now_ms = now_ms.max(EPOCH_MS);
-        let mut ts = now_ms.max(self.last_ts_ms);
+        let mut ts = if self.follow_clock {
+            now_ms
+        } else {
+            now_ms.max(self.last_ts_ms)
+        };
         let mut seq = if ts == self.last_ts_ms {
             self.last_seq + 1
         } else {

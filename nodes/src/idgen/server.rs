@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::FutureExt;
 
 use super::Snowflake;
+use crate::canary::Canary;
 use crate::clock::Clock;
 use crate::cluster::Peers;
 use crate::proto::client::ErrorCode;
@@ -31,7 +32,9 @@ const LEASE_AHEAD_MS: u64 = 10_000;
 const RENEW_EVERY: Duration = Duration::from_secs(2);
 
 pub async fn run(cfg: IdgenConfig) -> anyhow::Result<()> {
+    let follow_clock = cfg.peers.canaries.is_on(Canary::IdgenIgnoresClock);
     let mut gen = Snowflake::new(cfg.worker);
+    gen.set_follow_clock(follow_clock);
     gen.set_reserved(0); // Nothing may be issued before the first lease.
                          // A std mutex: `next` is synchronous and never held across an await.
     let gen = Arc::new(Mutex::new(gen));
@@ -89,6 +92,7 @@ async fn lease_loop(
                     // Every id issued before the restart is at or below `previous`.
                     let mut fresh = Snowflake::with_floor(worker, previous.max(clock.now_ms()));
                     fresh.set_reserved(previous.max(until_ms));
+                    fresh.set_follow_clock(peers.canaries.is_on(Canary::IdgenIgnoresClock));
                     *g = fresh;
                     started = true;
                 } else {

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 
-use super::disk::{SimDisk, SimDiskBackend};
+use super::disk::SimDisk;
 use super::Store;
+use crate::canary::{Canaries, Canary};
 use crate::rpc;
 
 /// Where a kv node keeps its bytes.
@@ -26,14 +27,16 @@ pub enum Storage {
 pub struct KvConfig {
     pub listen: SocketAddr,
     pub storage: Storage,
+    pub canaries: Canaries,
 }
+
+/// How often the kv-ack-before-sync canary fsyncs what it acknowledged.
+const CANARY_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Opens the database on `storage`.
 pub fn open(storage: &Storage) -> anyhow::Result<Store> {
     let db = match storage {
-        Storage::Sim(disk) => {
-            redb::Database::builder().create_with_backend(SimDiskBackend(disk.clone()))?
-        }
+        Storage::Sim(disk) => redb::Database::builder().create_with_backend(disk.backend())?,
         Storage::File(path) => {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -46,7 +49,22 @@ pub fn open(storage: &Storage) -> anyhow::Result<Store> {
 
 /// Runs a kv node until the process (or simulated node) dies.
 pub async fn run(cfg: KvConfig) -> anyhow::Result<()> {
-    let store = Arc::new(open(&cfg.storage)?);
+    let mut store = open(&cfg.storage)?;
+    if cfg.canaries.is_on(Canary::KvAckBeforeSync) {
+        store.set_durable(false);
+    }
+    let store = Arc::new(store);
+    if cfg.canaries.is_on(Canary::KvAckBeforeSync) {
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CANARY_SYNC_EVERY).await;
+                if let Err(e) = store.sync() {
+                    tracing::warn!(error = %e, "background sync failed");
+                }
+            }
+        });
+    }
     tracing::info!(listen = %cfg.listen, "kv node up");
     let handler: rpc::Handler = Arc::new(move |req| {
         let store = store.clone();

@@ -38,7 +38,10 @@ const LAST_ACTIVE: TableDefinition<u64, u64> = TableDefinition::new("last_active
 /// commit's transaction, removed by `FanoutDone`, swept by chat servers after a crash.
 const PENDING: TableDefinition<(u64, u64), u64> = TableDefinition::new("pending_fanout");
 /// (message_id, device) -> 1 once a push was sent.
-const PUSHED: TableDefinition<(u64, u64), u64> = TableDefinition::new("pushed");
+/// (message, device) -> (claim, claimed at ms); claimed at `u64::MAX` means notified.
+const PUSHED: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("push_claims");
+/// How long a push claim keeps others out (its holder may have died before notifying).
+pub const PUSH_CLAIM_TTL_MS: u64 = 60_000;
 
 type R<T> = Result<T, redb::Error>;
 
@@ -60,6 +63,8 @@ fn refuse(code: ErrorCode, detail: impl Into<String>) -> Response {
 /// One shard's database.
 pub struct Store {
     db: Database,
+    /// Commit with fsync (always, except under the kv-ack-before-sync canary).
+    durable: bool,
 }
 
 impl Store {
@@ -78,7 +83,21 @@ impl Store {
         txn.open_table(PUSHED)?;
         txn.open_table(PENDING)?;
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self { db, durable: true })
+    }
+
+    /// Whether commits fsync before they are acknowledged. Only the kv-ack-before-sync canary
+    /// turns this off.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.durable = durable;
+    }
+
+    /// A durable (fsync'd) empty commit: makes every earlier commit durable.
+    pub fn sync(&self) -> R<()> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// Executes one request. Storage failures answer `unavailable` (the caller may retry).
@@ -175,7 +194,19 @@ impl Store {
                 txn.commit()?;
                 Ok(Response::Ok)
             }
-            Request::MarkPushed { message_id, device } => self.mark_pushed(message_id, device),
+            Request::ClaimPush {
+                message_id,
+                device,
+                claim,
+                now_ms,
+            } => self.claim_push(message_id, device, claim, now_ms),
+            Request::ConfirmPush { message_id, device } => {
+                let txn = self.begin_write()?;
+                txn.open_table(PUSHED)?
+                    .insert((message_id, device), (0, u64::MAX))?;
+                txn.commit()?;
+                Ok(Response::Ok)
+            }
             other => Ok(refuse(
                 ErrorCode::BadRequest,
                 format!("kv does not serve {other:?}"),
@@ -185,7 +216,11 @@ impl Store {
 
     fn begin_write(&self) -> R<redb::WriteTransaction> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
+        txn.set_durability(if self.durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
         Ok(txn)
     }
 
@@ -531,14 +566,35 @@ impl Store {
         Ok(Response::Sessions(out))
     }
 
-    fn mark_pushed(&self, message_id: Id, device: Id) -> R<Response> {
+    fn claim_push(&self, message_id: Id, device: Id, claim: u64, now_ms: u64) -> R<Response> {
         let txn = self.begin_write()?;
-        let first = txn
-            .open_table(PUSHED)?
-            .insert((message_id, device), 1)?
-            .is_none();
+        let granted = {
+            let t = txn.open_table(PUSHED)?;
+            let key = (message_id, device);
+            let current = t.get(key)?.map(|v| v.value());
+            match current {
+                None => Some(true),
+                Some((_, u64::MAX)) => Some(false),
+                Some((held, at))
+                    if held == claim || now_ms >= at.saturating_add(PUSH_CLAIM_TTL_MS) =>
+                {
+                    Some(true)
+                }
+                Some(_) => None,
+            }
+        };
+        if granted == Some(true) {
+            txn.open_table(PUSHED)?
+                .insert((message_id, device), (claim, now_ms))?;
+        }
         txn.commit()?;
-        Ok(Response::Bool(first))
+        Ok(match granted {
+            Some(g) => Response::Bool(g),
+            None => refuse(
+                ErrorCode::Unavailable,
+                "another push holds the claim; retry after it lapses",
+            ),
+        })
     }
 }
 
@@ -721,5 +777,46 @@ mod tests {
             s.apply(Request::GetCursors { device: 5 }),
             Response::Cursors(BTreeMap::from([(7, 9), (8, 2)]))
         );
+    }
+
+    // Proves push claims: the first claimer wins, its retry is recognised, others are refused
+    // while the claim is live and take it over once it lapses, and a confirmed push is never
+    // claimed again.
+    #[test]
+    fn push_claims() {
+        let s = store();
+        let claim = |c: u64, now: u64| {
+            s.apply(Request::ClaimPush {
+                message_id: 7,
+                device: 3,
+                claim: c,
+                now_ms: now,
+            })
+        };
+        assert_eq!(claim(1, 1_000), Response::Bool(true));
+        assert_eq!(
+            claim(1, 1_500),
+            Response::Bool(true),
+            "the same claimer retries"
+        );
+        assert!(matches!(
+            claim(2, 2_000),
+            Response::Error {
+                code: ErrorCode::Unavailable,
+                ..
+            }
+        ));
+        assert_eq!(
+            claim(2, 1_500 + PUSH_CLAIM_TTL_MS),
+            Response::Bool(true),
+            "lapsed"
+        );
+        let confirm = Request::ConfirmPush {
+            message_id: 7,
+            device: 3,
+        };
+        assert_eq!(s.apply(confirm), Response::Ok);
+        assert_eq!(claim(2, 1_000_000), Response::Bool(false));
+        assert_eq!(claim(9, 1_000_000), Response::Bool(false));
     }
 }

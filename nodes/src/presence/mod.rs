@@ -34,6 +34,9 @@ pub struct Presence {
     versions: BTreeMap<Id, u64>,
     /// Next version to hand out; starts from the clock so a restarted node outranks itself.
     next_version: u64,
+    /// The version of "no change since this node started": above every version a previous
+    /// incarnation handed out, so an answer after a restart replaces what devices showed.
+    base_version: u64,
     canaries: Canaries,
 }
 
@@ -43,7 +46,8 @@ impl Presence {
         Self {
             online: BTreeMap::new(),
             versions: BTreeMap::new(),
-            next_version: now_ms.saturating_mul(1000),
+            next_version: now_ms.saturating_mul(1000) + 1,
+            base_version: now_ms.saturating_mul(1000),
             canaries,
         }
     }
@@ -58,10 +62,23 @@ impl Presence {
         }
     }
 
-    pub fn on_heartbeat(&mut self, user: Id, device: Id, now_ms: u64) -> Option<Change> {
+    /// A heartbeat the device sent at `seen_ms` (as its chat server received it), handled at
+    /// `now_ms`. One already older than the timeout (held up by a partition) is ignored; a
+    /// late one never moves a device's last heartbeat backwards.
+    pub fn on_heartbeat(
+        &mut self,
+        user: Id,
+        device: Id,
+        seen_ms: u64,
+        now_ms: u64,
+    ) -> Option<Change> {
+        if now_ms.saturating_sub(seen_ms) >= PRESENCE_TIMEOUT_MS {
+            return None;
+        }
         let devices = self.online.entry(user).or_default();
         let was_online = !devices.is_empty();
-        devices.insert(device, now_ms);
+        let last = devices.entry(device).or_insert(seen_ms);
+        *last = (*last).max(seen_ms);
         (!was_online).then(|| self.change(user, PresenceStatus::Online))
     }
 
@@ -101,11 +118,15 @@ impl Presence {
         }
     }
 
-    /// Status and the version of the last change (0: none since this node started).
+    /// Status and the version of the last change (the base version: none since this node
+    /// started).
     pub fn status_versioned(&self, user: Id) -> (PresenceStatus, u64) {
         (
             self.status(user),
-            self.versions.get(&user).copied().unwrap_or(0),
+            self.versions
+                .get(&user)
+                .copied()
+                .unwrap_or(self.base_version),
         )
     }
 
@@ -126,8 +147,8 @@ mod tests {
     #[test]
     fn timeout_after_last_device() {
         let mut p = Presence::new(Canaries::none(), 0);
-        assert_eq!(p.on_heartbeat(1, 10, 0).map(|c| c.status), Some(ON));
-        assert!(p.on_heartbeat(1, 11, 20_000).is_none());
+        assert_eq!(p.on_heartbeat(1, 10, 0, 0).map(|c| c.status), Some(ON));
+        assert!(p.on_heartbeat(1, 11, 20_000, 20_000).is_none());
         assert!(p.on_tick(PRESENCE_TIMEOUT_MS - 1).is_empty());
         // Device 10 expires, device 11 still fresh.
         assert!(p.on_tick(PRESENCE_TIMEOUT_MS).is_empty());
@@ -143,8 +164,8 @@ mod tests {
     #[test]
     fn logout_is_immediate_for_last_device() {
         let mut p = Presence::new(Canaries::none(), 0);
-        p.on_heartbeat(1, 10, 0);
-        p.on_heartbeat(1, 11, 0);
+        p.on_heartbeat(1, 10, 0, 0);
+        p.on_heartbeat(1, 11, 0, 0);
         assert!(p.on_logout(1, 10).is_none());
         assert_eq!(p.on_logout(1, 11).map(|c| c.status), Some(OFF));
         assert_eq!(p.status(1), OFF);
@@ -156,9 +177,35 @@ mod tests {
         let mut p = Presence::new(Canaries::none(), 0);
         for i in 0..100u64 {
             let now = i * 5_000;
-            let c = p.on_heartbeat(1, 10, now);
+            let c = p.on_heartbeat(1, 10, now, now);
             assert_eq!(c.is_some(), i == 0);
             assert!(p.on_tick(now + 2_500).is_empty());
         }
+    }
+
+    // Proves a heartbeat held up by a partition counts from when it was sent: one older than
+    // the timeout is ignored, a late one does not extend the device's life past its send time,
+    // and it never moves the last heartbeat backwards.
+    #[test]
+    fn late_heartbeats_count_from_when_they_were_seen() {
+        let mut p = Presence::new(Canaries::none(), 0);
+        assert!(p.on_heartbeat(1, 10, 0, PRESENCE_TIMEOUT_MS).is_none());
+        assert_eq!(p.status(1), OFF);
+        p.on_heartbeat(2, 20, 10_000, 10_000);
+        // Sent at 5 s, arrives at 25 s: the device was last seen at 10 s, not 25 s.
+        p.on_heartbeat(2, 20, 5_000, 25_000);
+        assert_eq!(p.on_tick(10_000 + PRESENCE_TIMEOUT_MS).len(), 1);
+        assert_eq!(p.status(2), OFF);
+    }
+
+    // Proves a restarted node's answers outrank everything the previous incarnation said.
+    #[test]
+    fn restart_outranks_old_versions() {
+        let mut old = Presence::new(Canaries::none(), 1_000);
+        let c = old.on_heartbeat(1, 10, 1_000, 1_000).expect("online");
+        let fresh = Presence::new(Canaries::none(), 2_000);
+        let (status, v) = fresh.status_versioned(1);
+        assert_eq!(status, OFF);
+        assert!(v > c.version);
     }
 }

@@ -34,7 +34,13 @@ const PUBLISH_QUEUE_MAX: usize = 65_536;
 /// Changes being published at once (each is a kv read and one call per chat server).
 const PUBLISH_IN_FLIGHT_MAX: usize = 256;
 
+/// After a (re)start presence knows nobody: it answers status queries only once every live
+/// device has had time to heartbeat (two intervals), so that a user is never reported offline
+/// merely because this node has not heard from them yet.
+pub const WARMUP_MS: u64 = 2 * crate::limits::HEARTBEAT_INTERVAL_MS;
+
 pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
+    let boot_ms = unix_ms();
     // A std mutex: the state machine is synchronous.
     let state = Arc::new(Mutex::new(Presence::new(
         cfg.peers.canaries.clone(),
@@ -58,8 +64,13 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
         let resp = {
             let mut p = state.lock().unwrap_or_else(|e| e.into_inner());
             match req {
-                Request::Heartbeat { user, device } => {
-                    change = p.on_heartbeat(user, device, now);
+                Request::Heartbeat {
+                    user,
+                    device,
+                    at_ms,
+                } => {
+                    let seen = if at_ms == 0 { now } else { at_ms.min(now) };
+                    change = p.on_heartbeat(user, device, seen, now);
                     Response::Ok
                 }
                 Request::Logout { user, device } => {
@@ -68,8 +79,18 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
                 }
                 Request::SubscribePresence { info } => {
                     subscribers_renew(subs, &peers, &info, now);
-                    Response::Ok
+                    // Once warm, the boot time: a subscriber that sees it change knows this
+                    // node restarted and its devices' views may be stale.
+                    if now >= boot_ms + WARMUP_MS {
+                        Response::Id(boot_ms)
+                    } else {
+                        Response::Ok
+                    }
                 }
+                Request::PresenceOf { .. } if now < boot_ms + WARMUP_MS => Response::Error {
+                    code: ErrorCode::Unavailable,
+                    detail: "presence restarted and is still hearing from devices".into(),
+                },
                 Request::PresenceOf { users } => {
                     let list = users
                         .into_iter()

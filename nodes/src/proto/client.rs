@@ -230,6 +230,7 @@ pub enum ClientFrame {
         channel: Id,
         seq: u64,
     },
+    /// The app is open; answered with `heartbeat_ack`. Every 5 s.
     Heartbeat,
     /// Ask for the current presence of these users (friends only are answered).
     PresenceQuery {
@@ -258,6 +259,11 @@ pub enum ServerFrame {
     Synced {
         cursors: Vec<Cursor>,
     },
+    /// The answer to a `heartbeat`: a device that hears nothing for three heartbeat
+    /// intervals treats the connection as dead (a partition or tunnel raises no TCP error).
+    HeartbeatAck,
+    /// Presence restarted: ask for your friends' presence again (`presence_query`).
+    PresenceRefresh,
     /// `version` orders answers about one user: keep the highest seen.
     Presence {
         user: Id,

@@ -173,8 +173,17 @@ pub enum Request {
         user: Id,
         at_ms: u64,
     },
-    /// Records that `device` was notified of `message_id`; answers whether this is the first.
-    MarkPushed {
+    /// Claims the right to notify `device` of `message_id`: answers true if nobody notified it
+    /// yet and no other live claim holds it (a claim is live for `PUSH_CLAIM_TTL_MS` after
+    /// `now_ms`; the same `claim` may retry). The claimer notifies, then confirms.
+    ClaimPush {
+        message_id: Id,
+        device: Id,
+        claim: u64,
+        now_ms: u64,
+    },
+    /// The notification was handed to the platform: no claim will be granted again.
+    ConfirmPush {
         message_id: Id,
         device: Id,
     },
@@ -207,6 +216,10 @@ pub enum Request {
     Heartbeat {
         user: Id,
         device: Id,
+        /// When the chat server received it (Unix ms). Presence counts the timeout from here,
+        /// not from arrival: a heartbeat held up by a partition proves nothing about now.
+        #[serde(default)]
+        at_ms: u64,
     },
     Logout {
         user: Id,

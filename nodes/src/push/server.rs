@@ -6,6 +6,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 
 use super::{Notification, PushProvider, PREVIEW_CHARS_MAX};
+use crate::clock::unix_ms;
 use crate::cluster::Peers;
 use crate::proto::client::{ChatMessage, ErrorCode};
 use crate::proto::internal::{Request, Response};
@@ -77,15 +78,30 @@ async fn notify_user(
         Response::User(Some(u)) => u.devices,
         _ => return Ok(()),
     };
+    // One claim per request: a retry of a lost claim answer is recognised as ours.
+    let claim: u64 = rand::random();
+    let mut first_err = None;
     for device in devices {
-        let mark = Request::MarkPushed {
+        let req = Request::ClaimPush {
             message_id: message.message_id,
             device,
+            claim,
+            now_ms: unix_ms(),
         };
-        // Mark first: a crash between mark and send loses one notification rather than
-        // sending it twice (push is best-effort; the message itself is in the channel log).
-        if kv.call(mark).await? != Response::Bool(true) {
-            continue;
+        // Claim first: two pushes of one message never run at once, and a device notified
+        // once is never notified again. A claimer that dies before notifying holds the claim
+        // only `PUSH_CLAIM_TTL_MS`; the caller's retry (or a sweep) then takes it over.
+        match call_with_retries(peers, user, req).await {
+            Ok(Response::Bool(true)) => {}
+            Ok(Response::Bool(false)) => continue,
+            Ok(other) => {
+                tracing::warn!(?other, "unexpected claim answer");
+                continue;
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+                continue;
+            }
         }
         let n = Notification {
             user,
@@ -96,8 +112,56 @@ async fn notify_user(
             preview: message.text.chars().take(PREVIEW_CHARS_MAX).collect(),
         };
         if let Err(e) = provider.notify(n).await {
+            // Not confirmed: the claim lapses and a retry notifies again.
             tracing::warn!(user, device, error = %e, "push provider failed");
+            first_err.get_or_insert(RpcError::Remote {
+                code: ErrorCode::Unavailable,
+                detail: format!("push provider: {e}"),
+            });
+            continue;
+        }
+        let confirm = Request::ConfirmPush {
+            message_id: message.message_id,
+            device,
+        };
+        // Sent either way. An unconfirmed claim lapses and a retry of the whole request (when
+        // another device failed) would notify again, so the confirm keeps being retried in the
+        // background for as long as the claim holds.
+        if let Err(e) = call_with_retries(peers, user, confirm.clone()).await {
+            tracing::warn!(user, device, error = %e, "push sent but not confirmed yet");
+            let kv = peers.kv_for_user(user).clone();
+            tokio::spawn(async move {
+                let tries = crate::kv::store::PUSH_CLAIM_TTL_MS / 1000;
+                for _ in 0..tries {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    if kv.call(confirm.clone()).await.is_ok() {
+                        return;
+                    }
+                }
+                tracing::warn!(user, device, "push confirm never landed");
+            });
         }
     }
-    Ok(())
+    first_err.map_or(Ok(()), Err)
 }
+
+/// Claim and confirm calls are retried a few times (the same request: both are idempotent
+/// for their claimer) before the error goes back to the caller.
+async fn call_with_retries(peers: &Peers, user: Id, req: Request) -> Result<Response, RpcError> {
+    let mut last = None;
+    for attempt in 0..KV_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        match peers.kv_for_user(user).call(req.clone()).await {
+            Ok(r) => return Ok(r),
+            // kv answered: retrying the same request gets the same answer.
+            Err(e @ RpcError::Remote { .. }) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+/// Attempts per claim or confirm call.
+const KV_ATTEMPTS: u32 = 3;

@@ -334,7 +334,7 @@ fn user_devices(ev: &Event) -> Vec<(Id, Id)> {
         | Event::HeartbeatStop { user, device }
         | Event::HeartbeatStart { user, device }
         | Event::Push { user, device, .. }
-        | Event::Device { user, device }
+        | Event::Device { user, device, .. }
         | Event::Connected { user, device, .. }
         | Event::Disconnected { user, device, .. } => vec![(*user, *device)],
         Event::Deliver {
@@ -391,27 +391,69 @@ impl Devices {
     }
 }
 
-/// Intervals in which a fault of a kind outside `BENIGN_FAULT_KINDS` was active.
+/// Intervals in which a fault of a kind outside `BENIGN_FAULT_KINDS` was active, each with
+/// its scope: a fault whose targets are all devices (a tunnel, a paused phone) disturbs only
+/// judgments about those devices; any other (a partition or pause touching a server, latency,
+/// loss, a clock step) disturbs every judgment while it lasts.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct FaultWindows {
-    /// (fault t_us, heal t_us or None if never healed).
-    windows: Vec<(u64, Option<u64>)>,
+    windows: Vec<Window>,
+}
+
+#[derive(Debug, Clone)]
+struct Window {
+    start: u64,
+    /// None: never healed (open to the end).
+    end: Option<u64>,
+    /// Device ids the fault was confined to; None: the whole system.
+    devices: Option<BTreeSet<Id>>,
 }
 
 impl FaultWindows {
     /// A heal closes the oldest open fault with the same kind and targets; if there is none, it
-    /// closes every open fault of that kind.
+    /// closes every open fault of that kind. Device targets (`device-INDEX`) are mapped to ids
+    /// through the `device` events' `index`; an unknown one makes the fault system-wide.
     pub fn build(history: &[Record]) -> Self {
+        Self::build_with(history, |kind, _| !BENIGN_FAULT_KINDS.contains(&kind), 0)
+    }
+
+    /// Windows of the faults `select` picks (by kind and targets), each extended by `grace_us`
+    /// after its heal.
+    pub fn build_with(
+        history: &[Record],
+        select: impl Fn(&str, &[String]) -> bool,
+        grace_us: u64,
+    ) -> Self {
+        let by_index: BTreeMap<String, Id> = history
+            .iter()
+            .filter_map(|r| match &r.ev {
+                Event::Device {
+                    device,
+                    index: Some(i),
+                    ..
+                } => Some((format!("device-{i}"), *device)),
+                _ => None,
+            })
+            .collect();
         let mut windows = Vec::new();
         // Open faults: (kind, targets, index into windows), oldest first.
         let mut open: Vec<(&str, &[String], usize)> = Vec::new();
         for r in history {
             match &r.ev {
-                Event::Fault { kind, targets } if !BENIGN_FAULT_KINDS.contains(&kind.as_str()) => {
+                Event::Fault { kind, targets, .. } if select(kind, targets) => {
+                    let devices: Option<BTreeSet<Id>> = if targets.is_empty() {
+                        None
+                    } else {
+                        targets.iter().map(|t| by_index.get(t).copied()).collect()
+                    };
                     open.push((kind.as_str(), targets.as_slice(), windows.len()));
-                    windows.push((r.t_us, None));
+                    windows.push(Window {
+                        start: r.t_us,
+                        end: None,
+                        devices,
+                    });
                 }
-                Event::Heal { kind, targets } => {
+                Event::Heal { kind, targets, .. } => {
                     let exact = open
                         .iter()
                         .position(|(k, tg, _)| k == kind && *tg == targets.as_slice());
@@ -421,7 +463,7 @@ impl FaultWindows {
                     };
                     for &i in closing.iter().rev() {
                         let (_, _, w) = open.remove(i);
-                        windows[w].1 = Some(r.t_us);
+                        windows[w].end = Some(r.t_us + grace_us);
                     }
                 }
                 _ => {}
@@ -430,11 +472,16 @@ impl FaultWindows {
         FaultWindows { windows }
     }
 
-    /// Whether some disruptive fault was active at some moment of `[a, b]`.
-    pub fn overlaps(&self, a: u64, b: u64) -> bool {
-        self.windows
-            .iter()
-            .any(|&(start, end)| start <= b && end.is_none_or(|e| e >= a))
+    /// Whether some disruptive fault that disturbs any of `devices` (or the whole system) was
+    /// active at some moment of `[a, b]`.
+    pub fn overlaps_for(&self, a: u64, b: u64, devices: &[Id]) -> bool {
+        self.windows.iter().any(|w| {
+            w.start <= b
+                && w.end.is_none_or(|e| e >= a)
+                && w.devices
+                    .as_ref()
+                    .is_none_or(|set| devices.iter().any(|d| set.contains(d)))
+        })
     }
 }
 
@@ -642,7 +689,14 @@ pub(crate) mod testutil {
 
         pub fn device(mut self, t: u64, user: Id, device: Id) -> Self {
             self.owner.insert(device, user);
-            self.ev(t, Event::Device { user, device })
+            self.ev(
+                t,
+                Event::Device {
+                    user,
+                    device,
+                    index: None,
+                },
+            )
         }
 
         /// Registers, connects and starts heartbeating a device at `t`.
@@ -795,12 +849,26 @@ pub(crate) mod testutil {
 
         pub fn fault(self, t: u64, kind: &str, target: &str) -> Self {
             let (kind, targets) = (kind.to_string(), vec![target.to_string()]);
-            self.ev(t, Event::Fault { kind, targets })
+            self.ev(
+                t,
+                Event::Fault {
+                    kind,
+                    targets,
+                    detail: None,
+                },
+            )
         }
 
         pub fn heal(self, t: u64, kind: &str, target: &str) -> Self {
             let (kind, targets) = (kind.to_string(), vec![target.to_string()]);
-            self.ev(t, Event::Heal { kind, targets })
+            self.ev(
+                t,
+                Event::Heal {
+                    kind,
+                    targets,
+                    detail: None,
+                },
+            )
         }
 
         pub fn phase(self, t: u64, name: &str) -> Self {
@@ -977,18 +1045,37 @@ mod tests {
 
     #[test]
     fn fault_windows_match_heals() {
-        // Proves benign kinds open no window, a heal closes the matching fault, and an unhealed
-        // fault stays open to the end.
+        // Proves benign kinds open no window, a heal closes the matching fault, an unhealed
+        // fault stays open to the end, and a fault confined to known devices disturbs only
+        // judgments about them (an unknown device name makes it system-wide).
         let h = H::new()
+            .device(0, 1, 11)
+            .device(0, 2, 21)
             .fault(10, "crash", "chat-1")
             .fault(20, "partition", "a|b")
             .heal(30, "partition", "a|b")
+            .fault(40, "tunnel", "device-0")
+            .heal(45, "tunnel", "device-0")
             .fault(50, "tunnel", "dev-1")
             .build();
+        let mut h = h;
+        for r in &mut h {
+            if let Event::Device { device, index, .. } = &mut r.ev {
+                *index = Some(if *device == 11 { 0 } else { 1 });
+            }
+        }
         let fw = FaultWindows::build(&h);
-        assert!(!fw.overlaps(0, 15));
-        assert!(fw.overlaps(25, 26) && fw.overlaps(30, 31));
-        assert!(!fw.overlaps(31, 49));
-        assert!(fw.overlaps(1_000, 2_000));
+        assert!(!fw.overlaps_for(0, 15, &[]));
+        assert!(fw.overlaps_for(25, 26, &[]) && fw.overlaps_for(30, 31, &[]));
+        assert!(!fw.overlaps_for(31, 39, &[11, 21]));
+        assert!(
+            fw.overlaps_for(41, 42, &[11]),
+            "the tunnel of device-0 (id 11)"
+        );
+        assert!(!fw.overlaps_for(41, 42, &[21]), "not about device 21");
+        assert!(
+            fw.overlaps_for(1_000, 2_000, &[]),
+            "unknown target: system-wide"
+        );
     }
 }

@@ -13,7 +13,9 @@
 //! - (b) offline in time: when the last heartbeating device of s stops at T and none starts
 //!   again by D = T + W (D <= E, no disruptive fault active in [T, D]), every observer device
 //!   that showed anything about s at or before D and was connected over [D - heartbeat
-//!   interval, D] must show s offline at D. One check per (T, observer).
+//!   interval, D] must show s offline at D. One check per (T, observer). Not judged when the
+//!   presence node itself crashed in [T, D] (or healed less than `PRESENCE_RESTART_GRACE_US`
+//!   before): its memory of who was online is gone.
 //! - (c) convergence at E: for every (observer device, subject) pair with a presence event,
 //!   whose observer was connected over [E - presence_bound, E], the last status shown must be
 //!   the settled truth: online if s was online over all of [E - presence_bound, E], offline if
@@ -39,6 +41,12 @@ use crate::history::{Event, Id, Record, Status};
 /// shown offline: clients reconnect within a few seconds.
 pub const RECONNECT_GAP_US: u64 = 15 * SECOND_US;
 
+/// A restarted presence node knows nobody: it learns who is online from heartbeats during its
+/// warm-up (10 s), then chat servers notice its new boot at their next renewal (2 s) and tell
+/// devices to ask again. A silent user's offline cannot be shown in time across that outage,
+/// so (b) is not judged over a presence crash and this long after it heals.
+pub const PRESENCE_RESTART_GRACE_US: u64 = 15 * SECOND_US;
+
 pub fn check(history: &[Record], params: &Params) -> CheckReport {
     let history = super::sorted(history);
     let ctx = Ctx::build(&history, params);
@@ -57,6 +65,8 @@ struct Ctx<'p> {
     conn: BTreeMap<Id, Timeline>,
     user_hb: BTreeMap<Id, Timeline>,
     faults: FaultWindows,
+    /// Crashes of the presence node, extended by `PRESENCE_RESTART_GRACE_US`.
+    presence_outages: FaultWindows,
     /// (observer device, subject) -> statuses shown, in time order.
     views: BTreeMap<(Id, Id), Vec<(u64, Status)>>,
 }
@@ -84,6 +94,13 @@ impl<'p> Ctx<'p> {
             conn: connections(history),
             user_hb: user_heartbeats(history),
             faults: FaultWindows::build(history),
+            presence_outages: FaultWindows::build_with(
+                history,
+                |kind, targets| {
+                    kind == "crash" && targets.iter().any(|t| t.starts_with("presence-"))
+                },
+                PRESENCE_RESTART_GRACE_US,
+            ),
             views,
         }
     }
@@ -117,7 +134,9 @@ fn no_false_offline(history: &[Record], ctx: &Ctx, report: &mut CheckReport) {
             continue;
         };
         let (a, b) = (r.t_us.saturating_sub(window), r.t_us);
-        if ctx.faults.overlaps(a, b) {
+        let mut concerned: Vec<Id> = ctx.devices.all_of(*subject).collect();
+        concerned.push(*observer_device);
+        if ctx.faults.overlaps_for(a, b, &concerned) {
             continue;
         }
         let alive = ctx.devices.all_of(*subject).find(|&d| {
@@ -152,10 +171,18 @@ fn offline_in_time(ctx: &Ctx, report: &mut CheckReport) {
             }
             let d = t_off + ctx.params.offline_within_us();
             let back = changes.get(i + 1).map(|&(t, _)| t);
-            if back.is_some_and(|tb| tb <= d) || d > ctx.end || ctx.faults.overlaps(t_off, d) {
+            let subject_devices: Vec<Id> = ctx.devices.all_of(subject).collect();
+            if back.is_some_and(|tb| tb <= d)
+                || d > ctx.end
+                || ctx.faults.overlaps_for(t_off, d, &subject_devices)
+                || ctx.presence_outages.overlaps_for(t_off, d, &[])
+            {
                 continue;
             }
             for &obs in observers.get(&subject).into_iter().flatten() {
+                if ctx.faults.overlaps_for(t_off, d, &[obs]) {
+                    continue;
+                }
                 observer_shows_offline(ctx, obs, subject, t_off, d, report);
             }
         }
