@@ -57,6 +57,9 @@ pub struct DeviceCtx {
     pub liveness_at: Duration,
     pub seed: u64,
     pub by_message_id: bool,
+    /// Fired by a `disconnect` fault: the connection is torn down at once, and both ends see
+    /// it (a reset, a Wi-Fi switch). A silent death is a short `tunnel` instead.
+    pub kick: Arc<tokio::sync::Notify>,
 }
 
 struct App {
@@ -138,6 +141,9 @@ impl App {
                     }
                 }
                 incoming = recv(&mut self.conn) => self.on_incoming(incoming).await,
+                _ = self.ctx.kick.notified(), if self.conn.is_some() => {
+                    self.lost_connection("disconnected").await
+                }
                 _ = heartbeat.tick() => self.on_heartbeat().await,
                 _ = presence.tick() => self.ask_presence().await,
                 _ = tokio::time::sleep_until(self.next_connect), if want_connect => {}
@@ -370,8 +376,9 @@ impl App {
             return;
         }
         self.send_frame(ClientFrame::Heartbeat).await;
-        let reads = self.state.take_reads();
-        self.send_all(reads).await;
+        let mut frames = self.state.take_reads();
+        frames.extend(self.state.on_tick());
+        self.send_all(frames).await;
     }
 
     async fn ask_presence(&mut self) {

@@ -11,7 +11,7 @@
 //! | fault | madsim | what the nodes see |
 //! |---|---|---|
 //! | partition | `clog_link` a->b (and b->a) | writes buffer, reads stall, no error; new connects refused |
-//! | disconnect | `reset_node` of the device | its connections close at once |
+//! | disconnect | the device app drops its connection | both ends see it close at once |
 //! | tunnel | `clog_node` of the device | as a partition from everyone |
 //! | crash | `kill`, then `restart` | peers see EOF; kv loses unsynced writes |
 //! | clock_step | `SkewedClock::step` on the idgen machine's clock | idgen's clock jumps |
@@ -70,10 +70,16 @@ fn down<K: Ord>(m: &mut BTreeMap<K, u32>, k: K) -> bool {
     }
 }
 
+/// What the injector holds of a device: its node, and the switch that drops its connection.
+pub struct DeviceHandle {
+    pub node: NodeId,
+    pub kick: std::sync::Arc<tokio::sync::Notify>,
+}
+
 pub struct Injector<'c> {
     cluster: &'c Cluster,
-    /// Node id of each device, by workload index.
-    devices: Vec<NodeId>,
+    /// Each device, by workload index.
+    devices: Vec<DeviceHandle>,
     recorder: Recorder,
     active: Active,
     /// Writes kv disks lost to crashes.
@@ -81,7 +87,7 @@ pub struct Injector<'c> {
 }
 
 impl<'c> Injector<'c> {
-    pub fn new(cluster: &'c Cluster, devices: Vec<NodeId>, recorder: Recorder) -> Self {
+    pub fn new(cluster: &'c Cluster, devices: Vec<DeviceHandle>, recorder: Recorder) -> Self {
         Self {
             cluster,
             devices,
@@ -94,7 +100,7 @@ impl<'c> Injector<'c> {
     fn node(&self, t: Target) -> NodeId {
         match t {
             Target::Node(role, i) => self.cluster.nodes[&(role, i)],
-            Target::Device(i) => self.devices[i as usize],
+            Target::Device(i) => self.devices[i as usize].node,
         }
     }
 
@@ -165,7 +171,9 @@ impl<'c> Injector<'c> {
                     }
                 }
             }
-            Fault::Disconnect { device } => net.reset_node(self.node(Target::Device(*device))),
+            // Only a device waiting on a live connection is affected (nothing is stored for
+            // later: a device with no connection has nothing to lose).
+            Fault::Disconnect { device } => self.devices[*device as usize].kick.notify_waiters(),
             Fault::Tunnel { device } => {
                 let n = self.node(Target::Device(*device));
                 if up(&mut self.active.clogged_nodes, n) {

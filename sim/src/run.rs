@@ -695,11 +695,12 @@ fn start_devices(
     opts: &Opts,
     canaries: &Canaries,
     start: Instant,
-) -> Vec<madsim::task::NodeId> {
+) -> Vec<crate::faults::DeviceHandle> {
     let handle = madsim::runtime::Handle::current();
     let mut ids = Vec::with_capacity(w.devices.len());
     let all_groups = Arc::new(setup.groups.clone());
     for (i, d) in w.devices.iter().enumerate() {
+        let kick = Arc::new(tokio::sync::Notify::new());
         let groups = w
             .groups
             .iter()
@@ -719,6 +720,7 @@ fn start_devices(
             liveness_at: Duration::from_secs(opts.duration),
             seed: opts.seed,
             by_message_id: canaries.is_on(Canary::CursorByMessageId),
+            kick: kick.clone(),
         };
         let node = handle
             .create_node()
@@ -726,7 +728,10 @@ fn start_devices(
             .ip(IpAddr::V4(cluster::device_ip(i as u32)))
             .build();
         node.spawn(device::run(ctx, start));
-        ids.push(node.id());
+        ids.push(crate::faults::DeviceHandle {
+            node: node.id(),
+            kick,
+        });
     }
     ids
 }

@@ -21,6 +21,9 @@ use crate::proto::client::{
 };
 use crate::proto::Id;
 
+/// Heartbeat ticks (5 s each) a sync may go unanswered before it is asked again.
+pub const SYNC_RETRY_TICKS: u8 = 2;
+
 /// What the user of the device observed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Observation {
@@ -64,6 +67,8 @@ struct ChannelView {
     waiting: BTreeMap<u64, Option<ChatMessage>>,
     /// A sync for this channel was asked and not yet answered.
     sync_asked: bool,
+    /// Ticks (`on_tick`, one per heartbeat) the sync has been waiting for its answer.
+    sync_ticks: u8,
     /// The cursor moved since the last `read` sent to the server.
     unreported: bool,
 }
@@ -116,6 +121,7 @@ impl DeviceState {
         for v in self.channels.values_mut() {
             v.waiting.retain(|_, m| m.is_none());
             v.sync_asked = true;
+            v.sync_ticks = 0;
         }
         let mut out = vec![self.sync_all()];
         out.extend(self.resends());
@@ -152,6 +158,33 @@ impl DeviceState {
                 .collect(),
             max_message_id: None,
         }
+    }
+
+    /// Called once per heartbeat interval: a sync unanswered for `SYNC_RETRY_TICKS` ticks (its
+    /// answer lost with a connection, or refused while a kv shard was down) is asked again.
+    /// Without this a device whose sync failed would never learn of messages it missed.
+    pub fn on_tick(&mut self) -> Vec<ClientFrame> {
+        if self.by_message_id {
+            return Vec::new();
+        }
+        let mut cursors = Vec::new();
+        for (c, v) in self.channels.iter_mut().filter(|(_, v)| v.sync_asked) {
+            v.sync_ticks += 1;
+            if v.sync_ticks >= SYNC_RETRY_TICKS {
+                v.sync_ticks = 0;
+                cursors.push(Cursor {
+                    channel: *c,
+                    seq: v.cursor,
+                });
+            }
+        }
+        if cursors.is_empty() {
+            return Vec::new();
+        }
+        vec![ClientFrame::Sync {
+            cursors,
+            max_message_id: None,
+        }]
     }
 
     /// `read` frames for channels whose cursor moved since the last call.
@@ -270,6 +303,7 @@ impl DeviceState {
         let v = self.channels.entry(channel).or_default();
         if !v.waiting.is_empty() && !v.sync_asked {
             v.sync_asked = true;
+            v.sync_ticks = 0;
             out.push(ClientFrame::Sync {
                 cursors: vec![Cursor {
                     channel,
@@ -473,5 +507,28 @@ mod tests {
         let (o1, _) = d.on_frame(ServerFrame::Message(a));
         let (o2, _) = d.on_frame(ServerFrame::Message(b));
         assert_eq!(delivered(&o1).len() + delivered(&o2).len(), 1);
+    }
+
+    // Proves a sync whose answer never came is asked again after SYNC_RETRY_TICKS ticks, from
+    // the cursor, and that an answered one is not.
+    #[test]
+    fn unanswered_sync_is_retried() {
+        let mut d = DeviceState::new(1, 10, false);
+        d.on_frame(ServerFrame::Message(msg(5, 1, 9, 1)));
+        let first = d.on_connected();
+        assert!(matches!(first[0], ClientFrame::Sync { .. }));
+        assert!(d.on_tick().is_empty());
+        let again = d.on_tick();
+        assert_eq!(
+            again,
+            vec![ClientFrame::Sync {
+                cursors: vec![Cursor { channel: 5, seq: 1 }],
+                max_message_id: None
+            }]
+        );
+        d.on_frame(ServerFrame::Synced {
+            cursors: vec![Cursor { channel: 5, seq: 1 }],
+        });
+        assert!(d.on_tick().is_empty() && d.on_tick().is_empty());
     }
 }

@@ -16,6 +16,7 @@ use crate::cluster::Peers;
 use crate::limits::DISCOVERY_LEASE_MS;
 use crate::proto::client::{ErrorCode, PresenceStatus};
 use crate::proto::internal::{ChatServerInfo, Request, Response};
+use crate::proto::Id;
 use crate::rpc;
 
 pub struct PresenceConfig {
@@ -173,13 +174,15 @@ async fn tick_loop(
 /// publishes does not matter: each change carries a version and devices keep the highest.
 async fn publisher(mut rx: tokio::sync::mpsc::Receiver<Change>, peers: Arc<Peers>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(PUBLISH_IN_FLIGHT_MAX));
+    let friends: FriendCache = Arc::default();
     while let Some(c) = rx.recv().await {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return; // The semaphore is never closed.
         };
         let peers = peers.clone();
+        let friends = friends.clone();
         tokio::spawn(async move {
-            publish(peers, c).await;
+            publish(peers, friends, c).await;
             drop(permit);
         });
     }
@@ -189,8 +192,51 @@ async fn publisher(mut rx: tokio::sync::mpsc::Receiver<Change>, peers: Arc<Peers
 /// for a restart); one second apart.
 const FRIENDS_READ_ATTEMPTS: u32 = 30;
 
+/// Friend lists of online users, as read when they came online: an offline change is still
+/// published when the user's kv shard is down (a friendship made meanwhile is missed; the
+/// device's periodic presence query repairs that). Bounded by the online users: an entry
+/// goes with its user's offline change. A std mutex: short synchronous updates.
+type FriendCache = Arc<Mutex<BTreeMap<Id, Vec<Id>>>>;
+
+/// The subject's friends: from kv, else (kv down) from the cache, else kv again until it
+/// answers or `FRIENDS_READ_ATTEMPTS` run out.
+async fn friends_of(peers: &Peers, cache: &FriendCache, change: &Change) -> Option<Vec<Id>> {
+    let cached = || {
+        let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+        match change.status {
+            PresenceStatus::Offline => c.remove(&change.user),
+            PresenceStatus::Online => c.get(&change.user).cloned(),
+        }
+    };
+    for attempt in 1..=FRIENDS_READ_ATTEMPTS {
+        let req = Request::GetUser { user: change.user };
+        match peers.kv_for_user(change.user).call(req).await {
+            Ok(Response::User(Some(u))) => {
+                let friends: Vec<Id> = u.friends.keys().copied().collect();
+                let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+                match change.status {
+                    PresenceStatus::Online => c.insert(change.user, friends.clone()),
+                    PresenceStatus::Offline => c.remove(&change.user),
+                };
+                return Some(friends);
+            }
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::debug!(user = change.user, attempt, error = %e, "presence: friend list unavailable");
+                if attempt == 1 {
+                    if let Some(f) = cached() {
+                        return Some(f);
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    None
+}
+
 /// Sends one change to every live chat server with the subject's friends as observers.
-async fn publish(peers: Arc<Peers>, change: Change) {
+async fn publish(peers: Arc<Peers>, cache: FriendCache, change: Change) {
     if change.status == PresenceStatus::Offline {
         let req = Request::SetLastActive {
             user: change.user,
@@ -201,22 +247,7 @@ async fn publish(peers: Arc<Peers>, change: Change) {
             let _ = kv.call(req).await;
         });
     }
-    let mut friends = None;
-    for attempt in 1..=FRIENDS_READ_ATTEMPTS {
-        let req = Request::GetUser { user: change.user };
-        match peers.kv_for_user(change.user).call(req).await {
-            Ok(Response::User(Some(u))) => {
-                friends = Some(u.friends.keys().copied().collect::<Vec<_>>());
-                break;
-            }
-            Ok(_) => return,
-            Err(e) => {
-                tracing::debug!(user = change.user, attempt, error = %e, "presence: friend list unavailable");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
-    let Some(friends) = friends else {
+    let Some(friends) = friends_of(&peers, &cache, &change).await else {
         tracing::warn!(
             user = change.user,
             "presence: no friend list; change not published"

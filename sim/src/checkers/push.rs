@@ -14,9 +14,10 @@
 //!   every member at ts other than the sender whose known devices all did not heartbeat over
 //!   [ts - W, ta + P] (a recipient that stays offline), every
 //!   device of that member registered at or before ts must have a push for m by E (one check
-//!   per (message, device)). When a disruptive fault that disturbs those devices (or the
-//!   whole system) was active in [ts - W, ta + P], the push may have been impossible in time:
-//!   the device must then have the message by E, pushed or delivered.
+//!   per (message, device)). When a fault other than `disconnect` (a crash of the push node or
+//!   of the recipient's kv shard included) that disturbs those devices or the whole system was
+//!   active in [ts - W, ta + P], the push may have been impossible in time: the device must
+//!   then have the message by E, pushed or delivered.
 //!
 //! It does NOT check: that a pushed device belongs to a member of the message's channel, the
 //! content of a notification, pushes to
@@ -130,7 +131,7 @@ fn offline_get_one(
     let hb = heartbeats(history);
     let members = Membership::build(history);
     let devices = Devices::build(history);
-    let faults = FaultWindows::build(history);
+    let faults = FaultWindows::build_with(history, |kind, _| kind != "disconnect", 0);
     let delivered: std::collections::BTreeSet<(Id, Id)> = history
         .iter()
         .filter(|r| r.t_us <= end)
