@@ -21,8 +21,10 @@ pub enum Canary {
     PresenceNoTimeout,
     /// Push notifies every recipient, online or not.
     PushToOnline,
-    /// A chat server whose session ended clears the device's registry entry whatever it now
-    /// says: a server cut off by a partition wipes the entry of the session that moved.
+    /// A chat server cut off by a partition keeps acting for sessions that moved: it does not
+    /// fence itself when its discovery lease lapses (its devices stay on a server nobody
+    /// delivers to), and when a session ends it clears the device's registry entry whatever
+    /// it now says (wiping the entry of the session that moved).
     StaleChatServer,
     /// idgen takes its clock's reading even when it stepped back below the last id issued.
     IdgenIgnoresClock,

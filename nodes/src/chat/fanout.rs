@@ -21,9 +21,12 @@ use crate::proto::Id;
 use super::send::Committed;
 
 /// Delivers a committed message to members' online devices, then pushes to offline members.
+/// The pending record is removed only when every step succeeded: a session lookup or a
+/// delivery that failed (a kv shard down, a chat server cut off) leaves it for a sweep, since
+/// a device that missed the last message of a channel has no gap to notice it by.
 pub async fn fanout(state: Arc<ChatState>, c: Committed) {
     let peers = state.peers().clone();
-    let sessions = sessions_of(&state, &c.members).await;
+    let (sessions, looked_up) = sessions_of(&state, &c.members).await;
     let mut by_server: BTreeMap<u32, Vec<Id>> = BTreeMap::new();
     for s in sessions {
         if s.device != c.message.sender_device {
@@ -44,22 +47,30 @@ pub async fn fanout(state: Arc<ChatState>, c: Committed) {
         async move {
             if server == me {
                 state.deliver_local(&devices, &ServerFrame::Message(message));
-                return;
+                return true;
             }
             if peers.chat_server(server).is_none() {
                 let _ = peers.refresh_chat_servers().await;
             }
             let Some(peer) = peers.chat_server(server) else {
+                // Gone from discovery: its devices reconnect elsewhere and sync.
                 tracing::debug!(server, "no such chat server; devices will sync");
-                return;
+                return true;
             };
-            if let Err(e) = peer.call(Request::Deliver { devices, message }).await {
-                tracing::debug!(server, error = %e, "deliver failed; devices will sync");
+            match peer.call(Request::Deliver { devices, message }).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::debug!(server, error = %e, "deliver failed; a sweep will redo it");
+                    false
+                }
             }
         }
     });
-    futures::future::join_all(calls).await;
-    if push_offline(&state, &c).await {
+    let delivered = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .all(|ok| ok);
+    if push_offline(&state, &c).await && delivered && looked_up {
         let done = Request::FanoutDone {
             channel: c.message.channel,
             seq: c.message.seq,
@@ -109,10 +120,11 @@ pub async fn sweep(state: Arc<ChatState>) {
     }
 }
 
-/// Session entries of `users`, one kv call per shard.
-async fn sessions_of(state: &ChatState, users: &[Id]) -> Vec<SessionEntry> {
+/// Session entries of `users`, one kv call per shard; false if some shard did not answer.
+async fn sessions_of(state: &ChatState, users: &[Id]) -> (Vec<SessionEntry>, bool) {
     let peers = state.peers();
     let mut out = Vec::new();
+    let mut complete = true;
     for (shard, users) in peers.users_by_shard(users) {
         match peers
             .kv_shard(shard)
@@ -121,10 +133,13 @@ async fn sessions_of(state: &ChatState, users: &[Id]) -> Vec<SessionEntry> {
         {
             Ok(Response::Sessions(s)) => out.extend(s),
             Ok(_) => {}
-            Err(e) => tracing::debug!(shard, error = %e, "session lookup failed"),
+            Err(e) => {
+                complete = false;
+                tracing::debug!(shard, error = %e, "session lookup failed");
+            }
         }
     }
-    out
+    (out, complete)
 }
 
 /// Asks the push node to notify offline members; false if it could not be reached.

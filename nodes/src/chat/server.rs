@@ -11,8 +11,9 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 
 use crate::auth::TokenKey;
+use crate::canary::Canary;
 use crate::cluster::Peers;
-use crate::limits::{DISCOVERY_RENEW_MS, SESSION_OUTBOX_MAX};
+use crate::limits::{DISCOVERY_LEASE_MS, DISCOVERY_RENEW_MS, SESSION_OUTBOX_MAX};
 use crate::net::{self, Stream};
 use crate::proto::client::{ErrorCode, PresenceStatus, ServerFrame};
 use crate::proto::internal::{ChatServerInfo, Request, Response};
@@ -89,6 +90,9 @@ pub struct ChatState {
     /// Device -> its session here. A std mutex: never held across an await.
     sessions: Mutex<BTreeMap<Id, SessionHandle>>,
     next_epoch: AtomicU64,
+    /// Set while this server holds no discovery lease: peers no longer route to it, so it
+    /// takes no device and has closed the ones it had (they reconnect elsewhere and sync).
+    fenced: std::sync::atomic::AtomicBool,
     /// The presence node's boot time last seen, and whether it was seen warming up since.
     presence_boot: Mutex<(Option<u64>, bool)>,
     /// Errors sent to devices, by code (answered to `ChatStats`). A std mutex: short updates.
@@ -158,6 +162,27 @@ impl ChatState {
 
     /// Queues a frame to each listed device held here. A device whose queue is full is too
     /// slow: it is disconnected (`slow_consumer`) and will resync from its cursor.
+    /// The stale-chat-server canary: a server that lost its lease keeps its sessions.
+    fn canary_stale(&self) -> bool {
+        self.peers().canaries.is_on(Canary::StaleChatServer)
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
+    /// Closes every session here with `code`; returns how many.
+    pub fn close_all(&self, code: ErrorCode, detail: &str) -> usize {
+        let all: Vec<SessionHandle> =
+            std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_values()
+                .collect();
+        for h in &all {
+            h.closer.close(code, detail);
+        }
+        all.len()
+    }
+
     /// Sends `frame` to every session here; returns how many took it.
     pub fn broadcast(&self, frame: &ServerFrame) -> usize {
         let devices: Vec<Id> = self
@@ -233,6 +258,7 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         sessions: Mutex::new(BTreeMap::new()),
         next_epoch: AtomicU64::new(1),
+        fenced: std::sync::atomic::AtomicBool::new(false),
         presence_boot: Mutex::new((None, false)),
         errors: Mutex::new(BTreeMap::new()),
     });
@@ -357,17 +383,46 @@ async fn subscribe_presence(state: &ChatState) -> bool {
     }
 }
 
+/// A server that could not renew its lease for this long fences itself: discovery drops it
+/// after `DISCOVERY_LEASE_MS`, and peers then stop delivering to it, so its devices would
+/// silently miss live messages. Two renewal periods, less than the lease.
+const FENCE_AFTER_MS: u64 = DISCOVERY_LEASE_MS - DISCOVERY_RENEW_MS;
+
 async fn lease_loop(state: Arc<ChatState>) {
+    let mut last_renewed = tokio::time::Instant::now();
     loop {
         subscribe_presence(&state).await;
         let info = info(&state);
-        if let Err(e) = state
+        let started = tokio::time::Instant::now();
+        match state
             .peers()
             .discovery
             .call(Request::RegisterChat { info })
             .await
         {
-            tracing::debug!(error = %e, "lease renewal failed");
+            Ok(_) => {
+                // The lease runs from when the request left, not when the answer came.
+                last_renewed = started;
+                if state.fenced.swap(false, Ordering::Relaxed) {
+                    tracing::info!("discovery lease back; taking devices again");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
+        }
+        let unrenewed = last_renewed.elapsed().as_millis() as u64;
+        if unrenewed >= FENCE_AFTER_MS
+            && !state.canary_stale()
+            && !state.fenced.swap(true, Ordering::Relaxed)
+        {
+            let n = state.close_all(
+                ErrorCode::Unavailable,
+                "this chat server lost its discovery lease; reconnect",
+            );
+            tracing::warn!(
+                sessions = n,
+                unrenewed,
+                "no discovery lease; closed every session"
+            );
         }
         let _ = state.peers().refresh_chat_servers().await;
         tokio::time::sleep(Duration::from_millis(DISCOVERY_RENEW_MS)).await;

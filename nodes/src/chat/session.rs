@@ -202,6 +202,13 @@ impl Session {
         tx: mpsc::Sender<Outbound>,
         closer: Arc<Closer>,
     ) -> Option<Self> {
+        if state.is_fenced() {
+            closer.close(
+                ErrorCode::Unavailable,
+                "this chat server lost its discovery lease; ask for another",
+            );
+            return None;
+        }
         let epoch = state.next_epoch();
         let handle = SessionHandle {
             user: claims.user,
@@ -565,28 +572,45 @@ impl Session {
             if asked.is_empty() {
                 return;
             }
-            let req = Request::PresenceOf { users: asked };
-            let t0 = tokio::time::Instant::now();
-            let r = peers.presence.call(req).await;
-            tracing::debug!(
-                user,
-                elapsed_ms = t0.elapsed().as_millis() as u64,
-                ok = r.is_ok(),
-                "presence query"
-            );
-            match r {
-                Ok(Response::Presence(list)) => {
-                    for (user, status, version) in list {
-                        let frame = ServerFrame::Presence {
-                            user,
-                            status,
-                            version,
-                        };
-                        let _ = tx.send(Outbound::Frame(frame)).await;
+            // Presence may be unreachable (partitioned, restarting, warming up): keep asking,
+            // as the friend list above, rather than leave the device with stale views.
+            for attempt in 1..=PRESENCE_QUERY_ATTEMPTS {
+                let req = Request::PresenceOf {
+                    users: asked.clone(),
+                };
+                let t0 = tokio::time::Instant::now();
+                let r = peers.presence.call(req).await;
+                tracing::debug!(
+                    user,
+                    attempt,
+                    elapsed_ms = t0.elapsed().as_millis() as u64,
+                    ok = r.is_ok(),
+                    "presence query"
+                );
+                match r {
+                    Ok(Response::Presence(list)) => {
+                        for (user, status, version) in list {
+                            let frame = ServerFrame::Presence {
+                                user,
+                                status,
+                                version,
+                            };
+                            if tx.send(Outbound::Frame(frame)).await.is_err() {
+                                return; // The session ended.
+                            }
+                        }
+                        return;
+                    }
+                    other => {
+                        tracing::debug!(user, ?other, "presence query unanswered; retrying");
+                        if tx.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
-                other => tracing::warn!(user, ?other, "presence query unanswered"),
             }
+            tracing::warn!(user, "presence query unanswered; gave up");
         });
     }
 

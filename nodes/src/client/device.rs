@@ -79,6 +79,9 @@ pub struct DeviceState {
     pub device: Id,
     channels: BTreeMap<Id, ChannelView>,
     outbox: BTreeMap<Id, PendingSend>,
+    /// Sends refused with a retryable code (idgen or kv briefly unavailable): resent at the
+    /// next tick with the same `client_msg_id` (kv deduplicates).
+    retry_sends: BTreeSet<Id>,
     /// Friend -> (status shown, version of the answer it came from).
     presence: BTreeMap<Id, (PresenceStatus, u64)>,
     /// Canary mode: the seed's single max-id cursor.
@@ -123,6 +126,7 @@ impl DeviceState {
             v.sync_asked = true;
             v.sync_ticks = 0;
         }
+        self.retry_sends.clear(); // Everything unanswered is resent now.
         let mut out = vec![self.sync_all()];
         out.extend(self.resends());
         out
@@ -160,12 +164,23 @@ impl DeviceState {
         }
     }
 
-    /// Called once per heartbeat interval: a sync unanswered for `SYNC_RETRY_TICKS` ticks (its
+    /// Called once per heartbeat interval: sends refused with a retryable code are sent again,
+    /// and a sync unanswered for `SYNC_RETRY_TICKS` ticks (its
     /// answer lost with a connection, or refused while a kv shard was down) is asked again.
     /// Without this a device whose sync failed would never learn of messages it missed.
     pub fn on_tick(&mut self) -> Vec<ClientFrame> {
+        let mut out: Vec<ClientFrame> = std::mem::take(&mut self.retry_sends)
+            .into_iter()
+            .filter_map(|id| {
+                self.outbox.get(&id).map(|p| ClientFrame::Send {
+                    client_msg_id: id,
+                    channel: p.channel,
+                    text: p.text.clone(),
+                })
+            })
+            .collect();
         if self.by_message_id {
-            return Vec::new();
+            return out;
         }
         let mut cursors = Vec::new();
         for (c, v) in self.channels.iter_mut().filter(|(_, v)| v.sync_asked) {
@@ -178,13 +193,13 @@ impl DeviceState {
                 });
             }
         }
-        if cursors.is_empty() {
-            return Vec::new();
+        if !cursors.is_empty() {
+            out.push(ClientFrame::Sync {
+                cursors,
+                max_message_id: None,
+            });
         }
-        vec![ClientFrame::Sync {
-            cursors,
-            max_message_id: None,
-        }]
+        out
     }
 
     /// `read` frames for channels whose cursor moved since the last call.
@@ -263,6 +278,10 @@ impl DeviceState {
                             code,
                         });
                     }
+                }
+                (Some(id), Some(_)) if self.outbox.contains_key(&id) => {
+                    self.retry_sends.insert(id);
+                    obs.push(Observation::Error { code, detail });
                 }
                 _ => obs.push(Observation::Error { code, detail }),
             },
@@ -530,5 +549,36 @@ mod tests {
             cursors: vec![Cursor { channel: 5, seq: 1 }],
         });
         assert!(d.on_tick().is_empty() && d.on_tick().is_empty());
+    }
+
+    // Proves a send refused with a retryable code is resent once at the next tick, with the
+    // same client_msg_id, and a refused-for-good one is not.
+    #[test]
+    fn retryable_refusal_is_resent_at_the_next_tick() {
+        let mut d = DeviceState::new(1, 10, false);
+        d.send(7, 5, "hi".into());
+        d.on_frame(ServerFrame::Error {
+            code: ErrorCode::Unavailable,
+            detail: "idgen".into(),
+            client_msg_id: Some(7),
+            channel: Some(5),
+        });
+        let out = d.on_tick();
+        assert_eq!(
+            out,
+            vec![ClientFrame::Send {
+                client_msg_id: 7,
+                channel: 5,
+                text: "hi".into()
+            }]
+        );
+        assert!(d.on_tick().is_empty(), "once per refusal");
+        d.on_frame(ServerFrame::Error {
+            code: ErrorCode::NotAMember,
+            detail: "no".into(),
+            client_msg_id: Some(7),
+            channel: Some(5),
+        });
+        assert_eq!(d.outbox_len(), 0);
     }
 }
