@@ -385,6 +385,15 @@ pub fn scenario(name: &str, ctx: &Ctx) -> Result<Schedule, String> {
             ));
         }
     };
+    // A short run squeezes the scenario: every fault heals by the end of the safety phase.
+    let faults = faults
+        .into_iter()
+        .filter(|f| f.at_ms < ctx.duration_ms)
+        .map(|mut f| {
+            f.duration_ms = f.duration_ms.min(ctx.duration_ms - f.at_ms);
+            f
+        })
+        .collect();
     let s = Schedule {
         name: name.to_string(),
         faults,
@@ -891,6 +900,18 @@ mod tests {
         assert!(scenario("no-such", &ctx(1))
             .unwrap_err()
             .contains("unknown scenario"));
+    }
+
+    // Proves a run too short for a scenario's faults squeezes them inside the safety phase.
+    #[test]
+    fn short_runs_squeeze_scenarios() {
+        for (name, _) in SCENARIOS {
+            let c = Ctx {
+                duration_ms: 20_000,
+                ..ctx(5)
+            };
+            scenario(name, &c).unwrap().validate(&c).unwrap();
+        }
     }
 
     // Proves swarm plans differ between seeds and cover every fault kind over a few seeds.

@@ -9,9 +9,15 @@
 //!   seen for each seq), sorted by seq; the ids must strictly increase (one check per adjacent
 //!   pair).
 //!
+//! - (c) per idgen worker, ids follow real time: message ids are Snowflake ids (ms since the
+//!   epoch << 22 | worker << 12 | sequence); for two messages A and B whose ids carry the same
+//!   worker, if A was acked before B was first sent (B's id was issued after A's), A's id must
+//!   be smaller. A worker whose ids follow a clock that stepped back breaks this. One check
+//!   per acked message that has a send.
+//!
 //! It does NOT check: ids of messages nobody observed (sent but never acked or delivered),
-//! gaps in the seqs, a seq carrying two ids (order does), the Snowflake layout of an id (time,
-//! worker, sequence), or ordering across channels.
+//! gaps in the seqs, a seq carrying two ids (order does), that an id's time is near the real
+//! time, or ordering across workers or channels (workers' clocks differ).
 
 use std::collections::BTreeMap;
 
@@ -24,7 +30,79 @@ pub fn check(history: &[Record], _params: &Params) -> CheckReport {
     let mut report = CheckReport::new("ids");
     unique(&seen, &mut report);
     increasing_per_channel(&seen, &mut report);
+    per_worker_in_real_time(&history, &mut report);
     report
+}
+
+/// The idgen worker an id was issued by (bits 12..22 of a Snowflake id).
+fn worker(id: Id) -> u64 {
+    (id >> 12) & 0x3ff
+}
+
+/// (c): per worker, an id issued after another was acknowledged is larger.
+fn per_worker_in_real_time(history: &[Record], report: &mut CheckReport) {
+    use crate::history::Event;
+    let mut sent: BTreeMap<(Id, Id, Id, Id), u64> = BTreeMap::new();
+    // message id -> (first ack time, first send time)
+    let mut msgs: BTreeMap<Id, (u64, Option<u64>)> = BTreeMap::new();
+    for r in history {
+        match &r.ev {
+            Event::Send {
+                user,
+                device,
+                channel,
+                client_msg_id,
+                ..
+            } => {
+                sent.entry((*user, *device, *channel, *client_msg_id))
+                    .or_insert(r.t_us);
+            }
+            Event::Ack {
+                user,
+                device,
+                channel,
+                client_msg_id,
+                message_id,
+                ..
+            } => {
+                let s = sent
+                    .get(&(*user, *device, *channel, *client_msg_id))
+                    .copied();
+                msgs.entry(*message_id).or_insert((r.t_us, s));
+            }
+            _ => {}
+        }
+    }
+    // Per worker: (acks, sends), each as (time, id), sorted by time below.
+    type Timed = Vec<(u64, Id)>;
+    let mut by_worker: BTreeMap<u64, (Timed, Timed)> = BTreeMap::new();
+    for (&id, &(ack_t, send_t)) in &msgs {
+        let w = by_worker.entry(worker(id)).or_default();
+        w.0.push((ack_t, id));
+        if let Some(t) = send_t {
+            w.1.push((t, id));
+        }
+    }
+    for (w, (mut acks, mut sends)) in by_worker {
+        acks.sort_unstable();
+        sends.sort_unstable();
+        let mut i = 0;
+        let mut max_acked: Option<(Id, u64)> = None;
+        for (send_t, id) in sends {
+            while i < acks.len() && acks[i].0 < send_t {
+                if max_acked.is_none_or(|(m, _)| acks[i].1 > m) {
+                    max_acked = Some((acks[i].1, acks[i].0));
+                }
+                i += 1;
+            }
+            report.assert(max_acked.is_none_or(|(m, _)| id > m), || {
+                let (m, t) = max_acked.unwrap_or_default();
+                format!(
+                    "idgen worker {w}: message id {id} was issued after a send at t_us {send_t},                     yet id {m} of the same worker was acked earlier (t_us {t}) and is larger:                     ids went backwards in time"
+                )
+            });
+        }
+    }
 }
 
 /// (a): message_id -> one (channel, sender, sender_device, client_msg_id).
@@ -79,10 +157,36 @@ mod tests {
 
     #[test]
     fn healthy_passes() {
-        // Proves consistent ids pass: 9 acks/delivers for (a) + 1 adjacent pair for (b).
+        // Proves consistent ids pass: 9 acks/delivers for (a) + 1 adjacent pair for (b) + 2
+        // sent messages for (c).
         let r = run(check, &healthy());
         assert!(r.passed(), "{:?}", r.violations);
-        assert_eq!(r.checks, 10);
+        assert_eq!(r.checks, 12);
+    }
+
+    #[test]
+    fn worker_going_back_in_time_fails() {
+        // Proves (c): worker 1 issues id (5 << 22 | 1 << 12) after acking (9 << 22 | 1 << 12)
+        // in another channel: caught. The same ids from two workers are not compared.
+        let id = |ms: u64, worker: u64| (ms << 22) | (worker << 12);
+        let h = H::new()
+            .up(0, 1, 11)
+            .send(S, 11, 100, id(9, 1))
+            .ack(S + 1, 11, 100, id(9, 1), 1)
+            .send(2 * S, 11, 200, id(5, 2))
+            .ack(2 * S + 1, 11, 200, id(5, 2), 1)
+            .build();
+        assert!(run(check, &h).passed());
+        let h = H::new()
+            .up(0, 1, 11)
+            .send(S, 11, 100, id(9, 1))
+            .ack(S + 1, 11, 100, id(9, 1), 1)
+            .send(2 * S, 11, 200, id(5, 1))
+            .ack(2 * S + 1, 11, 200, id(5, 1), 1)
+            .build();
+        let r = run(check, &h);
+        assert_eq!(r.violation_count, 1, "{:?}", r.violations);
+        assert!(r.violations[0].contains("ids went backwards in time"));
     }
 
     #[test]
