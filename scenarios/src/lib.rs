@@ -172,8 +172,8 @@ impl Fault {
         match self {
             Fault::Partition { a, b, two_way } => Some(format!(
                 "{} | {} {}",
-                describe(a),
-                describe(b),
+                summarize(a),
+                summarize(b),
                 if *two_way { "two-way" } else { "one-way" }
             )),
             Fault::ClockStep { delta_ms, .. } => Some(format!("delta_ms={delta_ms}")),
@@ -202,12 +202,34 @@ impl fmt::Display for ScheduledFault {
             self.at_ms as f64 / 1000.0,
             self.fault.kind(),
             self.duration_ms as f64 / 1000.0,
-            describe(&self.fault.targets()),
+            summarize(&self.fault.targets()),
         )?;
         if let Some(d) = self.fault.detail() {
             write!(f, "  ({d})")?;
         }
         Ok(())
+    }
+}
+
+/// A short description of many targets: servers by name, devices by count when there are
+/// more than a few (`chat-0, kv-1 + 210 devices`).
+pub fn summarize(targets: &[Target]) -> String {
+    let devices = targets
+        .iter()
+        .filter(|t| matches!(t, Target::Device(_)))
+        .count();
+    if devices <= 4 {
+        return describe(targets);
+    }
+    let servers: Vec<Target> = targets
+        .iter()
+        .copied()
+        .filter(|t| matches!(t, Target::Node(..)))
+        .collect();
+    if servers.is_empty() {
+        format!("{devices} devices")
+    } else {
+        format!("{} + {devices} devices", describe(&servers))
     }
 }
 
@@ -966,5 +988,9 @@ mod tests {
             Target::Device(9),
         ];
         assert_eq!(describe(&t), "chat-0, device-3..=5, device-9");
+        let many: Vec<Target> = std::iter::once(Target::Node(Role::Kv, 1))
+            .chain((0..10).map(Target::Device))
+            .collect();
+        assert_eq!(summarize(&many), "kv-1 + 10 devices");
     }
 }
