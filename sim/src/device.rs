@@ -77,6 +77,10 @@ struct App {
     connections: u64,
     /// When the current connection last brought a frame.
     last_heard: Instant,
+    /// The chat server of the current connection.
+    server: Option<u32>,
+    /// A server this device just failed to reach or lost: asked to be avoided on reconnect.
+    avoid: Option<u32>,
     start: Instant,
 }
 
@@ -95,6 +99,8 @@ pub async fn run(ctx: DeviceCtx, start: Instant) {
         next_connect: start,
         connections: 0,
         last_heard: start,
+        server: None,
+        avoid: None,
         start,
     };
     app.main_loop().await;
@@ -156,8 +162,14 @@ impl App {
         let api = self.ctx.api[self.rng.gen_range(0..self.ctx.api.len())];
         let mut http = HttpClient::new(api);
         http.token = Some(self.ctx.login.token.clone());
+        let path = match self.avoid {
+            Some(s) => format!("/v1/chat-server?avoid={s}"),
+            None => "/v1/chat-server".to_string(),
+        };
+        let mut picked = None;
         let attempt = async {
-            let cs: ChatServerResponse = http.get("/v1/chat-server").await?;
+            let cs: ChatServerResponse = http.get(&path).await?;
+            picked = Some(cs.server);
             let mut ws = WsConn::connect(&cs.url).await?;
             ws.send(&ClientFrame::Hello {
                 token: self.ctx.login.token.clone(),
@@ -178,6 +190,8 @@ impl App {
         match result {
             Ok((ws, server)) => {
                 self.conn = Some(ws);
+                self.server = Some(server);
+                self.avoid = None;
                 self.last_heard = Instant::now();
                 self.backoff_ms = BACKOFF_MIN_MS;
                 self.ctx.counters.add_connect();
@@ -193,6 +207,9 @@ impl App {
             }
             Err(e) => {
                 tracing::debug!(device = self.device(), error = %e, "connect failed");
+                if picked.is_some() {
+                    self.avoid = picked;
+                }
                 self.schedule_reconnect();
             }
         }
@@ -224,6 +241,7 @@ impl App {
     async fn lost_connection(&mut self, reason: &str) {
         if let Some(ws) = self.conn.take() {
             drop(ws);
+            self.avoid = self.server.take();
             self.record(Event::Disconnected {
                 user: self.user(),
                 device: self.device(),

@@ -382,9 +382,16 @@ async fn history(
     }
 }
 
-async fn chat_server(State(st): S, headers: HeaderMap) -> ApiResult<ChatServerResponse> {
+async fn chat_server(
+    State(st): S,
+    headers: HeaderMap,
+    Query(q): Query<ChatServerQuery>,
+) -> ApiResult<ChatServerResponse> {
     let c = auth(&st, &headers)?;
-    let pick = Request::PickChat { hint: c.device };
+    let pick = Request::PickChat {
+        hint: c.device,
+        avoid: q.avoid,
+    };
     match st.peers.discovery.call(pick).await? {
         Response::Chat(Some(info)) => Ok(Json(ChatServerResponse {
             url: format!("ws://{}/ws", info.ws_addr),

@@ -46,9 +46,13 @@ impl Registry {
 
     /// Power of two choices among live servers, seeded by `hint`: the less loaded of two.
     /// Picking the single least-loaded server would send a whole reconnect storm to it before
-    /// its next load report.
-    pub fn pick(&self, hint: u64, now_ms: u64) -> Option<ChatServerInfo> {
-        let live = self.live(now_ms);
+    /// its next load report. `avoid` (a server the client just failed to reach, perhaps dead
+    /// with its lease not yet lapsed) is left out unless it is the only one.
+    pub fn pick(&self, hint: u64, avoid: Option<u32>, now_ms: u64) -> Option<ChatServerInfo> {
+        let mut live = self.live(now_ms);
+        if live.len() > 1 {
+            live.retain(|s| Some(s.server) != avoid);
+        }
         if live.is_empty() {
             return None;
         }
@@ -89,11 +93,11 @@ mod tests {
         r.on_register(info(2, 0), 4_000);
         for hint in 0..50 {
             let s = r
-                .pick(hint, DISCOVERY_LEASE_MS + 1)
+                .pick(hint, None, DISCOVERY_LEASE_MS + 1)
                 .expect("server 2 is live");
             assert_eq!(s.server, 2);
         }
-        assert!(r.pick(0, 4_000 + DISCOVERY_LEASE_MS).is_none());
+        assert!(r.pick(0, None, 4_000 + DISCOVERY_LEASE_MS).is_none());
     }
 
     // Proves picks spread over servers and prefer the less loaded of two.
@@ -103,8 +107,25 @@ mod tests {
         r.on_register(info(1, 100), 0);
         r.on_register(info(2, 0), 0);
         r.on_register(info(3, 0), 0);
-        let picks: Vec<u32> = (0..30).map(|h| r.pick(h, 1).unwrap().server).collect();
+        let picks: Vec<u32> = (0..30)
+            .map(|h| r.pick(h, None, 1).unwrap().server)
+            .collect();
         assert!(picks.contains(&2) && picks.contains(&3));
         assert!(picks.iter().filter(|s| **s == 1).count() < 10);
+    }
+
+    // Proves a server the client failed to reach is avoided while another is live, and
+    // still picked when it is the only one.
+    #[test]
+    fn avoided_server_is_skipped_unless_alone() {
+        let mut r = Registry::default();
+        r.on_register(info(1, 0), 0);
+        r.on_register(info(2, 0), 0);
+        for h in 0..20 {
+            assert_eq!(r.pick(h, Some(1), 1).unwrap().server, 2);
+        }
+        let mut alone = Registry::default();
+        alone.on_register(info(1, 0), 0);
+        assert_eq!(alone.pick(0, Some(1), 1).unwrap().server, 1);
     }
 }

@@ -24,7 +24,7 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
                 r.on_register(info, now);
                 Response::Ok
             }
-            Request::PickChat { hint } => Response::Chat(r.pick(hint, now)),
+            Request::PickChat { hint, avoid } => Response::Chat(r.pick(hint, avoid, now)),
             Request::ListChat => Response::ChatList(r.live(now)),
             other => Response::Error {
                 code: ErrorCode::BadRequest,

@@ -148,6 +148,15 @@ pub struct AddMemberRequest {
     pub user: Id,
 }
 
+/// `GET /v1/chat-server?avoid=N`: `avoid` names a server the device just failed to reach, so
+/// a reconnect storm after a crash does not keep landing on the dead server until its
+/// discovery lease lapses.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChatServerQuery {
+    #[serde(default)]
+    pub avoid: Option<u32>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatServerResponse {
     /// `ws://host:port/ws`

@@ -205,6 +205,9 @@ pub enum Request {
     PickChat {
         /// Spreads clients over lightly loaded servers.
         hint: u64,
+        /// A server the client just failed to reach: picked only if it is the only one.
+        #[serde(default)]
+        avoid: Option<u32>,
     },
     ListChat,
     // ---- presence
