@@ -93,6 +93,8 @@ pub struct ChatState {
     /// Set while this server holds no discovery lease: peers no longer route to it, so it
     /// takes no device and has closed the ones it had (they reconnect elsewhere and sync).
     fenced: std::sync::atomic::AtomicBool,
+    /// When the discovery lease was last renewed (answers `LeaseHeld`). A std mutex: short.
+    last_renewed: Mutex<tokio::time::Instant>,
     /// The presence node's boot time last seen, and whether it was seen warming up since.
     presence_boot: Mutex<(Option<u64>, bool)>,
     /// Errors sent to devices, by code (answered to `ChatStats`). A std mutex: short updates.
@@ -165,6 +167,14 @@ impl ChatState {
     /// The stale-chat-server canary: a server that lost its lease keeps its sessions.
     fn canary_stale(&self) -> bool {
         self.peers().canaries.is_on(Canary::StaleChatServer)
+    }
+
+    /// Renewed within the last renewal period. Strict on purpose: when discovery goes down
+    /// for everyone, a server that lost its lease (4 s unrenewed) asks peers whose last
+    /// renewal is at least 2 s old, so none of them answers fresh and nobody fences.
+    fn lease_fresh(&self) -> bool {
+        let last = *self.last_renewed.lock().unwrap_or_else(|p| p.into_inner());
+        last.elapsed() < Duration::from_millis(DISCOVERY_RENEW_MS)
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -259,6 +269,7 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
         sessions: Mutex::new(BTreeMap::new()),
         next_epoch: AtomicU64::new(1),
         fenced: std::sync::atomic::AtomicBool::new(false),
+        last_renewed: Mutex::new(tokio::time::Instant::now()),
         presence_boot: Mutex::new((None, false)),
         errors: Mutex::new(BTreeMap::new()),
     });
@@ -309,6 +320,7 @@ async fn rpc_server(state: Arc<ChatState>, listener: tokio::net::TcpListener) {
                 Response::Ok
             }
             Request::ChatStats => Response::ErrorCounts(state.error_counts()),
+            Request::LeaseHeld => Response::Bool(state.lease_fresh()),
             other => Response::Error {
                 code: ErrorCode::BadRequest,
                 detail: format!("chat does not serve {other:?}"),
@@ -383,13 +395,38 @@ async fn subscribe_presence(state: &ChatState) -> bool {
     }
 }
 
-/// A server that could not renew its lease for this long fences itself: discovery drops it
-/// after `DISCOVERY_LEASE_MS`, and peers then stop delivering to it, so its devices would
-/// silently miss live messages. Two renewal periods, less than the lease.
+/// A server that could not renew its lease for this long has lost it (two renewal periods,
+/// less than the lease). If it is cut off alone (some peer unreachable, or some peer still
+/// holding a lease), it fences itself: discovery drops it after `DISCOVERY_LEASE_MS`, peers
+/// then stop delivering to it, and its devices would silently miss live messages. If every
+/// peer answers and none holds a lease, discovery itself is down: fencing would turn that
+/// into a total outage, so the server keeps serving (peers keep their last map meanwhile).
 const FENCE_AFTER_MS: u64 = DISCOVERY_LEASE_MS - DISCOVERY_RENEW_MS;
 
+/// Whether a server that lost its lease is cut off alone (true) rather than together with
+/// every peer because discovery is down (false).
+async fn cut_off_alone(state: &ChatState) -> bool {
+    let me = state.cfg.server;
+    let peers: Vec<_> = state
+        .peers()
+        .chat_servers()
+        .into_iter()
+        .filter(|(s, _)| *s != me)
+        .collect();
+    for (_, peer) in peers {
+        match peer.call(Request::LeaseHeld).await {
+            Ok(Response::Bool(false)) => {}
+            // A peer holds a lease, or cannot be asked: this server is the one cut off.
+            other => {
+                tracing::debug!(?other, "a peer still reaches discovery, or cannot be asked");
+                return true;
+            }
+        }
+    }
+    false
+}
+
 async fn lease_loop(state: Arc<ChatState>) {
-    let mut last_renewed = tokio::time::Instant::now();
     loop {
         subscribe_presence(&state).await;
         let info = info(&state);
@@ -402,16 +439,23 @@ async fn lease_loop(state: Arc<ChatState>) {
         {
             Ok(_) => {
                 // The lease runs from when the request left, not when the answer came.
-                last_renewed = started;
+                *state.last_renewed.lock().unwrap_or_else(|p| p.into_inner()) = started;
                 if state.fenced.swap(false, Ordering::Relaxed) {
                     tracing::info!("discovery lease back; taking devices again");
                 }
             }
             Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
         }
-        let unrenewed = last_renewed.elapsed().as_millis() as u64;
+        let unrenewed = state
+            .last_renewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            .as_millis() as u64;
         if unrenewed >= FENCE_AFTER_MS
             && !state.canary_stale()
+            && !state.is_fenced()
+            && cut_off_alone(&state).await
             && !state.fenced.swap(true, Ordering::Relaxed)
         {
             let n = state.close_all(

@@ -238,6 +238,9 @@ pub enum Request {
     },
     /// Counters of a chat server (errors sent to devices, by code).
     ChatStats,
+    /// Does this chat server hold a fresh discovery lease? (`Bool`.) A server that lost its
+    /// own asks its peers, to tell "I am cut off" from "discovery is down for everyone".
+    LeaseHeld,
     PresenceFanout {
         subject: Id,
         status: PresenceStatus,
