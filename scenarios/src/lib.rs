@@ -299,6 +299,15 @@ impl Schedule {
                     "fault `{f}`: devices do not crash (use tunnel or disconnect)"
                 ));
             }
+            match f.fault {
+                Fault::Loss { per_mille } if per_mille > 1000 => {
+                    return Err(format!("fault `{f}`: loss over 1000 per mille"));
+                }
+                Fault::Latency { min_ms, max_ms } if min_ms > max_ms => {
+                    return Err(format!("fault `{f}`: latency min above max"));
+                }
+                _ => {}
+            }
             if f.at_ms + f.duration_ms > ctx.duration_ms {
                 return Err(format!(
                     "fault `{f}`: heals at {} ms, after the safety phase ends at {} ms",

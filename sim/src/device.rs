@@ -57,9 +57,9 @@ pub struct DeviceCtx {
     pub liveness_at: Duration,
     pub seed: u64,
     pub by_message_id: bool,
-    /// Fired by a `disconnect` fault: the connection is torn down at once, and both ends see
-    /// it (a reset, a Wi-Fi switch). A silent death is a short `tunnel` instead.
-    pub kick: Arc<tokio::sync::Notify>,
+    /// Bumped by a `disconnect` fault: a connection opened before the bump is torn down, and
+    /// both ends see it (a reset, a Wi-Fi switch). A silent death is a short `tunnel` instead.
+    pub kick: tokio::sync::watch::Receiver<u64>,
 }
 
 struct App {
@@ -79,6 +79,10 @@ struct App {
     last_heard: Instant,
     /// The chat server of the current connection.
     server: Option<u32>,
+    /// The `disconnect` count when the current connection opened.
+    kicks_at_connect: u64,
+    /// False once the fault injector is gone.
+    kicks_open: bool,
     /// A server this device just failed to reach or lost: asked to be avoided on reconnect.
     avoid: Option<u32>,
     start: Instant,
@@ -100,6 +104,8 @@ pub async fn run(ctx: DeviceCtx, start: Instant) {
         connections: 0,
         last_heard: start,
         server: None,
+        kicks_at_connect: 0,
+        kicks_open: true,
         avoid: None,
         start,
     };
@@ -147,8 +153,16 @@ impl App {
                     }
                 }
                 incoming = recv(&mut self.conn) => self.on_incoming(incoming).await,
-                _ = self.ctx.kick.notified(), if self.conn.is_some() => {
-                    self.lost_connection("disconnected").await
+                kicked = self.ctx.kick.changed(), if self.conn.is_some() && self.kicks_open => {
+                    match kicked {
+                        Ok(()) if *self.ctx.kick.borrow_and_update() > self.kicks_at_connect => {
+                            self.lost_connection("disconnected").await
+                        }
+                        Ok(()) => {}
+                        // The fault schedule is over (its sender dropped): no more kicks, and
+                        // `changed` would now be ready forever.
+                        Err(_) => self.kicks_open = false,
+                    }
                 }
                 _ = heartbeat.tick() => self.on_heartbeat().await,
                 _ = presence.tick() => self.ask_presence().await,
@@ -191,6 +205,7 @@ impl App {
             Ok((ws, server)) => {
                 self.conn = Some(ws);
                 self.server = Some(server);
+                self.kicks_at_connect = *self.ctx.kick.borrow_and_update();
                 self.avoid = None;
                 self.last_heard = Instant::now();
                 self.backoff_ms = BACKOFF_MIN_MS;

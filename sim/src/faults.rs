@@ -70,10 +70,11 @@ fn down<K: Ord>(m: &mut BTreeMap<K, u32>, k: K) -> bool {
     }
 }
 
-/// What the injector holds of a device: its node, and the switch that drops its connection.
+/// What the injector holds of a device: its node, and the counter whose bump drops its
+/// connection.
 pub struct DeviceHandle {
     pub node: NodeId,
-    pub kick: std::sync::Arc<tokio::sync::Notify>,
+    pub kick: tokio::sync::watch::Sender<u64>,
 }
 
 pub struct Injector<'c> {
@@ -171,9 +172,11 @@ impl<'c> Injector<'c> {
                     }
                 }
             }
-            // Only a device waiting on a live connection is affected (nothing is stored for
-            // later: a device with no connection has nothing to lose).
-            Fault::Disconnect { device } => self.devices[*device as usize].kick.notify_waiters(),
+            // The device drops the connection it holds now (once it is back in its loop); a
+            // connection opened after the bump is not affected.
+            Fault::Disconnect { device } => {
+                self.devices[*device as usize].kick.send_modify(|n| *n += 1)
+            }
             Fault::Tunnel { device } => {
                 let n = self.node(Target::Device(*device));
                 if up(&mut self.active.clogged_nodes, n) {

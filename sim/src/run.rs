@@ -700,7 +700,7 @@ fn start_devices(
     let mut ids = Vec::with_capacity(w.devices.len());
     let all_groups = Arc::new(setup.groups.clone());
     for (i, d) in w.devices.iter().enumerate() {
-        let kick = Arc::new(tokio::sync::Notify::new());
+        let (kick, kick_rx) = tokio::sync::watch::channel(0u64);
         let groups = w
             .groups
             .iter()
@@ -720,7 +720,7 @@ fn start_devices(
             liveness_at: Duration::from_secs(opts.duration),
             seed: opts.seed,
             by_message_id: canaries.is_on(Canary::CursorByMessageId),
-            kick: kick.clone(),
+            kick: kick_rx,
         };
         let node = handle
             .create_node()

@@ -53,9 +53,11 @@ pub async fn fanout(state: Arc<ChatState>, c: Committed) {
                 let _ = peers.refresh_chat_servers().await;
             }
             let Some(peer) = peers.chat_server(server) else {
-                // Gone from discovery: its devices reconnect elsewhere and sync.
-                tracing::debug!(server, "no such chat server; devices will sync");
-                return true;
+                // Not in discovery's list: dead (its devices reconnect and sync, and their
+                // registry entries move), or alive but briefly unlisted (discovery restarting,
+                // a short partition). Only a later redo can tell: leave it pending.
+                tracing::debug!(server, "no such chat server now; a sweep will redo it");
+                return false;
             };
             match peer.call(Request::Deliver { devices, message }).await {
                 Ok(_) => true,
@@ -83,6 +85,8 @@ pub async fn fanout(state: Arc<ChatState>, c: Committed) {
 
 /// A pending fanout older than this is presumed abandoned by a crashed server and redone.
 pub const ABANDONED_AFTER_MS: u64 = 10_000;
+/// A pending fanout still undelivered this long after its send is given up (see `sweep`).
+pub const FANOUT_GIVE_UP_MS: u64 = 10 * 60_000;
 /// Pending fanouts taken per kv shard per sweep.
 const SWEEP_BATCH_MAX: u32 = 100;
 
@@ -110,12 +114,21 @@ pub async fn sweep(state: Arc<ChatState>) {
                 seq = message.seq,
                 "redoing an abandoned fanout"
             );
+            let (channel, seq, sent_at_ms) = (message.channel, message.seq, message.sent_at_ms);
             let c = Committed {
                 message,
                 members,
                 duplicate: true,
             };
             fanout(state.clone(), c).await;
+            // A registry entry of a server that never came back would keep a fanout pending
+            // forever: past this age the devices concerned have reconnected (and synced) or
+            // are offline (and sync when they return).
+            if crate::clock::unix_ms().saturating_sub(sent_at_ms) > FANOUT_GIVE_UP_MS {
+                tracing::warn!(channel, seq, "giving up an undeliverable fanout");
+                let done = Request::FanoutDone { channel, seq };
+                let _ = peers.kv_for_channel(channel).call(done).await;
+            }
         }
     }
 }

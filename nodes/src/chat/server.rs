@@ -94,7 +94,8 @@ pub struct ChatState {
     /// takes no device and has closed the ones it had (they reconnect elsewhere and sync).
     fenced: std::sync::atomic::AtomicBool,
     /// When the discovery lease was last renewed (answers `LeaseHeld`). A std mutex: short.
-    last_renewed: Mutex<tokio::time::Instant>,
+    /// None until the first renewal: a server just started holds no lease yet.
+    last_renewed: Mutex<Option<tokio::time::Instant>>,
     /// The presence node's boot time last seen, and whether it was seen warming up since.
     presence_boot: Mutex<(Option<u64>, bool)>,
     /// Errors sent to devices, by code (answered to `ChatStats`). A std mutex: short updates.
@@ -174,7 +175,7 @@ impl ChatState {
     /// renewal is at least 2 s old, so none of them answers fresh and nobody fences.
     fn lease_fresh(&self) -> bool {
         let last = *self.last_renewed.lock().unwrap_or_else(|p| p.into_inner());
-        last.elapsed() < Duration::from_millis(DISCOVERY_RENEW_MS)
+        last.is_some_and(|t| t.elapsed() < Duration::from_millis(DISCOVERY_RENEW_MS))
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -269,7 +270,7 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
         sessions: Mutex::new(BTreeMap::new()),
         next_epoch: AtomicU64::new(1),
         fenced: std::sync::atomic::AtomicBool::new(false),
-        last_renewed: Mutex::new(tokio::time::Instant::now()),
+        last_renewed: Mutex::new(None),
         presence_boot: Mutex::new((None, false)),
         errors: Mutex::new(BTreeMap::new()),
     });
@@ -285,6 +286,7 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::spawn(lease_loop(state.clone()));
+    tokio::spawn(presence_loop(state.clone()));
     tokio::spawn(sweep_loop(state.clone()));
     tracing::info!(server = cfg.server, ws = %cfg.ws_listen, "chat server up");
     loop {
@@ -396,15 +398,17 @@ async fn subscribe_presence(state: &ChatState) -> bool {
 }
 
 /// A server that could not renew its lease for this long has lost it (two renewal periods,
-/// less than the lease). If it is cut off alone (some peer unreachable, or some peer still
-/// holding a lease), it fences itself: discovery drops it after `DISCOVERY_LEASE_MS`, peers
+/// less than the lease). If it is cut off (some peer still renews, or no peer answers), it
+/// fences itself: discovery drops it after `DISCOVERY_LEASE_MS`, peers
 /// then stop delivering to it, and its devices would silently miss live messages. If every
 /// peer answers and none holds a lease, discovery itself is down: fencing would turn that
-/// into a total outage, so the server keeps serving (peers keep their last map meanwhile).
+/// into a total outage, so the server keeps serving (peers keep their last map meanwhile, and
+/// fanouts a peer could not deliver stay pending until they can).
 const FENCE_AFTER_MS: u64 = DISCOVERY_LEASE_MS - DISCOVERY_RENEW_MS;
 
-/// Whether a server that lost its lease is cut off alone (true) rather than together with
-/// every peer because discovery is down (false).
+/// Whether a server that lost its lease is cut off (true: some peer still renews, or no peer
+/// can be reached) rather than sharing an outage of discovery with its peers (false: some
+/// peer answers and none renews).
 async fn cut_off_alone(state: &ChatState) -> bool {
     let me = state.cfg.server;
     let peers: Vec<_> = state
@@ -413,22 +417,36 @@ async fn cut_off_alone(state: &ChatState) -> bool {
         .into_iter()
         .filter(|(s, _)| *s != me)
         .collect();
-    for (_, peer) in peers {
+    if peers.is_empty() {
+        return false; // Alone in the tier: nothing to compare with.
+    }
+    let mut reached = 0;
+    for (_, peer) in &peers {
         match peer.call(Request::LeaseHeld).await {
-            Ok(Response::Bool(false)) => {}
-            // A peer holds a lease, or cannot be asked: this server is the one cut off.
-            other => {
-                tracing::debug!(?other, "a peer still reaches discovery, or cannot be asked");
+            Ok(Response::Bool(true)) => {
+                tracing::debug!("a peer still renews its lease: this server is cut off");
                 return true;
             }
+            Ok(_) => reached += 1,
+            Err(_) => {}
         }
     }
-    false
+    // Every peer unreachable: this server is isolated. Some peer reachable and none renewing:
+    // discovery is down for them too (an unreachable peer may be down for its own reasons).
+    reached == 0
+}
+
+/// Renews the presence subscription every renewal period, apart from the discovery lease so
+/// a slow presence node never stretches the lease cycle.
+async fn presence_loop(state: Arc<ChatState>) {
+    loop {
+        subscribe_presence(&state).await;
+        tokio::time::sleep(Duration::from_millis(DISCOVERY_RENEW_MS)).await;
+    }
 }
 
 async fn lease_loop(state: Arc<ChatState>) {
     loop {
-        subscribe_presence(&state).await;
         let info = info(&state);
         let started = tokio::time::Instant::now();
         match state
@@ -439,7 +457,7 @@ async fn lease_loop(state: Arc<ChatState>) {
         {
             Ok(_) => {
                 // The lease runs from when the request left, not when the answer came.
-                *state.last_renewed.lock().unwrap_or_else(|p| p.into_inner()) = started;
+                *state.last_renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
                 if state.fenced.swap(false, Ordering::Relaxed) {
                     tracing::info!("discovery lease back; taking devices again");
                 }
@@ -450,8 +468,7 @@ async fn lease_loop(state: Arc<ChatState>) {
             .last_renewed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
-            .as_millis() as u64;
+            .map_or(u64::MAX, |t| t.elapsed().as_millis() as u64);
         if unrenewed >= FENCE_AFTER_MS
             && !state.canary_stale()
             && !state.is_fenced()

@@ -21,15 +21,18 @@ pub struct PushConfig {
 
 pub async fn run(cfg: PushConfig) -> anyhow::Result<()> {
     tracing::info!(listen = %cfg.listen, "push node up");
+    let claims = Arc::new(ClaimIds::new());
     let peers = cfg.peers.clone();
     let provider = cfg.provider.clone();
     let handler: crate::rpc::Handler = Arc::new(move |req| {
         let peers = peers.clone();
         let provider = provider.clone();
+        let claims = claims.clone();
         async move {
             match req {
                 Request::Notify { message, users } => {
-                    match notify(&peers, provider.as_ref(), &message, &users).await {
+                    let claim = claims.next();
+                    match notify(&peers, provider.as_ref(), &message, &users, claim).await {
                         Ok(()) => Response::Ok,
                         Err(e) => Response::Error {
                             code: e.code(),
@@ -57,10 +60,11 @@ async fn notify(
     provider: &dyn PushProvider,
     message: &ChatMessage,
     users: &[Id],
+    claim: u64,
 ) -> Result<(), RpcError> {
     let mut first_err = None;
     for &user in users {
-        if let Err(e) = notify_user(peers, provider, message, user).await {
+        if let Err(e) = notify_user(peers, provider, message, user, claim).await {
             first_err.get_or_insert(e);
         }
     }
@@ -72,14 +76,13 @@ async fn notify_user(
     provider: &dyn PushProvider,
     message: &ChatMessage,
     user: Id,
+    claim: u64,
 ) -> Result<(), RpcError> {
     let kv = peers.kv_for_user(user);
     let devices = match kv.call(Request::GetUser { user }).await? {
         Response::User(Some(u)) => u.devices,
         _ => return Ok(()),
     };
-    // One claim per request: a retry of a lost claim answer is recognised as ours.
-    let claim: u64 = rand::random();
     let mut first_err = None;
     for device in devices {
         let req = Request::ClaimPush {
@@ -143,6 +146,28 @@ async fn notify_user(
         }
     }
     first_err.map_or(Ok(()), Err)
+}
+
+/// Claim ids of one push node process: its start time in ms above a counter, so they are
+/// unique across requests and restarts. One claim per `Notify` request: a retried claim call
+/// within the request is recognised as the same claimer.
+struct ClaimIds {
+    boot_ms: u64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl ClaimIds {
+    fn new() -> Self {
+        Self {
+            boot_ms: unix_ms(),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (self.boot_ms << 20) | (n & 0xf_ffff)
+    }
 }
 
 /// Claim and confirm calls are retried a few times (the same request: both are idempotent

@@ -33,10 +33,11 @@ pub const SECOND_US: u64 = 1_000_000;
 pub const MAX_STORED_VIOLATIONS: usize = 100;
 
 /// Fault kinds that a healthy run is expected to survive without any excuse: presence must not
-/// flap and pushes must not go to online devices while these happen. Every other fault kind
+/// flap and pushes must not go to online devices while these happen (a clock step moves only
+/// idgen's clock). Every other fault kind
 /// (partition, tunnel, latency, loss, clock step, ...) excuses the timing-sensitive presence
 /// and push checks while it is active.
-pub const BENIGN_FAULT_KINDS: &[&str] = &["crash", "disconnect"];
+pub const BENIGN_FAULT_KINDS: &[&str] = &["crash", "disconnect", "clock_step"];
 
 /// Bounds the checkers judge against.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,10 +14,10 @@
 //!   every member at ts other than the sender whose known devices all did not heartbeat over
 //!   [ts - W, ta + P] (a recipient that stays offline), every
 //!   device of that member registered at or before ts must have a push for m by E (one check
-//!   per (message, device)). When a fault other than `disconnect` (a crash of the push node or
-//!   of the recipient's kv shard included) that disturbs those devices or the whole system was
-//!   active in [ts - W, ta + P], the push may have been impossible in time: the device must
-//!   then have the message by E, pushed or delivered.
+//!   per (message, device)). When a fault on the push path (`push_path_fault`: a crash of
+//!   push, presence or a kv node, or any disruptive kind) that disturbs those devices or the
+//!   whole system was active in [ts - W, ta + P], the push may have been impossible in time:
+//!   the device must then have the message by E, pushed or delivered.
 //!
 //! It does NOT check: that a pushed device belongs to a member of the message's channel, the
 //! content of a notification, pushes to
@@ -131,7 +131,7 @@ fn offline_get_one(
     let hb = heartbeats(history);
     let members = Membership::build(history);
     let devices = Devices::build(history);
-    let faults = FaultWindows::build_with(history, |kind, _| kind != "disconnect", 0);
+    let faults = FaultWindows::build_with(history, push_path_fault, 0);
     let delivered: std::collections::BTreeSet<(Id, Id)> = history
         .iter()
         .filter(|r| r.t_us <= end)
@@ -175,6 +175,19 @@ fn offline_get_one(
                 });
             }
         }
+    }
+}
+
+/// Faults that can make a push impossible in time: a crash of the push node, of presence
+/// (whose answer decides who is offline) or of a kv node (the recipient's devices and claims
+/// live there), and every disruptive (non-benign) kind. A chat server crash is not one: its
+/// pending fanouts are redone within the bound.
+fn push_path_fault(kind: &str, targets: &[String]) -> bool {
+    match kind {
+        "crash" => targets
+            .iter()
+            .any(|t| t.starts_with("push-") || t.starts_with("presence-") || t.starts_with("kv-")),
+        k => !super::BENIGN_FAULT_KINDS.contains(&k),
     }
 }
 
