@@ -122,7 +122,7 @@ pub fn print_outcome(opts: &Opts, o: &Outcome) -> i32 {
     }
     if s.faults > 0 {
         println!(
-            "faults: {} applied; kv writes lost to crashes (unsynced): {}",
+            "faults: {} applied; disk writes undone by kv crashes (never synced): {}",
             s.faults, s.lost_disk_writes
         );
     }

@@ -1,5 +1,10 @@
 //! Many runs: `--seeds A..B` (a range of seeds, a summary of failures with their repro
 //! commands) and `--shrink` (delta debugging over a failing run's fault schedule).
+//!
+//! Each run is a child process of this binary, started with the run's own repro arguments:
+//! a finished madsim runtime does not free its nodes' memory (about 90 MB per default run),
+//! so hundreds of runs in one process would exhaust memory; a child also isolates a run that
+//! crashes, and the command it ran is exactly the repro command printed.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,21 +15,87 @@ use scenarios::Schedule;
 
 use crate::cli::Opts;
 use crate::output::repro_command;
-use crate::run::{run_on_fresh_thread, schedule_for, Outcome};
+use crate::run::{schedule_for, Outcome};
 
 /// One seed's result in a sweep.
 struct SeedResult {
     seed: u64,
-    failed: Vec<&'static str>,
+    failed: Vec<String>,
     faults: usize,
     wall_secs: f64,
     sim_secs: f64,
     repro: String,
 }
 
+/// What a child run reported.
+struct ChildRun {
+    /// Invariants that failed (`crash` if the child died without a verdict).
+    failed: Vec<String>,
+    faults: usize,
+    sim_secs: f64,
+    wall_secs: f64,
+}
+
+/// Runs `opts` (its repro arguments) in a child process of this binary and reads its verdict.
+fn run_child(opts: &Opts) -> ChildRun {
+    let wall = std::time::Instant::now();
+    let exe = std::env::current_exe().expect("the path of this binary");
+    let args: Vec<String> = opts
+        .repro_args()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let out = std::process::Command::new(exe)
+        .args(&args)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::null())
+        .output();
+    let wall_secs = wall.elapsed().as_secs_f64();
+    let Ok(out) = out else {
+        return ChildRun {
+            failed: vec!["crash".into()],
+            faults: 0,
+            sim_secs: 0.0,
+            wall_secs,
+        };
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut failed: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split_once(" violated ").map(|(name, _)| name.to_string()))
+        .collect();
+    let verdict = text.lines().any(|l| l.starts_with("result: "));
+    if !verdict || (!out.status.success() && failed.is_empty()) {
+        failed.push(format!("crash (exit {:?})", out.status.code()));
+    }
+    let faults = text
+        .lines()
+        .find_map(|l| l.strip_prefix("schedule: "))
+        .and_then(|l| {
+            l.rsplit_once(" (")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    let sim_secs = text
+        .lines()
+        .find_map(|l| l.strip_prefix("time: simulated "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    ChildRun {
+        failed,
+        faults,
+        sim_secs,
+        wall_secs,
+    }
+}
+
 /// Runs every seed of `--seeds` (`--jobs` at a time, each on a fresh thread with a fresh
 /// runtime), prints one line per seed as it finishes and a summary; exit 1 if any failed.
-pub fn seeds(opts: &Opts, canaries: &Canaries) -> i32 {
+pub fn seeds(opts: &Opts, _canaries: &Canaries) -> i32 {
     let range = match opts.seed_range() {
         Ok(r) => r,
         Err(e) => {
@@ -62,20 +133,20 @@ pub fn seeds(opts: &Opts, canaries: &Canaries) -> i32 {
                     ..opts.clone()
                 };
                 let r = match schedule_for(&o) {
-                    Ok(schedule) => {
-                        let out = run_on_fresh_thread(&o, canaries, &schedule);
+                    Ok(_) => {
+                        let c = run_child(&o);
                         SeedResult {
                             seed,
-                            failed: out.failed(),
-                            faults: schedule.faults.len(),
-                            wall_secs: out.stats.wall_secs,
-                            sim_secs: out.stats.sim_secs,
+                            failed: c.failed,
+                            faults: c.faults,
+                            wall_secs: c.wall_secs,
+                            sim_secs: c.sim_secs,
                             repro: repro_command(&o),
                         }
                     }
                     Err(e) => SeedResult {
                         seed,
-                        failed: vec!["schedule"],
+                        failed: vec!["schedule".into()],
                         faults: 0,
                         wall_secs: 0.0,
                         sim_secs: 0.0,
@@ -127,7 +198,7 @@ pub fn seeds(opts: &Opts, canaries: &Canaries) -> i32 {
 /// with subsets of the faults and keeps the smallest subset under which one of the invariants
 /// that failed still fails. Writes it as a schedule file and prints the command that replays
 /// it. Exit 1 (the run failed) unless the schedule could not be written.
-pub fn shrink(opts: &Opts, canaries: &Canaries, schedule: &Schedule, failing: &Outcome) -> i32 {
+pub fn shrink(opts: &Opts, _canaries: &Canaries, schedule: &Schedule, failing: &Outcome) -> i32 {
     let target: BTreeSet<&str> = failing.failed().into_iter().collect();
     let all = schedule.faults.clone();
     let mut runs = 0usize;
@@ -138,6 +209,11 @@ pub fn shrink(opts: &Opts, canaries: &Canaries, schedule: &Schedule, failing: &O
         target.iter().copied().collect::<Vec<_>>().join(", "),
         opts.shrink_runs
     );
+    let scratch = std::env::temp_dir().join(format!(
+        "chatsim-shrink-{}-seed-{}.json",
+        std::process::id(),
+        opts.seed
+    ));
     let mut fails = |subset: &[usize]| -> Option<bool> {
         if runs >= opts.shrink_runs {
             return None;
@@ -147,8 +223,17 @@ pub fn shrink(opts: &Opts, canaries: &Canaries, schedule: &Schedule, failing: &O
             name: "shrinking".into(),
             faults: subset.iter().map(|&i| all[i].clone()).collect(),
         };
-        let out = run_on_fresh_thread(opts, canaries, &candidate);
-        let failed = out.failed().iter().any(|f| target.contains(f));
+        let text = serde_json::to_string(&candidate).expect("schedules serialize");
+        if let Err(e) = std::fs::write(&scratch, text) {
+            eprintln!("error: writing {}: {e}", scratch.display());
+            return None;
+        }
+        let replay = Opts {
+            schedule: Some(scratch.clone()),
+            ..opts.clone()
+        };
+        let c = run_child(&replay);
+        let failed = c.failed.iter().any(|f| target.contains(f.as_str()));
         println!(
             "shrink: run {runs}: {} faults -> {}",
             subset.len(),
@@ -200,9 +285,7 @@ pub fn shrink(opts: &Opts, canaries: &Canaries, schedule: &Schedule, failing: &O
         }
         n = (n * 2).min(current.len());
     }
-    if current.len() == 1 && fails(&[]) == Some(true) {
-        current.clear();
-    }
+    let _ = std::fs::remove_file(&scratch);
     let shrunk = Schedule {
         name: format!(
             "shrunk from {} ({} faults) for seed {}",
