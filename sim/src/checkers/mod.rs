@@ -39,6 +39,11 @@ pub const MAX_STORED_VIOLATIONS: usize = 100;
 /// and push checks while it is active.
 pub const BENIGN_FAULT_KINDS: &[&str] = &["crash", "disconnect", "clock_step"];
 
+/// How long a partition, tunnel or pause keeps disturbing after its heal: the simulated
+/// network delivers bytes held up by a clog after a retry backoff of up to ~10 s, and a
+/// resumed node works off its backlog, so heartbeats sent during the fault arrive late.
+pub const SETTLE_AFTER_HEAL_US: u64 = 10 * SECOND_US;
+
 /// Bounds the checkers judge against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Params {
@@ -462,9 +467,15 @@ impl FaultWindows {
                         Some(i) => vec![i],
                         None => (0..open.len()).filter(|&i| open[i].0 == kind).collect(),
                     };
+                    // Held-up bytes and stalled work land after the heal (madsim retries a
+                    // clogged link with a backoff of up to ~10 s): their effects outlive it.
+                    let settle = match kind.as_str() {
+                        "partition" | "tunnel" | "pause" => SETTLE_AFTER_HEAL_US,
+                        _ => 0,
+                    };
                     for &i in closing.iter().rev() {
                         let (_, _, w) = open.remove(i);
-                        windows[w].end = Some(r.t_us + grace_us);
+                        windows[w].end = Some(r.t_us + grace_us + settle);
                     }
                 }
                 _ => {}
@@ -1046,18 +1057,19 @@ mod tests {
 
     #[test]
     fn fault_windows_match_heals() {
-        // Proves benign kinds open no window, a heal closes the matching fault, an unhealed
-        // fault stays open to the end, and a fault confined to known devices disturbs only
-        // judgments about them (an unknown device name makes it system-wide).
+        // Proves benign kinds open no window, a heal closes the matching fault (a partition
+        // or tunnel keeps disturbing SETTLE_AFTER_HEAL_US after it), an unhealed fault stays
+        // open to the end, and a fault confined to known devices disturbs only judgments about
+        // them (an unknown device name makes it system-wide).
         let h = H::new()
             .device(0, 1, 11)
             .device(0, 2, 21)
-            .fault(10, "crash", "chat-1")
-            .fault(20, "partition", "a|b")
-            .heal(30, "partition", "a|b")
-            .fault(40, "tunnel", "device-0")
-            .heal(45, "tunnel", "device-0")
-            .fault(50, "tunnel", "dev-1")
+            .fault(10 * S, "crash", "chat-1")
+            .fault(20 * S, "partition", "a|b")
+            .heal(30 * S, "partition", "a|b")
+            .fault(60 * S, "tunnel", "device-0")
+            .heal(65 * S, "tunnel", "device-0")
+            .fault(100 * S, "tunnel", "dev-1")
             .build();
         let mut h = h;
         for r in &mut h {
@@ -1066,16 +1078,23 @@ mod tests {
             }
         }
         let fw = FaultWindows::build(&h);
-        assert!(!fw.overlaps_for(0, 15, &[]));
-        assert!(fw.overlaps_for(25, 26, &[]) && fw.overlaps_for(30, 31, &[]));
-        assert!(!fw.overlaps_for(31, 39, &[11, 21]));
+        assert!(!fw.overlaps_for(0, 15 * S, &[]));
+        assert!(fw.overlaps_for(25 * S, 26 * S, &[]));
         assert!(
-            fw.overlaps_for(41, 42, &[11]),
+            fw.overlaps_for(39 * S, 39 * S, &[]),
+            "settling after the heal"
+        );
+        assert!(!fw.overlaps_for(41 * S, 59 * S, &[11, 21]));
+        assert!(
+            fw.overlaps_for(61 * S, 62 * S, &[11]),
             "the tunnel of device-0 (id 11)"
         );
-        assert!(!fw.overlaps_for(41, 42, &[21]), "not about device 21");
         assert!(
-            fw.overlaps_for(1_000, 2_000, &[]),
+            !fw.overlaps_for(61 * S, 62 * S, &[21]),
+            "not about device 21"
+        );
+        assert!(
+            fw.overlaps_for(1_000 * S, 2_000 * S, &[]),
             "unknown target: system-wide"
         );
     }
