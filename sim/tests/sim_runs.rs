@@ -262,10 +262,16 @@ fn regression_seeds() {
 //   kv shard (presence now keeps friend lists of online users);
 // - seed 38 showed a stale presence after a disconnect the device never noticed;
 // - seed 26 failed the push rule while the push node and the recipients' kv shard were down
-//   (a delivery now stands in for a push a crash made impossible in time).
+//   (a delivery now stands in for a push a crash made impossible in time);
+// - seed 112 went dark while discovery was down: every chat server fenced itself (servers now
+//   fence only when a peer still renews or none answers);
+// - seed 117 lost a message to a live server briefly missing from discovery's list (such
+//   fanouts now stay pending);
+// - seed 110 judged presence on heartbeats a healed partition delivered late (fault windows
+//   now extend 10 s past the heal).
 #[test]
 fn swarm_regression_seeds() {
-    for seed in [5, 26, 38, 39] {
+    for seed in [5, 26, 38, 39, 110, 112, 117] {
         let o = run_on_fresh_thread(
             &Opts {
                 seed,
