@@ -41,46 +41,14 @@ fn worker(id: Id) -> u64 {
 
 /// (c): per worker, an id issued after another was acknowledged is larger.
 fn per_worker_in_real_time(history: &[Record], report: &mut CheckReport) {
-    use crate::history::Event;
-    let mut sent: BTreeMap<(Id, Id, Id, Id), u64> = BTreeMap::new();
-    // message id -> (first ack time, first send time)
-    let mut msgs: BTreeMap<Id, (u64, Option<u64>)> = BTreeMap::new();
-    for r in history {
-        match &r.ev {
-            Event::Send {
-                user,
-                device,
-                channel,
-                client_msg_id,
-                ..
-            } => {
-                sent.entry((*user, *device, *channel, *client_msg_id))
-                    .or_insert(r.t_us);
-            }
-            Event::Ack {
-                user,
-                device,
-                channel,
-                client_msg_id,
-                message_id,
-                ..
-            } => {
-                let s = sent
-                    .get(&(*user, *device, *channel, *client_msg_id))
-                    .copied();
-                msgs.entry(*message_id).or_insert((r.t_us, s));
-            }
-            _ => {}
-        }
-    }
     // Per worker: (acks, sends), each as (time, id), sorted by time below.
     type Timed = Vec<(u64, Id)>;
     let mut by_worker: BTreeMap<u64, (Timed, Timed)> = BTreeMap::new();
-    for (&id, &(ack_t, send_t)) in &msgs {
-        let w = by_worker.entry(worker(id)).or_default();
-        w.0.push((ack_t, id));
-        if let Some(t) = send_t {
-            w.1.push((t, id));
+    for m in super::acked_messages(history).into_values() {
+        let w = by_worker.entry(worker(m.message_id)).or_default();
+        w.0.push((m.ack_t, m.message_id));
+        if let Some(t) = m.send_t {
+            w.1.push((t, m.message_id));
         }
     }
     for (w, (mut acks, mut sends)) in by_worker {
@@ -98,7 +66,9 @@ fn per_worker_in_real_time(history: &[Record], report: &mut CheckReport) {
             report.assert(max_acked.is_none_or(|(m, _)| id > m), || {
                 let (m, t) = max_acked.unwrap_or_default();
                 format!(
-                    "idgen worker {w}: message id {id} was issued after a send at t_us {send_t},                     yet id {m} of the same worker was acked earlier (t_us {t}) and is larger:                     ids went backwards in time"
+                    "idgen worker {w}: message id {id} was issued after a send at t_us {send_t}, \
+                    yet id {m} of the same worker was acked earlier (t_us {t}) and is larger: \
+                    ids went backwards in time"
                 )
             });
         }
