@@ -1,8 +1,14 @@
 //! User behaviour for the simulator: who exists, who is friends with whom, which groups, and
 //! a timed script per device (come online, send, read, close the app, come back).
 //!
-//! Every number is a stated assumption scaled down from the product's 50M daily active users
-//! (issue 4 grows this into a full model with sources); all randomness comes from the seed.
+//! Two kinds of workload, all randomness from the seed:
+//! - the named workloads of [`named`] (`steady`, `peak-hour`, `group-heavy`,
+//!   `reconnect-storm`, `mobile-commute`): the 50M-DAU model of [`model`] at one hour of the
+//!   day, scaled to a number of users with per-user rates kept;
+//! - `stress` (this file, the simulator's default): the checker workload, every user far
+//!   busier than the model so that a 5-minute run of 200 users exercises every path.
+//!
+//! `stress` uses these assumptions:
 //!
 //! | assumption | value | why |
 //! |---|---|---|
@@ -16,7 +22,10 @@
 //! | logout instead of app close | 15 % | explicit logout is rarer than backgrounding |
 //! | send right before closing the app | 5 % of sends | the ack may never arrive |
 //!
-//! It does not model diurnal curves, tunnels or the 50M-DAU capacity plan (issue 4).
+pub mod model;
+pub mod named;
+
+pub use named::{build, Spec, WORKLOADS};
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -42,6 +51,9 @@ impl Default for Config {
         }
     }
 }
+
+/// The longest message the product accepts, in characters [seed].
+pub const MAX_CHARS: u32 = 100_000;
 
 /// The largest group the product allows; the workload always builds one of this size when
 /// there are enough users.
@@ -126,6 +138,18 @@ pub struct Workload {
     pub friendships: Vec<(u32, u32)>,
     pub groups: Vec<Group>,
     pub devices: Vec<DeviceScript>,
+    /// Tunnels the devices drive into (named workloads; the run applies them as `tunnel`
+    /// faults), in time order.
+    pub tunnels: Vec<Tunnel>,
+}
+
+/// A device loses all connectivity from `at_ms` for `duration_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tunnel {
+    /// Workload device index.
+    pub device: u32,
+    pub at_ms: u64,
+    pub duration_ms: u64,
 }
 
 impl Workload {
@@ -166,22 +190,24 @@ pub fn generate(cfg: &Config, seed: u64) -> Workload {
     let friendships = make_friendships(cfg.users, &mut rng);
     let groups = make_groups(cfg.users, &mut rng);
     let mut devices = Vec::new();
+    let mut friends_of: Vec<Vec<u32>> = vec![Vec::new(); cfg.users as usize];
+    for &(a, b) in &friendships {
+        friends_of[a as usize].push(b);
+        friends_of[b as usize].push(a);
+    }
+    let mut groups_of: Vec<Vec<u32>> = vec![Vec::new(); cfg.users as usize];
+    for g in &groups {
+        for &m in &g.members {
+            groups_of[m as usize].push(g.index);
+        }
+    }
     for u in &users {
-        let friends: Vec<u32> = friendships
-            .iter()
-            .filter_map(|&(a, b)| (a == u.index).then_some(b).or((b == u.index).then_some(a)))
-            .collect();
-        let my_groups: Vec<u32> = groups
-            .iter()
-            .filter(|g| g.members.contains(&u.index))
-            .map(|g| g.index)
-            .collect();
-        let other_group = groups
-            .iter()
-            .find(|g| !g.members.contains(&u.index))
-            .map(|g| g.index);
+        let friends = &friends_of[u.index as usize];
+        let my_groups = &groups_of[u.index as usize];
+        // The first group the user is not in (groups are indexed in order).
+        let other_group = (0..groups.len() as u32).find(|g| !my_groups.contains(g));
         for slot in 0..u.devices {
-            let steps = script(cfg, &friends, &my_groups, other_group, u.devices, &mut rng);
+            let steps = script(cfg, friends, my_groups, other_group, u.devices, &mut rng);
             devices.push(DeviceScript {
                 user: u.index,
                 slot,
@@ -194,6 +220,7 @@ pub fn generate(cfg: &Config, seed: u64) -> Workload {
         friendships,
         groups,
         devices,
+        tunnels: Vec::new(),
     }
 }
 
