@@ -43,6 +43,20 @@ pub const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 #[cfg(not(madsim))]
 pub const MIN_FLUSH_INTERVAL: Duration = Duration::ZERO;
 
+#[cfg(madsim)]
+thread_local! {
+    /// Bytes written to simulated TCP streams on this thread. Each simulated run has its own
+    /// OS thread (and madsim runs every node on it), so this is the run's wire total.
+    static SIM_WIRE_BYTES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Bytes every node and device of the current simulated run wrote to TCP (WebSocket, HTTP
+/// and RPC payloads with their framing; not TCP/IP headers).
+#[cfg(madsim)]
+pub fn sim_wire_bytes() -> u64 {
+    SIM_WIRE_BYTES.with(|b| b.get())
+}
+
 /// Connects to `addr`.
 pub async fn connect(addr: SocketAddr) -> io::Result<Stream> {
     Ok(Stream::new(TcpStream::connect(addr).await?))
@@ -76,6 +90,7 @@ impl AsyncWrite for Stream {
         // Simulated TCP only moves bytes on flush: flush every write so the peer sees it.
         #[cfg(madsim)]
         if n > 0 {
+            SIM_WIRE_BYTES.with(|b| b.set(b.get() + n as u64));
             match Pin::new(&mut self.inner).poll_flush(cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) | Poll::Pending => {}

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod history;
 #[cfg(not(madsim))]
 pub mod launcher;
+pub mod metrics;
 
 #[cfg(madsim)]
 pub mod cluster;

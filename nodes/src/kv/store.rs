@@ -10,6 +10,7 @@
 //! shard lives on one node (the shard map can name replicas later).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -65,6 +66,10 @@ pub struct Store {
     db: Database,
     /// Commit with fsync (always, except under the kv-ack-before-sync canary).
     durable: bool,
+    /// Requests served (`KvStats` itself not counted).
+    requests: AtomicU64,
+    /// Write transactions begun by requests (each commit an fsync when durable).
+    writes: AtomicU64,
 }
 
 impl Store {
@@ -83,7 +88,12 @@ impl Store {
         txn.open_table(PUSHED)?;
         txn.open_table(PENDING)?;
         txn.commit()?;
-        Ok(Self { db, durable: true })
+        Ok(Self {
+            db,
+            durable: true,
+            requests: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        })
     }
 
     /// Whether commits fsync before they are acknowledged. Only the kv-ack-before-sync canary
@@ -102,6 +112,13 @@ impl Store {
 
     /// Executes one request. Storage failures answer `unavailable` (the caller may retry).
     pub fn apply(&self, req: Request) -> Response {
+        if matches!(req, Request::KvStats) {
+            return Response::KvStats {
+                requests: self.requests.load(Ordering::Relaxed),
+                writes: self.writes.load(Ordering::Relaxed),
+            };
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
         match self.apply_inner(req) {
             Ok(r) => r,
             Err(e) => refuse(ErrorCode::Unavailable, format!("storage: {e}")),
@@ -215,6 +232,7 @@ impl Store {
     }
 
     fn begin_write(&self) -> R<redb::WriteTransaction> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         let mut txn = self.db.begin_write()?;
         txn.set_durability(if self.durable {
             Durability::Immediate

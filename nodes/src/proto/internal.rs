@@ -238,6 +238,8 @@ pub enum Request {
     },
     /// Counters of a chat server (errors sent to devices, by code).
     ChatStats,
+    /// Operation counters of a kv node since it started (`KvStats`).
+    KvStats,
     /// Does this chat server hold a fresh discovery lease? (`Bool`.) A server that lost its
     /// own asks its peers, to tell "I am cut off" from "discovery is down for everyone".
     LeaseHeld,
@@ -301,6 +303,12 @@ pub enum Response {
     Bool(bool),
     /// Errors sent to devices since the server started, by code.
     ErrorCounts(Vec<(ErrorCode, u64)>),
+    /// A kv node's operations since it started: requests served and, of those, the ones that
+    /// committed a write transaction (each an fsync when durable). Reads are the rest.
+    KvStats {
+        requests: u64,
+        writes: u64,
+    },
     Chat(Option<ChatServerInfo>),
     ChatList(Vec<ChatServerInfo>),
     /// (user, status, version of the last change).
