@@ -28,6 +28,8 @@ pub struct Chart<'a> {
     pub x: &'a [f64],
     pub lines: Vec<Line<'a>>,
     pub faults: &'a [FaultSpan],
+    /// A dashed vertical marker at this time (the liveness phase).
+    pub marker: Option<f64>,
     /// Logarithmic y axis (latencies spanning milliseconds to minutes).
     pub log_y: bool,
     /// Fixed y range, else from the data.
@@ -144,6 +146,33 @@ fn draw_body<'a, 'b: 'a, X, Y>(
         .label("fault window")
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], FAULT.mix(0.3).filled()));
     }
+    if let Some(t) = c.marker {
+        let grey = RGBColor(90, 90, 90);
+        let mut dashes = Vec::new();
+        let steps = 40;
+        for i in (0..steps).step_by(2) {
+            let y = |k: f64| {
+                if c.log_y {
+                    lo * (hi / lo).powf(k)
+                } else {
+                    lo + (hi - lo) * k
+                }
+            };
+            dashes.push(PathElement::new(
+                vec![
+                    (t, y(i as f64 / steps as f64)),
+                    (t, y((i + 1) as f64 / steps as f64)),
+                ],
+                grey.stroke_width(1),
+            ));
+        }
+        ch.draw_series(dashes)
+            .expect("marker")
+            .label("liveness phase")
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], grey.stroke_width(1))
+            });
+    }
     ch.configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.85))
@@ -155,6 +184,7 @@ fn draw_body<'a, 'b: 'a, X, Y>(
 /// The run report's plots, as (file name, SVG).
 pub fn run_plots(r: &RunReport) -> Vec<(String, String)> {
     let s = &r.series;
+    let shaded = cluster_faults(&r.faults);
     let some = |v: &[f64]| v.iter().map(|x| Some(*x)).collect::<Vec<_>>();
     let charts = [
         (
@@ -181,7 +211,8 @@ pub fn run_plots(r: &RunReport) -> Vec<(String, String)> {
                         values: s.ack_p99_ms.clone(),
                     },
                 ],
-                faults: &r.faults,
+                faults: &shaded,
+                marker: s.liveness_s,
                 log_y: true,
                 y_range: None,
             },
@@ -206,7 +237,8 @@ pub fn run_plots(r: &RunReport) -> Vec<(String, String)> {
                         values: some(&s.pushes_per_s),
                     },
                 ],
-                faults: &r.faults,
+                faults: &shaded,
+                marker: s.liveness_s,
                 log_y: false,
                 y_range: None,
             },
@@ -221,7 +253,8 @@ pub fn run_plots(r: &RunReport) -> Vec<(String, String)> {
                     label: "connected",
                     values: some(&s.connected),
                 }],
-                faults: &r.faults,
+                faults: &shaded,
+                marker: s.liveness_s,
                 log_y: false,
                 y_range: None,
             },
@@ -236,7 +269,8 @@ pub fn run_plots(r: &RunReport) -> Vec<(String, String)> {
                     label: "accuracy",
                     values: s.presence_accuracy.clone(),
                 }],
-                faults: &r.faults,
+                faults: &shaded,
+                marker: s.liveness_s,
                 log_y: false,
                 y_range: Some((0.0, 1.02)),
             },
@@ -245,5 +279,15 @@ pub fn run_plots(r: &RunReport) -> Vec<(String, String)> {
     charts
         .into_iter()
         .map(|(name, c)| (name.to_string(), render(&c)))
+        .collect()
+}
+
+/// Fault spans worth shading: those that hit a server node or the whole network. Device-only
+/// faults (tunnels, disconnects) are many and local; the report counts them.
+pub fn cluster_faults(faults: &[FaultSpan]) -> Vec<FaultSpan> {
+    faults
+        .iter()
+        .filter(|f| !f.targets.split(' ').all(|t| t.starts_with("device-")))
+        .cloned()
         .collect()
 }

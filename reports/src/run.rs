@@ -111,6 +111,9 @@ pub struct FaultSpan {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Series {
     pub bucket_s: f64,
+    /// When the liveness phase started (faults healed, every device online).
+    #[serde(default)]
+    pub liveness_s: Option<f64>,
     /// Bucket start times, simulated seconds from the start of traffic.
     pub t_s: Vec<f64>,
     pub sends_per_s: Vec<f64>,
@@ -291,7 +294,7 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
         fmt_n(t.mean_connected)
     );
     s += "\nPer-send network, kv and wire figures divide the whole run's traffic (heartbeats, presence, sync, setup excluded where it ran before traffic) by acknowledged sends: they are what one send costs the system in this workload, not what the send itself carries.\n";
-    s += "\n## Plots\n\nShaded bands are fault windows (from the `fault` to the `heal` event).\n\n";
+    s += "\n## Plots\n\nTime counts from the start of traffic (after setup). Shaded bands are fault windows of server nodes and the network (from the `fault` to the `heal` event); the dashed line is the start of the liveness phase.\n\n";
     for p in plots {
         s += &format!("![{p}]({p})\n\n");
     }
@@ -373,6 +376,7 @@ pub(crate) mod tests {
             }],
             series: Series {
                 bucket_s: 5.0,
+                liveness_s: Some(80.0),
                 sends_per_s: t.iter().map(|x| x / 10.0).collect(),
                 delivers_per_s: t.iter().map(|x| x / 4.0).collect(),
                 pushes_per_s: vec![0.0; n],

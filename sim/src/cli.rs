@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use workloads::model::Scale;
+
 /// chatsim: a Messenger-style chat system in a deterministic simulator.
 ///
 /// Runs the whole cluster (api, discovery, chat, idgen, kv, presence, push) and every device
@@ -14,12 +16,33 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "sim", version)]
 pub struct Opts {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// The seed: everything in the run derives from it.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Users in the workload (each has 1-3 devices).
     #[arg(long, default_value_t = 200)]
     pub users: u32,
+    /// The workload (see --list-workloads): `stress` (default) or a scaled model hour such as
+    /// `peak-hour`.
+    #[arg(long, default_value = "stress", value_name = "NAME")]
+    pub workload: String,
+    /// List the workloads and exit.
+    #[arg(long)]
+    pub list_workloads: bool,
+    /// Population as a fraction of --dau, e.g. `1/1000` (50,000 users of 50M); sets --users.
+    #[arg(long, value_name = "FRACTION", value_parser = parse_scale)]
+    pub scale: Option<Scale>,
+    /// Daily active users the model stands for (with --scale).
+    #[arg(long, default_value_t = 50_000_000)]
+    pub dau: u64,
+    /// Write a run report here: report.md, report.json and SVG plots.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// Never draw the progress bar (it is drawn on stderr only when stderr is a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
     /// Simulated seconds of the safety phase (traffic and faults).
     #[arg(long, default_value_t = 300)]
     pub duration: u64,
@@ -95,7 +118,49 @@ pub struct Opts {
     pub show_violations: usize,
 }
 
+fn parse_scale(s: &str) -> Result<Scale, String> {
+    Scale::parse(s)
+}
+
+/// Subcommands besides the default (run a seed).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Plan capacity for a number of daily active users: simulate the model's peak hour at a
+    /// small scale (no faults), measure per-operation costs, and write capacity.md and
+    /// capacity.json.
+    Capacity(CapacityOpts),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CapacityOpts {
+    /// Daily active users to plan for.
+    #[arg(long, default_value_t = 50_000_000)]
+    pub dau: u64,
+    /// Where to write capacity.md and capacity.json (and the measurement run's report).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// The workload measured.
+    #[arg(long, default_value = "peak-hour")]
+    pub workload: String,
+    /// Users simulated for the measurement (per-user rates are kept at any scale).
+    #[arg(long, default_value_t = 2_000)]
+    pub users: u32,
+    /// Simulated seconds of measured traffic.
+    #[arg(long, default_value_t = 600)]
+    pub duration: u64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
 impl Opts {
+    /// Applies options that imply others (--scale sets --users).
+    pub fn resolve(mut self) -> Self {
+        if let Some(s) = self.scale {
+            self.users = s.users(self.dau);
+        }
+        self
+    }
+
     /// The flags that reproduce this run.
     pub fn repro_args(&self) -> String {
         let d = Opts {
@@ -103,6 +168,9 @@ impl Opts {
             ..Self::defaults()
         };
         let mut a = vec![format!("--seed {}", self.seed)];
+        if self.workload != d.workload {
+            a.push(format!("--workload {}", self.workload));
+        }
         if self.users != d.users {
             a.push(format!("--users {}", self.users));
         }

@@ -218,6 +218,7 @@ impl App {
                 let frames = self.state.on_connected();
                 self.send_all(frames).await;
                 self.send_frame(ClientFrame::Heartbeat).await;
+                self.ctx.counters.add_heartbeat();
                 self.ask_presence().await;
             }
             Err(e) => {
@@ -302,11 +303,10 @@ impl App {
         });
     }
 
+    /// The liveness phase: every app opens. A device already connected does nothing more: a
+    /// forced resync here would deliver whatever the servers failed to fan out and hide it
+    /// from no_loss (it hid fanouts stuck behind a slow push node for ~90 s).
     async fn on_liveness(&mut self) {
-        if self.open && self.conn.is_some() {
-            let frames = self.state.on_connected();
-            self.send_all(frames).await;
-        }
         self.open_app();
     }
 
@@ -363,6 +363,7 @@ impl App {
             chars: text.chars().count() as u64,
         });
         self.ctx.counters.add_send();
+        self.ctx.counters.add_chars(text.chars().count() as u64);
         let frame = self.state.send(client_msg_id, channel, text);
         self.send_frame(frame).await;
     }
@@ -409,6 +410,7 @@ impl App {
             return;
         }
         self.send_frame(ClientFrame::Heartbeat).await;
+        self.ctx.counters.add_heartbeat();
         let mut frames = self.state.take_reads();
         frames.extend(self.state.on_tick());
         self.send_all(frames).await;

@@ -13,6 +13,8 @@ pub mod launcher;
 pub mod metrics;
 
 #[cfg(madsim)]
+pub mod capacity;
+#[cfg(madsim)]
 pub mod cluster;
 #[cfg(madsim)]
 pub mod device;
@@ -20,6 +22,10 @@ pub mod device;
 pub mod faults;
 #[cfg(madsim)]
 pub mod output;
+#[cfg(madsim)]
+pub mod progress;
+#[cfg(madsim)]
+pub mod report;
 #[cfg(madsim)]
 pub mod run;
 #[cfg(madsim)]

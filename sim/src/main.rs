@@ -11,6 +11,6 @@ fn main() {
 #[cfg(madsim)]
 fn main() {
     use clap::Parser;
-    let opts = sim::cli::Opts::parse();
+    let opts = sim::cli::Opts::parse().resolve();
     std::process::exit(sim::run::main(opts));
 }

@@ -74,14 +74,21 @@ struct Bucket {
     ack: Histogram<u64>,
 }
 
-/// Measures `history`. Mean connected devices are averaged over bucket ends in
-/// `warm_up_s..safety_end_s` (the traffic phase after devices first connect).
+/// Measures `history`. Times (series, fault spans) count from the `traffic` phase (or the
+/// start). Mean connected devices are averaged over bucket ends from `warm_up_s` to the
+/// `liveness` phase.
 pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
-    let end_us = history.last().map_or(0, |r| r.t_us);
+    let traffic_us = history
+        .iter()
+        .find(|r| matches!(&r.ev, Event::Phase { name } if name == "traffic"))
+        .map_or(0, |r| r.t_us);
+    let end_us = history
+        .last()
+        .map_or(0, |r| r.t_us.saturating_sub(traffic_us));
     let safety_end_us = history
         .iter()
         .find(|r| matches!(&r.ev, Event::Phase { name } if name == "liveness"))
-        .map_or(end_us, |r| r.t_us);
+        .map_or(end_us, |r| r.t_us.saturating_sub(traffic_us));
     let bucket_s = bucket_for(end_us as f64 / 1e6);
     let bucket_us = (bucket_s * 1e6) as u64;
     let n = (end_us / bucket_us + 1) as usize;
@@ -94,7 +101,8 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
             ack: hist(),
         })
         .collect();
-    let (mut ack_all, mut live, mut synced, mut offline) = (hist(), hist(), hist(), hist());
+    let (mut ack_all, mut ack_late, mut live, mut synced, mut offline) =
+        (hist(), hist(), hist(), hist(), hist());
 
     let mut sent_at: HashMap<(Id, Id), u64> = HashMap::new();
     let mut acked: HashSet<(Id, Id)> = HashSet::new();
@@ -114,6 +122,7 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
 
     let mut series = Series {
         bucket_s,
+        liveness_s: (safety_end_us < end_us).then_some(safety_end_us as f64 / 1e6),
         ..Series::default()
     };
     let mut peak_connected = 0u64;
@@ -162,7 +171,9 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
     };
 
     for r in history {
-        while r.t_us >= next_edge {
+        // Times from the start of traffic (setup happens before it).
+        let t_us = r.t_us.saturating_sub(traffic_us);
+        while t_us >= next_edge {
             close_bucket(
                 next_edge,
                 &connected_since,
@@ -174,7 +185,7 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
             );
             next_edge += bucket_us;
         }
-        let b = &mut buckets[(r.t_us / bucket_us) as usize];
+        let b = &mut buckets[(t_us / bucket_us) as usize];
         match &r.ev {
             Event::Send {
                 device,
@@ -184,7 +195,7 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
                 if let std::collections::hash_map::Entry::Vacant(e) =
                     sent_at.entry((*device, *client_msg_id))
                 {
-                    e.insert(r.t_us);
+                    e.insert(t_us);
                     b.sends += 1;
                 }
             }
@@ -195,9 +206,13 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
                 ..
             } if acked.insert((*device, *client_msg_id)) => {
                 if let Some(&t) = sent_at.get(&(*device, *client_msg_id)) {
-                    let d = (r.t_us - t).max(1);
-                    ack_all.record(d).ok();
-                    b.ack.record(d).ok();
+                    let d = t_us.saturating_sub(t).max(1);
+                    if connected_since.get(device).is_some_and(|&c| c <= t) {
+                        ack_all.record(d).ok();
+                        b.ack.record(d).ok();
+                    } else {
+                        ack_late.record(d).ok();
+                    }
                 }
             }
             Event::Deliver {
@@ -209,7 +224,7 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
             } if delivered.insert((*device, *message_id)) => {
                 b.delivers += 1;
                 if let Some(&t) = sent_at.get(&(*sender_device, *client_msg_id)) {
-                    let d = (r.t_us.saturating_sub(t)).max(1);
+                    let d = (t_us.saturating_sub(t)).max(1);
                     if connected_since.get(device).is_some_and(|&c| c <= t) {
                         live.record(d).ok();
                         b.deliver.record(d).ok();
@@ -221,7 +236,7 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
             Event::Push { .. } => b.pushes += 1,
             Event::Connected { device, user, .. } => {
                 device_user.insert(*device, *user);
-                connected_since.entry(*device).or_insert(r.t_us);
+                connected_since.entry(*device).or_insert(t_us);
                 peak_connected = peak_connected.max(connected_since.len() as u64);
             }
             Event::Disconnected { device, .. } => {
@@ -230,7 +245,7 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
             Event::HeartbeatStart { user, device } => {
                 let set = beating.entry(*user).or_default();
                 if set.is_empty() {
-                    started_at.insert(*user, r.t_us);
+                    started_at.insert(*user, t_us);
                     stopped_at.remove(user);
                     silent.remove(user);
                 }
@@ -239,8 +254,8 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
             Event::HeartbeatStop { user, device } => {
                 let set = beating.entry(*user).or_default();
                 if set.remove(device) && set.is_empty() {
-                    stopped_at.insert(*user, r.t_us);
-                    silent.insert(*user, (r.t_us, BTreeSet::new()));
+                    stopped_at.insert(*user, t_us);
+                    silent.insert(*user, (t_us, BTreeSet::new()));
                 }
             }
             Event::Presence {
@@ -253,10 +268,17 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
                     .entry(*observer_device)
                     .or_default()
                     .insert(*subject, *status);
+                // Observers connected before the user went silent: the others learn it
+                // from the snapshot at their next connect, which measures their absence.
+                let watching = |t: u64| {
+                    connected_since
+                        .get(observer_device)
+                        .is_some_and(|&c| c <= t)
+                };
                 if *status == Status::Offline {
                     if let Some((t, seen)) = silent.get_mut(subject) {
-                        if seen.insert(*observer_device) {
-                            offline.record((r.t_us - *t).max(1)).ok();
+                        if watching(*t) && seen.insert(*observer_device) {
+                            offline.record((t_us - *t).max(1)).ok();
                         }
                     }
                 }
@@ -265,14 +287,14 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
                 open_faults
                     .entry((kind.clone(), targets.clone()))
                     .or_default()
-                    .push(r.t_us);
+                    .push(t_us);
             }
             Event::Heal { kind, targets, .. } => {
                 let key = (kind.clone(), targets.clone());
                 if let Some(starts) = open_faults.get_mut(&key) {
                     if !starts.is_empty() {
                         let t0 = starts.remove(0);
-                        faults.push(span(kind, targets, t0, r.t_us));
+                        faults.push(span(kind, targets, t0, t_us));
                     }
                 }
             }
@@ -316,7 +338,16 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
     }
     Measured {
         latency: vec![
-            latency("send_to_ack", "first send -> first ack, per message", &ack_all),
+            latency(
+                "send_to_ack",
+                "first send -> first ack, per message whose device stayed connected",
+                &ack_all,
+            ),
+            latency(
+                "send_to_ack_after_reconnect",
+                "first send -> first ack, per message whose device lost its connection or closed the app first",
+                &ack_late,
+            ),
             latency(
                 "send_to_deliver_live",
                 "first send -> first deliver, per recipient device connected since before the send",
@@ -329,7 +360,7 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
             ),
             latency(
                 "heartbeats_stop_to_offline_shown",
-                "user's last device stops heartbeating -> each observer device shows offline",
+                "user's last device stops heartbeating -> each observer device connected since then shows offline",
                 &offline,
             ),
         ],
@@ -355,16 +386,6 @@ fn span(kind: &str, targets: &[String], t0: u64, t1: u64) -> FaultSpan {
         start_s: t0 as f64 / 1e6,
         end_s: t1 as f64 / 1e6,
     }
-}
-
-/// Fault spans worth shading on a plot: those that hit a server node or the whole network
-/// (device-only faults are many and local; the report counts them).
-pub fn cluster_faults(faults: &[FaultSpan]) -> Vec<FaultSpan> {
-    faults
-        .iter()
-        .filter(|f| !f.targets.split(' ').all(|t| t.starts_with("device-")))
-        .cloned()
-        .collect()
 }
 
 #[cfg(test)]

@@ -3,15 +3,14 @@
 
 use nodes::canary::Canaries;
 
-use scenarios::Schedule;
-
 use crate::cli::{FaultSource, Opts};
-use crate::run::Outcome;
+use crate::run::{Outcome, Plan};
 
 pub fn print_header(opts: &Opts, canaries: &Canaries) {
     println!("seed={}", opts.seed);
     println!(
-        "options: users={} duration={}s liveness_budget={}s rate={}/user/min faults={} nodes: api={} chat={} idgen={} kv={} discovery=1 presence=1 push=1 canaries=[{}]",
+        "options: workload={} users={} duration={}s liveness_budget={}s rate={}/user/min faults={} nodes: api={} chat={} idgen={} kv={} discovery=1 presence=1 push=1 canaries=[{}]",
+        opts.workload,
         opts.users,
         opts.duration,
         opts.liveness_budget,
@@ -32,9 +31,14 @@ pub fn print_header(opts: &Opts, canaries: &Canaries) {
 
 /// Prints what the schedule holds: for swarm the plan drawn from the seed, then the count of
 /// faults by kind; every fault with --print-schedule.
-pub fn print_schedule(opts: &Opts, schedule: &Schedule) {
+pub fn print_schedule(opts: &Opts, plan: &Plan) {
+    let schedule = &plan.schedule;
     if opts.fault_source() == FaultSource::Swarm {
-        println!("{}", scenarios::swarm(&crate::run::scenario_ctx(opts)));
+        let devices = plan.workload.device_count() as u32;
+        println!(
+            "{}",
+            scenarios::swarm(&crate::run::scenario_ctx(opts, devices))
+        );
     }
     let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
     for f in &schedule.faults {

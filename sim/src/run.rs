@@ -33,26 +33,81 @@ pub struct Recorder {
     start: Instant,
     /// A std mutex: appends are synchronous and short.
     records: Arc<Mutex<Vec<Record>>>,
+    /// Streamed checks for the progress bar (only when it is drawn).
+    monitor: Option<Arc<Mutex<Monitor>>>,
 }
 
 impl Recorder {
-    fn new(start: Instant) -> Self {
+    fn new(start: Instant, monitor: bool) -> Self {
         Self {
             start,
             records: Arc::new(Mutex::new(Vec::new())),
+            monitor: monitor.then(|| Arc::new(Mutex::new(Monitor::default()))),
         }
     }
 
     pub fn record(&self, ev: Event) {
         let t_us = Instant::now().duration_since(self.start).as_micros() as u64;
+        if let Some(m) = &self.monitor {
+            m.lock().unwrap_or_else(|p| p.into_inner()).observe(&ev);
+        }
         self.records
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Record { t_us, ev });
     }
 
+    fn len(&self) -> usize {
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn violations(&self) -> u64 {
+        self.monitor.as_ref().map_or(0, |m| {
+            m.lock().unwrap_or_else(|p| p.into_inner()).violations
+        })
+    }
+
     fn take(&self) -> Vec<Record> {
         std::mem::take(&mut *self.records.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The no_duplicates checks that can run as the history is written, for the progress bar:
+/// (a) a device is handed a message at most once, (b) a send (sender device, client_msg_id)
+/// is one message_id across acks and deliveries. The full checkers still judge the run.
+#[derive(Default)]
+pub struct Monitor {
+    delivered: std::collections::HashSet<(Id, Id)>,
+    message_of: std::collections::HashMap<(Id, Id), Id>,
+    violations: u64,
+}
+
+impl Monitor {
+    fn observe(&mut self, ev: &Event) {
+        let (key, message_id) = match ev {
+            Event::Ack {
+                device,
+                client_msg_id,
+                message_id,
+                ..
+            } => ((*device, *client_msg_id), *message_id),
+            Event::Deliver {
+                device,
+                sender_device,
+                client_msg_id,
+                message_id,
+                ..
+            } => {
+                if sender_device != device && !self.delivered.insert((*device, *message_id)) {
+                    self.violations += 1;
+                }
+                ((*sender_device, *client_msg_id), *message_id)
+            }
+            _ => return,
+        };
+        if *self.message_of.entry(key).or_insert(message_id) != message_id {
+            self.violations += 1;
+        }
     }
 }
 
@@ -64,6 +119,8 @@ pub struct Counters {
     delivers: AtomicU64,
     presence: AtomicU64,
     connects: AtomicU64,
+    heartbeats: AtomicU64,
+    chars: AtomicU64,
     bad_inputs: AtomicU64,
     /// Error codes the devices were shown. A std mutex: short, synchronous.
     errors: Mutex<BTreeMap<String, u64>>,
@@ -72,6 +129,12 @@ pub struct Counters {
 impl Counters {
     pub fn add_send(&self) {
         self.sends.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add_chars(&self, n: u64) {
+        self.chars.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn add_heartbeat(&self) {
+        self.heartbeats.fetch_add(1, Ordering::Relaxed);
     }
     pub fn add_ack(&self) {
         self.acks.fetch_add(1, Ordering::Relaxed);
@@ -123,6 +186,49 @@ pub struct Outcome {
     pub stats: Stats,
     pub convergence: Convergence,
     pub storms: Vec<Storm>,
+    /// Counters at the start and end of the steady window (after warm-up, before the
+    /// liveness phase).
+    pub window: (Snapshot, Snapshot),
+}
+
+/// Run-wide counters at one moment of simulated time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Snapshot {
+    /// Simulated seconds since traffic started.
+    pub t_s: f64,
+    pub sends: u64,
+    pub acks: u64,
+    pub delivers: u64,
+    pub heartbeats: u64,
+    pub connects: u64,
+    pub chars: u64,
+    pub net_messages: u64,
+    pub wire_bytes: u64,
+    /// Summed over kv nodes, each since it last started.
+    pub kv_requests: u64,
+    pub kv_writes: u64,
+    /// Bytes of every kv node's database file.
+    pub disk_bytes: u64,
+}
+
+impl Snapshot {
+    /// `self - earlier`, field by field (a kv restart resets its counters: never negative).
+    pub fn since(&self, earlier: &Snapshot) -> Snapshot {
+        Snapshot {
+            t_s: self.t_s - earlier.t_s,
+            sends: self.sends.saturating_sub(earlier.sends),
+            acks: self.acks.saturating_sub(earlier.acks),
+            delivers: self.delivers.saturating_sub(earlier.delivers),
+            heartbeats: self.heartbeats.saturating_sub(earlier.heartbeats),
+            connects: self.connects.saturating_sub(earlier.connects),
+            chars: self.chars.saturating_sub(earlier.chars),
+            net_messages: self.net_messages.saturating_sub(earlier.net_messages),
+            wire_bytes: self.wire_bytes.saturating_sub(earlier.wire_bytes),
+            kv_requests: self.kv_requests.saturating_sub(earlier.kv_requests),
+            kv_writes: self.kv_writes.saturating_sub(earlier.kv_writes),
+            disk_bytes: self.disk_bytes.saturating_sub(earlier.disk_bytes),
+        }
+    }
 }
 
 impl Outcome {
@@ -152,6 +258,7 @@ pub struct Stats {
     pub pushes: u64,
     pub presence_changes: u64,
     pub connects: u64,
+    pub heartbeats: u64,
     pub bad_inputs: u64,
     pub group_full_refusals: u64,
     pub errors: BTreeMap<String, u64>,
@@ -165,6 +272,10 @@ pub struct Stats {
     pub faults: usize,
     pub wall_secs: f64,
     pub history_hash: String,
+    /// Bytes written to TCP by every node and device.
+    pub wire_bytes: u64,
+    /// The process's peak resident set (VmHWM), bytes; 0 where /proc is missing.
+    pub peak_rss_bytes: u64,
 }
 
 /// Entry point of the simulated binary.
@@ -190,22 +301,31 @@ pub fn main(opts: Opts) -> i32 {
         }
         return 0;
     }
+    if opts.list_workloads {
+        for (name, what) in workloads::WORKLOADS {
+            println!("{name:<16} {what}");
+        }
+        return 0;
+    }
+    if let Some(crate::cli::Command::Capacity(c)) = &opts.command {
+        return crate::capacity::run(c, &canaries);
+    }
     if opts.seeds.is_some() {
         return crate::sweep::seeds(&opts, &canaries);
     }
-    let schedule = match schedule_for(&opts) {
-        Ok(s) => s,
+    let plan = match plan_for(&opts) {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
             return 2;
         }
     };
     crate::output::print_header(&opts, &canaries);
-    crate::output::print_schedule(&opts, &schedule);
+    crate::output::print_schedule(&opts, &plan);
     if opts.check_determinism {
-        return check_determinism(&opts, &canaries, &schedule);
+        return check_determinism(&opts, &canaries, &plan);
     }
-    let outcome = run_on_fresh_thread(&opts, &canaries, &schedule);
+    let outcome = run_on_fresh_thread(&opts, &canaries, &plan);
     if let Some(path) = &opts.history {
         if let Err(e) = write_history(path, &outcome.history) {
             eprintln!("error: writing {}: {e}", path.display());
@@ -213,15 +333,55 @@ pub fn main(opts: Opts) -> i32 {
         }
     }
     let code = crate::output::print_outcome(&opts, &outcome);
+    if let Some(dir) = &opts.report {
+        let report = crate::report::build(&opts, &plan, &outcome);
+        match reports::run::write(dir, &report) {
+            Ok(files) => println!(
+                "report: {} ({} files: {})",
+                dir.display(),
+                files.len(),
+                files
+                    .iter()
+                    .filter_map(|f| f.file_name().and_then(|n| n.to_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(e) => {
+                eprintln!("error: writing the report to {}: {e}", dir.display());
+                return 2;
+            }
+        }
+    }
     if code != 0 && opts.shrink {
-        return crate::sweep::shrink(&opts, &canaries, &schedule, &outcome);
+        return crate::sweep::shrink(&opts, &canaries, &plan.schedule, &outcome);
     }
     code
 }
 
+/// What a run runs: its workload and fault schedule (the workload's tunnels included).
+#[derive(Clone)]
+pub struct Plan {
+    pub workload: Arc<Workload>,
+    pub schedule: Schedule,
+}
+
+/// The workload the options ask for.
+pub fn workload_for(opts: &Opts) -> Result<Workload, String> {
+    workloads::build(
+        &workloads::Spec {
+            name: opts.workload.clone(),
+            users: opts.users,
+            duration_ms: opts.duration * 1000,
+            stress_rate: opts.rate,
+            model: workloads::model::Model::default(),
+        },
+        opts.seed,
+    )
+}
+
 /// The scenario's context for this run: the cluster's size, the workload's device count and
 /// the safety phase's length.
-pub fn scenario_ctx(opts: &Opts) -> scenarios::Ctx {
+pub fn scenario_ctx(opts: &Opts, devices: u32) -> scenarios::Ctx {
     scenarios::Ctx {
         seed: opts.seed,
         duration_ms: opts.duration * 1000,
@@ -229,40 +389,59 @@ pub fn scenario_ctx(opts: &Opts) -> scenarios::Ctx {
         chat: opts.chat,
         idgen: opts.idgen,
         kv: opts.kv,
-        devices: workloads::generate(&workload_config(opts), opts.seed).device_count() as u32,
+        devices,
     }
 }
 
-fn workload_config(opts: &Opts) -> workloads::Config {
-    workloads::Config {
-        users: opts.users,
-        duration_ms: opts.duration * 1000,
-        messages_per_user_per_min: opts.rate,
-    }
-}
-
-/// The fault schedule the options ask for, drawn from the seed (or read from a file).
-pub fn schedule_for(opts: &Opts) -> Result<Schedule, String> {
-    let ctx = scenario_ctx(opts);
-    let schedule = match opts.fault_source() {
+/// The workload and fault schedule the options ask for, drawn from the seed (the schedule
+/// may come from a file). A named workload's tunnels join the schedule as `tunnel` faults,
+/// except when the schedule is replayed from a file (which already holds them).
+pub fn plan_for(opts: &Opts) -> Result<Plan, String> {
+    let workload = workload_for(opts)?;
+    let ctx = scenario_ctx(opts, workload.device_count() as u32);
+    let source = opts.fault_source();
+    let mut schedule = match &source {
         FaultSource::None => scenarios::scenario("none", &ctx)?,
-        FaultSource::Scenario(name) => scenarios::scenario(&name, &ctx)?,
+        FaultSource::Scenario(name) => scenarios::scenario(name, &ctx)?,
         FaultSource::Swarm => scenarios::swarm(&ctx).schedule,
         FaultSource::File(path) => {
-            let text = std::fs::read_to_string(&path)
+            let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("reading {}: {e}", path.display()))?;
             let s: Schedule = serde_json::from_str(&text)
                 .map_err(|e| format!("{} is not a schedule: {e}", path.display()))?;
             s.sorted()
         }
     };
+    if !matches!(source, FaultSource::File(_)) && !workload.tunnels.is_empty() {
+        schedule.name = format!(
+            "{} + {} workload tunnels",
+            schedule.name,
+            workload.tunnels.len()
+        );
+        schedule
+            .faults
+            .extend(workload.tunnels.iter().map(|t| scenarios::ScheduledFault {
+                at_ms: t.at_ms,
+                duration_ms: t.duration_ms,
+                fault: scenarios::Fault::Tunnel { device: t.device },
+            }));
+        schedule = schedule.sorted();
+    }
     schedule.validate(&ctx)?;
-    Ok(schedule)
+    Ok(Plan {
+        workload: Arc::new(workload),
+        schedule,
+    })
 }
 
-fn check_determinism(opts: &Opts, canaries: &Canaries, schedule: &Schedule) -> i32 {
-    let a = run_on_fresh_thread(opts, canaries, schedule);
-    let b = run_on_fresh_thread(opts, canaries, schedule);
+/// The fault schedule the options ask for (see [`plan_for`]).
+pub fn schedule_for(opts: &Opts) -> Result<Schedule, String> {
+    plan_for(opts).map(|p| p.schedule)
+}
+
+fn check_determinism(opts: &Opts, canaries: &Canaries, plan: &Plan) -> i32 {
+    let a = run_on_fresh_thread(opts, canaries, plan);
+    let b = run_on_fresh_thread(opts, canaries, plan);
     println!("history hash run 1: {}", a.stats.history_hash);
     println!("history hash run 2: {}", b.stats.history_hash);
     if a.stats.history_hash == b.stats.history_hash {
@@ -310,47 +489,80 @@ pub fn history_hash(history: &[Record]) -> String {
 
 /// Runs one seed with the schedule its options ask for (panics on an invalid one: for tests).
 pub fn run_opts(opts: &Opts, canaries: &Canaries) -> Outcome {
-    let schedule = schedule_for(opts).expect("a valid fault schedule");
-    run_on_fresh_thread(opts, canaries, &schedule)
+    let plan = plan_for(opts).expect("a valid workload and fault schedule");
+    run_on_fresh_thread(opts, canaries, &plan)
 }
 
 /// Runs one seed on a fresh OS thread with a fresh runtime (hyper caches per thread; statics
 /// must not leak between seeds).
-pub fn run_on_fresh_thread(opts: &Opts, canaries: &Canaries, schedule: &Schedule) -> Outcome {
+pub fn run_on_fresh_thread(opts: &Opts, canaries: &Canaries, plan: &Plan) -> Outcome {
     let opts = opts.clone();
     let canaries = canaries.clone();
-    let schedule = schedule.clone();
+    let plan = plan.clone();
     std::thread::Builder::new()
         .name(format!("seed-{}", opts.seed))
         .stack_size(64 << 20)
-        .spawn(move || simulate(&opts, &canaries, &schedule))
+        .spawn(move || simulate(&opts, &canaries, &plan))
         .expect("spawn a thread for the seed")
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
-fn simulate(opts: &Opts, canaries: &Canaries, schedule: &Schedule) -> Outcome {
+fn simulate(opts: &Opts, canaries: &Canaries, plan: &Plan) -> Outcome {
     let wall = std::time::Instant::now();
     let rt = madsim::runtime::Runtime::with_seed_and_config(opts.seed, madsim::Config::default());
-    let (history, mut stats) = rt.block_on(drive(opts.clone(), canaries.clone(), schedule.clone()));
+    let (history, mut stats, window) =
+        rt.block_on(drive(opts.clone(), canaries.clone(), plan.clone()));
     stats.wall_secs = wall.elapsed().as_secs_f64();
     stats.history_hash = history_hash(&history);
     let reports = checkers::run_all(&history, &Params::default());
+    stats.peak_rss_bytes = peak_rss_bytes();
     Outcome {
         convergence: analysis::convergence(&history),
         storms: analysis::storms(&history),
         history,
         reports,
         stats,
+        window,
     }
 }
 
-async fn drive(opts: Opts, canaries: Canaries, schedule: Schedule) -> (Vec<Record>, Stats) {
+/// The process's peak resident set size (VmHWM in /proc/self/status), or 0.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Where the steady window starts: after the devices online at the start have connected and
+/// synced (warm-up plus 30 s), or at half-time in a short run.
+pub fn window_start_s(duration_s: u64) -> u64 {
+    let settled = workloads::named::WARM_UP_MS / 1000 + 30;
+    if duration_s >= 2 * settled {
+        settled
+    } else {
+        duration_s / 2
+    }
+}
+
+async fn drive(
+    opts: Opts,
+    canaries: Canaries,
+    plan: Plan,
+) -> (Vec<Record>, Stats, (Snapshot, Snapshot)) {
     let start = Instant::now();
-    let recorder = Recorder::new(start);
+    let progress = crate::progress::Progress::new(&opts);
+    let recorder = Recorder::new(start, progress.is_some());
     let counters = Arc::new(Counters::default());
     let pushes = Arc::new(AtomicU64::new(0));
-    let workload = workloads::generate(&workload_config(&opts), opts.seed);
+    let workload = plan.workload.clone();
+    let schedule = plan.schedule;
     let sizes = Sizes {
         api: opts.api,
         chat: opts.chat,
@@ -365,10 +577,28 @@ async fn drive(opts: Opts, canaries: Canaries, schedule: Schedule) -> (Vec<Recor
         name: "safety".into(),
     });
     let cluster = Cluster::start(&sizes, opts.seed, &canaries, provider);
+    let scraper = madsim::runtime::Handle::current()
+        .create_node()
+        .name("scraper")
+        .ip(IpAddr::V4(cluster::SCRAPER_IP))
+        .build();
+    let progress_task = progress.clone().map(|p| {
+        let recorder = recorder.clone();
+        tokio::spawn(p.run(start, move || (recorder.len(), recorder.violations())))
+    });
     // Let chat servers take their discovery leases.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let setup = run_setup(&cluster, &workload, &recorder).await;
     let traffic_start = Instant::now();
+    recorder.record(Event::Phase {
+        name: "traffic".into(),
+    });
+    if let Some(p) = &progress {
+        p.setup_done(
+            traffic_start.duration_since(start).as_secs(),
+            opts.duration + opts.liveness_budget,
+        );
+    }
     let liveness_at = Duration::from_secs(opts.duration);
     let device_nodes = start_devices(
         &cluster,
@@ -380,16 +610,59 @@ async fn drive(opts: Opts, canaries: Canaries, schedule: Schedule) -> (Vec<Recor
         &canaries,
         traffic_start,
     );
+    let disks: Vec<Arc<nodes::kv::disk::SimDisk>> = cluster.disks.values().cloned().collect();
+    // Takes a snapshot of the run-wide counters (kv counters over the network).
+    let snap = {
+        let (counters, scraper) = (counters.clone(), scraper.clone());
+        let (kv, chat) = (opts.kv, opts.chat);
+        move || {
+            let (counters, scraper, disks) = (counters.clone(), scraper.clone(), disks.clone());
+            async move {
+                let t_s = Instant::now().duration_since(traffic_start).as_secs_f64();
+                let s = scrape(&scraper, chat, kv).await;
+                Snapshot {
+                    t_s,
+                    sends: counters.sends.load(Ordering::Relaxed),
+                    acks: counters.acks.load(Ordering::Relaxed),
+                    delivers: counters.delivers.load(Ordering::Relaxed),
+                    heartbeats: counters.heartbeats.load(Ordering::Relaxed),
+                    connects: counters.connects.load(Ordering::Relaxed),
+                    chars: counters.chars.load(Ordering::Relaxed),
+                    net_messages: madsim::net::NetSim::current().stat().msg_count,
+                    wire_bytes: nodes::net::sim_wire_bytes(),
+                    kv_requests: s.kv_requests,
+                    kv_writes: s.kv_writes,
+                    disk_bytes: disks.iter().map(|d| d.len_bytes() as u64).sum(),
+                }
+            }
+        }
+    };
+    let window_from = {
+        let snap = snap.clone();
+        let at = traffic_start + Duration::from_secs(window_start_s(opts.duration));
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            snap().await
+        })
+    };
     let mut injector = crate::faults::Injector::new(&cluster, device_nodes, recorder.clone());
     injector.run(&schedule.faults, traffic_start).await;
     let lost_disk_writes = injector.lost_writes;
     tokio::time::sleep_until(traffic_start + liveness_at).await;
+    let window_to = snap().await;
+    let window_from = window_from.await.expect("the snapshot task does not panic");
     recorder.record(Event::Phase {
         name: "liveness".into(),
     });
     tokio::time::sleep(Duration::from_secs(opts.liveness_budget)).await;
     recorder.record(Event::Phase { name: "end".into() });
-    let server_errors = scrape_chat_errors(opts.chat).await;
+    if let Some(t) = progress_task {
+        t.abort();
+    }
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    let server_errors = scrape(&scraper, opts.chat, 0).await.chat_errors;
     let sim_secs = Instant::now().duration_since(start).as_secs_f64();
     let net_messages = madsim::net::NetSim::current().stat().msg_count;
     let history = recorder.take();
@@ -414,29 +687,36 @@ async fn drive(opts: Opts, canaries: Canaries, schedule: Schedule) -> (Vec<Recor
         pushes: pushes.load(Ordering::Relaxed),
         presence_changes: counters.presence.load(Ordering::Relaxed),
         connects: counters.connects.load(Ordering::Relaxed),
+        heartbeats: counters.heartbeats.load(Ordering::Relaxed),
         bad_inputs: counters.bad_inputs.load(Ordering::Relaxed),
         group_full_refusals: setup.group_full_refusals,
         errors,
         server_errors,
         sim_secs,
         net_messages,
+        wire_bytes: nodes::net::sim_wire_bytes(),
         lost_disk_writes,
         faults: schedule.faults.len(),
         ..Stats::default()
     };
-    (history, stats)
+    (history, stats, (window_from, window_to))
 }
 
-/// Asks every chat server for its error counters, over the simulated network from a node of
-/// its own (as a metrics scraper would). A server that does not answer is left out.
-async fn scrape_chat_errors(chat: u32) -> BTreeMap<String, u64> {
-    let node = madsim::runtime::Handle::current()
-        .create_node()
-        .name("scraper")
-        .ip(IpAddr::V4(cluster::SCRAPER_IP))
-        .build();
+/// What a scrape of the servers' counters found.
+#[derive(Default)]
+struct Scrape {
+    /// Errors the chat servers sent to devices, by code (since each last started).
+    chat_errors: BTreeMap<String, u64>,
+    kv_requests: u64,
+    kv_writes: u64,
+}
+
+/// Asks the first `chat` chat servers and `kv` kv nodes for their counters, over the
+/// simulated network from the scraper node (as a metrics scraper would). A node that does not
+/// answer is left out.
+async fn scrape(node: &madsim::runtime::NodeHandle, chat: u32, kv: u32) -> Scrape {
     node.spawn(async move {
-        let mut out = BTreeMap::new();
+        let mut out = Scrape::default();
         for i in 0..chat {
             let addr = SocketAddr::new(IpAddr::V4(cluster::ip(Role::Chat, i)), cluster::RPC_PORT);
             let client = nodes::rpc::RpcClient::new(addr);
@@ -445,8 +725,20 @@ async fn scrape_chat_errors(chat: u32) -> BTreeMap<String, u64> {
                 .await
             {
                 for (code, n) in counts {
-                    *out.entry(code.as_str().to_string()).or_default() += n;
+                    *out.chat_errors
+                        .entry(code.as_str().to_string())
+                        .or_default() += n;
                 }
+            }
+        }
+        for i in 0..kv {
+            let addr = SocketAddr::new(IpAddr::V4(cluster::ip(Role::Kv, i)), cluster::RPC_PORT);
+            let client = nodes::rpc::RpcClient::new(addr);
+            if let Ok(nodes::proto::internal::Response::KvStats { requests, writes }) =
+                client.call(nodes::proto::internal::Request::KvStats).await
+            {
+                out.kv_requests += requests;
+                out.kv_writes += writes;
             }
         }
         out
@@ -581,17 +873,23 @@ async fn setup_inner(
     }
     let mut groups = BTreeMap::new();
     let mut group_full_refusals = 0;
-    for g in &w.groups {
-        let owner = g.members[0];
-        let body = CreateGroupRequest {
-            name: format!("group{}", g.index),
-            members: g.members[1..]
-                .iter()
-                .map(|m| user_ids[*m as usize])
-                .collect(),
-        };
-        let h = c(owner as usize, Some(&tokens[&owner]));
-        let r: GroupResponse = retry("group", || h.post("/v1/groups", &body)).await;
+    let created: Vec<GroupResponse> = concurrently(&w.groups, |g| {
+        async move {
+            let owner = g.members[0];
+            let body = CreateGroupRequest {
+                name: format!("group{}", g.index),
+                members: g.members[1..]
+                    .iter()
+                    .map(|m| user_ids_ref[*m as usize])
+                    .collect(),
+            };
+            let h = c(owner as usize, Some(&tokens_ref[&owner]));
+            retry("group", || h.post("/v1/groups", &body)).await
+        }
+        .boxed()
+    })
+    .await;
+    for (g, r) in w.groups.iter().zip(created) {
         for (n, u) in r.members.iter().enumerate() {
             recorder.record(Event::Membership {
                 channel: r.channel,
@@ -603,7 +901,7 @@ async fn setup_inner(
         groups.insert(g.index, r.channel);
         if r.members.len() >= nodes::limits::GROUP_MEMBERS_MAX {
             let probe = GroupProbe {
-                owner,
+                owner: g.members[0],
                 members: &g.members,
                 channel: r.channel,
             };
@@ -620,7 +918,7 @@ async fn setup_inner(
 }
 
 /// Api calls setup keeps in flight at once (users sign up in parallel, as they would).
-const SETUP_CONCURRENCY: usize = 64;
+const SETUP_CONCURRENCY: usize = 256;
 
 /// Runs `f` over `items` with at most `SETUP_CONCURRENCY` in flight; results in item order.
 ///

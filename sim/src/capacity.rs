@@ -1,0 +1,93 @@
+//! `sim capacity --dau N --out DIR`: measures the model's peak hour on the real node code in
+//! simulation at a small scale (no injected faults; the workload's own tunnels and drops
+//! stay), then writes the capacity plan for N daily active users (`reports::capacity`) and the
+//! measurement run's report.
+
+use nodes::canary::Canaries;
+use reports::capacity::{self, Assumptions, Measurement};
+use workloads::model::Model;
+
+use crate::cli::{CapacityOpts, Opts};
+use crate::run::{plan_for, run_on_fresh_thread};
+
+pub fn run(c: &CapacityOpts, canaries: &Canaries) -> i32 {
+    let opts = Opts {
+        seed: c.seed,
+        users: c.users,
+        workload: c.workload.clone(),
+        duration: c.duration,
+        dau: c.dau,
+        no_faults: true,
+        command: None,
+        report: Some(c.out.join("measurement")),
+        ..Opts::defaults()
+    };
+    let plan = match plan_for(&opts) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    println!(
+        "capacity: measuring workload `{}` with {} users ({} devices) for {} simulated s, seed {}, no injected faults",
+        opts.workload,
+        opts.users,
+        plan.workload.device_count(),
+        opts.duration,
+        opts.seed
+    );
+    let outcome = run_on_fresh_thread(&opts, canaries, &plan);
+    let code = crate::output::print_outcome(&opts, &outcome);
+    let report = crate::report::build(&opts, &plan, &outcome);
+    if let Err(e) = reports::run::write(&c.out.join("measurement"), &report) {
+        eprintln!("error: writing the measurement report: {e}");
+        return 2;
+    }
+    if code != 0 {
+        eprintln!("error: the measurement run broke an invariant; no plan is written from it");
+        return code;
+    }
+    let w = outcome.window.1.since(&outcome.window.0);
+    let m = Measurement {
+        workload: opts.workload.clone(),
+        seed: opts.seed,
+        scale: opts.users as f64 / c.dau as f64,
+        users: opts.users as u64,
+        window_s: w.t_s,
+        mean_connected: report.totals.mean_connected,
+        sends: w.sends,
+        acks: w.acks,
+        delivers: w.delivers,
+        heartbeats: w.heartbeats,
+        connects: w.connects,
+        net_messages: w.net_messages,
+        wire_bytes: w.wire_bytes,
+        kv_requests: w.kv_requests,
+        kv_writes: w.kv_writes,
+        storage_bytes: w.disk_bytes,
+        chars: w.chars,
+    };
+    let p = capacity::plan(
+        c.dau,
+        &Model::default(),
+        &m,
+        &capacity::default_bench(),
+        &Assumptions::default(),
+    );
+    match capacity::write(&c.out, &p) {
+        Ok(files) => {
+            for (name, f) in &p.figures {
+                println!("  {name:<32} {:>18.1} {}", f.value, f.unit);
+            }
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: writing the plan to {}: {e}", c.out.display());
+            2
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Builds a run's report (`--report DIR`) from its options, plan and outcome: the figures
+//! of `metrics` over the history plus the run's counters.
+
+use reports::run::{Invariant, Meta, PerSend, RunReport, Speed, Totals};
+
+use crate::cli::Opts;
+use crate::run::{Outcome, Plan};
+
+pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
+    let m = crate::metrics::measure(&o.history, crate::run::window_start_s(opts.duration) as f64);
+    let st = &o.stats;
+    let w = &plan.workload;
+    let storage = o.window.1.disk_bytes.saturating_sub(o.window.0.disk_bytes);
+    let window = o.window.1.since(&o.window.0);
+    let acks = st.acks.max(1) as f64;
+    let window_acks = window.acks.max(1) as f64;
+    let mut series = m.series;
+    series.bucket_s = series.bucket_s.max(f64::MIN_POSITIVE);
+    let faults = m.faults;
+    let device_faults = faults.len() - reports::plot::cluster_faults(&faults).len();
+    RunReport {
+        meta: Meta {
+            seed: opts.seed,
+            workload: opts.workload.clone(),
+            scale: reports::scale_label(opts.users as f64 / opts.dau as f64),
+            users: w.users.len() as u64,
+            devices: w.device_count() as u64,
+            groups: w.groups.len() as u64,
+            safety_s: opts.duration as f64,
+            liveness_s: opts.liveness_budget as f64,
+            nodes: format!(
+                "api={} chat={} idgen={} kv={} discovery=1 presence=1 push=1",
+                opts.api, opts.chat, opts.idgen, opts.kv
+            ),
+            faults: format!(
+                "{} ({} faults; {device_faults} hit only devices and are not shaded)",
+                plan.schedule.name,
+                plan.schedule.faults.len()
+            ),
+            command: crate::output::repro_command(opts),
+        },
+        invariants: o
+            .reports
+            .iter()
+            .map(|r| Invariant {
+                name: r.name.to_string(),
+                violations: r.violation_count as u64,
+            })
+            .collect(),
+        latency: m.latency,
+        totals: Totals {
+            sends: st.sends,
+            acks: st.acks,
+            delivers: st.delivers,
+            pushes: st.pushes,
+            presence_changes: st.presence_changes,
+            connects: st.connects,
+            heartbeats: st.heartbeats,
+            net_messages: st.net_messages,
+            wire_bytes: st.wire_bytes,
+            kv_requests: window.kv_requests,
+            kv_writes: window.kv_writes,
+            storage_bytes: storage,
+            peak_connected: m.peak_connected,
+            mean_connected: m.mean_connected,
+        },
+        per_send: PerSend {
+            deliveries: st.delivers as f64 / acks,
+            net_messages: window.net_messages as f64 / window_acks,
+            wire_bytes: window.wire_bytes as f64 / window_acks,
+            kv_requests: window.kv_requests as f64 / window_acks,
+            kv_writes: window.kv_writes as f64 / window_acks,
+            storage_bytes: storage as f64 / window_acks,
+            chars: window.chars as f64 / window.sends.max(1) as f64,
+        },
+        faults,
+        series,
+        speed: Speed {
+            wall_s: st.wall_secs,
+            sim_s: st.sim_secs,
+            sim_s_per_wall_s: st.sim_secs / st.wall_secs.max(1e-9),
+            peak_rss_bytes: st.peak_rss_bytes,
+            history_events: o.history.len() as u64,
+            history_hash: st.history_hash.clone(),
+        },
+    }
+}
