@@ -62,6 +62,8 @@ pub struct Measurement {
     pub kv_writes: u64,
     pub storage_bytes: u64,
     pub chars: u64,
+    /// UTF-8 bytes of the texts sent.
+    pub text_bytes: u64,
 }
 
 /// Per-node capacities measured by `cargo run --release -p benches --bin node-capacity`.
@@ -239,7 +241,19 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
             m.kv_requests.saturating_sub(m.kv_writes) as f64 / m.acks.max(1) as f64
         )),
     );
-    let per_msg_storage = m.storage_bytes as f64 / m.acks.max(1) as f64;
+    // Storage per message = what the database grew per message beyond the texts themselves
+    // (records, indexes, push claims, cursors: measured) + the model's mean text. A run of a
+    // few hundred messages is dominated by the few long ones of the length tail, so the texts
+    // sent are taken out and the model's mean put back.
+    let acks = m.acks.max(1) as f64;
+    let bytes_per_char = if m.chars > 0 {
+        m.text_bytes as f64 / m.chars as f64
+    } else {
+        1.0
+    };
+    let overhead = (m.storage_bytes as f64 - m.text_bytes as f64).max(0.0) / acks;
+    let text = model.mean_text_chars() * bytes_per_char;
+    let per_msg_storage = overhead + text;
     let msgs_per_day = model.messages_per_user_per_day * dau as f64;
     let day = per_msg_storage * msgs_per_day * a.replication;
     put(
@@ -247,8 +261,8 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
         day,
         "bytes/day",
         sim(format!(
-            "kv database growth per message {per_msg_storage:.0} B (measured: redb files, mean text {:.0} chars) x {msgs_per_day:.0} messages/day [model] x replication {} [assumption]",
-            m.chars as f64 / m.acks.max(1) as f64,
+            "({overhead:.0} B of kv database growth per message beyond its text, measured on redb files + {text:.0} B of text: the model's mean {:.0} characters) x {msgs_per_day:.0} messages/day [model] x replication {} [assumption]",
+            model.mean_text_chars(),
             a.replication
         )),
     );
@@ -288,14 +302,15 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
         },
     );
     let by_writes = (kv_writes * hr / bench.kv_durable_writes_per_s).ceil();
-    let by_disk = (day * 365.0 * 5.0 / a.disk_per_kv_node).ceil();
+    // Disk shards hold one copy of the first year (replicas are counted below).
+    let by_disk = (day / a.replication * 365.0 / a.disk_per_kv_node).ceil();
     let shards = by_writes.max(by_disk).max(1.0);
     put(
         "kv_nodes",
         shards * a.replication,
         "nodes",
         bench_p(&format!(
-            "max(write shards {by_writes:.0} = kv writes x headroom {hr} / {:.0} durable writes/s per node (one fsync per write), disk shards {by_disk:.0} = 5 years of storage / {:.0} TB) x replication {}; with group commit ({:.0} writes/s per node) the write shards would be {:.0}",
+            "max(write shards {by_writes:.0} = kv writes x headroom {hr} / {:.0} durable writes/s per node (one fsync per write), disk shards {by_disk:.0} = a year of one copy / {:.0} TB per node [assumption]) x replication {}; history is kept forever, so disk shards grow by as many each year; with group commit ({:.0} writes/s per node) the write shards would be {:.0}",
             bench.kv_durable_writes_per_s,
             a.disk_per_kv_node / 1e12,
             a.replication,
@@ -452,7 +467,7 @@ pub fn markdown(p: &Plan) -> String {
         conn / p.dau as f64
     );
     s += &format!(
-        "\n## Measured window (unscaled)\n\n{} s; {} sends acknowledged, {} deliveries, {} heartbeats, {} connects, {:.0} devices connected on average; {} network messages, {} wire bytes, {} kv requests of which {} write transactions, {} bytes of kv growth.\n",
+        "\n## Measured window (unscaled)\n\n{:.0} s; {} sends acknowledged, {} deliveries, {} heartbeats, {} connects, {:.0} devices connected on average; {} network messages, {} wire bytes, {} kv requests of which {} write transactions, {} bytes of kv growth.\n",
         m.window_s, m.acks, m.delivers, m.heartbeats, m.connects, m.mean_connected, m.net_messages, m.wire_bytes, m.kv_requests, m.kv_writes, m.storage_bytes
     );
     s += &format!(
@@ -519,6 +534,7 @@ mod tests {
             kv_writes: 8_000,
             storage_bytes: 2_000_000,
             chars: 40_000,
+            text_bytes: 40_000,
         }
     }
 

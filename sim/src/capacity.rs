@@ -67,6 +67,7 @@ pub fn run(c: &CapacityOpts, canaries: &Canaries) -> i32 {
         kv_writes: w.kv_writes,
         storage_bytes: w.disk_bytes,
         chars: w.chars,
+        text_bytes: w.text_bytes,
     };
     let p = capacity::plan(
         c.dau,

@@ -363,7 +363,9 @@ impl App {
             chars: text.chars().count() as u64,
         });
         self.ctx.counters.add_send();
-        self.ctx.counters.add_chars(text.chars().count() as u64);
+        self.ctx
+            .counters
+            .add_text(text.chars().count() as u64, text.len() as u64);
         let frame = self.state.send(client_msg_id, channel, text);
         self.send_frame(frame).await;
     }

@@ -121,6 +121,7 @@ pub struct Counters {
     connects: AtomicU64,
     heartbeats: AtomicU64,
     chars: AtomicU64,
+    text_bytes: AtomicU64,
     bad_inputs: AtomicU64,
     /// Error codes the devices were shown. A std mutex: short, synchronous.
     errors: Mutex<BTreeMap<String, u64>>,
@@ -130,8 +131,9 @@ impl Counters {
     pub fn add_send(&self) {
         self.sends.fetch_add(1, Ordering::Relaxed);
     }
-    pub fn add_chars(&self, n: u64) {
-        self.chars.fetch_add(n, Ordering::Relaxed);
+    pub fn add_text(&self, chars: u64, bytes: u64) {
+        self.chars.fetch_add(chars, Ordering::Relaxed);
+        self.text_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
     pub fn add_heartbeat(&self) {
         self.heartbeats.fetch_add(1, Ordering::Relaxed);
@@ -202,6 +204,8 @@ pub struct Snapshot {
     pub heartbeats: u64,
     pub connects: u64,
     pub chars: u64,
+    /// UTF-8 bytes of the texts sent.
+    pub text_bytes: u64,
     pub net_messages: u64,
     pub wire_bytes: u64,
     /// Summed over kv nodes, each since it last started.
@@ -222,6 +226,7 @@ impl Snapshot {
             heartbeats: self.heartbeats.saturating_sub(earlier.heartbeats),
             connects: self.connects.saturating_sub(earlier.connects),
             chars: self.chars.saturating_sub(earlier.chars),
+            text_bytes: self.text_bytes.saturating_sub(earlier.text_bytes),
             net_messages: self.net_messages.saturating_sub(earlier.net_messages),
             wire_bytes: self.wire_bytes.saturating_sub(earlier.wire_bytes),
             kv_requests: self.kv_requests.saturating_sub(earlier.kv_requests),
@@ -628,6 +633,7 @@ async fn drive(
                     heartbeats: counters.heartbeats.load(Ordering::Relaxed),
                     connects: counters.connects.load(Ordering::Relaxed),
                     chars: counters.chars.load(Ordering::Relaxed),
+                    text_bytes: counters.text_bytes.load(Ordering::Relaxed),
                     net_messages: madsim::net::NetSim::current().stat().msg_count,
                     wire_bytes: nodes::net::sim_wire_bytes(),
                     kv_requests: s.kv_requests,

@@ -259,6 +259,15 @@ impl Model {
             * f
     }
 
+    /// Mean message length in characters: the log-normal's mean (its clamp at 1,999 is
+    /// negligible) on the short share, the log-uniform's mean on the long share.
+    pub fn mean_text_chars(&self) -> f64 {
+        let short = self.text_median_chars * (self.text_sigma * self.text_sigma / 2.0).exp();
+        let (lo, hi) = (2_000.0_f64, crate::MAX_CHARS as f64);
+        let long = (hi - lo) / (hi / lo).ln();
+        (1.0 - self.long_text_share) * short + self.long_text_share * long
+    }
+
     /// Mean group size under `group_sizes`.
     pub fn mean_group_size(&self) -> f64 {
         let total: f64 = self.group_sizes.iter().map(|b| b.share).sum();
@@ -365,6 +374,9 @@ mod tests {
                 .sum();
             assert!((per_day - m.messages_per_user_per_day).abs() < 1e-9);
         }
+        // 99.5 % short (mean 30 e^0.5 = 49.5) and 0.5 % long (mean 98,000 / ln 50 = 25,051).
+        let chars = m.mean_text_chars();
+        assert!((chars - 174.5).abs() < 1.0, "mean text {chars}");
         let g = m.mean_group_size();
         assert!((10.0..25.0).contains(&g), "mean group size {g}");
     }
