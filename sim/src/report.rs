@@ -44,7 +44,7 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
             .iter()
             .map(|r| Invariant {
                 name: r.name.to_string(),
-                violations: r.violation_count as u64,
+                violations: r.violation_count,
             })
             .collect(),
         latency: m.latency,
