@@ -64,6 +64,9 @@ pub struct Measurement {
     pub chars: u64,
     /// UTF-8 bytes of the texts sent.
     pub text_bytes: u64,
+    /// Per kv operation: (operation, requests, write transactions).
+    #[serde(default)]
+    pub kv_by_op: Vec<(String, u64, u64)>,
 }
 
 /// Per-node capacities measured by `cargo run --release -p benches --bin node-capacity`.
@@ -470,6 +473,19 @@ pub fn markdown(p: &Plan) -> String {
         "\n## Measured window (unscaled)\n\n{:.0} s; {} sends acknowledged, {} deliveries, {} heartbeats, {} connects, {:.0} devices connected on average; {} network messages, {} wire bytes, {} kv requests of which {} write transactions, {} bytes of kv growth.\n",
         m.window_s, m.acks, m.delivers, m.heartbeats, m.connects, m.mean_connected, m.net_messages, m.wire_bytes, m.kv_requests, m.kv_writes, m.storage_bytes
     );
+    if !m.kv_by_op.is_empty() {
+        let mut ops = m.kv_by_op.clone();
+        ops.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)));
+        let acks = m.acks.max(1) as f64;
+        s += "\n## kv operations per message (measured)\n\nWhat drives `kv_writes_per_s` and `kv_reads_per_s`: every kv request of the measured window by operation, per acknowledged message.\n\n| operation | requests | write transactions |\n|---|---|---|\n";
+        for (op, n, w) in ops {
+            s += &format!(
+                "| `{op}` | {:.2} | {:.2} |\n",
+                n as f64 / acks,
+                w as f64 / acks
+            );
+        }
+    }
     s += &format!(
         "\n## Per-node capacities (benchmark)\n\n`{}`, measured on {}: {:.0} durable kv writes/s (one fsync each), {:.0} with 64 writes per fsync, {:.0} ids/s, {:.0} client frames/s per core.\n",
         BENCH_FILE,
@@ -535,6 +551,7 @@ mod tests {
             storage_bytes: 2_000_000,
             chars: 40_000,
             text_bytes: 40_000,
+            kv_by_op: vec![("append".into(), 840, 840)],
         }
     }
 

@@ -97,6 +97,10 @@ pub struct PerSend {
     pub storage_bytes: f64,
     /// Mean characters per send (the workload's length distribution as sent).
     pub chars: f64,
+    /// kv operations per send by kind: (operation, requests, write transactions), busiest
+    /// first.
+    #[serde(default)]
+    pub kv_by_op: Vec<(String, f64, f64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -287,6 +291,12 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
             fmt_n(total),
             per.map_or("".into(), fmt_n)
         );
+    }
+    if !p.kv_by_op.is_empty() {
+        s += "\nkv operations per acknowledged send, by operation (steady window):\n\n| operation | requests | write transactions |\n|---|---|---|\n";
+        for (op, n, w) in &p.kv_by_op {
+            s += &format!("| `{op}` | {} | {} |\n", fmt_n(*n), fmt_n(*w));
+        }
     }
     s += &format!(
         "\nDevices connected: peak {}, mean {} over the safety phase after warm-up.\n",

@@ -68,6 +68,11 @@ pub fn run(c: &CapacityOpts, canaries: &Canaries) -> i32 {
         storage_bytes: w.disk_bytes,
         chars: w.chars,
         text_bytes: w.text_bytes,
+        kv_by_op: w
+            .kv_by_op
+            .iter()
+            .map(|(op, (n, wr))| (op.clone(), *n, *wr))
+            .collect(),
     };
     let p = capacity::plan(
         c.dau,

@@ -12,6 +12,18 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
     let w = &plan.workload;
     let storage = o.window.1.disk_bytes.saturating_sub(o.window.0.disk_bytes);
     let window = o.window.1.since(&o.window.0);
+    let mut kv_by_op: Vec<(String, f64, f64)> = window
+        .kv_by_op
+        .iter()
+        .map(|(op, (n, w))| {
+            (
+                op.clone(),
+                *n as f64 / window.acks.max(1) as f64,
+                *w as f64 / window.acks.max(1) as f64,
+            )
+        })
+        .collect();
+    kv_by_op.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let acks = st.acks.max(1) as f64;
     let window_acks = window.acks.max(1) as f64;
     let mut series = m.series;
@@ -72,6 +84,7 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
             kv_writes: window.kv_writes as f64 / window_acks,
             storage_bytes: storage as f64 / window_acks,
             chars: window.chars as f64 / window.sends.max(1) as f64,
+            kv_by_op,
         },
         faults,
         series,

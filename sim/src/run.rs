@@ -194,7 +194,7 @@ pub struct Outcome {
 }
 
 /// Run-wide counters at one moment of simulated time.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     /// Simulated seconds since traffic started.
     pub t_s: f64,
@@ -213,6 +213,8 @@ pub struct Snapshot {
     pub kv_writes: u64,
     /// Bytes of every kv node's database file.
     pub disk_bytes: u64,
+    /// Per kv operation: (requests, write transactions), summed over nodes.
+    pub kv_by_op: BTreeMap<String, (u64, u64)>,
 }
 
 impl Snapshot {
@@ -232,6 +234,14 @@ impl Snapshot {
             kv_requests: self.kv_requests.saturating_sub(earlier.kv_requests),
             kv_writes: self.kv_writes.saturating_sub(earlier.kv_writes),
             disk_bytes: self.disk_bytes.saturating_sub(earlier.disk_bytes),
+            kv_by_op: self
+                .kv_by_op
+                .iter()
+                .map(|(op, (n, w))| {
+                    let (n0, w0) = earlier.kv_by_op.get(op).copied().unwrap_or_default();
+                    (op.clone(), (n.saturating_sub(n0), w.saturating_sub(w0)))
+                })
+                .collect(),
         }
     }
 }
@@ -639,6 +649,7 @@ async fn drive(
                     kv_requests: s.kv_requests,
                     kv_writes: s.kv_writes,
                     disk_bytes: disks.iter().map(|d| d.len_bytes() as u64).sum(),
+                    kv_by_op: s.kv_by_op,
                 }
             }
         }
@@ -715,6 +726,8 @@ struct Scrape {
     chat_errors: BTreeMap<String, u64>,
     kv_requests: u64,
     kv_writes: u64,
+    /// Per kv operation: (requests, write transactions).
+    kv_by_op: BTreeMap<String, (u64, u64)>,
 }
 
 /// Asks the first `chat` chat servers and `kv` kv nodes for their counters, over the
@@ -740,11 +753,19 @@ async fn scrape(node: &madsim::runtime::NodeHandle, chat: u32, kv: u32) -> Scrap
         for i in 0..kv {
             let addr = SocketAddr::new(IpAddr::V4(cluster::ip(Role::Kv, i)), cluster::RPC_PORT);
             let client = nodes::rpc::RpcClient::new(addr);
-            if let Ok(nodes::proto::internal::Response::KvStats { requests, writes }) =
-                client.call(nodes::proto::internal::Request::KvStats).await
+            if let Ok(nodes::proto::internal::Response::KvStats {
+                requests,
+                writes,
+                by_op,
+            }) = client.call(nodes::proto::internal::Request::KvStats).await
             {
                 out.kv_requests += requests;
                 out.kv_writes += writes;
+                for (op, n, w) in by_op {
+                    let e = out.kv_by_op.entry(op).or_default();
+                    e.0 += n;
+                    e.1 += w;
+                }
             }
         }
         out

@@ -87,6 +87,12 @@ pub struct DeviceState {
     /// Canary mode: the seed's single max-id cursor.
     by_message_id: bool,
     max_message_id: Id,
+    /// Ticks the full sync sent at connect has waited for its `synced` (None once answered).
+    /// The server answers every sync for all of the user's channels, so any `synced` answers
+    /// it. Without this a device that knew no channel yet (a first connect) and whose sync
+    /// was refused (a kv shard restarting) never learned of its channels' messages; found by
+    /// the `peak-hour` workload once the liveness phase stopped resyncing connected devices.
+    full_sync_ticks: Option<u8>,
 }
 
 impl DeviceState {
@@ -127,6 +133,7 @@ impl DeviceState {
             v.sync_ticks = 0;
         }
         self.retry_sends.clear(); // Everything unanswered is resent now.
+        self.full_sync_ticks = Some(0);
         let mut out = vec![self.sync_all()];
         out.extend(self.resends());
         out
@@ -181,6 +188,18 @@ impl DeviceState {
             .collect();
         if self.by_message_id {
             return out;
+        }
+        if let Some(t) = &mut self.full_sync_ticks {
+            *t += 1;
+            if *t >= SYNC_RETRY_TICKS {
+                *t = 0;
+                // The full sync covers every channel, known or not.
+                for v in self.channels.values_mut().filter(|v| v.sync_asked) {
+                    v.sync_ticks = 0;
+                }
+                out.push(self.sync_all());
+                return out;
+            }
         }
         let mut cursors = Vec::new();
         for (c, v) in self.channels.iter_mut().filter(|(_, v)| v.sync_asked) {
@@ -245,6 +264,7 @@ impl DeviceState {
             }
             ServerFrame::Message(m) => self.on_message(m, &mut obs, &mut out),
             ServerFrame::Synced { cursors } => {
+                self.full_sync_ticks = None;
                 for c in cursors {
                     self.channels.entry(c.channel).or_default().sync_asked = false;
                 }
@@ -547,6 +567,26 @@ mod tests {
         );
         d.on_frame(ServerFrame::Synced {
             cursors: vec![Cursor { channel: 5, seq: 1 }],
+        });
+        assert!(d.on_tick().is_empty() && d.on_tick().is_empty());
+    }
+
+    // Proves a device that knows no channel yet asks its full sync again when the first one
+    // was not answered (refused while a kv shard restarted), and stops once it is.
+    #[test]
+    fn unanswered_first_sync_is_retried() {
+        let mut d = DeviceState::new(1, 10, false);
+        let first = d.on_connected();
+        let empty = ClientFrame::Sync {
+            cursors: vec![],
+            max_message_id: None,
+        };
+        assert_eq!(first, vec![empty.clone()]);
+        d.on_frame(ServerFrame::error(ErrorCode::Unavailable, "sync: kv down"));
+        assert!(d.on_tick().is_empty());
+        assert_eq!(d.on_tick(), vec![empty]);
+        d.on_frame(ServerFrame::Synced {
+            cursors: vec![Cursor { channel: 5, seq: 0 }],
         });
         assert!(d.on_tick().is_empty() && d.on_tick().is_empty());
     }

@@ -70,6 +70,8 @@ pub struct Store {
     requests: AtomicU64,
     /// Write transactions begun by requests (each commit an fsync when durable).
     writes: AtomicU64,
+    /// Per operation: (requests, write transactions). A std mutex: short, synchronous updates.
+    by_op: std::sync::Mutex<BTreeMap<&'static str, (u64, u64)>>,
 }
 
 impl Store {
@@ -93,6 +95,7 @@ impl Store {
             durable: true,
             requests: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            by_op: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -112,17 +115,33 @@ impl Store {
 
     /// Executes one request. Storage failures answer `unavailable` (the caller may retry).
     pub fn apply(&self, req: Request) -> Response {
+        let by_op = || self.by_op.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(req, Request::KvStats) {
             return Response::KvStats {
                 requests: self.requests.load(Ordering::Relaxed),
                 writes: self.writes.load(Ordering::Relaxed),
+                by_op: by_op()
+                    .iter()
+                    .map(|(op, (n, w))| (op.to_string(), *n, *w))
+                    .collect(),
             };
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        match self.apply_inner(req) {
+        let op: &'static str = (&req).into();
+        let writes_before = self.writes.load(Ordering::Relaxed);
+        let out = match self.apply_inner(req) {
             Ok(r) => r,
             Err(e) => refuse(ErrorCode::Unavailable, format!("storage: {e}")),
-        }
+        };
+        // Requests run one at a time per node in the simulation, so the difference is this
+        // request's write transactions there (approximate under real tokio's parallel calls).
+        let wrote = self.writes.load(Ordering::Relaxed) - writes_before;
+        let mut m = by_op();
+        let e = m.entry(op).or_default();
+        e.0 += 1;
+        e.1 += wrote;
+        drop(m);
+        out
     }
 
     fn apply_inner(&self, req: Request) -> R<Response> {

@@ -76,8 +76,9 @@ pub struct AppendRequest {
     pub skip_dedup: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Request {
     // ---- kv
     AllocId {
@@ -308,6 +309,9 @@ pub enum Response {
     KvStats {
         requests: u64,
         writes: u64,
+        /// (operation, requests, write transactions) per request kind, by name.
+        #[serde(default)]
+        by_op: Vec<(String, u64, u64)>,
     },
     Chat(Option<ChatServerInfo>),
     ChatList(Vec<ChatServerInfo>),
