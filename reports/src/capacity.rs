@@ -193,13 +193,13 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
             model.connections_per_user(peak)
         )),
     );
-    let msgs = full(m.acks as f64 / w);
+    let msgs = full(m.sends as f64 / w);
     put(
         "peak_messages_per_s",
         msgs,
         "messages/s",
         sim(format!(
-            "acknowledged sends per simulated second x DAU / users (model expects {:.0})",
+            "messages sent (first attempts; retries are one message) per simulated second x DAU / users (model expects {:.0})",
             model.messages_per_user_per_s(peak) * dau as f64
         )),
     );
@@ -209,7 +209,7 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
         "deliveries/s",
         sim(format!(
             "messages handed to recipient devices per simulated second x DAU / users ({:.2} per message)",
-            m.delivers as f64 / m.acks.max(1) as f64
+            m.delivers as f64 / m.sends.max(1) as f64
         )),
     );
     let hb_interval = model.heartbeat_interval_s;
@@ -232,7 +232,7 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
         "write transactions/s",
         sim(format!(
             "kv write transactions per simulated second x DAU / users ({:.2} per message, incl. sessions, cursors, presence, push claims)",
-            m.kv_writes as f64 / m.acks.max(1) as f64
+            m.kv_writes as f64 / m.sends.max(1) as f64
         )),
     );
     put(
@@ -241,20 +241,20 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
         "read requests/s",
         sim(format!(
             "kv requests that wrote nothing per simulated second x DAU / users ({:.2} per message)",
-            m.kv_requests.saturating_sub(m.kv_writes) as f64 / m.acks.max(1) as f64
+            m.kv_requests.saturating_sub(m.kv_writes) as f64 / m.sends.max(1) as f64
         )),
     );
     // Storage per message = what the database grew per message beyond the texts themselves
     // (records, indexes, push claims, cursors: measured) + the model's mean text. A run of a
     // few hundred messages is dominated by the few long ones of the length tail, so the texts
     // sent are taken out and the model's mean put back.
-    let acks = m.acks.max(1) as f64;
+    let sent = m.sends.max(1) as f64;
     let bytes_per_char = if m.chars > 0 {
         m.text_bytes as f64 / m.chars as f64
     } else {
         1.0
     };
-    let overhead = (m.storage_bytes as f64 - m.text_bytes as f64).max(0.0) / acks;
+    let overhead = (m.storage_bytes as f64 - m.text_bytes as f64).max(0.0) / sent;
     let text = model.mean_text_chars() * bytes_per_char;
     let per_msg_storage = overhead + text;
     let msgs_per_day = model.messages_per_user_per_day * dau as f64;
@@ -286,7 +286,7 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
         "bytes/s",
         sim(format!(
             "bytes written to TCP by every node and device (WebSocket, HTTP, RPC; no TCP/IP headers) per simulated second x DAU / users ({:.0} B per message)",
-            m.wire_bytes as f64 / m.acks.max(1) as f64
+            m.wire_bytes as f64 / m.sends.max(1) as f64
         )),
     );
     let hr = a.headroom;
@@ -366,21 +366,21 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
     );
     put(
         "net_messages_per_send",
-        m.net_messages as f64 / m.acks.max(1) as f64,
+        m.net_messages as f64 / m.sends.max(1) as f64,
         "messages",
-        sim("network messages (TCP writes) of the whole system per acknowledged send, heartbeats and presence included".into()),
+        sim("network messages (TCP writes) of the whole system per message sent, heartbeats and presence included".into()),
     );
     put(
         "kv_ops_per_send",
-        m.kv_requests as f64 / m.acks.max(1) as f64,
+        m.kv_requests as f64 / m.sends.max(1) as f64,
         "requests",
-        sim("kv requests of the whole system per acknowledged send".into()),
+        sim("kv requests of the whole system per message sent".into()),
     );
     put(
         "wire_bytes_per_send",
-        m.wire_bytes as f64 / m.acks.max(1) as f64,
+        m.wire_bytes as f64 / m.sends.max(1) as f64,
         "bytes",
-        sim("bytes on TCP of the whole system per acknowledged send".into()),
+        sim("bytes on TCP of the whole system per message sent".into()),
     );
     Plan {
         dau,
@@ -470,19 +470,19 @@ pub fn markdown(p: &Plan) -> String {
         conn / p.dau as f64
     );
     s += &format!(
-        "\n## Measured window (unscaled)\n\n{:.0} s; {} sends acknowledged, {} deliveries, {} heartbeats, {} connects, {:.0} devices connected on average; {} network messages, {} wire bytes, {} kv requests of which {} write transactions, {} bytes of kv growth.\n",
-        m.window_s, m.acks, m.delivers, m.heartbeats, m.connects, m.mean_connected, m.net_messages, m.wire_bytes, m.kv_requests, m.kv_writes, m.storage_bytes
+        "\n## Measured window (unscaled)\n\n{:.0} s; {} messages sent, {} acknowledgements seen, {} deliveries, {} heartbeats, {} connects, {:.0} devices connected on average; {} network messages, {} wire bytes, {} kv requests of which {} write transactions, {} bytes of kv growth.\n",
+        m.window_s, m.sends, m.acks, m.delivers, m.heartbeats, m.connects, m.mean_connected, m.net_messages, m.wire_bytes, m.kv_requests, m.kv_writes, m.storage_bytes
     );
     if !m.kv_by_op.is_empty() {
         let mut ops = m.kv_by_op.clone();
         ops.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)));
-        let acks = m.acks.max(1) as f64;
-        s += "\n## kv operations per message (measured)\n\nWhat drives `kv_writes_per_s` and `kv_reads_per_s`: every kv request of the measured window by operation, per acknowledged message.\n\n| operation | requests | write transactions |\n|---|---|---|\n";
+        let sent = m.sends.max(1) as f64;
+        s += "\n## kv operations per message (measured)\n\nWhat drives `kv_writes_per_s` and `kv_reads_per_s`: every kv request of the measured window by operation, per message sent.\n\n| operation | requests | write transactions |\n|---|---|---|\n";
         for (op, n, w) in ops {
             s += &format!(
                 "| `{op}` | {:.2} | {:.2} |\n",
-                n as f64 / acks,
-                w as f64 / acks
+                n as f64 / sent,
+                w as f64 / sent
             );
         }
     }

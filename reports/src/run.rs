@@ -85,7 +85,7 @@ pub struct Totals {
     pub mean_connected: f64,
 }
 
-/// Costs per acknowledged send, measured over the whole run (setup excluded where noted).
+/// Costs per message sent (first attempts), measured over the whole run (setup excluded where noted).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PerSend {
     pub deliveries: f64,
@@ -258,7 +258,7 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
     }
     let t = &r.totals;
     let p = &r.per_send;
-    s += "\n## Totals and costs per acknowledged send\n\n| figure | total | per send |\n|---|---|---|\n";
+    s += "\n## Totals and costs per message sent\n\n| figure | total | per send |\n|---|---|---|\n";
     for (k, total, per) in [
         ("sends", t.sends as f64, None),
         ("acks", t.acks as f64, None),
@@ -284,7 +284,7 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
             t.storage_bytes as f64,
             Some(p.storage_bytes),
         ),
-        ("characters", p.chars * t.acks as f64, Some(p.chars)),
+        ("characters", p.chars * t.sends as f64, Some(p.chars)),
     ] {
         s += &format!(
             "| {k} | {} | {} |\n",
@@ -293,7 +293,7 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
         );
     }
     if !p.kv_by_op.is_empty() {
-        s += "\nkv operations per acknowledged send, by operation (steady window):\n\n| operation | requests | write transactions |\n|---|---|---|\n";
+        s += "\nkv operations per message sent, by operation (steady window):\n\n| operation | requests | write transactions |\n|---|---|---|\n";
         for (op, n, w) in &p.kv_by_op {
             s += &format!("| `{op}` | {} | {} |\n", fmt_n(*n), fmt_n(*w));
         }
@@ -303,7 +303,7 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
         fmt_n(t.peak_connected as f64),
         fmt_n(t.mean_connected)
     );
-    s += "\nPer-send network, kv and wire figures divide the whole run's traffic (heartbeats, presence, sync, setup excluded where it ran before traffic) by acknowledged sends: they are what one send costs the system in this workload, not what the send itself carries.\n";
+    s += "\nPer-send network, kv and wire figures divide the whole run's traffic (heartbeats, presence, sync, setup excluded where it ran before traffic) by messages sent (first attempts): they are what one message costs the system in this workload, not what the send itself carries.\n";
     s += "\n## Plots\n\nTime counts from the start of traffic (after setup). Shaded bands are fault windows of server nodes and the network (from the `fault` to the `heal` event); the dashed line is the start of the liveness phase.\n\n";
     for p in plots {
         s += &format!("![{p}]({p})\n\n");

@@ -18,14 +18,15 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
         .map(|(op, (n, w))| {
             (
                 op.clone(),
-                *n as f64 / window.acks.max(1) as f64,
-                *w as f64 / window.acks.max(1) as f64,
+                *n as f64 / window.sends.max(1) as f64,
+                *w as f64 / window.sends.max(1) as f64,
             )
         })
         .collect();
+    kv_by_op.retain(|(_, n, w)| *n > 0.0 || *w > 0.0);
     kv_by_op.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    let acks = st.acks.max(1) as f64;
-    let window_acks = window.acks.max(1) as f64;
+    let sends = st.sends.max(1) as f64;
+    let window_sends = window.sends.max(1) as f64;
     let mut series = m.series;
     series.bucket_s = series.bucket_s.max(f64::MIN_POSITIVE);
     let faults = m.faults;
@@ -77,12 +78,12 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
             mean_connected: m.mean_connected,
         },
         per_send: PerSend {
-            deliveries: st.delivers as f64 / acks,
-            net_messages: window.net_messages as f64 / window_acks,
-            wire_bytes: window.wire_bytes as f64 / window_acks,
-            kv_requests: window.kv_requests as f64 / window_acks,
-            kv_writes: window.kv_writes as f64 / window_acks,
-            storage_bytes: storage as f64 / window_acks,
+            deliveries: st.delivers as f64 / sends,
+            net_messages: window.net_messages as f64 / window_sends,
+            wire_bytes: window.wire_bytes as f64 / window_sends,
+            kv_requests: window.kv_requests as f64 / window_sends,
+            kv_writes: window.kv_writes as f64 / window_sends,
+            storage_bytes: storage as f64 / window_sends,
             chars: window.chars as f64 / window.sends.max(1) as f64,
             kv_by_op,
         },
