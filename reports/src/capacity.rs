@@ -475,6 +475,7 @@ pub fn markdown(p: &Plan) -> String {
     );
     if !m.kv_by_op.is_empty() {
         let mut ops = m.kv_by_op.clone();
+        ops.retain(|(_, n, w)| *n > 0 || *w > 0);
         ops.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)));
         let sent = m.sends.max(1) as f64;
         s += "\n## kv operations per message (measured)\n\nWhat drives `kv_writes_per_s` and `kv_reads_per_s`: every kv request of the measured window by operation, per message sent.\n\n| operation | requests | write transactions |\n|---|---|---|\n";
