@@ -37,9 +37,17 @@ const SERVER_SILENT: Duration = Duration::from_millis(3 * nodes::limits::HEARTBE
 /// The whole connect sequence (chat server lookup, WebSocket handshake, welcome) must finish
 /// in this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reconnect backoff bounds.
+/// Reconnect backoff bounds: the backoff doubles from the minimum to the maximum while
+/// attempts fail; each wait is drawn from [backoff/2, backoff] ("equal jitter").
+///
+/// The cap was 5 s (plus up to half of it). At the 1/1000 `peak-hour` scale, when the liveness
+/// phase opened 100,000 apps at once, attempts queued longer in the chat servers' accept
+/// queues than the 10 s connect deadline: servers then accepted mostly connections whose
+/// devices had already given up, and the devices' retries every ~15 s kept the queues full.
+/// Connected devices stalled at ~6,700 per chat server for minutes (a metastable retry storm).
+/// A 30 s cap spreads a herd thin enough for the accept loops to drain it.
 const BACKOFF_MIN_MS: u64 = 200;
-const BACKOFF_MAX_MS: u64 = 5_000;
+const BACKOFF_MAX_MS: u64 = 30_000;
 
 /// What a device knows before it starts: its login and its user's channels.
 pub struct DeviceCtx {
@@ -262,8 +270,8 @@ impl App {
     }
 
     fn schedule_reconnect(&mut self) {
-        let jitter = self.rng.gen_range(0..=self.backoff_ms / 2);
-        self.next_connect = Instant::now() + Duration::from_millis(self.backoff_ms + jitter);
+        let wait = self.rng.gen_range(self.backoff_ms / 2..=self.backoff_ms);
+        self.next_connect = Instant::now() + Duration::from_millis(wait);
         self.backoff_ms = (self.backoff_ms * 2).min(BACKOFF_MAX_MS);
     }
 
