@@ -108,8 +108,8 @@ pub struct Model {
     /// limit. [seed] limit 100,000 characters; [assumption] 0.5 %.
     pub long_text_share: f64,
     /// Relative activity per local hour (mean 1 after normalisation). [assumption] a single
-    /// time zone's consumer curve: a night trough at 4 % of the day's traffic share, an evening
-    /// peak near 1.8x the mean at 20:00-21:00.
+    /// time zone's consumer curve: a night trough at 1/8 of the mean (03:00-05:00), an evening
+    /// peak near 2x the mean (1.98) at 20:00.
     pub diurnal: [f64; HOURS],
     /// Tunnels (a loss of all connectivity for 1 s to 3 min) per hour a mobile device is
     /// online. [assumption] one an hour: lifts, underground, handovers.

@@ -29,7 +29,7 @@ pub const WORKLOADS: &[(&str, &str)] = &[
     ),
     (
         "peak-hour",
-        "the model at its busiest hour (20:00, ~1.8x the mean): connections, sends, heartbeats",
+        "the model at its busiest hour (20:00, ~2x the mean): connections, sends, heartbeats",
     ),
     (
         "group-heavy",
