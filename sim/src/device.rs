@@ -64,6 +64,9 @@ pub struct DeviceCtx {
     pub recorder: Recorder,
     pub counters: Arc<Counters>,
     pub liveness_at: Duration,
+    /// This device opens its app this long after the liveness phase starts (see
+    /// `run::liveness_spread`).
+    pub liveness_delay: Duration,
     pub seed: u64,
     pub by_message_id: bool,
     /// Bumped by a `disconnect` fault: a connection opened before the bump is torn down, and
@@ -104,14 +107,20 @@ enum Cue {
 }
 
 /// Hands the device loop each scripted step at its time (steps at or after the liveness
-/// phase are dropped), then the liveness cue, from a task of its own.
+/// phase are dropped), then the liveness cue `delay` after the phase starts, from a task of
+/// its own.
 ///
 /// madsim's timers cannot be cancelled: every poll of a pending `sleep` adds a heap entry that
 /// lives until its deadline. A far-off step sleep polled on every wakeup of the device loop
 /// (frames, heartbeats) piled up millions of dead entries at 100,000 devices (the 1/1000
 /// `peak-hour` run spent 17 % of its time expiring them). Here each step's sleep is polled
 /// once; the loop waits on a channel, which needs no timer.
-fn drive_script(steps: Vec<Step>, start: Instant, liveness_at: Instant) -> mpsc::Receiver<Cue> {
+fn drive_script(
+    steps: Vec<Step>,
+    start: Instant,
+    liveness_at: Instant,
+    delay: Duration,
+) -> mpsc::Receiver<Cue> {
     // One cue in flight: the driver sleeps toward the next step only once the loop took this
     // one, as the loop itself did before.
     let (tx, rx) = mpsc::channel(1);
@@ -126,7 +135,7 @@ fn drive_script(steps: Vec<Step>, start: Instant, liveness_at: Instant) -> mpsc:
                 return;
             }
         }
-        tokio::time::sleep_until(liveness_at).await;
+        tokio::time::sleep_until(liveness_at + delay).await;
         let _ = tx.send(Cue::Liveness).await;
     });
     rx
@@ -171,7 +180,7 @@ impl App {
     async fn main_loop(&mut self) {
         let steps = std::mem::take(&mut self.ctx.steps);
         let liveness_at = self.start + self.ctx.liveness_at;
-        let mut script = drive_script(steps, self.start, liveness_at);
+        let mut script = drive_script(steps, self.start, liveness_at, self.ctx.liveness_delay);
         let mut heartbeat = tokio::time::interval_at(self.start + HEARTBEAT, HEARTBEAT);
         let mut presence =
             tokio::time::interval_at(self.start + PRESENCE_REFRESH, PRESENCE_REFRESH);

@@ -555,6 +555,20 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// App opens per simulated second per api or chat node the liveness phase aims at: half of
+/// what one simulated accept loop admits (madsim sleeps 1 ms per accept).
+pub const LIVENESS_OPENS_PER_NODE_PER_S: u64 = 500;
+
+/// Over how long the liveness phase opens every app: all at once is a herd that, beyond
+/// ~10,000 devices per accept loop, queues connections longer than the devices' 10 s connect
+/// deadline and stalls in a retry storm (the 1/1000 `peak-hour` run stalled at 20,867 of
+/// 100,003 devices). Spread over `devices / (min(api, chat) x 500/s)`: under a second at the
+/// default size, 100 s at 1/1000 scale. The liveness budget counts from the last open.
+pub fn liveness_spread(opts: &Opts, devices: usize) -> Duration {
+    let nodes = opts.api.min(opts.chat).max(1) as u64;
+    Duration::from_millis(devices as u64 * 1000 / (nodes * LIVENESS_OPENS_PER_NODE_PER_S))
+}
+
 /// Where the steady window starts: after the devices online at the start have connected and
 /// synced (warm-up plus 30 s), or at half-time in a short run.
 pub fn window_start_s(duration_s: u64) -> u64 {
@@ -671,7 +685,10 @@ async fn drive(
     recorder.record(Event::Phase {
         name: "liveness".into(),
     });
-    tokio::time::sleep(Duration::from_secs(opts.liveness_budget)).await;
+    tokio::time::sleep(
+        liveness_spread(&opts, workload.device_count()) + Duration::from_secs(opts.liveness_budget),
+    )
+    .await;
     recorder.record(Event::Phase { name: "end".into() });
     if let Some(t) = progress_task {
         t.abort();
@@ -1024,6 +1041,7 @@ fn start_devices(
     let handle = madsim::runtime::Handle::current();
     let mut ids = Vec::with_capacity(w.devices.len());
     let all_groups = Arc::new(setup.groups.clone());
+    let spread_ms = liveness_spread(opts, w.device_count()).as_millis() as u64;
     // Each user's groups, once (not a scan of every group per device: 100,000 devices x
     // 9,000 groups at 1/1000 scale).
     let mut groups_of: BTreeMap<u32, BTreeMap<u32, Id>> = BTreeMap::new();
@@ -1049,6 +1067,9 @@ fn start_devices(
             recorder: recorder.clone(),
             counters: counters.clone(),
             liveness_at: Duration::from_secs(opts.duration),
+            liveness_delay: Duration::from_millis(
+                spread_ms * ((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) / (1 << 24),
+            ),
             seed: opts.seed,
             by_message_id: canaries.is_on(Canary::CursorByMessageId),
             kick: kick_rx,
