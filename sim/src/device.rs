@@ -44,8 +44,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// phase opened 100,000 apps at once, attempts queued longer in the chat servers' accept
 /// queues than the 10 s connect deadline: servers then accepted mostly connections whose
 /// devices had already given up, and the devices' retries every ~15 s kept the queues full.
-/// Connected devices stalled at ~6,700 per chat server for minutes (a metastable retry storm).
-/// A 30 s cap spreads a herd thin enough for the accept loops to drain it.
+/// Connected devices stalled at ~7,000 per chat server for the rest of the run (a metastable
+/// retry storm). With a 30 s cap a 16,000-device herd on one api and one chat server drained
+/// after ~80 s; the liveness phase now also spreads its app opens (`run::liveness_spread`).
 const BACKOFF_MIN_MS: u64 = 200;
 const BACKOFF_MAX_MS: u64 = 30_000;
 
