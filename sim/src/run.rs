@@ -625,7 +625,9 @@ async fn drive(
     if let Some(p) = &progress {
         p.setup_done(
             traffic_start.duration_since(start).as_secs(),
-            opts.duration + opts.liveness_budget,
+            opts.duration
+                + opts.liveness_budget
+                + liveness_spread(&opts, workload.device_count()).as_secs(),
         );
     }
     let liveness_at = Duration::from_secs(opts.duration);
