@@ -49,6 +49,7 @@ pub fn run(c: &CapacityOpts, canaries: &Canaries) -> i32 {
         return code;
     }
     let w = outcome.window.1.since(&outcome.window.0);
+    let kv = outcome.window.1.kv_since(&outcome.window.0);
     let m = Measurement {
         workload: opts.workload.clone(),
         seed: opts.seed,
@@ -63,13 +64,13 @@ pub fn run(c: &CapacityOpts, canaries: &Canaries) -> i32 {
         connects: w.connects,
         net_messages: w.net_messages,
         wire_bytes: w.wire_bytes,
-        kv_requests: w.kv_requests,
-        kv_writes: w.kv_writes,
+        kv_requests: kv.requests,
+        kv_writes: kv.writes,
         storage_bytes: w.disk_bytes,
         chars: w.chars,
         text_bytes: w.text_bytes,
-        kv_by_op: w
-            .kv_by_op
+        kv_by_op: kv
+            .by_op
             .iter()
             .map(|(op, (n, wr))| (op.clone(), *n, *wr))
             .collect(),

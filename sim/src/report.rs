@@ -12,8 +12,9 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
     let w = &plan.workload;
     let storage = o.window.1.disk_bytes.saturating_sub(o.window.0.disk_bytes);
     let window = o.window.1.since(&o.window.0);
-    let mut kv_by_op: Vec<(String, f64, f64)> = window
-        .kv_by_op
+    let kv = o.window.1.kv_since(&o.window.0);
+    let mut kv_by_op: Vec<(String, f64, f64)> = kv
+        .by_op
         .iter()
         .map(|(op, (n, w))| {
             (
@@ -71,8 +72,8 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
             heartbeats: st.heartbeats,
             net_messages: st.net_messages,
             wire_bytes: st.wire_bytes,
-            kv_requests: window.kv_requests,
-            kv_writes: window.kv_writes,
+            kv_requests: kv.requests,
+            kv_writes: kv.writes,
             storage_bytes: storage,
             peak_connected: m.peak_connected,
             mean_connected: m.mean_connected,
@@ -81,8 +82,8 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
             deliveries: st.delivers as f64 / sends,
             net_messages: window.net_messages as f64 / window_sends,
             wire_bytes: window.wire_bytes as f64 / window_sends,
-            kv_requests: window.kv_requests as f64 / window_sends,
-            kv_writes: window.kv_writes as f64 / window_sends,
+            kv_requests: kv.requests as f64 / window_sends,
+            kv_writes: kv.writes as f64 / window_sends,
             storage_bytes: storage as f64 / window_sends,
             chars: window.chars as f64 / window.sends.max(1) as f64,
             kv_by_op,

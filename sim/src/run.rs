@@ -208,13 +208,28 @@ pub struct Snapshot {
     pub text_bytes: u64,
     pub net_messages: u64,
     pub wire_bytes: u64,
-    /// Summed over kv nodes, each since it last started.
-    pub kv_requests: u64,
-    pub kv_writes: u64,
+    /// Per kv node (by index): its counters since it last started; a node that did not
+    /// answer is missing.
+    pub kv: BTreeMap<u32, KvCounters>,
     /// Bytes of every kv node's database file.
     pub disk_bytes: u64,
-    /// Per kv operation: (requests, write transactions), summed over nodes.
-    pub kv_by_op: BTreeMap<String, (u64, u64)>,
+}
+
+/// One kv node's operation counters (`KvStats`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KvCounters {
+    pub requests: u64,
+    pub writes: u64,
+    /// Per operation: (requests, write transactions).
+    pub by_op: BTreeMap<String, (u64, u64)>,
+}
+
+/// kv counters over a window, summed over nodes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KvWindow {
+    pub requests: u64,
+    pub writes: u64,
+    pub by_op: BTreeMap<String, (u64, u64)>,
 }
 
 impl Snapshot {
@@ -231,18 +246,34 @@ impl Snapshot {
             text_bytes: self.text_bytes.saturating_sub(earlier.text_bytes),
             net_messages: self.net_messages.saturating_sub(earlier.net_messages),
             wire_bytes: self.wire_bytes.saturating_sub(earlier.wire_bytes),
-            kv_requests: self.kv_requests.saturating_sub(earlier.kv_requests),
-            kv_writes: self.kv_writes.saturating_sub(earlier.kv_writes),
+            kv: self.kv.clone(),
             disk_bytes: self.disk_bytes.saturating_sub(earlier.disk_bytes),
-            kv_by_op: self
-                .kv_by_op
-                .iter()
-                .map(|(op, (n, w))| {
-                    let (n0, w0) = earlier.kv_by_op.get(op).copied().unwrap_or_default();
-                    (op.clone(), (n.saturating_sub(n0), w.saturating_sub(w0)))
-                })
-                .collect(),
         }
+    }
+
+    /// kv operations between `earlier` and this snapshot, node by node: a node whose counters
+    /// went down restarted in between, and counts from its restart (what it did before the
+    /// crash is lost with its process).
+    pub fn kv_since(&self, earlier: &Snapshot) -> KvWindow {
+        let mut out = KvWindow::default();
+        let zero = KvCounters::default();
+        for (node, now) in &self.kv {
+            let before = earlier.kv.get(node).unwrap_or(&zero);
+            let base = if now.requests < before.requests {
+                &zero
+            } else {
+                before
+            };
+            out.requests += now.requests - base.requests;
+            out.writes += now.writes.saturating_sub(base.writes);
+            for (op, (n, w)) in &now.by_op {
+                let (n0, w0) = base.by_op.get(op).copied().unwrap_or_default();
+                let e = out.by_op.entry(op.clone()).or_default();
+                e.0 += n.saturating_sub(n0);
+                e.1 += w.saturating_sub(w0);
+            }
+        }
+        out
     }
 }
 
@@ -662,10 +693,8 @@ async fn drive(
                     text_bytes: counters.text_bytes.load(Ordering::Relaxed),
                     net_messages: madsim::net::NetSim::current().stat().msg_count,
                     wire_bytes: nodes::net::sim_wire_bytes(),
-                    kv_requests: s.kv_requests,
-                    kv_writes: s.kv_writes,
+                    kv: s.kv,
                     disk_bytes: disks.iter().map(|d| d.len_bytes() as u64).sum(),
-                    kv_by_op: s.kv_by_op,
                 }
             }
         }
@@ -743,10 +772,8 @@ async fn drive(
 struct Scrape {
     /// Errors the chat servers sent to devices, by code (since each last started).
     chat_errors: BTreeMap<String, u64>,
-    kv_requests: u64,
-    kv_writes: u64,
-    /// Per kv operation: (requests, write transactions).
-    kv_by_op: BTreeMap<String, (u64, u64)>,
+    /// Per kv node that answered.
+    kv: BTreeMap<u32, KvCounters>,
 }
 
 /// Asks the first `chat` chat servers and `kv` kv nodes for their counters, over the
@@ -778,13 +805,14 @@ async fn scrape(node: &madsim::runtime::NodeHandle, chat: u32, kv: u32) -> Scrap
                 by_op,
             }) = client.call(nodes::proto::internal::Request::KvStats).await
             {
-                out.kv_requests += requests;
-                out.kv_writes += writes;
-                for (op, n, w) in by_op {
-                    let e = out.kv_by_op.entry(op).or_default();
-                    e.0 += n;
-                    e.1 += w;
-                }
+                out.kv.insert(
+                    i,
+                    KvCounters {
+                        requests,
+                        writes,
+                        by_op: by_op.into_iter().map(|(op, n, w)| (op, (n, w))).collect(),
+                    },
+                );
             }
         }
         out

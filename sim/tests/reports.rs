@@ -22,7 +22,8 @@ fn small(workload: &str, seed: u64) -> Opts {
 
 // Proves every named workload keeps every invariant at 300 users under the default light
 // faults, and its report holds: the files (Markdown, JSON, >= 3 SVG plots), deliveries >=
-// messages, and heartbeats that match the connected devices at one per 5 s.
+// messages, heartbeats that match the connected devices at one per 5 s, and kv figures that
+// match their per-operation breakdown.
 #[test]
 fn named_workloads_pass_and_report() {
     for (name, _) in workloads::WORKLOADS {
@@ -62,6 +63,13 @@ fn named_workloads_pass_and_report() {
             (0.85..1.15).contains(&ratio),
             "{name}: {} heartbeats, {expected:.0} expected",
             t.heartbeats
+        );
+        // kv figures agree with their breakdown, across the light scenario's kv restart.
+        let by_op: f64 = r.per_send.kv_by_op.iter().map(|x| x.1).sum();
+        assert!(
+            r.per_send.kv_requests > 0.0 && (by_op - r.per_send.kv_requests).abs() < 1e-6 * by_op,
+            "{name}: kv requests per send {} vs {by_op} by operation",
+            r.per_send.kv_requests
         );
         let lat = |n: &str| r.latency.iter().find(|l| l.name == n).unwrap().clone();
         assert!(
