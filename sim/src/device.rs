@@ -113,9 +113,10 @@ enum Cue {
 ///
 /// madsim's timers cannot be cancelled: every poll of a pending `sleep` adds a heap entry that
 /// lives until its deadline. A far-off step sleep polled on every wakeup of the device loop
-/// (frames, heartbeats) piled up millions of dead entries at 100,000 devices (the 1/1000
-/// `peak-hour` run spent 17 % of its time expiring them). Here each step's sleep is polled
-/// once; the loop waits on a channel, which needs no timer.
+/// (frames, heartbeats) left a dead entry each time; the timer heap was the largest cost of
+/// the 1/1000 `peak-hour` traffic phase (17 % in `Timer::expire`). Here each step's sleep is
+/// polled once; the loop waits on a channel, which needs no timer (5,000 users: 8 % less
+/// memory, 3 % less time).
 fn drive_script(
     steps: Vec<Step>,
     start: Instant,
