@@ -6,8 +6,10 @@
 //! - **send -> ack**: a device's first `send` of a `client_msg_id` to its first `ack`
 //!   (retries included: what the user waited).
 //! - **send -> deliver**: that first `send` to each recipient device's first `deliver` of the
-//!   message. *Live* deliveries are those to a device connected since before the send; the
-//!   rest came by sync after a reconnect and measure how long the device was away.
+//!   message. *Live* deliveries are those where the recipient and the sender were both
+//!   connected from the send to the delivery; the rest measure how long a device was away: a
+//!   recipient that synced after a reconnect, or a sender that closed the app or lost its
+//!   connection before its message got through (it is resent when the app returns).
 //! - **heartbeats stop -> offline shown**: when a user's last heartbeating device stopped
 //!   (`heartbeat_stop`) to each observing device's first `presence ... offline` for that user
 //!   while the user stays silent. Includes the 30 s timeout, unless the user logged out.
@@ -225,7 +227,8 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
                 b.delivers += 1;
                 if let Some(&t) = sent_at.get(&(*sender_device, *client_msg_id)) {
                     let d = (t_us.saturating_sub(t)).max(1);
-                    if connected_since.get(device).is_some_and(|&c| c <= t) {
+                    let since_send = |d: &Id| connected_since.get(d).is_some_and(|&c| c <= t);
+                    if since_send(device) && since_send(sender_device) {
                         live.record(d).ok();
                         b.deliver.record(d).ok();
                     } else {
@@ -350,12 +353,12 @@ pub fn measure(history: &[Record], warm_up_s: f64) -> Measured {
             ),
             latency(
                 "send_to_deliver_live",
-                "first send -> first deliver, per recipient device connected since before the send",
+                "first send -> first deliver, per recipient device, sender and recipient connected throughout",
                 &live,
             ),
             latency(
-                "send_to_deliver_synced",
-                "first send -> first deliver, per recipient device that was away (delivered by sync)",
+                "send_to_deliver_away",
+                "first send -> first deliver, per recipient device, when the recipient or the sender was away meanwhile",
                 &synced,
             ),
             latency(
@@ -561,7 +564,7 @@ mod tests {
         let live = get("send_to_deliver_live");
         assert_eq!(live.count, 1, "the duplicate delivery is not counted");
         assert!((live.p50_ms - 30.0).abs() < 0.1, "{live:?}");
-        let synced = get("send_to_deliver_synced");
+        let synced = get("send_to_deliver_away");
         assert_eq!(synced.count, 1);
         assert!((synced.p50_ms - 10_000.0).abs() < 10.0, "{synced:?}");
         let off = get("heartbeats_stop_to_offline_shown");
