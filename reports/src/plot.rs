@@ -221,7 +221,7 @@ pub fn run_plots(r: &RunReport) -> Vec<(String, String)> {
             "rates.svg",
             Chart {
                 title: "Message, delivery and push rates",
-                y_label: "per simulated second",
+                y_label: "per simulated second (log)",
                 x: &s.t_s,
                 lines: vec![
                     Line {
@@ -239,7 +239,7 @@ pub fn run_plots(r: &RunReport) -> Vec<(String, String)> {
                 ],
                 faults: &shaded,
                 marker: s.liveness_s,
-                log_y: false,
+                log_y: true,
                 y_range: None,
             },
         ),
