@@ -1,17 +1,23 @@
-//! The kv node shell: opens the store and answers RPCs with [`Store::apply`].
+//! The kv node shell: opens the store and answers RPCs through one committer task.
 //!
-//! redb's write transactions are serialized by redb itself; calls run one at a time here
-//! (the store is synchronous and fast), so the shell never holds a lock across an await.
+//! Group commit: RPC handlers queue their requests; the committer takes everything queued (up
+//! to [`GROUP_COMMIT_MAX`]), runs it with [`Store::apply_batch`] (one fsync for the batch) off
+//! the async workers, and only then answers. While one batch syncs the next one gathers, so
+//! the batch grows with load and throughput is not bound by one fsync per write.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::FutureExt;
+use tokio::sync::{mpsc, oneshot};
 
 use super::disk::SimDisk;
 use super::Store;
 use crate::canary::{Canaries, Canary};
+use crate::metrics::{Metrics, OpLabel};
+use crate::proto::client::ErrorCode;
+use crate::proto::internal::{Request, Response};
 use crate::rpc;
 
 /// Where a kv node keeps its bytes.
@@ -28,7 +34,15 @@ pub struct KvConfig {
     pub listen: SocketAddr,
     pub storage: Storage,
     pub canaries: Canaries,
+    pub metrics: Arc<Metrics>,
 }
+
+/// Requests waiting for the committer. When full, RPC handlers wait for room (backpressure:
+/// the rpc connection stops reading, and callers' 2 s call deadlines apply).
+pub const KV_QUEUE_MAX: usize = 4096;
+
+/// Most requests in one group commit (one fsync).
+pub const GROUP_COMMIT_MAX: usize = 256;
 
 /// How often the kv-ack-before-sync canary fsyncs what it acknowledged.
 const CANARY_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -65,11 +79,78 @@ pub async fn run(cfg: KvConfig) -> anyhow::Result<()> {
             }
         });
     }
+    let (queue, rx) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(KV_QUEUE_MAX);
+    tokio::spawn(committer(store, rx, cfg.metrics.clone()));
     tracing::info!(listen = %cfg.listen, "kv node up");
     let handler: rpc::Handler = Arc::new(move |req| {
-        let store = store.clone();
-        async move { store.apply(req) }.boxed()
+        let queue = queue.clone();
+        async move {
+            let (tx, rx) = oneshot::channel();
+            if queue.send((req, tx)).await.is_err() {
+                return stopped();
+            }
+            rx.await.unwrap_or_else(|_| stopped())
+        }
+        .boxed()
     });
     rpc::serve(cfg.listen, handler).await?;
     Ok(())
+}
+
+fn stopped() -> Response {
+    Response::Error {
+        code: ErrorCode::Unavailable,
+        detail: "kv committer stopped".into(),
+    }
+}
+
+/// Takes batches off the queue, applies each with one fsync, then answers it.
+async fn committer(
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<(Request, oneshot::Sender<Response>)>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut reqs = vec![first.0];
+        let mut replies = vec![first.1];
+        while reqs.len() < GROUP_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok((req, reply)) => {
+                    reqs.push(req);
+                    replies.push(reply);
+                }
+                Err(_) => break,
+            }
+        }
+        for r in &reqs {
+            let op: &'static str = r.into();
+            metrics.kv_requests.get_or_create(&OpLabel { op }).inc();
+        }
+        metrics.kv_batch_requests.observe(reqs.len() as f64);
+        let syncs_before = store.syncs();
+        let batch_store = store.clone();
+        let answers = blocking(move || batch_store.apply_batch(reqs)).await;
+        metrics
+            .kv_fsyncs
+            .inc_by(store.syncs().saturating_sub(syncs_before));
+        for (answer, reply) in answers.into_iter().zip(replies) {
+            // A caller that gave up is gone; its write stays (it retries idempotently).
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// Runs storage work (fsync blocks) off the async workers; inline in the simulation, where
+/// the disk is memory and there are no threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    #[cfg(not(madsim))]
+    {
+        tokio::task::spawn_blocking(f)
+            .await
+            .expect("kv storage work panicked")
+    }
+    #[cfg(madsim)]
+    {
+        f()
+    }
 }

@@ -1,8 +1,10 @@
 //! The kv store proper: typed operations over redb tables, each one transaction.
 //!
 //! I/O-free apart from the storage backend: [`Store::apply`] takes a [`Request`] and returns the
-//! [`Response`]; the server shell only moves frames. Every write commits with
-//! `Durability::Immediate` before it is answered, so an answered write survives a crash.
+//! [`Response`]; the server shell only moves frames. Writes are group-committed:
+//! [`Store::apply_batch`] runs each request in its own non-durable transaction, then makes the
+//! whole batch durable with one fsync before any answer leaves, so an answered write survives
+//! a crash and throughput is not bound by one fsync per write. [`Store::apply`] is a batch of one.
 //!
 //! Atomic server-side operations (like Redis commands) keep invariants in one place:
 //! `Append` checks membership, size and dedup, refuses an id not above the channel's last one,
@@ -64,12 +66,15 @@ fn refuse(code: ErrorCode, detail: impl Into<String>) -> Response {
 /// One shard's database.
 pub struct Store {
     db: Database,
-    /// Commit with fsync (always, except under the kv-ack-before-sync canary).
+    /// Each batch fsyncs before it is answered (always, except under the kv-ack-before-sync
+    /// canary).
     durable: bool,
     /// Requests served (`KvStats` itself not counted).
     requests: AtomicU64,
-    /// Write transactions begun by requests (each commit an fsync when durable).
+    /// Write transactions begun by requests.
     writes: AtomicU64,
+    /// Durable commits (fsyncs) that made batches of writes durable.
+    syncs: AtomicU64,
     /// Per operation: (requests, write transactions). A std mutex: short, synchronous updates.
     by_op: std::sync::Mutex<BTreeMap<&'static str, (u64, u64)>>,
 }
@@ -95,6 +100,7 @@ impl Store {
             durable: true,
             requests: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
             by_op: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
@@ -110,11 +116,43 @@ impl Store {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         txn.commit()?;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Executes one request. Storage failures answer `unavailable` (the caller may retry).
+    /// Durable commits (fsyncs) so far: each made one batch of writes durable.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Executes one request and makes its writes durable before returning.
     pub fn apply(&self, req: Request) -> Response {
+        self.apply_batch(vec![req])
+            .pop()
+            .expect("one answer per request")
+    }
+
+    /// Executes requests in order, each in its own transaction, then makes all their writes
+    /// durable with one fsync (group commit). Answers come back in request order and must not
+    /// be sent before this returns: until then the writes may be lost in a crash, and so may
+    /// what reads in the batch saw. If the fsync fails, every answer becomes `unavailable`
+    /// (nothing is acknowledged that may not be on disk; the callers retry).
+    pub fn apply_batch(&self, reqs: Vec<Request>) -> Vec<Response> {
+        let writes_before = self.writes.load(Ordering::Relaxed);
+        let mut out: Vec<Response> = reqs.into_iter().map(|r| self.apply_one(r)).collect();
+        if self.durable && self.writes.load(Ordering::Relaxed) != writes_before {
+            if let Err(e) = self.sync() {
+                let detail = format!("storage: fsync failed: {e}");
+                for r in &mut out {
+                    *r = refuse(ErrorCode::Unavailable, detail.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Executes one request (non-durably). Storage failures answer `unavailable`.
+    fn apply_one(&self, req: Request) -> Response {
         let by_op = || self.by_op.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(req, Request::KvStats) {
             return Response::KvStats {
@@ -253,11 +291,8 @@ impl Store {
     fn begin_write(&self) -> R<redb::WriteTransaction> {
         self.writes.fetch_add(1, Ordering::Relaxed);
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(if self.durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })?;
+        // Made durable by the batch's fsync (`apply_batch`).
+        txn.set_durability(Durability::None)?;
         Ok(txn)
     }
 
