@@ -14,6 +14,7 @@
 //! | [`presence`] | heartbeats, timeouts, fanout to friends |
 //! | [`push`] | notifications through a `PushProvider` |
 //! | [`client`] | what a device runs |
+//! | `deploy` | the real deployment: config file, roles from it, the local-cluster supervisor |
 
 pub mod api;
 pub mod auth;
@@ -22,10 +23,13 @@ pub mod chat;
 pub mod client;
 pub mod clock;
 pub mod cluster;
+#[cfg(not(madsim))]
+pub mod deploy;
 pub mod discovery;
 pub mod idgen;
 pub mod kv;
 pub mod limits;
+pub mod metrics;
 pub mod net;
 pub mod presence;
 pub mod proto;

@@ -62,9 +62,11 @@ pub async fn connect(addr: SocketAddr) -> io::Result<Stream> {
     Ok(Stream::new(TcpStream::connect(addr).await?))
 }
 
-/// Binds a listener on `addr`.
+/// Binds a listener on `addr`; the error names the address.
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))
 }
 
 impl AsyncRead for Stream {

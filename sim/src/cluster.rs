@@ -131,6 +131,7 @@ impl Cluster {
                     listen,
                     storage: nodes::kv::server::Storage::Sim(disk.clone()),
                     canaries: canaries.clone(),
+                    metrics: nodes::metrics::Metrics::new(),
                 })
             });
         }
@@ -152,6 +153,7 @@ impl Cluster {
                     worker: i as u16 + 1,
                     clock: clock.clone(),
                     peers: pf(),
+                    metrics: nodes::metrics::Metrics::new(),
                 })
             });
         }
@@ -162,6 +164,7 @@ impl Cluster {
                 nodes::presence::server::run(nodes::presence::server::PresenceConfig {
                     listen,
                     peers: pf(),
+                    metrics: nodes::metrics::Metrics::new(),
                 })
             }
         });
@@ -173,6 +176,7 @@ impl Cluster {
                     listen,
                     peers: pf(),
                     provider: push.clone(),
+                    metrics: nodes::metrics::Metrics::new(),
                 })
             }
         });
@@ -188,6 +192,7 @@ impl Cluster {
                     rpc_advertise: sa(chat_ip, RPC_PORT).to_string(),
                     peers: pf(),
                     token_key: token_key(),
+                    metrics: nodes::metrics::Metrics::new(),
                 })
             });
         }
@@ -199,6 +204,7 @@ impl Cluster {
                     listen,
                     peers: pf(),
                     token_key: token_key(),
+                    metrics: nodes::metrics::Metrics::new(),
                 })
             });
         }

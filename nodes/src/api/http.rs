@@ -10,6 +10,7 @@ use hyper_util::service::TowerToHyperService;
 use super::routes::{router, ApiState};
 use crate::auth::TokenKey;
 use crate::cluster::Peers;
+use crate::metrics::{self, Metrics};
 use crate::net::{self, SimTimer, Stream};
 
 #[derive(Clone)]
@@ -17,6 +18,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     pub peers: Arc<Peers>,
     pub token_key: TokenKey,
+    /// Served at `/metrics` beside the api (all-in-one passes the process's shared one).
+    pub metrics: Arc<Metrics>,
 }
 
 /// A client that has not sent its request headers within this time is disconnected.
@@ -27,8 +30,19 @@ pub async fn run(cfg: ApiConfig) -> anyhow::Result<()> {
     let app = router(Arc::new(ApiState {
         peers: cfg.peers.clone(),
         token_key: cfg.token_key.clone(),
-    }));
+        metrics: cfg.metrics.clone(),
+    }))
+    .merge(metrics::routes(cfg.metrics.clone(), metrics::alive()));
     tracing::info!(listen = %cfg.listen, "api node up");
+    serve_router(listener, app, HEADER_READ_TIMEOUT).await
+}
+
+/// Serves `app` on every connection `listener` accepts (HTTP/1.1), until the process ends.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+) -> anyhow::Result<()> {
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(x) => x,
@@ -42,7 +56,7 @@ pub async fn run(cfg: ApiConfig) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(SimTimer)
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(Stream::new(tcp)), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "http connection ended with an error");

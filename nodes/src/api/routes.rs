@@ -16,6 +16,7 @@ use crate::auth::{hash_password, Claims, TokenKey};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
 use crate::limits::{GROUP_MEMBERS_MAX, SYNC_PAGE_MAX, TOKEN_TTL_MS};
+use crate::metrics::Metrics;
 use crate::proto::client::*;
 use crate::proto::internal::{ChannelKind, ChannelRecord, Request, Response, UserRecord};
 use crate::proto::Id;
@@ -24,6 +25,7 @@ use crate::rpc::{RpcClient, RpcError};
 pub struct ApiState {
     pub peers: Arc<Peers>,
     pub token_key: TokenKey,
+    pub metrics: Arc<Metrics>,
 }
 
 type S = State<Arc<ApiState>>;
@@ -38,7 +40,10 @@ impl IntoResponse for ApiError {
             error: self.1,
             detail: self.2,
         };
-        (self.0, Json(body)).into_response()
+        let mut resp = (self.0, Json(body)).into_response();
+        // Read back by the error-counting layer of `router`.
+        resp.extensions_mut().insert(self.1);
+        resp
     }
 }
 
@@ -71,8 +76,8 @@ fn refuse(code: ErrorCode, detail: impl Into<String>) -> ApiError {
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
 pub fn router(state: Arc<ApiState>) -> Router {
+    let metrics = state.metrics.clone();
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
         .route("/v1/signup", post(signup))
         .route("/v1/login", post(login))
         .route("/v1/me", get(me))
@@ -83,6 +88,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/channels/{channel}/messages", get(history))
         .route("/v1/chat-server", get(chat_server))
         .with_state(state)
+        .layer(axum::middleware::map_response(move |resp: HttpResponse| {
+            let metrics = metrics.clone();
+            async move {
+                if let Some(code) = resp.extensions().get::<ErrorCode>() {
+                    metrics.count_error(*code);
+                }
+                resp
+            }
+        }))
 }
 
 /// Parses a JSON body with our own error code (axum's rejection is plain text).

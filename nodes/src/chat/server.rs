@@ -14,6 +14,7 @@ use crate::auth::TokenKey;
 use crate::canary::Canary;
 use crate::cluster::Peers;
 use crate::limits::{DISCOVERY_LEASE_MS, DISCOVERY_RENEW_MS, SESSION_OUTBOX_MAX};
+use crate::metrics::Metrics;
 use crate::net::{self, Stream};
 use crate::proto::client::{ErrorCode, PresenceStatus, ServerFrame};
 use crate::proto::internal::{ChatServerInfo, Request, Response};
@@ -30,6 +31,7 @@ pub struct ChatConfig {
     pub rpc_advertise: String,
     pub peers: Arc<Peers>,
     pub token_key: TokenKey,
+    pub metrics: Arc<Metrics>,
 }
 
 /// What a session's writer task is asked to do.
@@ -143,6 +145,7 @@ impl ChatState {
     }
 
     pub fn count_error(&self, code: ErrorCode) {
+        self.cfg.metrics.count_error(code);
         *self
             .errors
             .lock()
@@ -212,9 +215,22 @@ impl ChatState {
             devices.iter().filter_map(|d| s.get(d).cloned()).collect()
         };
         let mut n = 0;
+        // Live deliveries: age of the message (its id's timestamp) when queued.
+        let age_s = match frame {
+            ServerFrame::Message(m) => {
+                let (at_ms, _, _) = crate::idgen::decode(m.message_id);
+                Some(crate::clock::unix_ms().saturating_sub(at_ms) as f64 / 1000.0)
+            }
+            _ => None,
+        };
         for h in targets {
             match h.tx.try_send(Outbound::Frame(frame.clone())) {
-                Ok(()) => n += 1,
+                Ok(()) => {
+                    n += 1;
+                    if let Some(age) = age_s {
+                        self.cfg.metrics.send_to_deliver.observe(age);
+                    }
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!(user = h.user, "session outbox full; disconnecting");
                     self.detach_all_of(&h);

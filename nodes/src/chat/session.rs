@@ -64,6 +64,17 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
         Ok(Ok(ws)) => ws,
         _ => return,
     };
+    let metrics = state.cfg.metrics.clone();
+    metrics.ws_accepted.inc();
+    metrics.ws_connections.inc();
+    // Decrements on every way out of this function.
+    struct Open(Arc<crate::metrics::Metrics>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.ws_connections.dec();
+        }
+    }
+    let _open = Open(metrics);
     let (sink, mut frames) = ws.split();
     let (tx, rx) = mpsc::channel::<Outbound>(SESSION_OUTBOX_MAX);
     let closer = Closer::new();
@@ -116,8 +127,12 @@ async fn write_loop(
             Outbound::Frame(f) => (f, false),
             Outbound::Close(code, detail) => (ServerFrame::error(code, detail), true),
         };
-        if let ServerFrame::Error { code, .. } = &frame {
-            state.count_error(*code);
+        match &frame {
+            ServerFrame::Error { code, .. } => state.count_error(*code),
+            ServerFrame::Message(_) => {
+                state.cfg.metrics.messages_out.inc();
+            }
+            _ => {}
         }
         let text = serde_json::to_string(&frame).expect("server frames serialize");
         if sink.send(Message::text(text)).await.is_err() {
@@ -399,6 +414,7 @@ impl Session {
             text,
         };
         let peers = self.state.peers();
+        let started = tokio::time::Instant::now();
         let result = if peers.canaries.is_on(Canary::AckBeforePersist) {
             commit_write_behind(peers, req).await
         } else {
@@ -413,6 +429,9 @@ impl Session {
                     seq: c.message.seq,
                 })
                 .await;
+                let m = &self.state.cfg.metrics;
+                m.messages_in.inc();
+                m.send_to_ack.observe(started.elapsed().as_secs_f64());
                 // A retry of a committed message is fanned out again: the first fanout may
                 // have died with its server. Devices drop what they already have.
                 tokio::spawn(fanout(self.state.clone(), c));

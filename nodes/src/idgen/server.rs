@@ -14,6 +14,7 @@ use super::Snowflake;
 use crate::canary::Canary;
 use crate::clock::Clock;
 use crate::cluster::Peers;
+use crate::metrics::Metrics;
 use crate::proto::client::ErrorCode;
 use crate::proto::internal::{Request, Response};
 use crate::rpc;
@@ -24,6 +25,7 @@ pub struct IdgenConfig {
     pub clock: Arc<dyn Clock>,
     /// For the time lease in kv.
     pub peers: Arc<Peers>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// How far ahead of the last issued id (or the clock) time is leased.
@@ -45,6 +47,7 @@ pub async fn run(cfg: IdgenConfig) -> anyhow::Result<()> {
         gen.clone(),
     ));
     let clock = cfg.clock.clone();
+    let metrics = cfg.metrics.clone();
     tracing::info!(listen = %cfg.listen, worker = cfg.worker, "idgen node up");
     let handler: rpc::Handler = Arc::new(move |req| {
         let resp = match req {
@@ -52,7 +55,10 @@ pub async fn run(cfg: IdgenConfig) -> anyhow::Result<()> {
                 let now = clock.now_ms();
                 let mut g = gen.lock().unwrap_or_else(|p| p.into_inner());
                 match g.try_next(now, after) {
-                    Some(id) => Response::Id(id),
+                    Some(id) => {
+                        metrics.ids_issued.inc();
+                        Response::Id(id)
+                    }
                     None => Response::Error {
                         code: ErrorCode::Unavailable,
                         detail: "idgen time lease not held yet".into(),

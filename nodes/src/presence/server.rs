@@ -14,6 +14,7 @@ use super::{Change, Presence};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
 use crate::limits::DISCOVERY_LEASE_MS;
+use crate::metrics::{Metrics, StateLabel};
 use crate::proto::client::{ErrorCode, PresenceStatus};
 use crate::proto::internal::{ChatServerInfo, Request, Response};
 use crate::proto::Id;
@@ -22,6 +23,7 @@ use crate::rpc;
 pub struct PresenceConfig {
     pub listen: SocketAddr,
     pub peers: Arc<Peers>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// How often silent devices are expired.
@@ -50,7 +52,7 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
     let peers = cfg.peers.clone();
     let subs: Subscribers = Arc::new(Mutex::new(BTreeMap::new()));
     let (tx, rx) = tokio::sync::mpsc::channel::<Change>(PUBLISH_QUEUE_MAX);
-    tokio::spawn(publisher(rx, peers.clone()));
+    tokio::spawn(publisher(rx, peers.clone(), cfg.metrics.clone()));
     tokio::spawn(tick_loop(
         state.clone(),
         peers.clone(),
@@ -172,10 +174,22 @@ async fn tick_loop(
 
 /// Publishes changes concurrently, at most `PUBLISH_IN_FLIGHT_MAX` at once. Order between
 /// publishes does not matter: each change carries a version and devices keep the highest.
-async fn publisher(mut rx: tokio::sync::mpsc::Receiver<Change>, peers: Arc<Peers>) {
+async fn publisher(
+    mut rx: tokio::sync::mpsc::Receiver<Change>,
+    peers: Arc<Peers>,
+    metrics: Arc<Metrics>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(PUBLISH_IN_FLIGHT_MAX));
     let friends: FriendCache = Arc::default();
     while let Some(c) = rx.recv().await {
+        let state = match c.status {
+            PresenceStatus::Online => "online",
+            PresenceStatus::Offline => "offline",
+        };
+        metrics
+            .presence_changes
+            .get_or_create(&StateLabel { state })
+            .inc();
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return; // The semaphore is never closed.
         };

@@ -8,6 +8,7 @@ use futures::FutureExt;
 use super::{Notification, PushProvider, PREVIEW_CHARS_MAX};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
+use crate::metrics::{Metrics, OutcomeLabel};
 use crate::proto::client::{ChatMessage, ErrorCode};
 use crate::proto::internal::{Request, Response};
 use crate::proto::Id;
@@ -17,13 +18,46 @@ pub struct PushConfig {
     pub listen: SocketAddr,
     pub peers: Arc<Peers>,
     pub provider: Arc<dyn PushProvider>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Counts each notification's outcome, then passes it on.
+struct Counted {
+    inner: Arc<dyn PushProvider>,
+    metrics: Arc<Metrics>,
+}
+
+impl PushProvider for Counted {
+    fn notify(
+        &self,
+        n: super::Notification,
+    ) -> futures::future::BoxFuture<'static, Result<(), super::PushError>> {
+        let sent = self.inner.notify(n);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let r = sent.await;
+            let outcome = match &r {
+                Ok(()) => "sent",
+                Err(super::PushError::Refused(_)) => "refused",
+                Err(super::PushError::Unreachable(_)) => "unreachable",
+            };
+            metrics
+                .pushes
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc();
+            r
+        })
+    }
 }
 
 pub async fn run(cfg: PushConfig) -> anyhow::Result<()> {
     tracing::info!(listen = %cfg.listen, "push node up");
     let claims = Arc::new(ClaimIds::new());
     let peers = cfg.peers.clone();
-    let provider = cfg.provider.clone();
+    let provider: Arc<dyn PushProvider> = Arc::new(Counted {
+        inner: cfg.provider.clone(),
+        metrics: cfg.metrics.clone(),
+    });
     let handler: crate::rpc::Handler = Arc::new(move |req| {
         let peers = peers.clone();
         let provider = provider.clone();

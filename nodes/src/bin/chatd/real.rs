@@ -1,0 +1,216 @@
+//! The real `chatd` (see main.rs).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use nodes::deploy::config::ClusterSizes;
+use nodes::deploy::{self, Config, Role, Shared};
+
+#[derive(Debug, Parser)]
+#[command(name = "chatd", version, about = "chatsim nodes, for real")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Every role in one process; kv on redb files under the data directory.
+    AllInOne(AllInOne),
+    /// One process per node on loopback addresses (127.0.r.i), supervised.
+    LocalCluster(LocalCluster),
+    /// Prints a config file: the all-in-one layout, or a loopback cluster's with --cluster.
+    PrintConfig(PrintConfig),
+    /// The discovery node of a config.
+    Discovery(RoleArgs),
+    /// A kv shard (redb file) of a config.
+    Kv(RoleArgs),
+    /// An id generator of a config.
+    Idgen(RoleArgs),
+    /// The presence node of a config.
+    Presence(RoleArgs),
+    /// The push node of a config.
+    Push(RoleArgs),
+    /// A WebSocket chat server of a config.
+    Chat(RoleArgs),
+    /// An api node (HTTP, browser page, /metrics) of a config.
+    Api(RoleArgs),
+}
+
+#[derive(Debug, Args)]
+struct AllInOne {
+    /// A config file; without one, the single-host layout below.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory for the redb files and the token secret (overrides the config's).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The api's HTTP address (without --config).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Loopback port plan (without --config): discovery BASE, idgen +1, presence +2, push +3,
+    /// chat WebSocket +4, chat RPC +5, kv shard i at +9+i.
+    #[arg(long, default_value_t = 7100)]
+    base_port: u16,
+    /// kv shards (without --config; one redb file each). Must not change for existing data.
+    #[arg(long, default_value_t = 2)]
+    kv_shards: u16,
+}
+
+#[derive(Debug, Args)]
+struct LocalCluster {
+    /// Directory for the config, redb files, logs and pid files.
+    #[arg(long, default_value = "chatsim-cluster")]
+    data: PathBuf,
+    /// The first api node's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    #[arg(long, default_value_t = 3)]
+    chat: u16,
+    /// kv shards. Must not change for existing data.
+    #[arg(long, default_value_t = 3)]
+    kv: u16,
+    #[arg(long, default_value_t = 2)]
+    idgen: u16,
+    #[arg(long, default_value_t = 1)]
+    api: u16,
+    /// Use this config instead of generating one (its addresses should be on this machine).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct PrintConfig {
+    /// A loopback cluster's layout (like local-cluster) instead of the all-in-one one.
+    #[arg(long)]
+    cluster: bool,
+    #[arg(long, default_value = "chatsim-data")]
+    data: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct RoleArgs {
+    /// The cluster's config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Which node of the role (its position in the config's list).
+    #[arg(long, default_value_t = 0)]
+    index: usize,
+}
+
+pub fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    let role = |r: Role, a: RoleArgs| rt.block_on(one_role(r, a));
+    match cli.cmd {
+        Cmd::AllInOne(a) => rt.block_on(all_in_one(a)),
+        Cmd::LocalCluster(a) => rt.block_on(local_cluster(a)),
+        Cmd::PrintConfig(a) => {
+            let cfg = if a.cluster {
+                Config::loopback_cluster(a.data, "127.0.0.1:8080".parse()?, &default_sizes())?
+            } else {
+                Config::single_host(a.data, "127.0.0.1:8080".parse()?, 7100, 2)
+            };
+            print!("{}", cfg.to_toml());
+            Ok(())
+        }
+        Cmd::Discovery(a) => role(Role::Discovery, a),
+        Cmd::Kv(a) => role(Role::Kv, a),
+        Cmd::Idgen(a) => role(Role::Idgen, a),
+        Cmd::Presence(a) => role(Role::Presence, a),
+        Cmd::Push(a) => role(Role::Push, a),
+        Cmd::Chat(a) => role(Role::Chat, a),
+        Cmd::Api(a) => role(Role::Api, a),
+    }
+}
+
+fn default_sizes() -> ClusterSizes {
+    ClusterSizes {
+        kv: 3,
+        idgen: 2,
+        chat: 3,
+        api: 1,
+    }
+}
+
+fn push_provider(_cfg: &Config) -> Arc<dyn nodes::push::PushProvider> {
+    Arc::new(nodes::push::LogProvider)
+}
+
+async fn all_in_one(a: AllInOne) -> anyhow::Result<()> {
+    let mut cfg = match &a.config {
+        Some(path) => Config::load(path)?,
+        None => Config::single_host(
+            PathBuf::from("chatsim-data"),
+            a.http,
+            a.base_port,
+            a.kv_shards,
+        ),
+    };
+    if let Some(d) = a.data {
+        cfg.data = d;
+    }
+    cfg.validate()?;
+    let shared = Shared::new(&cfg, push_provider(&cfg))?;
+    let tasks = deploy::start_all(&cfg, &shared)?;
+    tracing::info!(
+        http = %cfg.api[0].listen,
+        data = %cfg.data.display(),
+        "chatd all-in-one running: open http://{}/",
+        cfg.api[0].listen
+    );
+    deploy::run_until_one_ends(tasks).await
+}
+
+async fn one_role(role: Role, a: RoleArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&a.config)?;
+    std::fs::create_dir_all(&cfg.data).with_context(|| format!("create {}", cfg.data.display()))?;
+    let shared = Shared::new(&cfg, push_provider(&cfg))?;
+    let tasks = deploy::start(&cfg, role, a.index, &shared, true)?;
+    tracing::info!(role = role.name(), index = a.index, "chatd node running");
+    deploy::run_until_one_ends(tasks).await
+}
+
+async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.data).with_context(|| format!("create {}", a.data.display()))?;
+    let data = std::fs::canonicalize(&a.data)?;
+    let (cfg, path) = match a.config {
+        Some(path) => (Config::load(&path)?, std::fs::canonicalize(path)?),
+        None => {
+            let sizes = ClusterSizes {
+                kv: a.kv,
+                idgen: a.idgen,
+                chat: a.chat,
+                api: a.api,
+            };
+            let cfg = Config::loopback_cluster(data.clone(), a.http, &sizes)?;
+            let path = data.join("cluster.toml");
+            std::fs::write(&path, cfg.to_toml())
+                .with_context(|| format!("write {}", path.display()))?;
+            (cfg, path)
+        }
+    };
+    // Created once here, so that nodes starting at the same moment share it.
+    cfg.token_secret()?;
+    let exe = std::env::current_exe().context("find the chatd binary")?;
+    tracing::info!(
+        config = %path.display(),
+        logs = %cfg.data.join("logs").display(),
+        "local cluster: open http://{}/",
+        cfg.api[0].listen
+    );
+    nodes::deploy::supervisor::Supervisor::new(exe, path, &cfg)
+        .run()
+        .await
+}

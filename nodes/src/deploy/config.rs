@@ -1,0 +1,469 @@
+//! The real deployment's config file (TOML): every node's addresses, the data directory, the
+//! token secret and the deployment's knobs. One file describes a whole cluster; each process
+//! is told which node it is (`chatd kv --index 1`). Defaults work on one machine.
+//!
+//! ```toml
+//! data = "chatsim-data"              # redb files and the token secret live here
+//! # token_secret = "hex..."          # or: token_secret_file = "path"; default <data>/token.secret
+//!
+//! [discovery]
+//! listen = "127.0.0.1:7100"
+//! admin = "127.0.0.1:9100"           # /metrics and /healthz (optional on every node)
+//!
+//! [presence]
+//! listen = "127.0.0.1:7102"
+//!
+//! [push]
+//! listen = "127.0.0.1:7103"
+//!
+//! [[kv]]
+//! listen = "127.0.0.1:7109"
+//! file = "kv-0.redb"                 # relative to data
+//!
+//! [[idgen]]
+//! listen = "127.0.0.1:7101"
+//! worker = 1                         # distinct per idgen node, 1..=1023
+//!
+//! [[chat]]
+//! ws_listen = "127.0.0.1:7104"
+//! rpc_listen = "127.0.0.1:7105"
+//! # ws_advertise / rpc_advertise: what clients and peers dial (default: the listen address)
+//!
+//! [[api]]
+//! listen = "127.0.0.1:8080"          # the api, the browser page, /metrics and /healthz
+//! ```
+//!
+//! Product limits (message size, group size, rates, timeouts) are protocol constants in
+//! [`crate::limits`], shared with clients and the simulation, not per-deployment settings.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::ClusterMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory of the redb files and the generated token secret.
+    #[serde(default = "default_data")]
+    pub data: PathBuf,
+    /// Hex secret that signs bearer tokens; every api and chat node needs the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<String>,
+    /// File holding the secret (created with a random one if absent). Default
+    /// `<data>/token.secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_file: Option<PathBuf>,
+    pub discovery: Node,
+    pub presence: Node,
+    pub push: Node,
+    pub kv: Vec<KvNode>,
+    pub idgen: Vec<IdgenNode>,
+    pub chat: Vec<ChatNode>,
+    pub api: Vec<ApiNode>,
+}
+
+/// A node with one RPC address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub listen: SocketAddr,
+    /// Where `/metrics` and `/healthz` are served; none if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvNode {
+    pub listen: SocketAddr,
+    /// The shard's redb file, relative to `data` unless absolute. It must keep its shard
+    /// index: the order of `[[kv]]` entries is the shard map.
+    pub file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdgenNode {
+    pub listen: SocketAddr,
+    /// Snowflake worker id, distinct per node (1..=1023).
+    pub worker: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatNode {
+    /// Device WebSockets.
+    pub ws_listen: SocketAddr,
+    /// Fanout and control from other nodes.
+    pub rpc_listen: SocketAddr,
+    /// What devices dial (`host:port`); default `ws_listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ws_advertise: Option<String>,
+    /// What peers dial; default `rpc_listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_advertise: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiNode {
+    /// HTTP: the api, the browser page, `/metrics` and `/healthz`.
+    pub listen: SocketAddr,
+}
+
+fn default_data() -> PathBuf {
+    PathBuf::from("chatsim-data")
+}
+
+/// Roles a process can run (`chatd <role> --index i`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Discovery,
+    Kv,
+    Idgen,
+    Presence,
+    Push,
+    Chat,
+    Api,
+}
+
+impl Role {
+    pub const ALL: [Role; 7] = [
+        Role::Discovery,
+        Role::Kv,
+        Role::Idgen,
+        Role::Presence,
+        Role::Push,
+        Role::Chat,
+        Role::Api,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Discovery => "discovery",
+            Role::Kv => "kv",
+            Role::Idgen => "idgen",
+            Role::Presence => "presence",
+            Role::Push => "push",
+            Role::Chat => "chat",
+            Role::Api => "api",
+        }
+    }
+}
+
+impl Config {
+    /// Everything on 127.0.0.1: discovery at `base`, idgen +1, presence +2, push +3, chat
+    /// WebSocket +4 and RPC +5, kv shard i at +9+i; the api on `http`.
+    pub fn single_host(data: PathBuf, http: SocketAddr, base: u16, kv_shards: u16) -> Config {
+        let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        Config {
+            data,
+            token_secret: None,
+            token_secret_file: None,
+            discovery: Node {
+                listen: at(base),
+                admin: None,
+            },
+            presence: Node {
+                listen: at(base + 2),
+                admin: None,
+            },
+            push: Node {
+                listen: at(base + 3),
+                admin: None,
+            },
+            kv: (0..kv_shards.max(1))
+                .map(|i| KvNode {
+                    listen: at(base + 9 + i),
+                    file: PathBuf::from(format!("kv-{i}.redb")),
+                    admin: None,
+                })
+                .collect(),
+            idgen: vec![IdgenNode {
+                listen: at(base + 1),
+                worker: 1,
+                admin: None,
+            }],
+            chat: vec![ChatNode {
+                ws_listen: at(base + 4),
+                rpc_listen: at(base + 5),
+                ws_advertise: None,
+                rpc_advertise: None,
+                admin: None,
+            }],
+            api: vec![ApiNode { listen: http }],
+        }
+    }
+
+    /// One loopback address per node (Linux routes all of 127.0.0.0/8 to `lo`): role r's node
+    /// i is 127.0.r.(i+1), with RPC on 7000, WebSocket on 7001 and admin on 9000; the first
+    /// api node keeps `http` (default 127.0.0.1:8080), others are 127.0.7.(i+1):8080.
+    pub fn loopback_cluster(
+        data: PathBuf,
+        http: SocketAddr,
+        sizes: &ClusterSizes,
+    ) -> anyhow::Result<Config> {
+        if sizes.kv == 0 || sizes.idgen == 0 || sizes.chat == 0 || sizes.api == 0 {
+            bail!("a cluster needs at least one kv, idgen, chat and api node");
+        }
+        if sizes.kv.max(sizes.idgen).max(sizes.chat).max(sizes.api) > 250 {
+            bail!("at most 250 nodes of a role on loopback addresses");
+        }
+        let ip = |role: u8, i: u16| [127, 0, role, i as u8 + 1];
+        let sa = |role: u8, i: u16, port: u16| SocketAddr::from((ip(role, i), port));
+        Ok(Config {
+            data,
+            token_secret: None,
+            token_secret_file: None,
+            discovery: Node {
+                listen: sa(1, 0, 7000),
+                admin: Some(sa(1, 0, 9000)),
+            },
+            presence: Node {
+                listen: sa(2, 0, 7000),
+                admin: Some(sa(2, 0, 9000)),
+            },
+            push: Node {
+                listen: sa(3, 0, 7000),
+                admin: Some(sa(3, 0, 9000)),
+            },
+            kv: (0..sizes.kv)
+                .map(|i| KvNode {
+                    listen: sa(4, i, 7000),
+                    file: PathBuf::from(format!("kv-{i}.redb")),
+                    admin: Some(sa(4, i, 9000)),
+                })
+                .collect(),
+            idgen: (0..sizes.idgen)
+                .map(|i| IdgenNode {
+                    listen: sa(5, i, 7000),
+                    worker: i + 1,
+                    admin: Some(sa(5, i, 9000)),
+                })
+                .collect(),
+            chat: (0..sizes.chat)
+                .map(|i| ChatNode {
+                    ws_listen: sa(6, i, 7001),
+                    rpc_listen: sa(6, i, 7000),
+                    ws_advertise: None,
+                    rpc_advertise: None,
+                    admin: Some(sa(6, i, 9000)),
+                })
+                .collect(),
+            api: (0..sizes.api)
+                .map(|i| ApiNode {
+                    listen: if i == 0 { http } else { sa(7, i, 8080) },
+                })
+                .collect(),
+        })
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("check {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configs serialize")
+    }
+
+    /// Refuses configs that cannot run: missing roles, duplicate addresses or worker ids.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.kv.is_empty()
+            || self.idgen.is_empty()
+            || self.chat.is_empty()
+            || self.api.is_empty()
+        {
+            bail!("a cluster needs at least one [[kv]], [[idgen]], [[chat]] and [[api]]");
+        }
+        let mut seen = std::collections::BTreeMap::new();
+        for (name, addr) in self.listen_addrs() {
+            if let Some(other) = seen.insert(addr, name.clone()) {
+                bail!("{name} and {other} both listen on {addr}");
+            }
+        }
+        let mut workers = std::collections::BTreeSet::new();
+        for n in &self.idgen {
+            if n.worker == 0 || n.worker > crate::idgen::WORKER_MAX {
+                bail!(
+                    "idgen worker {} out of range 1..={}",
+                    n.worker,
+                    crate::idgen::WORKER_MAX
+                );
+            }
+            if !workers.insert(n.worker) {
+                bail!("idgen worker {} is used twice", n.worker);
+            }
+        }
+        if let Some(s) = &self.token_secret {
+            if s.len() < 32 {
+                bail!("token_secret must be at least 32 characters");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every (node name, address) that is bound, for conflict checks.
+    fn listen_addrs(&self) -> Vec<(String, SocketAddr)> {
+        let mut v = Vec::new();
+        let mut node = |name: String, listen: SocketAddr, admin: Option<SocketAddr>| {
+            v.push((name.clone(), listen));
+            if let Some(a) = admin {
+                v.push((format!("{name} admin"), a));
+            }
+        };
+        node(
+            "discovery".into(),
+            self.discovery.listen,
+            self.discovery.admin,
+        );
+        node("presence".into(), self.presence.listen, self.presence.admin);
+        node("push".into(), self.push.listen, self.push.admin);
+        for (i, n) in self.kv.iter().enumerate() {
+            node(format!("kv-{i}"), n.listen, n.admin);
+        }
+        for (i, n) in self.idgen.iter().enumerate() {
+            node(format!("idgen-{i}"), n.listen, n.admin);
+        }
+        for (i, n) in self.chat.iter().enumerate() {
+            node(format!("chat-{i} ws"), n.ws_listen, n.admin);
+            node(format!("chat-{i} rpc"), n.rpc_listen, None);
+        }
+        for (i, n) in self.api.iter().enumerate() {
+            node(format!("api-{i}"), n.listen, None);
+        }
+        v
+    }
+
+    /// How many nodes of `role` the config has.
+    pub fn count(&self, role: Role) -> usize {
+        match role {
+            Role::Discovery | Role::Presence | Role::Push => 1,
+            Role::Kv => self.kv.len(),
+            Role::Idgen => self.idgen.len(),
+            Role::Chat => self.chat.len(),
+            Role::Api => self.api.len(),
+        }
+    }
+
+    /// The static addresses every node needs to reach the others.
+    pub fn cluster_map(&self) -> ClusterMap {
+        ClusterMap {
+            discovery: self.discovery.listen,
+            kv: self.kv.iter().map(|n| n.listen).collect(),
+            idgen: self.idgen.iter().map(|n| n.listen).collect(),
+            presence: self.presence.listen,
+            push: self.push.listen,
+        }
+    }
+
+    /// A kv shard's file: absolute, or under `data`.
+    pub fn kv_file(&self, index: usize) -> PathBuf {
+        let f = &self.kv[index].file;
+        if f.is_absolute() {
+            f.clone()
+        } else {
+            self.data.join(f)
+        }
+    }
+
+    /// The token secret: inline, or read from its file (created with 32 random bytes, hex,
+    /// on first start).
+    pub fn token_secret(&self) -> anyhow::Result<Vec<u8>> {
+        if let Some(s) = &self.token_secret {
+            return Ok(s.clone().into_bytes());
+        }
+        let path = self
+            .token_secret_file
+            .clone()
+            .unwrap_or_else(|| self.data.join("token.secret"));
+        if let Ok(s) = std::fs::read(&path) {
+            return Ok(s);
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        use rand::RngCore;
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        let hexed = hex::encode(key).into_bytes();
+        // Written to a temporary file and renamed, so two nodes starting at once agree.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &hexed).with_context(|| format!("write {}", tmp.display()))?;
+        if std::fs::hard_link(&tmp, &path).is_err() {
+            // Someone else created it first: use theirs.
+            let _ = std::fs::remove_file(&tmp);
+            return std::fs::read(&path).with_context(|| format!("read {}", path.display()));
+        }
+        let _ = std::fs::remove_file(&tmp);
+        Ok(hexed)
+    }
+}
+
+/// Node counts of a loopback cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterSizes {
+    pub kv: u16,
+    pub idgen: u16,
+    pub chat: u16,
+    pub api: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_configs_round_trip_and_validate() {
+        let sizes = ClusterSizes {
+            kv: 3,
+            idgen: 2,
+            chat: 3,
+            api: 2,
+        };
+        let c = Config::loopback_cluster("d".into(), "127.0.0.1:8080".parse().unwrap(), &sizes)
+            .unwrap();
+        c.validate().unwrap();
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(c.cluster_map().kv.len(), 3);
+        assert_eq!(c.chat[2].ws_listen.to_string(), "127.0.6.3:7001");
+        let one = Config::single_host("d".into(), "127.0.0.1:8080".parse().unwrap(), 7100, 2);
+        one.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_reason() {
+        let mut c = Config::single_host("d".into(), "127.0.0.1:8080".parse().unwrap(), 7100, 2);
+        c.kv[1].listen = c.kv[0].listen;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("kv-1 and kv-0 both listen on 127.0.0.1:7109"),
+            "{e}"
+        );
+        let mut c = Config::single_host("d".into(), "127.0.0.1:8080".parse().unwrap(), 7100, 1);
+        c.idgen.push(c.idgen[0].clone());
+        c.idgen[1].listen = "127.0.0.1:7200".parse().unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("worker 1 is used twice"), "{e}");
+        let e = toml::from_str::<Config>("data = 'x'\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+}

@@ -1,0 +1,177 @@
+//! The real deployment: the config file ([`config`]), starting roles from it ([`start`]), and
+//! the loopback cluster supervisor ([`supervisor`]). Real world only (processes and files).
+
+pub mod config;
+pub mod supervisor;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+
+use crate::auth::TokenKey;
+use crate::canary::Canaries;
+use crate::clock::SkewedClock;
+use crate::cluster::Peers;
+use crate::kv::server::{KvConfig, Storage};
+use crate::metrics::{self, Metrics};
+use crate::push::PushProvider;
+pub use config::{Config, Role};
+
+/// Key id of tokens signed with the configured secret.
+const TOKEN_KEY_ID: u32 = 1;
+
+/// What every role of a process shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub token_key: TokenKey,
+    pub push: Arc<dyn PushProvider>,
+}
+
+impl Shared {
+    pub fn new(cfg: &Config, push: Arc<dyn PushProvider>) -> anyhow::Result<Shared> {
+        Ok(Shared {
+            metrics: Metrics::new(),
+            token_key: TokenKey::new(TOKEN_KEY_ID, cfg.token_secret()?),
+            push,
+        })
+    }
+}
+
+type Task = JoinHandle<anyhow::Result<()>>;
+
+/// Starts node `index` of `role` as tasks of this process: the role, and its admin endpoint
+/// when `admin` is set and the config names one.
+pub fn start(
+    cfg: &Config,
+    role: Role,
+    index: usize,
+    shared: &Shared,
+    admin: bool,
+) -> anyhow::Result<Vec<Task>> {
+    let n = cfg.count(role);
+    if index >= n {
+        anyhow::bail!(
+            "{} has {n} node(s) in the config; no index {index}",
+            role.name()
+        );
+    }
+    let peers = || Peers::new(cfg.cluster_map(), Canaries::none());
+    let m = shared.metrics.clone();
+    let mut tasks: Vec<Task> = Vec::new();
+    let admin_addr = match role {
+        Role::Discovery => {
+            tasks.push(tokio::spawn(crate::discovery::server::run(
+                cfg.discovery.listen,
+            )));
+            cfg.discovery.admin
+        }
+        Role::Kv => {
+            let file = cfg.kv_file(index);
+            tasks.push(tokio::spawn(crate::kv::server::run(KvConfig {
+                listen: cfg.kv[index].listen,
+                storage: Storage::File(file),
+                canaries: Canaries::none(),
+                metrics: m,
+            })));
+            cfg.kv[index].admin
+        }
+        Role::Idgen => {
+            let node = &cfg.idgen[index];
+            tasks.push(tokio::spawn(crate::idgen::server::run(
+                crate::idgen::server::IdgenConfig {
+                    listen: node.listen,
+                    worker: node.worker,
+                    clock: SkewedClock::new(0),
+                    peers: peers(),
+                    metrics: m,
+                },
+            )));
+            node.admin
+        }
+        Role::Presence => {
+            tasks.push(tokio::spawn(crate::presence::server::run(
+                crate::presence::server::PresenceConfig {
+                    listen: cfg.presence.listen,
+                    peers: peers(),
+                    metrics: m,
+                },
+            )));
+            cfg.presence.admin
+        }
+        Role::Push => {
+            tasks.push(tokio::spawn(crate::push::server::run(
+                crate::push::server::PushConfig {
+                    listen: cfg.push.listen,
+                    peers: peers(),
+                    provider: shared.push.clone(),
+                    metrics: m,
+                },
+            )));
+            cfg.push.admin
+        }
+        Role::Chat => {
+            let node = &cfg.chat[index];
+            tasks.push(tokio::spawn(crate::chat::run(crate::chat::ChatConfig {
+                server: index as u32,
+                ws_listen: node.ws_listen,
+                rpc_listen: node.rpc_listen,
+                ws_advertise: node
+                    .ws_advertise
+                    .clone()
+                    .unwrap_or_else(|| node.ws_listen.to_string()),
+                rpc_advertise: node
+                    .rpc_advertise
+                    .clone()
+                    .unwrap_or_else(|| node.rpc_listen.to_string()),
+                peers: peers(),
+                token_key: shared.token_key.clone(),
+                metrics: m,
+            })));
+            node.admin
+        }
+        Role::Api => {
+            // The api serves /metrics and /healthz itself.
+            tasks.push(tokio::spawn(crate::api::run(crate::api::ApiConfig {
+                listen: cfg.api[index].listen,
+                peers: peers(),
+                token_key: shared.token_key.clone(),
+                metrics: m,
+            })));
+            None
+        }
+    };
+    if let (true, Some(addr)) = (admin, admin_addr) {
+        tasks.push(tokio::spawn(metrics::serve(
+            addr,
+            shared.metrics.clone(),
+            metrics::alive(),
+        )));
+    }
+    Ok(tasks)
+}
+
+/// Every node of the config in this process (all-in-one), sharing one [`Metrics`] (served by
+/// the api nodes); admin endpoints are not started.
+pub fn start_all(cfg: &Config, shared: &Shared) -> anyhow::Result<Vec<Task>> {
+    std::fs::create_dir_all(&cfg.data).with_context(|| format!("create {}", cfg.data.display()))?;
+    let mut tasks = Vec::new();
+    for role in Role::ALL {
+        for i in 0..cfg.count(role) {
+            tasks.extend(start(cfg, role, i, shared, false)?);
+        }
+    }
+    Ok(tasks)
+}
+
+/// Waits until any task ends: every role runs forever, so that is an error (the process
+/// exits non-zero and its supervisor restarts it).
+pub async fn run_until_one_ends(tasks: Vec<Task>) -> anyhow::Result<()> {
+    let (result, _, _) = futures::future::select_all(tasks).await;
+    match result {
+        Ok(Ok(())) => anyhow::bail!("a role stopped"),
+        Ok(Err(e)) => Err(e.context("a role failed")),
+        Err(e) => Err(anyhow::anyhow!("a role panicked: {e}")),
+    }
+}
