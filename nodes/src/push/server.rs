@@ -90,8 +90,8 @@ async fn notify_user(
     claim: u64,
 ) -> Result<(), RpcError> {
     let kv = peers.kv_for_user(user);
-    let devices = match kv.call(Request::GetUser { user }).await? {
-        Response::User(Some(u)) => u.devices,
+    let (devices, mut targets) = match kv.call(Request::GetUser { user }).await? {
+        Response::User(Some(u)) => (u.devices, u.push_targets),
         _ => return Ok(()),
     };
     let mut first_err = None;
@@ -124,6 +124,7 @@ async fn notify_user(
             message_id: message.message_id,
             sender: message.sender,
             preview: message.text.chars().take(PREVIEW_CHARS_MAX).collect(),
+            target: targets.remove(&device),
         };
         if let Err(e) = provider.notify(n).await {
             // Not confirmed: the claim lapses and a retry notifies again.
