@@ -18,6 +18,22 @@
 
 pub mod server;
 
+// The platform adapters exist only in the real build: they speak HTTPS to Apple, Google and
+// browsers' push services (rustls, hyper's pooled client on real tokio), which the simulation
+// replaces with its recorder. Their dependencies are likewise `cfg(not(madsim))`.
+#[cfg(not(madsim))]
+pub mod apns;
+#[cfg(not(madsim))]
+pub mod fcm;
+#[cfg(not(madsim))]
+mod http;
+#[cfg(not(madsim))]
+mod jwt;
+#[cfg(not(madsim))]
+pub mod settings;
+#[cfg(not(madsim))]
+pub mod webpush;
+
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
