@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 
-use super::{Notification, PushProvider, PREVIEW_CHARS_MAX};
+use super::{Notification, PushError, PushProvider, PREVIEW_CHARS_MAX};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
 use crate::proto::client::{ChatMessage, ErrorCode};
@@ -126,14 +126,23 @@ async fn notify_user(
             preview: message.text.chars().take(PREVIEW_CHARS_MAX).collect(),
             target: targets.remove(&device),
         };
-        if let Err(e) = provider.notify(n).await {
-            // Not confirmed: the claim lapses and a retry notifies again.
-            tracing::warn!(user, device, error = %e, "push provider failed");
-            first_err.get_or_insert(RpcError::Remote {
-                code: ErrorCode::Unavailable,
-                detail: format!("push provider: {e}"),
-            });
-            continue;
+        match provider.notify(n).await {
+            Ok(()) => {}
+            // The platform answered no (token gone, malformed request): a retry gets the same
+            // answer, so the device counts as done (confirmed below) instead of failing the
+            // whole request again and again.
+            Err(e @ PushError::Refused(_)) => {
+                tracing::warn!(user, device, error = %e, "push refused, not retried");
+            }
+            Err(e @ PushError::Unreachable(_)) => {
+                // Not confirmed: the claim lapses and a retry notifies again.
+                tracing::warn!(user, device, error = %e, "push provider failed");
+                first_err.get_or_insert(RpcError::Remote {
+                    code: ErrorCode::Unavailable,
+                    detail: format!("push provider: {e}"),
+                });
+                continue;
+            }
         }
         let confirm = Request::ConfirmPush {
             message_id: message.message_id,
