@@ -415,7 +415,7 @@ async fn set_push_target(
     headers: HeaderMap,
     Path(device): Path<Id>,
     body: Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> ApiResult<PushTargetResponse> {
     let c = auth(&st, &headers)?;
     let target: PushTarget = parse(&body)?;
     target
@@ -429,7 +429,7 @@ async fn clear_push_target(
     State(st): S,
     headers: HeaderMap,
     Path(device): Path<Id>,
-) -> Result<StatusCode, ApiError> {
+) -> ApiResult<PushTargetResponse> {
     let c = auth(&st, &headers)?;
     store_push_target(&st, c.user, device, None).await
 }
@@ -441,14 +441,15 @@ async fn store_push_target(
     user: Id,
     device: Id,
     target: Option<PushTarget>,
-) -> Result<StatusCode, ApiError> {
+) -> ApiResult<PushTargetResponse> {
+    let kind = target.as_ref().map(|t| t.kind().to_string());
     let req = Request::SetPushTarget {
         user,
         device,
         target,
     };
     match call(st.peers.kv_for_user(user), req).await? {
-        Response::Ok => Ok(StatusCode::NO_CONTENT),
+        Response::Ok => Ok(Json(PushTargetResponse { device, kind })),
         other => Err(refuse(ErrorCode::Unavailable, format!("{other:?}"))),
     }
 }

@@ -200,6 +200,14 @@ pub enum PushTarget {
     },
 }
 
+/// The answer to `PUT`/`DELETE /v1/devices/{device}/push`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushTargetResponse {
+    pub device: Id,
+    /// The target's kind (`apns`, `fcm`, `webpush`); `None` after a `DELETE`.
+    pub kind: Option<String>,
+}
+
 impl PushTarget {
     /// Checks sizes and formats (the api refuses a target that fails with `bad_request` and
     /// this message). Enforces the `PUSH_*` limits of [`crate::limits`].
