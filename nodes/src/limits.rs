@@ -55,3 +55,14 @@ pub const PRESENCE_QUERY_USERS_MAX: usize = 1000;
 
 /// Device-side reorder buffer per channel; past it the device drops the buffer and resyncs.
 pub const DEVICE_REORDER_BUFFER_MAX: usize = 1000;
+
+/// Longest APNs device token accepted, in hex digits (tokens are 64 today; Apple says they
+/// may grow). Enforced by `PushTarget::validate` (api `PUT /v1/devices/{device}/push`).
+pub const APNS_DEVICE_TOKEN_CHARS_MAX: usize = 200;
+
+/// Longest FCM registration token accepted (they are ~160 characters). Enforced by
+/// `PushTarget::validate`.
+pub const FCM_TOKEN_CHARS_MAX: usize = 1024;
+
+/// Longest Web Push subscription endpoint URL accepted. Enforced by `PushTarget::validate`.
+pub const WEBPUSH_ENDPOINT_BYTES_MAX: usize = 2048;

@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -61,7 +61,9 @@ fn status_of(code: ErrorCode) -> StatusCode {
         }
         ErrorCode::BadCredentials => StatusCode::UNAUTHORIZED,
         ErrorCode::NotAMember => StatusCode::FORBIDDEN,
-        ErrorCode::UnknownChannel | ErrorCode::UnknownUser => StatusCode::NOT_FOUND,
+        ErrorCode::UnknownChannel | ErrorCode::UnknownUser | ErrorCode::UnknownDevice => {
+            StatusCode::NOT_FOUND
+        }
         ErrorCode::NameTaken | ErrorCode::GroupFull => StatusCode::CONFLICT,
         ErrorCode::Unavailable | ErrorCode::NoChatServer => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -87,6 +89,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/groups/{channel}/members/{user}", delete(remove_member))
         .route("/v1/channels/{channel}/messages", get(history))
         .route("/v1/chat-server", get(chat_server))
+        .route(
+            "/v1/devices/{device}/push",
+            put(set_push_target).delete(clear_push_target),
+        )
         .with_state(state)
         .layer(axum::middleware::map_response(move |resp: HttpResponse| {
             let metrics = metrics.clone();
@@ -412,5 +418,52 @@ async fn chat_server(
             server: info.server,
         })),
         _ => Err(refuse(ErrorCode::NoChatServer, "no live chat server")),
+    }
+}
+
+/// `PUT /v1/devices/{device}/push` with a [`PushTarget`] body: where the device's push
+/// notifications go from now on (replacing any earlier target). The device must be one of
+/// the caller's (`unknown_device`, 404); a malformed target is `bad_request` naming the field.
+async fn set_push_target(
+    State(st): S,
+    headers: HeaderMap,
+    Path(device): Path<Id>,
+    body: Bytes,
+) -> ApiResult<PushTargetResponse> {
+    let c = auth(&st, &headers)?;
+    let target: PushTarget = parse(&body)?;
+    target
+        .validate()
+        .map_err(|detail| refuse(ErrorCode::BadRequest, detail))?;
+    store_push_target(&st, c.user, device, Some(target)).await
+}
+
+/// `DELETE /v1/devices/{device}/push`: the device gets no more push notifications.
+async fn clear_push_target(
+    State(st): S,
+    headers: HeaderMap,
+    Path(device): Path<Id>,
+) -> ApiResult<PushTargetResponse> {
+    let c = auth(&st, &headers)?;
+    store_push_target(&st, c.user, device, None).await
+}
+
+/// The kv op checks that the device is the user's in the same transaction as the write (its
+/// refusals arrive as `RpcError::Remote` and keep their code).
+async fn store_push_target(
+    st: &ApiState,
+    user: Id,
+    device: Id,
+    target: Option<PushTarget>,
+) -> ApiResult<PushTargetResponse> {
+    let kind = target.as_ref().map(|t| t.kind().to_string());
+    let req = Request::SetPushTarget {
+        user,
+        device,
+        target,
+    };
+    match call(st.peers.kv_for_user(user), req).await? {
+        Response::Ok => Ok(Json(PushTargetResponse { device, kind })),
+        other => Err(refuse(ErrorCode::Unavailable, format!("{other:?}"))),
     }
 }

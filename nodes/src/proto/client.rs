@@ -35,6 +35,8 @@ pub enum ErrorCode {
     /// A dependency (kv, idgen) did not answer in time: retry with the same `client_msg_id`.
     Unavailable,
     NoChatServer,
+    /// The device is not one of the caller's devices.
+    UnknownDevice,
 }
 
 impl ErrorCode {
@@ -59,6 +61,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NoChatServer => "no_chat_server",
+            ErrorCode::UnknownDevice => "unknown_device",
         }
     }
 
@@ -175,6 +178,121 @@ pub struct HistoryResponse {
 pub struct ErrorBody {
     pub error: ErrorCode,
     pub detail: String,
+}
+
+/// Where a device's push notifications go: the body of `PUT /v1/devices/{device}/push`,
+/// tagged by `kind`. Stored on the user record; one target per device (a new one replaces it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PushTarget {
+    /// An iOS/macOS device token from APNs, hex.
+    Apns { device_token: String },
+    /// An FCM registration token.
+    Fcm { registration_token: String },
+    /// A browser's `PushSubscription` (RFC 8030 endpoint, RFC 8291 keys, base64url).
+    #[serde(rename = "webpush")]
+    WebPush {
+        endpoint: String,
+        /// The subscription's P-256 public key: 65 bytes, uncompressed point.
+        p256dh: String,
+        /// The subscription's 16-byte authentication secret.
+        auth: String,
+    },
+}
+
+/// The answer to `PUT`/`DELETE /v1/devices/{device}/push`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushTargetResponse {
+    pub device: Id,
+    /// The target's kind (`apns`, `fcm`, `webpush`); `None` after a `DELETE`.
+    pub kind: Option<String>,
+}
+
+impl PushTarget {
+    /// Checks sizes and formats (the api refuses a target that fails with `bad_request` and
+    /// this message). Enforces the `PUSH_*` limits of [`crate::limits`].
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::limits::{APNS_DEVICE_TOKEN_CHARS_MAX, FCM_TOKEN_CHARS_MAX};
+        match self {
+            PushTarget::Apns { device_token: t } => {
+                if t.is_empty() || t.len() > APNS_DEVICE_TOKEN_CHARS_MAX || t.len() % 2 != 0 {
+                    return Err(format!(
+                        "device_token: an even number of hex digits, 2 to {APNS_DEVICE_TOKEN_CHARS_MAX}"
+                    ));
+                }
+                if !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err("device_token: hex digits only".into());
+                }
+            }
+            PushTarget::Fcm {
+                registration_token: t,
+            } => {
+                let ok = |b: u8| b.is_ascii_alphanumeric() || b"-_:.".contains(&b);
+                if t.is_empty() || t.len() > FCM_TOKEN_CHARS_MAX || !t.bytes().all(ok) {
+                    return Err(format!(
+                        "registration_token: 1 to {FCM_TOKEN_CHARS_MAX} of [A-Za-z0-9-_:.]"
+                    ));
+                }
+            }
+            PushTarget::WebPush {
+                endpoint,
+                p256dh,
+                auth,
+            } => {
+                validate_endpoint(endpoint)?;
+                if base64url_len(p256dh) != Some(65) || !p256dh.starts_with('B') {
+                    return Err(
+                        "p256dh: base64url of a 65-byte uncompressed P-256 point (starts with B)"
+                            .into(),
+                    );
+                }
+                if base64url_len(auth) != Some(16) {
+                    return Err("auth: base64url of 16 bytes".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The provider kind, for logs and messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PushTarget::Apns { .. } => "apns",
+            PushTarget::Fcm { .. } => "fcm",
+            PushTarget::WebPush { .. } => "webpush",
+        }
+    }
+}
+
+/// An endpoint is an absolute http(s) URL with a host and no whitespace. (Plain http passes
+/// here so that test push services can run on loopback; the Web Push provider refuses it
+/// unless configured to allow it.)
+fn validate_endpoint(endpoint: &str) -> Result<(), String> {
+    use crate::limits::WEBPUSH_ENDPOINT_BYTES_MAX;
+    if endpoint.len() > WEBPUSH_ENDPOINT_BYTES_MAX {
+        return Err(format!(
+            "endpoint: at most {WEBPUSH_ENDPOINT_BYTES_MAX} bytes"
+        ));
+    }
+    let rest = endpoint
+        .strip_prefix("https://")
+        .or_else(|| endpoint.strip_prefix("http://"))
+        .ok_or("endpoint: an https:// URL")?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || !endpoint.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("endpoint: an https:// URL with a host, printable ASCII only".into());
+    }
+    Ok(())
+}
+
+/// Decoded length of unpadded base64url text, if it is valid base64url.
+fn base64url_len(s: &str) -> Option<usize> {
+    let alphabet = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    let s = s.trim_end_matches('=');
+    if !s.bytes().all(alphabet) || s.len() % 4 == 1 {
+        return None;
+    }
+    Some(s.len() * 3 / 4)
 }
 
 // ---------------------------------------------------------------- WebSocket (chat node)
@@ -297,5 +415,79 @@ impl ServerFrame {
             client_msg_id: None,
             channel: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Proves the `PUT /v1/devices/{device}/push` body format (tag `kind`) and that
+    // validation accepts well-formed targets of each kind and names the field of a bad one.
+    #[test]
+    fn push_target_format_and_validation() {
+        let web: PushTarget = serde_json::from_value(serde_json::json!({
+            "kind": "webpush",
+            "endpoint": "https://push.example.net/send/abc",
+            "p256dh": "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4",
+            "auth": "BTBZMqHH6r4Tts7J_aSIgg",
+        }))
+        .expect("webpush target");
+        assert_eq!(web.validate(), Ok(()));
+        let apns = PushTarget::Apns {
+            device_token: "ab".repeat(32),
+        };
+        assert_eq!(apns.validate(), Ok(()));
+        assert_eq!(
+            serde_json::to_value(&apns).expect("json")["kind"],
+            serde_json::json!("apns")
+        );
+        let fcm = PushTarget::Fcm {
+            registration_token: "cX1:APA91b-x_y".into(),
+        };
+        assert_eq!(fcm.validate(), Ok(()));
+        let bad = |t: PushTarget, field: &str| {
+            let e = t.validate().expect_err("refused");
+            assert!(e.starts_with(field), "{e} names {field}");
+        };
+        bad(
+            PushTarget::Apns {
+                device_token: "xyz0".into(),
+            },
+            "device_token",
+        );
+        bad(
+            PushTarget::Apns {
+                device_token: "a".repeat(202),
+            },
+            "device_token",
+        );
+        bad(
+            PushTarget::Fcm {
+                registration_token: String::new(),
+            },
+            "registration_token",
+        );
+        let PushTarget::WebPush {
+            endpoint,
+            p256dh,
+            auth,
+        } = web
+        else {
+            unreachable!("parsed as webpush above")
+        };
+        let with = |endpoint: &str, p256dh: &str, auth: &str| PushTarget::WebPush {
+            endpoint: endpoint.into(),
+            p256dh: p256dh.into(),
+            auth: auth.into(),
+        };
+        bad(with("ftp://x/y", &p256dh, &auth), "endpoint");
+        bad(with("https:///nohost", &p256dh, &auth), "endpoint");
+        bad(
+            with(&format!("https://x/{}", "a".repeat(3000)), &p256dh, &auth),
+            "endpoint",
+        );
+        bad(with(&endpoint, "BAAA", &auth), "p256dh");
+        bad(with(&endpoint, &p256dh, "not base64!"), "auth");
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::client::{ChatMessage, ErrorCode, PresenceStatus};
+use super::client::{ChatMessage, ErrorCode, PresenceStatus, PushTarget};
 use super::Id;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +28,10 @@ pub struct UserRecord {
     /// Friend -> the 1:1 channel shared with them.
     pub friends: BTreeMap<Id, Id>,
     pub channels: Vec<Id>,
+    /// Device -> where its push notifications go. Omitted when empty, so records (and the
+    /// simulation's histories) written before push targets existed encode the same.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub push_targets: BTreeMap<Id, PushTarget>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +107,13 @@ pub enum Request {
     AddDevice {
         user: Id,
         device: Id,
+    },
+    /// Sets (or with `None` clears) the push target of one of `user`'s devices; refused with
+    /// `unknown_device` if `device` is not the user's.
+    SetPushTarget {
+        user: Id,
+        device: Id,
+        target: Option<PushTarget>,
     },
     /// Adds `friend` (and the shared 1:1 channel) to `user`'s record; idempotent.
     LinkFriend {

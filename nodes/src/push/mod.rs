@@ -3,15 +3,42 @@
 //! The chat server decides who is offline (asking presence) and sends `Notify`; the push node
 //! looks up each user's devices, marks (message, device) in kv so that no device is notified
 //! twice for one message, even across retries and restarts, and hands the notification to a
-//! [`PushProvider`]. Providers for APNs, FCM and Web Push are issue 5; here: a logging provider
-//! (real default) and a recording one (tests); the simulation plugs in its own recorder.
+//! [`PushProvider`]: a logging provider (the real default), a recording one (tests), and in the
+//! real build the platform adapters [`apns`], [`fcm`] and [`webpush`], chosen by
+//! [`settings::PushSettings`] and [`settings::build`]. The simulation plugs in its own recorder.
+//!
+//! Devices register where their notifications go with `PUT /v1/devices/{device}/push` (a
+//! [`PushTarget`], kept on the user record); the push server hands each device's target to the
+//! provider on [`Notification::target`]. A platform provider skips (answers `Ok`) a device
+//! without a target of its own kind: the device gets no notification from it, by design.
+//!
+//! Not done here: retries (the push server's caller retries the whole `Notify`), removing
+//! targets that a platform refused as gone (`PushError::Refused` says which), collapsing
+//! several notifications of one channel.
 
 pub mod server;
+
+// The platform adapters exist only in the real build: they speak HTTPS to Apple, Google and
+// browsers' push services (rustls, hyper's pooled client on real tokio), which the simulation
+// replaces with its recorder. Their dependencies are likewise `cfg(not(madsim))`.
+#[cfg(not(madsim))]
+pub mod apns;
+#[cfg(not(madsim))]
+pub mod fcm;
+#[cfg(not(madsim))]
+mod http;
+#[cfg(not(madsim))]
+mod jwt;
+#[cfg(not(madsim))]
+pub mod settings;
+#[cfg(not(madsim))]
+pub mod webpush;
 
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 
+pub use crate::proto::client::PushTarget;
 use crate::proto::Id;
 
 /// One notification to one device.
@@ -24,6 +51,9 @@ pub struct Notification {
     pub sender: Id,
     /// The first characters of the text (providers cap payloads at a few KB).
     pub preview: String,
+    /// Where the device registered to get notifications; `None` if it never did (always in
+    /// the simulation). A platform provider skips a device without a target of its kind.
+    pub target: Option<PushTarget>,
 }
 
 /// Characters of message text carried in a notification.
@@ -31,8 +61,13 @@ pub const PREVIEW_CHARS_MAX: usize = 120;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
+    /// The platform answered and said no (HTTP 4xx other than 429): a bad or expired device
+    /// token or subscription, a malformed request. Retrying the same request will not help;
+    /// the message names the platform's reason (e.g. `apns 410 Unregistered`).
     #[error("provider refused: {0}")]
     Refused(String),
+    /// The platform could not be asked or could not answer: connect errors, timeouts, HTTP
+    /// 5xx and 429. A retry later may succeed.
     #[error("provider unreachable: {0}")]
     Unreachable(String),
 }

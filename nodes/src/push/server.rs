@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 
-use super::{Notification, PushProvider, PREVIEW_CHARS_MAX};
+use super::{Notification, PushError, PushProvider, PREVIEW_CHARS_MAX};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
 use crate::metrics::{Metrics, OutcomeLabel};
@@ -124,8 +124,8 @@ async fn notify_user(
     claim: u64,
 ) -> Result<(), RpcError> {
     let kv = peers.kv_for_user(user);
-    let devices = match kv.call(Request::GetUser { user }).await? {
-        Response::User(Some(u)) => u.devices,
+    let (devices, mut targets) = match kv.call(Request::GetUser { user }).await? {
+        Response::User(Some(u)) => (u.devices, u.push_targets),
         _ => return Ok(()),
     };
     let mut first_err = None;
@@ -158,15 +158,25 @@ async fn notify_user(
             message_id: message.message_id,
             sender: message.sender,
             preview: message.text.chars().take(PREVIEW_CHARS_MAX).collect(),
+            target: targets.remove(&device),
         };
-        if let Err(e) = provider.notify(n).await {
-            // Not confirmed: the claim lapses and a retry notifies again.
-            tracing::warn!(user, device, error = %e, "push provider failed");
-            first_err.get_or_insert(RpcError::Remote {
-                code: ErrorCode::Unavailable,
-                detail: format!("push provider: {e}"),
-            });
-            continue;
+        match provider.notify(n).await {
+            Ok(()) => {}
+            // The platform answered no (token gone, malformed request): a retry gets the same
+            // answer, so the device counts as done (confirmed below) instead of failing the
+            // whole request again and again.
+            Err(e @ PushError::Refused(_)) => {
+                tracing::warn!(user, device, error = %e, "push refused, not retried");
+            }
+            Err(e @ PushError::Unreachable(_)) => {
+                // Not confirmed: the claim lapses and a retry notifies again.
+                tracing::warn!(user, device, error = %e, "push provider failed");
+                first_err.get_or_insert(RpcError::Remote {
+                    code: ErrorCode::Unavailable,
+                    detail: format!("push provider: {e}"),
+                });
+                continue;
+            }
         }
         let confirm = Request::ConfirmPush {
             message_id: message.message_id,
