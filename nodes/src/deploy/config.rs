@@ -16,6 +16,13 @@
 //! [push]
 //! listen = "127.0.0.1:7103"
 //!
+//! [push_provider]                    # default: provider = "log" (logs each notification)
+//! provider = "apns"                  # or "fcm", "webpush": see nodes::push::settings
+//! key_file = "/etc/chatd/AuthKey_ABC123DEFG.p8"
+//! key_id = "ABC123DEFG"
+//! team_id = "DEF123GHIJ"
+//! topic = "com.example.chat"
+//!
 //! [[kv]]
 //! listen = "127.0.0.1:7109"
 //! file = "kv-0.redb"                 # relative to data
@@ -60,6 +67,10 @@ pub struct Config {
     pub discovery: Node,
     pub presence: Node,
     pub push: Node,
+    /// The push node's provider (APNs, FCM, Web Push; default: log). Not written by
+    /// `to_toml` (it may hold secrets); add it by hand.
+    #[serde(default, skip_serializing)]
+    pub push_provider: crate::push::settings::PushSettings,
     pub kv: Vec<KvNode>,
     pub idgen: Vec<IdgenNode>,
     pub chat: Vec<ChatNode>,
@@ -182,6 +193,7 @@ impl Config {
                 listen: at(base + 3),
                 admin: None,
             },
+            push_provider: Default::default(),
             kv: (0..kv_shards.max(1))
                 .map(|i| KvNode {
                     listen: at(base + 9 + i),
@@ -237,6 +249,7 @@ impl Config {
                 listen: sa(3, 0, 7000),
                 admin: Some(sa(3, 0, 9000)),
             },
+            push_provider: Default::default(),
             kv: (0..sizes.kv)
                 .map(|i| KvNode {
                     listen: sa(4, i, 7000),
@@ -449,6 +462,7 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused_with_the_reason() {
+        let one = Config::single_host("d".into(), "127.0.0.1:8080".parse().unwrap(), 7100, 2);
         let mut c = Config::single_host("d".into(), "127.0.0.1:8080".parse().unwrap(), 7100, 2);
         c.kv[1].listen = c.kv[0].listen;
         let e = c.validate().unwrap_err().to_string();
@@ -461,6 +475,10 @@ mod tests {
         c.idgen[1].listen = "127.0.0.1:7200".parse().unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("worker 1 is used twice"), "{e}");
+        let mut text = one.to_toml();
+        text.push_str("\n[push_provider]\nprovider = \"webpush\"\nbogus = 1\n");
+        let e = toml::from_str::<Config>(&text).unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
         let e = toml::from_str::<Config>("data = 'x'\nbogus = 1\n")
             .unwrap_err()
             .to_string();

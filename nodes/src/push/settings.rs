@@ -2,7 +2,7 @@
 //! [`build`], which turns it into a provider. Real build only.
 //!
 //! ```toml
-//! [push]
+//! [push_provider]
 //! provider = "apns"                 # "log" (the default) | "apns" | "fcm" | "webpush"
 //! key_file = "/etc/chatd/AuthKey_ABC123DEFG.p8"
 //! key_id = "ABC123DEFG"
@@ -10,11 +10,11 @@
 //! topic = "com.example.chat"        # the app's bundle id
 //! # endpoint = "https://api.sandbox.push.apple.com"   # development builds of the app
 //!
-//! [push]
+//! [push_provider]
 //! provider = "fcm"
 //! service_account_file = "/etc/chatd/firebase-service-account.json"
 //!
-//! [push]
+//! [push_provider]
 //! provider = "webpush"
 //! vapid_private_key = "<base64url, 32 bytes>"   # `npx web-push generate-vapid-keys`
 //! vapid_public_key = "<base64url, 65 bytes>"    # also the browser's applicationServerKey

@@ -144,8 +144,8 @@ fn default_sizes() -> ClusterSizes {
     }
 }
 
-fn push_provider(_cfg: &Config) -> Arc<dyn nodes::push::PushProvider> {
-    Arc::new(nodes::push::LogProvider)
+fn push_provider(cfg: &Config) -> anyhow::Result<Arc<dyn nodes::push::PushProvider>> {
+    nodes::push::settings::build(&cfg.push_provider).context("build the push provider")
 }
 
 async fn all_in_one(a: AllInOne) -> anyhow::Result<()> {
@@ -162,7 +162,7 @@ async fn all_in_one(a: AllInOne) -> anyhow::Result<()> {
         cfg.data = d;
     }
     cfg.validate()?;
-    let shared = Shared::new(&cfg, push_provider(&cfg))?;
+    let shared = Shared::new(&cfg, push_provider(&cfg)?)?;
     let tasks = deploy::start_all(&cfg, &shared)?;
     tracing::info!(
         http = %cfg.api[0].listen,
@@ -176,7 +176,13 @@ async fn all_in_one(a: AllInOne) -> anyhow::Result<()> {
 async fn one_role(role: Role, a: RoleArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&a.config)?;
     std::fs::create_dir_all(&cfg.data).with_context(|| format!("create {}", cfg.data.display()))?;
-    let shared = Shared::new(&cfg, push_provider(&cfg))?;
+    // Only the push node talks to a push platform (and needs its keys).
+    let push: Arc<dyn nodes::push::PushProvider> = if role == Role::Push {
+        push_provider(&cfg)?
+    } else {
+        Arc::new(nodes::push::LogProvider)
+    };
+    let shared = Shared::new(&cfg, push)?;
     let tasks = deploy::start(&cfg, role, a.index, &shared, true)?;
     tracing::info!(role = role.name(), index = a.index, "chatd node running");
     deploy::run_until_one_ends(tasks).await
