@@ -32,6 +32,12 @@ impl WsConn {
             .parse()
             .map_err(|_| ClientError::Ws(format!("bad address in {url}")))?;
         let stream = net::connect(addr).await?;
+        Self::handshake(url, stream).await
+    }
+
+    /// The WebSocket handshake over a stream the caller connected (load drivers bind their
+    /// own source addresses).
+    pub async fn handshake(url: &str, stream: Stream) -> Result<Self, ClientError> {
         let (ws, _) = tokio_tungstenite::client_async_with_config(
             url,
             stream,
