@@ -73,6 +73,9 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/", get(super::web::index))
+        .route("/app.js", get(super::web::app_js))
+        .route("/app.css", get(super::web::app_css))
         .route("/v1/signup", post(signup))
         .route("/v1/login", post(login))
         .route("/v1/me", get(me))
