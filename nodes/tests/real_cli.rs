@@ -2,7 +2,8 @@
 //! process on free ports with a temp data dir, and the `chat` binary is run as a user would:
 //! two users sign up and log in (one state file each), befriend, send, read the message back
 //! with `history`; `presence` shows a friend offline, then online while the friend runs
-//! `follow`, which prints a message sent meanwhile; refusals exit non-zero naming their code.
+//! `follow`, which prints a message sent meanwhile; groups show in `me`; refusals exit
+//! non-zero naming their code. A second test fetches the web page and checks its types.
 
 #![cfg(not(madsim))]
 
@@ -153,6 +154,24 @@ fn cli_signup_friend_send_history_presence_follow() {
     let history = bob.ok(&["history", &channel]);
     assert_eq!(history.trim(), format!("[{channel} #1] alice: hello bob"));
 
+    let group = alice.ok(&["group", "create", "team", "bob"]);
+    let group_channel = group
+        .split_whitespace()
+        .nth(3)
+        .expect("group prints the channel");
+    let me = bob.ok(&["me"]);
+    assert!(
+        me.contains(&format!("group team: channel {group_channel} (2 members)")),
+        "{me}"
+    );
+    let carol = user("carol");
+    carol.ok(&["signup", "carol", "c-pw"]);
+    carol.ok(&["login", "carol", "c-pw"]);
+    assert!(carol.fails(&["history", &channel]).contains("not_a_member"));
+    assert!(carol
+        .fails(&["presence", "bob"])
+        .contains("not your friend"));
+
     assert_eq!(alice.ok(&["presence", "bob"]).trim(), "bob: offline");
     // bob follows: heartbeats make him online, and a message sent meanwhile is printed.
     let mut follow = bob
@@ -188,4 +207,46 @@ fn cli_signup_friend_send_history_presence_follow() {
         vec![&first, &want],
         "follow prints what this device had not seen, in order, once each"
     );
+}
+
+/// Answers the status line and Content-Type of `GET path` (HTTP/1.0: the server closes).
+fn get(http: SocketAddr, path: &str) -> (String, String, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(http).expect("connect");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n").expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
+    let status = head.lines().next().unwrap_or_default().to_string();
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    (status, ctype, body.to_string())
+}
+
+// Proves the api node serves the browser page with the right content types (the browser
+// test in tests/browser drives it; this runs with every `cargo test`).
+#[test]
+fn web_page_is_served() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_chatd, http) = start_chatd(&dir.path().join("data"), free_base());
+    for (path, want_type, marker) in [
+        ("/", "text/html; charset=utf-8", "<script src=\"/app.js\""),
+        (
+            "/app.js",
+            "text/javascript; charset=utf-8",
+            "new WebSocket(url)",
+        ),
+        ("/app.css", "text/css; charset=utf-8", ".dot"),
+    ] {
+        let (status, ctype, body) = get(http, path);
+        assert!(status.contains(" 200 "), "{path}: {status}");
+        assert_eq!(ctype, want_type, "{path}");
+        assert!(body.contains(marker), "{path} lacks {marker:?}");
+    }
 }
