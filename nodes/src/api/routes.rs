@@ -80,13 +80,19 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub fn router(state: Arc<ApiState>) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
+        .route("/", get(super::web::index))
+        .route("/app.js", get(super::web::app_js))
+        .route("/app.css", get(super::web::app_css))
         .route("/v1/signup", post(signup))
         .route("/v1/login", post(login))
         .route("/v1/me", get(me))
+        .route("/v1/users", get(find_user))
+        .route("/v1/users/{user}", get(user_summary))
         .route("/v1/friends", post(add_friend))
         .route("/v1/groups", post(create_group))
         .route("/v1/groups/{channel}/members", post(add_member))
         .route("/v1/groups/{channel}/members/{user}", delete(remove_member))
+        .route("/v1/channels/{channel}", get(channel_info))
         .route("/v1/channels/{channel}/messages", get(history))
         .route("/v1/chat-server", get(chat_server))
         .route(
@@ -229,6 +235,58 @@ async fn me(State(st): S, headers: HeaderMap) -> ApiResult<Profile> {
         devices: u.devices,
         friends: u.friends,
         channels: u.channels,
+    }))
+}
+
+/// Finds a user by name (to befriend them or add them to a group). Signed-in users only.
+async fn find_user(
+    State(st): S,
+    headers: HeaderMap,
+    Query(q): Query<UserQuery>,
+) -> ApiResult<UserSummary> {
+    auth(&st, &headers)?;
+    let lookup = Request::LookupName {
+        name: q.name.clone(),
+    };
+    let Response::MaybeId(Some(user)) = call(st.peers.kv_for_name(&q.name), lookup).await? else {
+        return Err(refuse(
+            ErrorCode::UnknownUser,
+            format!("no user named {:?}", q.name),
+        ));
+    };
+    Ok(Json(UserSummary { user, name: q.name }))
+}
+
+/// A user's name, for clients that show names instead of ids. Signed-in users only.
+async fn user_summary(
+    State(st): S,
+    headers: HeaderMap,
+    Path(user): Path<Id>,
+) -> ApiResult<UserSummary> {
+    auth(&st, &headers)?;
+    let u = get_user(&st, user).await?;
+    Ok(Json(UserSummary {
+        user: u.user,
+        name: u.name,
+    }))
+}
+
+/// A channel's kind, name and members; members only.
+async fn channel_info(
+    State(st): S,
+    headers: HeaderMap,
+    Path(channel): Path<Id>,
+) -> ApiResult<ChannelInfo> {
+    let c = auth(&st, &headers)?;
+    let ch = get_channel(&st, channel).await?;
+    if !ch.members.contains(&c.user) {
+        return Err(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
+    }
+    Ok(Json(ChannelInfo {
+        channel,
+        kind: ch.kind,
+        name: ch.name,
+        members: ch.members,
     }))
 }
 

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::internal::ChannelKind;
 use super::Id;
 
 /// Error codes a client can act on, on HTTP (`{"error": code}`) and WebSocket.
@@ -172,6 +173,29 @@ pub struct HistoryResponse {
     pub channel: Id,
     pub messages: Vec<ChatMessage>,
     pub last_seq: u64,
+}
+
+/// `GET /v1/users?name=NAME` and `GET /v1/users/{user}`: the public face of a user, so a
+/// client can find a friend by name and show names instead of ids.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserSummary {
+    pub user: Id,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserQuery {
+    pub name: String,
+}
+
+/// `GET /v1/channels/{channel}`: what a member needs to show a conversation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    pub channel: Id,
+    pub kind: ChannelKind,
+    /// Empty for direct channels.
+    pub name: String,
+    pub members: Vec<Id>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

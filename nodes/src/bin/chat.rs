@@ -1,0 +1,829 @@
+//! `chat`: a chatsim device on the command line, built on the device client library
+//! (`nodes::client`). `chat login` saves the token and device id in a small state file (mode
+//! 0600: the token is a credential); every other command is that device.
+//!
+//! ```text
+//! chat signup alice pw && chat login alice pw
+//! chat friend bob                 # prints the 1:1 channel
+//! chat send --to bob "hi"         # or: chat send CHANNEL "hi"
+//! chat follow                     # prints deliveries until Ctrl-C
+//! ```
+//!
+//! One state file is one device. `follow` and a one-shot command (`send`, `presence`) on the
+//! same state file share that device: the newer connection replaces the older (the
+//! protocol's rule), and `follow` reconnects and resyncs from its cursors, losing nothing.
+//!
+//! Real world only: under `--cfg madsim` this binary is a stub that says so.
+
+#[cfg(madsim)]
+fn main() {
+    eprintln!("chat is a real-world client; build it without --cfg madsim");
+    std::process::exit(2);
+}
+
+#[cfg(not(madsim))]
+fn main() -> std::process::ExitCode {
+    real::main()
+}
+
+#[cfg(not(madsim))]
+mod real {
+    use std::collections::BTreeMap;
+    use std::net::{SocketAddr, ToSocketAddrs};
+    use std::path::{Path, PathBuf};
+    use std::process::ExitCode;
+    use std::time::Duration;
+
+    use anyhow::{anyhow, bail, Context};
+    use clap::{Parser, Subcommand};
+    use nodes::client::device::{DeviceState, Observation};
+    use nodes::client::http::HttpClient;
+    use nodes::client::ws::{Incoming, WsConn};
+    use nodes::client::ClientError;
+    use nodes::clock::unix_ms;
+    use nodes::limits::{HEARTBEAT_INTERVAL_MS, SYNC_PAGE_MAX};
+    use nodes::proto::client::*;
+    use nodes::proto::Id;
+    use serde::{Deserialize, Serialize};
+
+    /// Time allowed for a chat server to welcome a new connection.
+    const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Attempts of a one-shot command (send, presence) through dropped connections and
+    /// retryable refusals, `RETRY_PAUSE` apart.
+    const ATTEMPTS_MAX: u32 = 20;
+    const RETRY_PAUSE: Duration = Duration::from_millis(500);
+    /// `follow`'s reconnect backoff: doubles from the first to the last, with jitter.
+    const BACKOFF_MIN: Duration = Duration::from_millis(500);
+    const BACKOFF_MAX: Duration = Duration::from_secs(15);
+    /// A connection that answers nothing for three heartbeats is dead (the protocol's rule).
+    const SILENCE_MAX: Duration = Duration::from_millis(3 * HEARTBEAT_INTERVAL_MS);
+    /// How long `presence` waits for its answers: a presence node that just started answers
+    /// only after its warm-up (the session keeps asking meanwhile), then some slack.
+    const PRESENCE_WAIT: Duration =
+        Duration::from_millis(nodes::presence::server::WARMUP_MS + 10_000);
+
+    #[derive(Debug, Parser)]
+    #[command(name = "chat", version, about = "A chatsim device on the command line")]
+    struct Cli {
+        /// The api node.
+        #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
+        server: String,
+        /// The state file (token, device id). Default: $XDG_CONFIG_HOME/chatsim/chat.json,
+        /// else ~/.config/chatsim/chat.json.
+        #[arg(long, global = true)]
+        state: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum Cmd {
+        /// Create an account (then `login`).
+        Signup { name: String, password: String },
+        /// Log in and save the token; logging in again as the same name keeps the device.
+        Login { name: String, password: String },
+        /// Who this device is, its friends (with their 1:1 channels) and its channels.
+        Me,
+        /// Befriend a user by name; prints the 1:1 channel.
+        Friend { name: String },
+        /// Groups: create, add a member.
+        #[command(subcommand)]
+        Group(GroupCmd),
+        /// Send a message: `send CHANNEL TEXT` or `send --to NAME TEXT` (a friend's 1:1 channel).
+        Send {
+            /// The friend whose 1:1 channel to use, instead of CHANNEL.
+            #[arg(long)]
+            to: Option<String>,
+            /// [CHANNEL] TEXT
+            #[arg(num_args = 1..=2, value_names = ["CHANNEL", "TEXT"], required = true)]
+            args: Vec<String>,
+        },
+        /// Stay connected and print messages (of one channel, or all) and friends' presence
+        /// as they arrive, until Ctrl-C. Starts with what this device has not seen yet.
+        Follow { channel: Option<Id> },
+        /// Online or offline, for friends by name.
+        Presence {
+            #[arg(required = true)]
+            names: Vec<String>,
+        },
+        /// The last messages of a channel.
+        History {
+            channel: Id,
+            #[arg(long, default_value_t = 20)]
+            limit: u64,
+        },
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum GroupCmd {
+        /// Create a group with these members (names) besides you; prints its channel.
+        Create { name: String, members: Vec<String> },
+        /// Add a member (by name) to a group you are in.
+        Add { channel: Id, name: String },
+    }
+
+    /// What `login` leaves for the other commands.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct SavedLogin {
+        server: String,
+        name: String,
+        user: Id,
+        device: Id,
+        token: String,
+        expires_at_ms: u64,
+    }
+
+    pub fn main() -> ExitCode {
+        let cli = Cli::parse();
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match rt.block_on(run(cli)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn run(cli: Cli) -> anyhow::Result<()> {
+        let addr = api_addr(&cli.server)?;
+        let state_path = match cli.state.clone() {
+            Some(p) => p,
+            None => default_state_path()?,
+        };
+        let anon = HttpClient::new(addr);
+        match cli.cmd {
+            Cmd::Signup { name, password } => {
+                let r: SignupResponse = anon
+                    .post("/v1/signup", &SignupRequest { name, password })
+                    .await
+                    .map_err(explain)?;
+                println!("signed up: user {}", r.user);
+                Ok(())
+            }
+            Cmd::Login { name, password } => {
+                login(&anon, &cli.server, &state_path, name, password).await
+            }
+            cmd => {
+                let saved = load(&state_path)?;
+                let mut http = HttpClient::new(addr);
+                http.token = Some(saved.token.clone());
+                let me = Me { http, saved };
+                signed_in(&me, cmd).await
+            }
+        }
+    }
+
+    /// A logged-in device.
+    struct Me {
+        http: HttpClient,
+        saved: SavedLogin,
+    }
+
+    async fn signed_in(me: &Me, cmd: Cmd) -> anyhow::Result<()> {
+        match cmd {
+            Cmd::Me => show_me(me).await,
+            Cmd::Friend { name } => {
+                let user = find_user(&me.http, &name).await?;
+                let r: AddFriendResponse = me
+                    .http
+                    .post("/v1/friends", &AddFriendRequest { user })
+                    .await
+                    .map_err(explain)?;
+                println!("friends with {name}: channel {}", r.channel);
+                Ok(())
+            }
+            Cmd::Group(GroupCmd::Create { name, members }) => {
+                let mut ids = Vec::new();
+                for m in &members {
+                    ids.push(find_user(&me.http, m).await?);
+                }
+                let req = CreateGroupRequest {
+                    name: name.clone(),
+                    members: ids,
+                };
+                let r: GroupResponse = me.http.post("/v1/groups", &req).await.map_err(explain)?;
+                println!(
+                    "group {name}: channel {} ({} members)",
+                    r.channel,
+                    r.members.len()
+                );
+                Ok(())
+            }
+            Cmd::Group(GroupCmd::Add { channel, name }) => {
+                let user = find_user(&me.http, &name).await?;
+                let path = format!("/v1/groups/{channel}/members");
+                let r: GroupResponse = me
+                    .http
+                    .post(&path, &AddMemberRequest { user })
+                    .await
+                    .map_err(explain)?;
+                println!("channel {channel}: {} members", r.members.len());
+                Ok(())
+            }
+            Cmd::Send { to, args } => {
+                let (channel, text) = send_target(me, to, args).await?;
+                let (channel, seq) = send(me, channel, text).await?;
+                println!("sent: channel {channel} #{seq}");
+                Ok(())
+            }
+            Cmd::Follow { channel } => follow(me, channel).await,
+            Cmd::Presence { names } => presence(me, names).await,
+            Cmd::History { channel, limit } => history(me, channel, limit).await,
+            Cmd::Signup { .. } | Cmd::Login { .. } => unreachable!("handled before loading state"),
+        }
+    }
+
+    // ------------------------------------------------------------ state file, addresses
+
+    fn api_addr(server: &str) -> anyhow::Result<SocketAddr> {
+        let rest = server.strip_prefix("http://").ok_or_else(|| {
+            anyhow!("--server must be http://HOST:PORT (got {server:?}; https is not supported)")
+        })?;
+        let hostport = rest.trim_end_matches('/');
+        hostport
+            .to_socket_addrs()
+            .with_context(|| format!("resolve {hostport}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{hostport} has no address"))
+    }
+
+    fn default_state_path() -> anyhow::Result<PathBuf> {
+        let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+                Some(h) => PathBuf::from(h).join(".config"),
+                None => bail!("no HOME or XDG_CONFIG_HOME: pass --state FILE"),
+            },
+        };
+        Ok(base.join("chatsim").join("chat.json"))
+    }
+
+    fn load(path: &Path) -> anyhow::Result<SavedLogin> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            anyhow!(
+                "not logged in (no state file {}: {e}); run `chat login NAME PASSWORD`",
+                path.display()
+            )
+        })?;
+        serde_json::from_slice(&bytes).with_context(|| format!("read {}", path.display()))
+    }
+
+    fn save(path: &Path, s: &SavedLogin) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("write {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec_pretty(s).expect("the state serializes"))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))
+    }
+
+    async fn login(
+        anon: &HttpClient,
+        server: &str,
+        path: &Path,
+        name: String,
+        password: String,
+    ) -> anyhow::Result<()> {
+        // Same name as the saved login: the same device (its cursors are kept by the server).
+        let device = load(path)
+            .ok()
+            .filter(|s| s.name == name && s.server == server)
+            .map(|s| s.device);
+        let req = LoginRequest {
+            name: name.clone(),
+            password,
+            device,
+        };
+        let r: LoginResponse = anon.post("/v1/login", &req).await.map_err(explain)?;
+        let saved = SavedLogin {
+            server: server.to_string(),
+            name,
+            user: r.user,
+            device: r.device,
+            token: r.token,
+            expires_at_ms: r.expires_at_ms,
+        };
+        save(path, &saved)?;
+        println!(
+            "logged in: user {} device {} (state in {})",
+            r.user,
+            r.device,
+            path.display()
+        );
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ HTTP helpers
+
+    /// A refusal as the user should read it: the error code first.
+    fn explain(e: ClientError) -> anyhow::Error {
+        match e {
+            ClientError::Refused {
+                status,
+                code,
+                detail,
+            } => anyhow!("{} (HTTP {status}): {detail}", code.as_str()),
+            ClientError::Connect(e) => anyhow!("cannot reach the api: {e}"),
+            other => anyhow!(other),
+        }
+    }
+
+    /// Percent-encodes a query value (names are plain, but the user may type anything).
+    fn encode(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    async fn find_user(http: &HttpClient, name: &str) -> anyhow::Result<Id> {
+        let r: UserSummary = http
+            .get(&format!("/v1/users?name={}", encode(name)))
+            .await
+            .map_err(explain)?;
+        Ok(r.user)
+    }
+
+    async fn profile(http: &HttpClient) -> anyhow::Result<Profile> {
+        http.get("/v1/me").await.map_err(explain)
+    }
+
+    /// User names by id, asked of the api once each.
+    #[derive(Default)]
+    struct Names(BTreeMap<Id, String>);
+
+    impl Names {
+        async fn of(&mut self, http: &HttpClient, user: Id) -> String {
+            if let Some(n) = self.0.get(&user) {
+                return n.clone();
+            }
+            match http.get::<UserSummary>(&format!("/v1/users/{user}")).await {
+                Ok(u) => {
+                    self.0.insert(user, u.name.clone());
+                    u.name
+                }
+                Err(_) => format!("user {user}"),
+            }
+        }
+    }
+
+    async fn show_me(me: &Me) -> anyhow::Result<()> {
+        let p = profile(&me.http).await?;
+        let mut names = Names::default();
+        println!("{} (user {}, device {})", p.name, p.user, me.saved.device);
+        for (friend, channel) in &p.friends {
+            println!(
+                "friend {}: channel {channel}",
+                names.of(&me.http, *friend).await
+            );
+        }
+        for ch in p
+            .channels
+            .iter()
+            .filter(|c| !p.friends.values().any(|d| d == *c))
+        {
+            let info: ChannelInfo = me
+                .http
+                .get(&format!("/v1/channels/{ch}"))
+                .await
+                .map_err(explain)?;
+            println!(
+                "group {}: channel {ch} ({} members)",
+                info.name,
+                info.members.len()
+            );
+        }
+        Ok(())
+    }
+
+    async fn history(me: &Me, channel: Id, limit: u64) -> anyhow::Result<()> {
+        let path = |after: u64, n: usize| {
+            format!("/v1/channels/{channel}/messages?after_seq={after}&limit={n}")
+        };
+        let first: HistoryResponse = me.http.get(&path(0, 1)).await.map_err(explain)?;
+        let mut after = first.last_seq.saturating_sub(limit);
+        let mut names = Names::default();
+        while after < first.last_seq {
+            let page: HistoryResponse = me
+                .http
+                .get(&path(after, SYNC_PAGE_MAX))
+                .await
+                .map_err(explain)?;
+            let Some(last) = page.messages.last() else {
+                break;
+            };
+            after = last.seq;
+            for m in page.messages.iter().filter(|m| m.seq <= first.last_seq) {
+                print_message(&me.http, &mut names, m).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn print_message(http: &HttpClient, names: &mut Names, m: &ChatMessage) {
+        let who = names.of(http, m.sender).await;
+        println!("[{} #{}] {who}: {}", m.channel, m.seq, m.text);
+    }
+
+    // ------------------------------------------------------------ WebSocket sessions
+
+    /// A welcomed connection.
+    struct Conn {
+        ws: WsConn,
+        server: u32,
+    }
+
+    /// Why a connection attempt failed: `fatal` ones end the command.
+    struct ConnectError {
+        err: anyhow::Error,
+        fatal: bool,
+        server: Option<u32>,
+    }
+
+    fn fatal_code(code: ErrorCode) -> bool {
+        matches!(
+            code,
+            ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::NotAuthenticated
+        )
+    }
+
+    /// Asks the api for a chat server (avoiding one just lost), connects and says hello.
+    async fn open(me: &Me, avoid: Option<u32>) -> Result<Conn, ConnectError> {
+        let path = match avoid {
+            Some(s) => format!("/v1/chat-server?avoid={s}"),
+            None => "/v1/chat-server".to_string(),
+        };
+        let cs: ChatServerResponse = me.http.get(&path).await.map_err(|e| ConnectError {
+            fatal: matches!(&e, ClientError::Refused { code, .. } if fatal_code(*code)),
+            err: explain(e),
+            server: None,
+        })?;
+        let failed = |err: anyhow::Error, fatal: bool| ConnectError {
+            err,
+            fatal,
+            server: Some(cs.server),
+        };
+        let mut ws = WsConn::connect(&cs.url)
+            .await
+            .map_err(|e| failed(anyhow!("chat server {}: {e}", cs.url), false))?;
+        // The connection number orders this device's connections: the newest wins.
+        let hello = ClientFrame::Hello {
+            token: me.saved.token.clone(),
+            connection: unix_ms(),
+        };
+        ws.send(&hello)
+            .await
+            .map_err(|e| failed(anyhow!(e), false))?;
+        let answer = tokio::time::timeout(WELCOME_TIMEOUT, ws.recv()).await;
+        match answer {
+            Ok(Incoming::Frame(ServerFrame::Welcome { server, .. })) => Ok(Conn { ws, server }),
+            Ok(Incoming::Frame(ServerFrame::Error { code, detail, .. })) => Err(failed(
+                anyhow!("{}: {detail}", code.as_str()),
+                fatal_code(code),
+            )),
+            Ok(other) => Err(failed(anyhow!("expected welcome, got {other:?}"), false)),
+            Err(_) => Err(failed(
+                anyhow!("no welcome within {WELCOME_TIMEOUT:?}"),
+                false,
+            )),
+        }
+    }
+
+    /// Opens a connection, retrying through transient failures (a one-shot command's way).
+    async fn open_retrying(me: &Me) -> anyhow::Result<Conn> {
+        let mut avoid = None;
+        let mut last = None;
+        for _ in 0..ATTEMPTS_MAX {
+            match open(me, avoid).await {
+                Ok(c) => return Ok(c),
+                Err(e) if e.fatal => return Err(e.err),
+                Err(e) => {
+                    avoid = e.server;
+                    last = Some(e.err);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| anyhow!("no attempt made"))
+            .context("cannot connect"))
+    }
+
+    async fn send_target(
+        me: &Me,
+        to: Option<String>,
+        mut args: Vec<String>,
+    ) -> anyhow::Result<(Id, String)> {
+        match (to, args.len()) {
+            (Some(name), 1) => {
+                let user = find_user(&me.http, &name).await?;
+                let p = profile(&me.http).await?;
+                let channel = p.friends.get(&user).ok_or_else(|| {
+                    anyhow!("{name} is not your friend: run `chat friend {name}` first")
+                })?;
+                Ok((*channel, args.remove(0)))
+            }
+            (None, 2) => {
+                let channel = args[0]
+                    .parse()
+                    .map_err(|_| anyhow!("CHANNEL must be a number, got {:?}", args[0]))?;
+                Ok((channel, args.remove(1)))
+            }
+            (Some(_), _) => bail!("with --to NAME give only TEXT"),
+            (None, _) => bail!("give CHANNEL TEXT, or --to NAME TEXT"),
+        }
+    }
+
+    /// Sends until acknowledged: one `client_msg_id` through every retry, so the server
+    /// stores one message however many times it arrives. Answers (channel, seq).
+    async fn send(me: &Me, channel: Id, text: String) -> anyhow::Result<(Id, u64)> {
+        let client_msg_id = unix_ms() * 1000 + u64::from(rand::random::<u16>() % 1000);
+        let frame = ClientFrame::Send {
+            client_msg_id,
+            channel,
+            text,
+        };
+        let mut last = anyhow!("no attempt made");
+        for _ in 0..ATTEMPTS_MAX {
+            let mut conn = open_retrying(me).await?;
+            conn.ws.send(&frame).await.map_err(|e| anyhow!(e))?;
+            loop {
+                let answer = tokio::time::timeout(SILENCE_MAX, conn.ws.recv()).await;
+                match answer {
+                    Ok(Incoming::Frame(ServerFrame::Ack {
+                        client_msg_id: id,
+                        channel,
+                        seq,
+                        ..
+                    })) if id == client_msg_id => {
+                        conn.ws.close().await;
+                        return Ok((channel, seq));
+                    }
+                    Ok(Incoming::Frame(ServerFrame::Error { code, detail, .. })) => {
+                        last = anyhow!("{}: {detail}", code.as_str());
+                        if !code.retryable() && !code.closes_connection() {
+                            return Err(last);
+                        }
+                        if fatal_code(code) {
+                            return Err(last);
+                        }
+                        break; // Retry, on a new connection, with the same client_msg_id.
+                    }
+                    Ok(Incoming::Frame(_)) | Ok(Incoming::Unparsed(_)) => continue,
+                    Ok(Incoming::Closed) => {
+                        last = anyhow!("the connection closed before the ack");
+                        break;
+                    }
+                    Err(_) => {
+                        last = anyhow!("no ack within {SILENCE_MAX:?}");
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        Err(last.context("send not acknowledged"))
+    }
+
+    async fn presence(me: &Me, names: Vec<String>) -> anyhow::Result<()> {
+        let p = profile(&me.http).await?;
+        let mut asked = BTreeMap::new();
+        for name in names {
+            let user = find_user(&me.http, &name).await?;
+            if !p.friends.contains_key(&user) {
+                bail!("{name} is not your friend (presence is shown to friends only)");
+            }
+            asked.insert(user, name);
+        }
+        let mut conn = open_retrying(me).await?;
+        let query = ClientFrame::PresenceQuery {
+            users: asked.keys().copied().collect(),
+        };
+        conn.ws.send(&query).await.map_err(|e| anyhow!(e))?;
+        let mut seen: BTreeMap<Id, (PresenceStatus, u64)> = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + PRESENCE_WAIT;
+        while seen.len() < asked.len() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, conn.ws.recv()).await {
+                Ok(Incoming::Frame(ServerFrame::Presence {
+                    user,
+                    status,
+                    version,
+                })) => {
+                    if seen.get(&user).is_none_or(|(_, v)| *v <= version) {
+                        seen.insert(user, (status, version));
+                    }
+                }
+                Ok(Incoming::Frame(ServerFrame::Error { code, detail, .. })) => {
+                    bail!("{}: {detail}", code.as_str())
+                }
+                Ok(Incoming::Frame(_)) | Ok(Incoming::Unparsed(_)) => {}
+                Ok(Incoming::Closed) => bail!("the connection closed before the answer"),
+                Err(_) => break,
+            }
+        }
+        conn.ws.close().await;
+        let mut missing = 0;
+        for (user, name) in &asked {
+            match seen.get(user) {
+                Some((PresenceStatus::Online, _)) => println!("{name}: online"),
+                Some((PresenceStatus::Offline, _)) => println!("{name}: offline"),
+                None => {
+                    println!("{name}: unknown (no answer within {PRESENCE_WAIT:?})");
+                    missing += 1;
+                }
+            }
+        }
+        if missing > 0 {
+            bail!("{missing} presence answer(s) missing");
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ follow
+
+    async fn follow(me: &Me, only: Option<Id>) -> anyhow::Result<()> {
+        let mut device = DeviceState::new(me.saved.user, me.saved.device, false);
+        let mut names = Names::default();
+        let mut backoff = BACKOFF_MIN;
+        let mut avoid = None;
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        loop {
+            let why = tokio::select! {
+                biased;
+                _ = &mut ctrl_c => return Ok(()),
+                r = open(me, avoid) => match r {
+                    Ok(conn) => {
+                        backoff = BACKOFF_MIN;
+                        avoid = None;
+                        eprintln!("connected to chat server {}", conn.server);
+                        let run = followed(me, conn, &mut device, &mut names, only);
+                        tokio::select! {
+                            biased;
+                            _ = &mut ctrl_c => return Ok(()),
+                            lost = run => lost?,
+                        }
+                    }
+                    Err(e) if e.fatal => return Err(e.err),
+                    Err(e) => {
+                        avoid = e.server;
+                        format!("{:#}", e.err)
+                    }
+                },
+            };
+            let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+            eprintln!(
+                "disconnected ({why}); reconnecting in {:.1} s",
+                wait.as_secs_f64()
+            );
+            tokio::select! {
+                biased;
+                _ = &mut ctrl_c => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Runs one connection: sync, heartbeats, deliveries printed in order, once each.
+    /// Answers why the connection was lost.
+    async fn followed(
+        me: &Me,
+        mut conn: Conn,
+        device: &mut DeviceState,
+        names: &mut Names,
+        only: Option<Id>,
+    ) -> anyhow::Result<String> {
+        let mut out = device.on_connected();
+        out.push(ClientFrame::Heartbeat);
+        out.extend(presence_query(me).await);
+        let period = Duration::from_millis(HEARTBEAT_INTERVAL_MS);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut last_heard = tokio::time::Instant::now();
+        loop {
+            for f in out.drain(..) {
+                if let Err(e) = conn.ws.send(&f).await {
+                    return Ok(e.to_string());
+                }
+            }
+            tokio::select! {
+                biased;
+                incoming = conn.ws.recv() => {
+                    last_heard = tokio::time::Instant::now();
+                    let frame = match incoming {
+                        Incoming::Frame(f) => f,
+                        Incoming::Unparsed(t) => {
+                            eprintln!("unparsed frame: {t}");
+                            continue;
+                        }
+                        Incoming::Closed => return Ok("connection closed".into()),
+                    };
+                    let (obs, more) = device.on_frame(frame);
+                    out.extend(more);
+                    for o in obs {
+                        if o == Observation::PresenceRefresh {
+                            out.extend(presence_query(me).await);
+                        } else if let Some(lost) = observe(me, names, o, only).await? {
+                            return Ok(lost);
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if last_heard.elapsed() > SILENCE_MAX {
+                        return Ok(format!("nothing heard for {SILENCE_MAX:?}"));
+                    }
+                    out.push(ClientFrame::Heartbeat);
+                    out.extend(device.on_tick());
+                    out.extend(device.take_reads());
+                }
+            }
+        }
+    }
+
+    /// Asks for the presence of all friends (at connect, and when presence restarted).
+    async fn presence_query(me: &Me) -> Option<ClientFrame> {
+        let p = profile(&me.http).await.ok()?;
+        let users: Vec<Id> = p.friends.keys().copied().collect();
+        (!users.is_empty()).then_some(ClientFrame::PresenceQuery { users })
+    }
+
+    /// Prints one observation; `Some(why)` when the connection must end.
+    async fn observe(
+        me: &Me,
+        names: &mut Names,
+        o: Observation,
+        only: Option<Id>,
+    ) -> anyhow::Result<Option<String>> {
+        match o {
+            Observation::Deliver(m) if only.is_none_or(|c| c == m.channel) => {
+                print_message(&me.http, names, &m).await;
+            }
+            Observation::Presence { user, status } => {
+                let name = names.of(&me.http, user).await;
+                let word = match status {
+                    PresenceStatus::Online => "online",
+                    PresenceStatus::Offline => "offline",
+                };
+                println!("* {name} is {word}");
+            }
+            Observation::Error { code, detail } if fatal_code(code) => {
+                bail!("{}: {detail}", code.as_str())
+            }
+            Observation::Error { code, detail } if code.closes_connection() => {
+                return Ok(Some(format!("{}: {detail}", code.as_str())));
+            }
+            Observation::Error { code, detail } => eprintln!("{}: {detail}", code.as_str()),
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        // Proves --server accepts http://HOST:PORT (with or without a trailing slash) and
+        // refuses anything else with words that say what is expected.
+        #[test]
+        fn server_addresses() {
+            let want: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+            assert_eq!(api_addr("http://127.0.0.1:8080").unwrap(), want);
+            assert_eq!(api_addr("http://127.0.0.1:8080/").unwrap(), want);
+            let e = api_addr("https://127.0.0.1:8080").unwrap_err().to_string();
+            assert!(e.contains("http://HOST:PORT"), "{e}");
+            assert!(api_addr("127.0.0.1:8080").is_err());
+        }
+
+        // Proves query values are percent-encoded except the unreserved characters.
+        #[test]
+        fn query_encoding() {
+            assert_eq!(encode("alice-1_b.c~"), "alice-1_b.c~");
+            assert_eq!(encode("a b&c=é"), "a%20b%26c%3D%C3%A9");
+        }
+    }
+}
