@@ -13,6 +13,13 @@ pub const MESSAGE_CHARS_MAX: usize = 100_000;
 /// plus JSON framing. Larger frames close the connection (`frame_too_large`).
 pub const WS_FRAME_BYTES_MAX: usize = 4 * MESSAGE_CHARS_MAX + 4096;
 
+/// Longest a chat server waits for the kernel to take one WebSocket frame (the device's
+/// socket is full: it has not read for that long). When it fires the device is treated as a
+/// `slow_consumer`: the session ends and the connection is dropped without the close
+/// handshake (the reason cannot get through a full socket; it is still counted), and the
+/// device resyncs from its cursors when it reconnects. Enforced by the session writer.
+pub const WS_WRITE_TIMEOUT_MS: u64 = 10_000;
+
 /// Largest internal RPC frame (a sync page of 100 maximal messages fits).
 pub const RPC_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 
