@@ -9,9 +9,12 @@ pub const GROUP_MEMBERS_MAX: usize = 100;
 /// before anything is stored (`message_too_long`), and again by kv `Append`.
 pub const MESSAGE_CHARS_MAX: usize = 100_000;
 
-/// Largest WebSocket frame a chat server accepts: 100,000 characters of up to 4 UTF-8 bytes
-/// plus JSON framing. Larger frames close the connection (`frame_too_large`).
-pub const WS_FRAME_BYTES_MAX: usize = 4 * MESSAGE_CHARS_MAX + 4096;
+/// Largest WebSocket frame a chat server accepts (and the device library reads): 100,000
+/// characters of up to 6 bytes each as JSON writes them (a control character is escaped as
+/// `\u0001`) plus the frame's other fields. Every legal message therefore fits, both in the
+/// device's `send` and in the server's `message` frame. Larger frames close the connection
+/// (`frame_too_large`).
+pub const WS_FRAME_BYTES_MAX: usize = 6 * MESSAGE_CHARS_MAX + 4096;
 
 /// Longest a chat server waits for the kernel to take one WebSocket frame (the device's
 /// socket is full: it has not read for that long). When it fires the device is treated as a
