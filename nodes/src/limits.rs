@@ -31,6 +31,11 @@ pub const RPC_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// cursor when it reconnects (nothing is lost, it is all in kv).
 pub const SESSION_OUTBOX_MAX: usize = 1024;
 
+/// Largest HTTP request body the api reads (its largest legal body, a group of 100 members,
+/// is a few KB). Larger bodies are refused with 413 `body_too_large`. Enforced by the api's
+/// body extractor.
+pub const API_BODY_BYTES_MAX: usize = 64 * 1024;
+
 /// Messages per sync page read from kv and sent to a device.
 pub const SYNC_PAGE_MAX: usize = 100;
 

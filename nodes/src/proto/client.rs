@@ -35,6 +35,8 @@ pub enum ErrorCode {
     /// A dependency (kv, idgen) did not answer in time: retry with the same `client_msg_id`.
     Unavailable,
     NoChatServer,
+    /// An HTTP request body over `API_BODY_BYTES_MAX` (HTTP 413).
+    BodyTooLarge,
 }
 
 impl ErrorCode {
@@ -59,6 +61,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NoChatServer => "no_chat_server",
+            ErrorCode::BodyTooLarge => "body_too_large",
         }
     }
 
