@@ -85,6 +85,10 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
     // One deadline for the whole greeting: junk frames do not extend it.
     let greeted = tokio::time::timeout(HELLO_TIMEOUT, hello(&state, &mut frames, &tx)).await;
     let Ok(Some((claims, connection))) = greeted else {
+        if greeted.is_err() {
+            let detail = format!("no valid hello within {HELLO_TIMEOUT:?}");
+            let _ = tx.try_send(Outbound::Close(ErrorCode::NotAuthenticated, detail));
+        }
         drop(tx);
         let _ = writer.await;
         return;
