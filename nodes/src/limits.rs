@@ -9,9 +9,19 @@ pub const GROUP_MEMBERS_MAX: usize = 100;
 /// before anything is stored (`message_too_long`), and again by kv `Append`.
 pub const MESSAGE_CHARS_MAX: usize = 100_000;
 
-/// Largest WebSocket frame a chat server accepts: 100,000 characters of up to 4 UTF-8 bytes
-/// plus JSON framing. Larger frames close the connection (`frame_too_large`).
-pub const WS_FRAME_BYTES_MAX: usize = 4 * MESSAGE_CHARS_MAX + 4096;
+/// Largest WebSocket frame a chat server accepts (and the device library reads): 100,000
+/// characters of up to 6 bytes each as JSON writes them (a control character is escaped as
+/// `\u0001`) plus the frame's other fields. Every legal message therefore fits, both in the
+/// device's `send` and in the server's `message` frame. Larger frames close the connection
+/// (`frame_too_large`).
+pub const WS_FRAME_BYTES_MAX: usize = 6 * MESSAGE_CHARS_MAX + 4096;
+
+/// Longest a chat server waits for the kernel to take one WebSocket frame (the device's
+/// socket is full: it has not read for that long). When it fires the device is treated as a
+/// `slow_consumer`: the session ends and the connection is dropped without the close
+/// handshake (the reason cannot get through a full socket; it is still counted), and the
+/// device resyncs from its cursors when it reconnects. Enforced by the session writer.
+pub const WS_WRITE_TIMEOUT_MS: u64 = 10_000;
 
 /// Largest internal RPC frame (a sync page of 100 maximal messages fits).
 pub const RPC_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -20,6 +30,11 @@ pub const RPC_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// keep up: the connection is closed with `slow_consumer` and the device resyncs from its
 /// cursor when it reconnects (nothing is lost, it is all in kv).
 pub const SESSION_OUTBOX_MAX: usize = 1024;
+
+/// Largest HTTP request body the api reads (its largest legal body, a group of 100 members,
+/// is a few KB). Larger bodies are refused with 413 `body_too_large`. Enforced by the api's
+/// body extractor.
+pub const API_BODY_BYTES_MAX: usize = 64 * 1024;
 
 /// Messages per sync page read from kv and sent to a device.
 pub const SYNC_PAGE_MAX: usize = 100;

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{delete, get, post, put};
@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::auth::{hash_password, Claims, TokenKey};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
-use crate::limits::{GROUP_MEMBERS_MAX, SYNC_PAGE_MAX, TOKEN_TTL_MS};
+use crate::limits::{API_BODY_BYTES_MAX, GROUP_MEMBERS_MAX, SYNC_PAGE_MAX, TOKEN_TTL_MS};
 use crate::metrics::Metrics;
 use crate::proto::client::*;
 use crate::proto::internal::{ChannelKind, ChannelRecord, Request, Response, UserRecord};
@@ -67,6 +67,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::NameTaken | ErrorCode::GroupFull => StatusCode::CONFLICT,
         ErrorCode::Unavailable | ErrorCode::NoChatServer => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::BAD_REQUEST,
     }
 }
@@ -111,9 +112,35 @@ pub fn router(state: Arc<ApiState>) -> Router {
         }))
 }
 
+/// A request body of at most [`API_BODY_BYTES_MAX`] bytes. axum's own `Bytes` extractor
+/// would refuse a larger one with a plain-text 413; this one answers `body_too_large` in our
+/// JSON error body (and any other failure to read the body as `bad_request`).
+struct Body(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(mut req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        DefaultBodyLimit::max(API_BODY_BYTES_MAX).apply(&mut req);
+        Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    refuse(
+                        ErrorCode::BodyTooLarge,
+                        format!("request body over {API_BODY_BYTES_MAX} bytes"),
+                    )
+                } else {
+                    refuse(ErrorCode::BadRequest, e.body_text())
+                }
+            })
+    }
+}
+
 /// Parses a JSON body with our own error code (axum's rejection is plain text).
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| refuse(ErrorCode::MalformedJson, e.to_string()))
+fn parse<T: DeserializeOwned>(body: &Body) -> Result<T, ApiError> {
+    serde_json::from_slice(&body.0).map_err(|e| refuse(ErrorCode::MalformedJson, e.to_string()))
 }
 
 fn auth(st: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiError> {
@@ -168,7 +195,7 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
-async fn signup(State(st): S, body: Bytes) -> ApiResult<SignupResponse> {
+async fn signup(State(st): S, body: Body) -> ApiResult<SignupResponse> {
     let req: SignupRequest = parse(&body)?;
     if !valid_name(&req.name) || req.password.is_empty() || req.password.len() > 256 {
         return Err(refuse(
@@ -195,7 +222,7 @@ async fn signup(State(st): S, body: Bytes) -> ApiResult<SignupResponse> {
     Ok(Json(SignupResponse { user }))
 }
 
-async fn login(State(st): S, body: Bytes) -> ApiResult<LoginResponse> {
+async fn login(State(st): S, body: Body) -> ApiResult<LoginResponse> {
     let req: LoginRequest = parse(&body)?;
     let lookup = Request::LookupName {
         name: req.name.clone(),
@@ -290,7 +317,7 @@ async fn channel_info(
     }))
 }
 
-async fn add_friend(State(st): S, headers: HeaderMap, body: Bytes) -> ApiResult<AddFriendResponse> {
+async fn add_friend(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<AddFriendResponse> {
     let c = auth(&st, &headers)?;
     let req: AddFriendRequest = parse(&body)?;
     if req.user == c.user {
@@ -326,7 +353,7 @@ async fn add_friend(State(st): S, headers: HeaderMap, body: Bytes) -> ApiResult<
     Ok(Json(AddFriendResponse { channel }))
 }
 
-async fn create_group(State(st): S, headers: HeaderMap, body: Bytes) -> ApiResult<GroupResponse> {
+async fn create_group(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<GroupResponse> {
     let c = auth(&st, &headers)?;
     let req: CreateGroupRequest = parse(&body)?;
     let mut members: Vec<Id> = vec![c.user];
@@ -384,7 +411,7 @@ async fn add_member(
     State(st): S,
     headers: HeaderMap,
     Path(channel): Path<Id>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<GroupResponse> {
     let c = auth(&st, &headers)?;
     let req: AddMemberRequest = parse(&body)?;
@@ -486,7 +513,7 @@ async fn set_push_target(
     State(st): S,
     headers: HeaderMap,
     Path(device): Path<Id>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<PushTargetResponse> {
     let c = auth(&st, &headers)?;
     let target: PushTarget = parse(&body)?;

@@ -25,6 +25,7 @@ use crate::canary::Canary;
 use crate::clock::unix_ms;
 use crate::limits::{
     PRESENCE_QUERY_USERS_MAX, SESSION_OUTBOX_MAX, SYNC_PAGE_MAX, WS_FRAME_BYTES_MAX,
+    WS_WRITE_TIMEOUT_MS,
 };
 use crate::net::Stream;
 use crate::proto::client::{ClientFrame, Cursor, ErrorCode, ServerFrame};
@@ -41,6 +42,8 @@ const REGISTER_ATTEMPTS: u32 = 4;
 const PRESENCE_QUERY_ATTEMPTS: u32 = 15;
 /// Time allowed for the WebSocket handshake, and then for a valid `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// See [`WS_WRITE_TIMEOUT_MS`].
+const WS_WRITE_TIMEOUT: Duration = Duration::from_millis(WS_WRITE_TIMEOUT_MS);
 
 /// WebSocket settings: small buffers (an idle connection should cost a few KB), frames capped.
 pub fn ws_config() -> WebSocketConfig {
@@ -78,10 +81,14 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
     let (sink, mut frames) = ws.split();
     let (tx, rx) = mpsc::channel::<Outbound>(SESSION_OUTBOX_MAX);
     let closer = Closer::new();
-    let writer = tokio::spawn(write_loop(state.clone(), sink, rx, closer.subscribe()));
+    let writer = tokio::spawn(write_loop(state.clone(), sink, rx, closer.clone()));
     // One deadline for the whole greeting: junk frames do not extend it.
     let greeted = tokio::time::timeout(HELLO_TIMEOUT, hello(&state, &mut frames, &tx)).await;
     let Ok(Some((claims, connection))) = greeted else {
+        if greeted.is_err() {
+            let detail = format!("no valid hello within {HELLO_TIMEOUT:?}");
+            let _ = tx.try_send(Outbound::Close(ErrorCode::NotAuthenticated, detail));
+        }
         drop(tx);
         let _ = writer.await;
         return;
@@ -97,21 +104,22 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
 
 /// Sends queued frames; every error frame a device is sent is counted here, by code. A close
 /// from outside (`Closer`) jumps the queue: its reason is sent next, then the connection ends.
+///
+/// Every write is bounded by [`WS_WRITE_TIMEOUT`]: a device that stops reading fills its
+/// socket, and a writer waiting on it forever would hold the connection (and the reader, and
+/// whatever is queued) open forever, since the reason it is being closed can never get through.
 async fn write_loop(
     state: Arc<ChatState>,
     mut sink: futures::stream::SplitSink<Ws, Message>,
     mut rx: mpsc::Receiver<Outbound>,
-    mut closed: tokio::sync::watch::Receiver<Option<(ErrorCode, String)>>,
+    closer: Arc<Closer>,
 ) {
-    let mut closer_alive = true;
+    let mut closed = closer.subscribe();
     loop {
         let out = tokio::select! {
             biased;
-            changed = closed.changed(), if closer_alive => {
-                if changed.is_err() {
-                    closer_alive = false; // Every handle is gone: no close can come any more.
-                    continue;
-                }
+            // Cannot fail: this task holds the closer, and with it the sending side.
+            _ = closed.changed() => {
                 let reason = closed.borrow().clone();
                 match reason {
                     Some((code, detail)) => Outbound::Close(code, detail),
@@ -135,14 +143,35 @@ async fn write_loop(
             _ => {}
         }
         let text = serde_json::to_string(&frame).expect("server frames serialize");
-        if sink.send(Message::text(text)).await.is_err() {
-            break;
+        match tokio::time::timeout(WS_WRITE_TIMEOUT, sink.send(Message::text(text))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                on_write_stalled(&state, &closer, close);
+                // No close handshake: it would wait on the same full socket. Dropping the
+                // sink (and the reader, which the closer stops) closes the socket.
+                return;
+            }
         }
         if close {
             break;
         }
     }
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(WS_WRITE_TIMEOUT, sink.close()).await;
+}
+
+/// The device has not taken a frame for [`WS_WRITE_TIMEOUT`]: it is a slow consumer. Stops
+/// the session's reader and counts the reason, unless the stalled frame was itself a close
+/// reason (already counted).
+fn on_write_stalled(state: &ChatState, closer: &Closer, stalled_on_close: bool) {
+    tracing::warn!("device socket full for {WS_WRITE_TIMEOUT:?}; dropping the connection");
+    closer.close(
+        ErrorCode::SlowConsumer,
+        format!("nothing read for {WS_WRITE_TIMEOUT:?}; reconnect and sync from your cursors"),
+    );
+    if !stalled_on_close {
+        state.count_error(ErrorCode::SlowConsumer);
+    }
 }
 
 /// Waits for `hello` and verifies its token.

@@ -38,6 +38,8 @@ pub enum ErrorCode {
     NoChatServer,
     /// The device is not one of the caller's devices.
     UnknownDevice,
+    /// An HTTP request body over `API_BODY_BYTES_MAX` (HTTP 413).
+    BodyTooLarge,
 }
 
 impl ErrorCode {
@@ -63,6 +65,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NoChatServer => "no_chat_server",
             ErrorCode::UnknownDevice => "unknown_device",
+            ErrorCode::BodyTooLarge => "body_too_large",
         }
     }
 

@@ -1,0 +1,1278 @@
+//! Proves, on real TCP sockets against a `chatd all-in-one` process, that bad input is answered
+//! as in the simulation and leaves the server healthy. Each test starts its own process (so
+//! its error counters are its own), sends one family of bad input through the client library
+//! or, for what that library would refuse to send, through raw tokio-tungstenite or TCP, and
+//! checks: the error code each refusal names, whether the connection was closed or stays
+//! usable, that `/metrics` counted the errors by code, that `/healthz` answers ok, and that a
+//! well-behaved client on another connection can still sign up, connect, send and receive.
+//!
+//! Families: oversize frames and texts; a client that never reads while others flood it
+//! (disconnected with bounded server memory: VmRSS is sampled and logged); send floods above
+//! the rate limit and junk/binary frame floods; bad tokens, no hello, and bad HTTP requests
+//! (bad bearer tokens, malformed and oversize bodies).
+//!
+//! Nothing asserts a timing: deadlines only bound how long a test waits for an outcome.
+
+#![cfg(not(madsim))]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use nodes::auth::TokenKey;
+use nodes::client::http::HttpClient;
+use nodes::client::ws::{Incoming, WsConn};
+use nodes::client::ClientError;
+use nodes::limits::{
+    API_BODY_BYTES_MAX, MESSAGE_CHARS_MAX, SENDS_PER_SECOND_MAX, SESSION_OUTBOX_MAX,
+    WS_FRAME_BYTES_MAX, WS_WRITE_TIMEOUT_MS,
+};
+use nodes::proto::client::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+// ------------------------------------------------------------------ the server process
+
+/// Ports one server uses: discovery at the base ... kv shards, and the api at base + 20.
+const PORT_BLOCK: u16 = 21;
+
+/// A block of free ports, below the ephemeral range (so the test's own outgoing connections
+/// cannot take one) and distinct for every test of this process (they run in parallel).
+fn free_base() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let salt = std::process::id() % 300;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 1000, "no free block of {PORT_BLOCK} ports");
+        let base = 20_000 + ((salt + n) % 300) as u16 * 40;
+        let free = (base..base + PORT_BLOCK).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
+
+struct Server {
+    child: Child,
+    http: SocketAddr,
+    _data: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let data = tempfile::tempdir().expect("temp dir");
+        let base = free_base();
+        let http: SocketAddr = format!("127.0.0.1:{}", base + 20).parse().expect("addr");
+        let child = Command::new(env!("CARGO_BIN_EXE_chatd"))
+            .args(["all-in-one", "--data"])
+            .arg(data.path())
+            .args([
+                "--http",
+                &http.to_string(),
+                "--base-port",
+                &base.to_string(),
+            ])
+            .env("RUST_LOG", "error")
+            .spawn()
+            .expect("start chatd");
+        let server = Server {
+            child,
+            http,
+            _data: data,
+        };
+        wait_ready(http).await;
+        server
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn data(&self) -> &Path {
+        self._data.path()
+    }
+
+    /// The key the server signs tokens with (key id 1, the secret in `<data>/token.secret`).
+    fn token_key(&self) -> TokenKey {
+        let secret = std::fs::read(self.data().join("token.secret")).expect("token secret");
+        TokenKey::new(1, secret)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_ready(http: SocketAddr) {
+    for _ in 0..400 {
+        let c = HttpClient::new(http);
+        let login = LoginRequest {
+            name: "nobody".into(),
+            password: "x".into(),
+            device: None,
+        };
+        let r: Result<LoginResponse, _> = c.post("/v1/login", &login).await;
+        if matches!(r, Err(ClientError::Refused { .. })) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("chatd did not become ready at {http}");
+}
+
+/// The server's resident set, in KiB (`VmRSS` of /proc/<pid>/status).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line")
+}
+
+/// Kernel queues (send, receive) of the loopback TCP socket `local_port` -> `remote_port`,
+/// from /proc/net/tcp.
+fn tcp_queues(local_port: u16, remote_port: u16) -> Option<(u64, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 5 || port(f[1])? != local_port || port(f[2])? != remote_port {
+            return None;
+        }
+        let (tx, rx) = f[4].split_once(':')?;
+        Some((
+            u64::from_str_radix(tx, 16).ok()?,
+            u64::from_str_radix(rx, 16).ok()?,
+        ))
+    })
+}
+
+// ------------------------------------------------------------------ raw HTTP
+
+struct RawResponse {
+    status: u16,
+    content_type: String,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The `{"error": code, "detail": ...}` body; panics if the body is not one.
+    fn error(&self) -> ErrorBody {
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "status {} with content type {:?}: {}",
+            self.status,
+            self.content_type,
+            String::from_utf8_lossy(&self.body)
+        );
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: not an error body ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// One HTTP/1.1 request on its own connection, written and read by hand, so any header and
+/// any body can be sent and the answer is seen as it is.
+async fn raw_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect api");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    // The server may answer (and close) before reading a body it refuses: a failed write is
+    // fine as long as the answer can be read.
+    let _ = tcp.write_all(&request).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "{method} {path}: no answer within 10 s");
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "{method} {path}: no HTTP answer: {:?}",
+                String::from_utf8_lossy(&answer)
+            )
+        });
+    let head = String::from_utf8_lossy(&answer[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let mut body = answer[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    RawResponse {
+        status,
+        content_type,
+        body,
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16)
+            .expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+    out
+}
+
+/// The value of one sample of `/metrics` (`name` with its labels, as printed), 0 if absent.
+async fn metric(http: SocketAddr, sample: &str) -> f64 {
+    let r = raw_http(http, "GET", "/metrics", &[], b"").await;
+    assert_eq!(r.status, 200, "/metrics");
+    let text = String::from_utf8(r.body).expect("metrics are text");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().expect("a number"))
+        })
+        .unwrap_or(0.0)
+}
+
+async fn errors_counted(http: SocketAddr, code: ErrorCode) -> u64 {
+    metric(
+        http,
+        &format!("chatsim_errors_total{{code=\"{}\"}}", code.as_str()),
+    )
+    .await as u64
+}
+
+async fn assert_healthy(http: SocketAddr) {
+    let r = raw_http(http, "GET", "/healthz", &[], b"").await;
+    assert_eq!(
+        (r.status, String::from_utf8_lossy(&r.body).trim()),
+        (200, "ok"),
+        "/healthz"
+    );
+}
+
+// ------------------------------------------------------------------ users and devices
+
+async fn signup(http: SocketAddr, name: &str) -> u64 {
+    let r: SignupResponse = HttpClient::new(http)
+        .post(
+            "/v1/signup",
+            &SignupRequest {
+                name: name.into(),
+                password: format!("{name}-pw"),
+            },
+        )
+        .await
+        .expect("signup");
+    r.user
+}
+
+/// Logs in as a new device; answers an authenticated api client and the login.
+async fn login(http: SocketAddr, name: &str) -> (HttpClient, LoginResponse) {
+    let r: LoginResponse = HttpClient::new(http)
+        .post(
+            "/v1/login",
+            &LoginRequest {
+                name: name.into(),
+                password: format!("{name}-pw"),
+                device: None,
+            },
+        )
+        .await
+        .expect("login");
+    let mut authed = HttpClient::new(http);
+    authed.token = Some(r.token.clone());
+    (authed, r)
+}
+
+async fn befriend(http: &HttpClient, user: u64) -> u64 {
+    let r: AddFriendResponse = http
+        .post("/v1/friends", &AddFriendRequest { user })
+        .await
+        .expect("befriend");
+    r.channel
+}
+
+/// Asks for a chat server, retrying while none is live yet (just after start).
+async fn chat_url(http: &HttpClient) -> String {
+    for _ in 0..150 {
+        match http.get::<ChatServerResponse>("/v1/chat-server").await {
+            Ok(cs) => return cs.url,
+            Err(ClientError::Refused {
+                code: ErrorCode::NoChatServer,
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("chat server lookup failed: {e}"),
+        }
+    }
+    panic!("no chat server became live");
+}
+
+fn hello(token: &str) -> ClientFrame {
+    ClientFrame::Hello {
+        token: token.into(),
+        connection: 0,
+    }
+}
+
+/// Connects with the client library and authenticates.
+async fn connect(http: &HttpClient, token: &str) -> WsConn {
+    let mut ws = WsConn::connect(&chat_url(http).await)
+        .await
+        .expect("ws connect");
+    ws.send(&hello(token)).await.expect("hello");
+    match next(&mut ws).await {
+        ServerFrame::Welcome { .. } => ws,
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+async fn next(ws: &mut WsConn) -> ServerFrame {
+    match tokio::time::timeout(Duration::from_secs(20), ws.recv()).await {
+        Ok(Incoming::Frame(f)) => f,
+        other => panic!("expected a frame, got {other:?}"),
+    }
+}
+
+/// Reads frames until one matches (presence and other frames in between are skipped).
+async fn until<T>(ws: &mut WsConn, mut f: impl FnMut(ServerFrame) -> Option<T>) -> T {
+    for _ in 0..10_000 {
+        if let Some(t) = f(next(ws).await) {
+            return t;
+        }
+    }
+    panic!("no matching frame in 10,000");
+}
+
+/// The next error frame's code; panics on an ack (the send should have been refused).
+async fn next_error(ws: &mut WsConn) -> (ErrorCode, Option<u64>) {
+    until(ws, |f| match f {
+        ServerFrame::Error {
+            code,
+            client_msg_id,
+            ..
+        } => Some((code, client_msg_id)),
+        ServerFrame::Ack { client_msg_id, .. } => {
+            panic!("send {client_msg_id} acknowledged, expected a refusal")
+        }
+        _ => None,
+    })
+    .await
+}
+
+/// Sends and waits for the ack; answers the seq. Retries `unavailable` and `rate_limited`
+/// with the same `client_msg_id`, as a real client's outbox does.
+async fn send_acked(ws: &mut WsConn, client_msg_id: u64, channel: u64, text: &str) -> u64 {
+    for _ in 0..50 {
+        let send = ClientFrame::Send {
+            client_msg_id,
+            channel,
+            text: text.into(),
+        };
+        ws.send(&send).await.expect("send");
+        let answer = until(ws, |f| match f {
+            ServerFrame::Ack {
+                client_msg_id: id,
+                seq,
+                ..
+            } if id == client_msg_id => Some(Ok(seq)),
+            ServerFrame::Error {
+                code,
+                client_msg_id: Some(id),
+                ..
+            } if id == client_msg_id => Some(Err(code)),
+            _ => None,
+        })
+        .await;
+        match answer {
+            Ok(seq) => return seq,
+            Err(code) if code.retryable() => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(code) => panic!("send {client_msg_id} refused with {code:?}"),
+        }
+    }
+    panic!("send {client_msg_id} never acknowledged");
+}
+
+/// The next delivered message.
+async fn next_message(ws: &mut WsConn) -> ChatMessage {
+    until(ws, |f| match f {
+        ServerFrame::Message(m) => Some(m),
+        _ => None,
+    })
+    .await
+}
+
+/// Every message of a channel, through the api's history pages.
+async fn history(http: &HttpClient, channel: u64) -> Vec<ChatMessage> {
+    let mut all = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |m: &ChatMessage| m.seq);
+        let page: HistoryResponse = http
+            .get(&format!(
+                "/v1/channels/{channel}/messages?after_seq={after}"
+            ))
+            .await
+            .expect("history");
+        if page.messages.is_empty() {
+            return all;
+        }
+        all.extend(page.messages);
+    }
+}
+
+/// The server stays usable for everyone else: two new users sign up, befriend, connect, and
+/// one's message reaches the other.
+async fn well_behaved_pair_chats(http: SocketAddr, tag: &str) {
+    let (a_name, b_name) = (format!("{tag}-a"), format!("{tag}-b"));
+    signup(http, &a_name).await;
+    let b_user = signup(http, &b_name).await;
+    let (a_http, a) = login(http, &a_name).await;
+    let (b_http, b) = login(http, &b_name).await;
+    let channel = befriend(&a_http, b_user).await;
+    let mut a_ws = connect(&a_http, &a.token).await;
+    let mut b_ws = connect(&b_http, &b.token).await;
+    let text = format!("{tag}: still working");
+    send_acked(&mut a_ws, 1, channel, &text).await;
+    let got = next_message(&mut b_ws).await;
+    assert_eq!((got.channel, got.text.as_str()), (channel, text.as_str()));
+    assert_healthy(http).await;
+}
+
+// ------------------------------------------------------------------ raw WebSocket
+
+type RawWs = WebSocketStream<TcpStream>;
+
+/// A WebSocket client with no size limits of its own, for frames the library would refuse.
+async fn raw_ws(url: &str) -> RawWs {
+    let addr: SocketAddr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("ws url");
+    raw_ws_on(url, TcpStream::connect(addr).await.expect("connect")).await
+}
+
+async fn raw_ws_on(url: &str, tcp: TcpStream) -> RawWs {
+    let config = WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config))
+        .await
+        .expect("websocket handshake");
+    ws
+}
+
+async fn raw_send(ws: &mut RawWs, frame: &ClientFrame) {
+    let text = serde_json::to_string(frame).expect("frames serialize");
+    ws.send(Message::text(text)).await.expect("raw send");
+}
+
+/// What a raw connection received until it ended (or `wait` passed with nothing new).
+#[derive(Debug, Default)]
+struct Ending {
+    errors: Vec<ErrorCode>,
+    messages: usize,
+    welcomed: bool,
+    closed: bool,
+}
+
+async fn read_to_end(ws: &mut RawWs, wait: Duration) -> Ending {
+    let mut seen = Ending::default();
+    loop {
+        match tokio::time::timeout(wait, ws.next()).await {
+            Err(_) => return seen, // Still open.
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => {
+                seen.closed = true;
+                return seen;
+            }
+            Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str(&t) {
+                Ok(ServerFrame::Error { code, .. }) => seen.errors.push(code),
+                Ok(ServerFrame::Message(_)) => seen.messages += 1,
+                Ok(ServerFrame::Welcome { .. }) => seen.welcomed = true,
+                Ok(_) => {}
+                Err(e) => panic!("unparsable server frame ({e}): {t:.200}"),
+            },
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+/// A raw connection that said `hello` and was welcomed.
+async fn raw_authed(url: &str, token: &str) -> RawWs {
+    let mut ws = raw_ws(url).await;
+    raw_send(&mut ws, &hello(token)).await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if let Ok(ServerFrame::Welcome { .. }) = serde_json::from_str(&t) {
+                    return ws;
+                }
+            }
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ 1. oversize
+
+// Proves: a text of MESSAGE_CHARS_MAX + 1 characters in a legal frame is refused with
+// `message_too_long` and the connection stays usable; texts of exactly MESSAGE_CHARS_MAX
+// characters of 1- to 4-byte UTF-8 and of JSON-escaped control characters are accepted and
+// delivered intact; a frame over WS_FRAME_BYTES_MAX, and a message fragmented into legal
+// frames that adds up to more, get `frame_too_large` and are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_frames_and_texts() {
+    let server = Server::start().await;
+    let http = server.http;
+    signup(http, "alice").await;
+    let bob_user = signup(http, "bob").await;
+    let (alice_http, alice) = login(http, "alice").await;
+    let (bob_http, bob) = login(http, "bob").await;
+    let channel = befriend(&alice_http, bob_user).await;
+    let mut a = connect(&alice_http, &alice.token).await;
+    let mut b = connect(&bob_http, &bob.token).await;
+
+    // One character too many, in a legal frame: refused, connection usable.
+    let too_long = ClientFrame::Send {
+        client_msg_id: 1,
+        channel,
+        text: "a".repeat(MESSAGE_CHARS_MAX + 1),
+    };
+    a.send(&too_long).await.expect("send");
+    assert_eq!(
+        next_error(&mut a).await,
+        (ErrorCode::MessageTooLong, Some(1))
+    );
+    let too_long_4b = ClientFrame::Send {
+        client_msg_id: 2,
+        channel,
+        text: "😀".repeat(MESSAGE_CHARS_MAX + 1),
+    };
+    a.send(&too_long_4b).await.expect("send");
+    assert_eq!(
+        next_error(&mut a).await,
+        (ErrorCode::MessageTooLong, Some(2))
+    );
+
+    // Exactly the limit, in every width JSON can carry a character in: stored and delivered
+    // byte for byte. A control character is sent escaped (`\u0001`, six bytes).
+    let mixed: String = "aé中😀\u{1}"
+        .chars()
+        .cycle()
+        .take(MESSAGE_CHARS_MAX)
+        .collect();
+    let texts = [
+        "a".repeat(MESSAGE_CHARS_MAX),
+        "é".repeat(MESSAGE_CHARS_MAX),
+        "中".repeat(MESSAGE_CHARS_MAX),
+        "😀".repeat(MESSAGE_CHARS_MAX),
+        "\u{1}".repeat(MESSAGE_CHARS_MAX),
+        mixed,
+    ];
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(text.chars().count(), MESSAGE_CHARS_MAX);
+        let id = 10 + i as u64;
+        let frame_bytes = serde_json::to_string(&ClientFrame::Send {
+            client_msg_id: id,
+            channel,
+            text: text.clone(),
+        })
+        .expect("serialize")
+        .len();
+        eprintln!("text {i}: {} bytes, frame {frame_bytes} bytes", text.len());
+        send_acked(&mut a, id, channel, text).await;
+        let got = next_message(&mut b).await;
+        assert_eq!(got.client_msg_id, id);
+        assert!(got.text == *text, "text {i} delivered intact");
+    }
+
+    // A frame over the limit: `frame_too_large`, then the connection is closed.
+    let url = chat_url(&alice_http).await;
+    let (_, alice2) = login(http, "alice").await;
+    let mut raw = raw_authed(&url, &alice2.token).await;
+    let _ = raw
+        .send(Message::text("x".repeat(WS_FRAME_BYTES_MAX + 1)))
+        .await;
+    let end = read_to_end(&mut raw, Duration::from_secs(10)).await;
+    assert_eq!(end.errors, vec![ErrorCode::FrameTooLarge], "{end:?}");
+    assert!(
+        end.closed,
+        "an oversize frame closes the connection: {end:?}"
+    );
+
+    // Legal frames, a message over the limit in total: the same.
+    let (_, alice3) = login(http, "alice").await;
+    let mut raw = raw_authed(&url, &alice3.token).await;
+    let chunk = "y".repeat(WS_FRAME_BYTES_MAX / 4);
+    let mut fragments = 0;
+    for i in 0..5 {
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let frame = Frame::message(chunk.clone(), opcode, i == 4);
+        if raw.send(Message::Frame(frame)).await.is_err() {
+            break;
+        }
+        fragments += 1;
+    }
+    let end = read_to_end(&mut raw, Duration::from_secs(10)).await;
+    eprintln!("fragmented oversize message: {fragments} fragments written");
+    assert_eq!(end.errors, vec![ErrorCode::FrameTooLarge], "{end:?}");
+    assert!(
+        end.closed,
+        "an oversize message closes the connection: {end:?}"
+    );
+
+    // The first connection was never disturbed.
+    send_acked(&mut a, 100, channel, "after the oversize frames").await;
+    assert_eq!(next_message(&mut b).await.text, "after the oversize frames");
+    assert_eq!(errors_counted(http, ErrorCode::MessageTooLong).await, 2);
+    assert_eq!(errors_counted(http, ErrorCode::FrameTooLarge).await, 2);
+    well_behaved_pair_chats(http, "oversize").await;
+}
+
+// ------------------------------------------------------------------ 2. never reads
+
+/// Text of each flood message; with SESSION_OUTBOX_MAX queued frames that is 16 MiB.
+const FLOOD_TEXT_BYTES: usize = 16 * 1024;
+const FLOODERS: usize = 6;
+/// Each flooder stays under the rate limit.
+const FLOOD_SENDS_PER_SECOND: u64 = 40;
+
+// Proves: a device that authenticates and then never reads its socket while six friends
+// flood it is disconnected by the server (its session ends, `slow_consumer` is counted)
+// even though its socket never drains, so a writer blocked on a full socket cannot hold the
+// connection open; the kernel queue and the server's RSS stay bounded during the flood
+// (sampled and logged; the RSS bound asserted is generous); what reached the socket can
+// still be read, ending in a close; and on reconnect the device syncs every acknowledged
+// message, nothing lost. Then /healthz and a new pair of users work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_reading_client_is_disconnected_with_bounded_memory() {
+    let server = Server::start().await;
+    let http = server.http;
+    let slow_user = signup(http, "slow").await;
+    let (slow_http, slow) = login(http, "slow").await;
+    let mut flooders = Vec::new();
+    for i in 0..FLOODERS {
+        let name = format!("flooder{i}");
+        signup(http, &name).await;
+        let (fh, fl) = login(http, &name).await;
+        let channel = befriend(&fh, slow_user).await;
+        flooders.push((fh, fl, channel));
+    }
+
+    // The device that never reads: a tiny receive buffer, welcomed, then never polled.
+    let url = chat_url(&slow_http).await;
+    let ws_addr: SocketAddr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("ws url");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket.connect(ws_addr).await.expect("connect");
+    let slow_port = tcp.local_addr().expect("local addr").port();
+    let mut slow_ws = raw_ws_on(&url, tcp).await;
+    raw_send(&mut slow_ws, &hello(&slow.token)).await;
+    loop {
+        let f = tokio::time::timeout(Duration::from_secs(10), slow_ws.next()).await;
+        if let Ok(Some(Ok(Message::Text(t)))) = &f {
+            if t.contains("\"welcome\"") {
+                break;
+            }
+        } else {
+            panic!("expected welcome, got {f:?}");
+        }
+    }
+
+    let mut conns = Vec::new();
+    for (fh, fl, channel) in &flooders {
+        conns.push((connect(fh, &fl.token).await, *channel));
+    }
+    let sessions_before = metric(http, "chatsim_ws_connections").await;
+    assert_eq!(sessions_before, (FLOODERS + 1) as f64);
+    let rss_before = rss_kib(server.pid());
+
+    // Sample the server's RSS and the kernel queue of the slow connection while flooding.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (stop, pid) = (stop.clone(), server.pid());
+        let server_port = ws_addr.port();
+        async move {
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let q = tcp_queues(server_port, slow_port);
+                samples.push((rss_kib(pid), q));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            samples
+        }
+    });
+    let started = Instant::now();
+    let flood = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut ws, channel))| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let text = format!("{i}").repeat(FLOOD_TEXT_BYTES);
+                let pace = Duration::from_millis(1000 / FLOOD_SENDS_PER_SECOND);
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) && sent < 2_000 {
+                    let t0 = Instant::now();
+                    sent += 1;
+                    send_acked(&mut ws, sent, channel, &text).await;
+                    tokio::time::sleep(pace.saturating_sub(t0.elapsed())).await;
+                }
+                (ws, channel, sent)
+            })
+        })
+        .collect::<Vec<_>>();
+
+    // The slow session must end. A generous deadline: the outbox fills within seconds, and a
+    // blocked writer gives up after WS_WRITE_TIMEOUT_MS.
+    let deadline = Duration::from_millis(WS_WRITE_TIMEOUT_MS) + Duration::from_secs(50);
+    let mut disconnected_after = None;
+    while started.elapsed() < deadline {
+        if metric(http, "chatsim_ws_connections").await == FLOODERS as f64 {
+            disconnected_after = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let rss_at_disconnect = rss_kib(server.pid());
+    // Flood on a little longer without the slow device: the RSS trend now is what the flood
+    // itself costs (storage), to compare with the trend while the slow device was connected.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = BTreeMap::new();
+    for f in flood {
+        let (ws, channel, sent) = f.await.expect("flooder");
+        acked.insert(channel, sent);
+        drop(ws);
+    }
+    let samples = sampler.await.expect("sampler");
+    let rss_peak = samples.iter().map(|s| s.0).max().unwrap_or(rss_before);
+    let send_q_max = samples.iter().filter_map(|s| s.1).map(|q| q.0).max();
+    let flood_msgs: u64 = acked.values().sum();
+    eprintln!(
+        "slow reader: disconnected after {disconnected_after:?}; {flood_msgs} messages of \
+         {FLOOD_TEXT_BYTES} B flooded ({} MiB); server RSS {} MiB before, peak {} MiB, {} MiB \
+         at disconnect; kernel send queue of the slow connection at most {send_q_max:?} B",
+        (flood_msgs * FLOOD_TEXT_BYTES as u64) >> 20,
+        rss_before >> 10,
+        rss_peak >> 10,
+        rss_at_disconnect >> 10,
+    );
+    let trace: Vec<String> = samples
+        .iter()
+        .step_by(5)
+        .map(|(rss, q)| format!("{}M/{}K", rss >> 10, q.map_or(0, |q| q.0 >> 10)))
+        .collect();
+    eprintln!("RSS/send-queue every second: {}", trace.join(" "));
+    assert!(
+        disconnected_after.is_some(),
+        "the server still holds the never-reading connection {deadline:?} after the flood began"
+    );
+    assert!(errors_counted(http, ErrorCode::SlowConsumer).await >= 1);
+    // Generous: the outbox of SESSION_OUTBOX_MAX frames and a few copies of it in flight,
+    // plus what storing the flood costs whoever reads it (redb caches what it wrote: RSS grows
+    // with the flood at the same rate before and after the slow device is gone), and slack.
+    let bound_kib = (4 * SESSION_OUTBOX_MAX * FLOOD_TEXT_BYTES
+        + 4 * flood_msgs as usize * FLOOD_TEXT_BYTES) as u64
+        / 1024
+        + 256 * 1024;
+    assert!(
+        rss_peak.saturating_sub(rss_before) < bound_kib,
+        "server RSS grew by {} KiB, bound {bound_kib} KiB",
+        rss_peak - rss_before
+    );
+
+    // Reading now: what the kernel held arrives, then the end of the connection.
+    let end = read_to_end(&mut slow_ws, Duration::from_secs(10)).await;
+    eprintln!(
+        "slow reader then read {} messages, errors {:?}, closed {}",
+        end.messages, end.errors, end.closed
+    );
+    assert!(end.closed, "the connection was closed: {end:?}");
+    assert!(
+        end.errors.iter().all(|c| *c == ErrorCode::SlowConsumer),
+        "{end:?}"
+    );
+
+    // Reconnected, the device syncs everything that was acknowledged.
+    let mut again = connect(&slow_http, &slow.token).await;
+    again
+        .send(&ClientFrame::Sync {
+            cursors: vec![],
+            max_message_id: None,
+        })
+        .await
+        .expect("sync");
+    let mut synced: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    loop {
+        match next(&mut again).await {
+            ServerFrame::Message(m) => {
+                synced.entry(m.channel).or_default().insert(m.client_msg_id);
+            }
+            ServerFrame::Synced { .. } => break,
+            _ => {}
+        }
+    }
+    for (channel, sent) in &acked {
+        let got = synced.get(channel).map_or(0, |s| s.len() as u64);
+        assert_eq!(
+            got, *sent,
+            "channel {channel}: every acked message is synced"
+        );
+    }
+    well_behaved_pair_chats(http, "slow").await;
+}
+
+// ------------------------------------------------------------------ 3. floods
+
+// Proves: 500 sends written at once on one connection are each answered once, by an ack or by
+// `rate_limited` carrying its client_msg_id; no more are acked than the token bucket allows
+// (SENDS_PER_SECOND_MAX, plus that rate for the time taken); resending the refused ones at a
+// legal pace gets them all acked on the same connection, and the channel's history holds each
+// of the 500 exactly once. 300 junk text frames get 300 `malformed_json`, 100 binary frames
+// 100 `binary_frame`, and the connection still sends. /metrics counts each code exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_are_refused_and_the_connection_stays_open() {
+    let server = Server::start().await;
+    let http = server.http;
+    signup(http, "alice").await;
+    let bob_user = signup(http, "bob").await;
+    let (alice_http, alice) = login(http, "alice").await;
+    let channel = befriend(&alice_http, bob_user).await;
+    let mut a = connect(&alice_http, &alice.token).await;
+
+    const SENDS: u64 = 500;
+    let started = Instant::now();
+    for id in 1..=SENDS {
+        let send = ClientFrame::Send {
+            client_msg_id: id,
+            channel,
+            text: format!("flood {id}"),
+        };
+        a.send(&send).await.expect("send");
+    }
+    let (mut acked, mut limited) = (BTreeSet::new(), BTreeSet::new());
+    while acked.len() + limited.len() < SENDS as usize {
+        match next(&mut a).await {
+            ServerFrame::Ack { client_msg_id, .. } => assert!(acked.insert(client_msg_id)),
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                client_msg_id: Some(id),
+                channel: Some(ch),
+                ..
+            } => {
+                assert_eq!(ch, channel);
+                assert!(limited.insert(id));
+            }
+            ServerFrame::Error { code, .. } => panic!("unexpected {code:?}"),
+            _ => {}
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{SENDS} sends in {elapsed:.2} s: {} acked, {} rate_limited",
+        acked.len(),
+        limited.len()
+    );
+    assert!(acked.is_disjoint(&limited));
+    let allowed = SENDS_PER_SECOND_MAX as f64 * (1.0 + elapsed) + 1.0;
+    assert!(
+        acked.len() as f64 <= allowed,
+        "{} acked in {elapsed:.2} s, the bucket allows {allowed:.0}",
+        acked.len()
+    );
+    assert!(acked.len() >= SENDS_PER_SECOND_MAX as usize, "the burst");
+    assert!(!limited.is_empty(), "sends beyond the rate are refused");
+    let mut rate_limited = limited.len() as u64;
+
+    // The client retries the refused ones, at a legal pace, on the same connection.
+    let pace = Duration::from_millis(2000 / SENDS_PER_SECOND_MAX as u64);
+    for &id in &limited {
+        let text = format!("flood {id}");
+        loop {
+            a.send(&ClientFrame::Send {
+                client_msg_id: id,
+                channel,
+                text: text.clone(),
+            })
+            .await
+            .expect("resend");
+            let answer = until(&mut a, |f| match f {
+                ServerFrame::Ack { client_msg_id, .. } if client_msg_id == id => Some(None),
+                ServerFrame::Error { code, .. } => Some(Some(code)),
+                _ => None,
+            })
+            .await;
+            tokio::time::sleep(pace).await;
+            match answer {
+                None => break,
+                Some(ErrorCode::RateLimited) => rate_limited += 1,
+                Some(code) => panic!("resend of {id} refused with {code:?}"),
+            }
+        }
+    }
+    let stored: Vec<u64> = history(&alice_http, channel)
+        .await
+        .iter()
+        .map(|m| m.client_msg_id)
+        .collect();
+    let unique: BTreeSet<u64> = stored.iter().copied().collect();
+    assert_eq!(stored.len(), SENDS as usize, "each send stored once");
+    assert_eq!(unique, (1..=SENDS).collect(), "every send stored");
+
+    // Junk and binary floods: one refusal each, the connection stays open.
+    let junk = [
+        "{",
+        "",
+        "null",
+        "[]",
+        "42",
+        "\"send\"",
+        "{\"type\":\"teleport\"}",
+        "{\"type\":\"send\"}",
+        "{\"type\":\"send\",\"client_msg_id\":\"x\",\"channel\":1,\"text\":\"t\"}",
+        "{\"type\":\"send\",\"client_msg_id\":-1,\"channel\":1,\"text\":\"t\"}",
+        "{\"type\":\"send\",\"client_msg_id\":99999999999999999999999,\"channel\":1,\"text\":\"t\"}",
+        "{\"type\":\"hello\",\"token\":5}",
+        "\u{0}\u{1}\u{2}",
+        "{\"type\":\"read\",\"channel\":1,\"seq\":1}}",
+        "{\"type\":\"presence_query\",\"users\":\"everyone\"}",
+    ];
+    const JUNK: usize = 300;
+    const BINARY: usize = 100;
+    for i in 0..JUNK {
+        a.send_raw(Message::text(junk[i % junk.len()]))
+            .await
+            .expect("junk");
+    }
+    for i in 0..BINARY {
+        a.send_raw(Message::binary(vec![i as u8; 1 + i]))
+            .await
+            .expect("binary");
+    }
+    let mut refused: BTreeMap<ErrorCode, usize> = BTreeMap::new();
+    while refused.values().sum::<usize>() < JUNK + BINARY {
+        if let ServerFrame::Error { code, .. } = next(&mut a).await {
+            *refused.entry(code).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        refused,
+        BTreeMap::from([
+            (ErrorCode::MalformedJson, JUNK),
+            (ErrorCode::BinaryFrame, BINARY)
+        ])
+    );
+    send_acked(&mut a, SENDS + 1, channel, "after the junk").await;
+
+    assert_eq!(
+        errors_counted(http, ErrorCode::RateLimited).await,
+        rate_limited
+    );
+    assert_eq!(
+        errors_counted(http, ErrorCode::MalformedJson).await,
+        JUNK as u64
+    );
+    assert_eq!(
+        errors_counted(http, ErrorCode::BinaryFrame).await,
+        BINARY as u64
+    );
+    well_behaved_pair_chats(http, "flood").await;
+}
+
+// ------------------------------------------------------------------ 4. bad tokens
+
+async fn refused_hello(url: &str, token: &str) -> Ending {
+    let mut ws = raw_ws(url).await;
+    raw_send(&mut ws, &hello(token)).await;
+    read_to_end(&mut ws, Duration::from_secs(10)).await
+}
+
+// Proves: `hello` with a garbage token, a token signed with another secret, one with an
+// unknown key id, and an expired one (signed with the server's own secret) each get their
+// code (`bad_token`, `token_expired`) and are closed; frames before `hello` get
+// `not_authenticated` and the connection can still say hello; a connection that never says
+// hello gets `not_authenticated` and is closed after the hello timeout, and one that never
+// finishes the WebSocket handshake is dropped. On HTTP, missing, garbage, foreign and expired
+// bearer tokens are 401 with a JSON error body, malformed bodies are 400 `malformed_json`,
+// and a body over API_BODY_BYTES_MAX is 413 `body_too_large`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_and_bad_requests_are_refused() {
+    let server = Server::start().await;
+    let http = server.http;
+    let alice_user = signup(http, "alice").await;
+    let (alice_http, alice) = login(http, "alice").await;
+    let url = chat_url(&alice_http).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let key = server.token_key();
+    let day_ms = 24 * 3600 * 1000;
+    let foreign = TokenKey::new(1, "another deployment's secret, 32+ chars");
+    let foreign_token = foreign.sign(alice_user, alice.device, now_ms + day_ms);
+    let other_key_id = TokenKey::new(
+        2,
+        std::fs::read(server.data().join("token.secret")).unwrap(),
+    )
+    .sign(alice_user, alice.device, now_ms + day_ms);
+    let expired = key.sign(alice_user, alice.device, now_ms - 1000);
+    // The key read back from disk is the server's: a fresh token from it is accepted.
+    let forged_valid = key.sign(alice_user, alice.device, now_ms + day_ms);
+    drop(raw_authed(&url, &forged_valid).await);
+
+    // Silent connections, started first: their timeouts run while the rest is checked.
+    let silent_hello = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let mut ws = raw_ws(&url).await;
+            let t0 = Instant::now();
+            let end = read_to_end(&mut ws, Duration::from_secs(30)).await;
+            (end, t0.elapsed())
+        }
+    });
+    let silent_tcp = tokio::spawn({
+        let addr: SocketAddr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("ws url");
+        async move {
+            let mut tcp = TcpStream::connect(addr).await.expect("connect");
+            let mut buf = [0u8; 64];
+            let r = tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut buf)).await;
+            matches!(r, Ok(Ok(0)) | Ok(Err(_)))
+        }
+    });
+
+    let cases = [
+        (
+            "garbage",
+            "not a token at all".to_string(),
+            ErrorCode::BadToken,
+        ),
+        (
+            "tampered",
+            format!("00{}", &forged_valid[2..]),
+            ErrorCode::BadToken,
+        ),
+        ("another secret", foreign_token.clone(), ErrorCode::BadToken),
+        ("unknown key id", other_key_id.clone(), ErrorCode::BadToken),
+        ("expired", expired.clone(), ErrorCode::TokenExpired),
+    ];
+    for (what, token, code) in &cases {
+        let end = refused_hello(&url, token).await;
+        assert_eq!(end.errors, vec![*code], "{what}: {end:?}");
+        assert!(end.closed && !end.welcomed, "{what} closes: {end:?}");
+    }
+
+    // Frames before hello are refused, and hello still works afterwards.
+    let mut ws = raw_ws(&url).await;
+    raw_send(&mut ws, &ClientFrame::Heartbeat).await;
+    ws.send(Message::text("{nope")).await.expect("junk");
+    ws.send(Message::binary(vec![0u8; 8]))
+        .await
+        .expect("binary");
+    raw_send(&mut ws, &hello(&alice.token)).await;
+    let end = read_to_end(&mut ws, Duration::from_secs(2)).await;
+    assert_eq!(
+        end.errors,
+        vec![
+            ErrorCode::NotAuthenticated,
+            ErrorCode::MalformedJson,
+            ErrorCode::BinaryFrame
+        ],
+        "{end:?}"
+    );
+    assert!(end.welcomed && !end.closed, "{end:?}");
+    drop(ws);
+
+    // HTTP: bad bearer tokens are 401 with a JSON error body.
+    let bearer = |t: &str| format!("Bearer {t}");
+    // (what, Authorization header, the code it gets)
+    let auth_cases = [
+        ("no header", None, ErrorCode::NotAuthenticated),
+        (
+            "not bearer",
+            Some("Basic YWxpY2U6cHc=".to_string()),
+            ErrorCode::NotAuthenticated,
+        ),
+        ("garbage", Some(bearer("garbage")), ErrorCode::BadToken),
+        (
+            "another secret",
+            Some(bearer(&foreign_token)),
+            ErrorCode::BadToken,
+        ),
+        (
+            "unknown key id",
+            Some(bearer(&other_key_id)),
+            ErrorCode::BadToken,
+        ),
+        ("expired", Some(bearer(&expired)), ErrorCode::TokenExpired),
+    ];
+    let mut http_bad_token = 0;
+    for (what, header, code) in &auth_cases {
+        let headers: Vec<(&str, &str)> = header
+            .iter()
+            .map(|v| ("authorization", v.as_str()))
+            .collect();
+        for (method, path, body) in [
+            ("GET", "/v1/me", &b""[..]),
+            ("GET", "/v1/chat-server", b""),
+            ("POST", "/v1/friends", b"{\"user\":1}"),
+        ] {
+            let r = raw_http(http, method, path, &headers, body).await;
+            assert_eq!(r.status, 401, "{what}: {method} {path}");
+            assert_eq!(r.error().error, *code, "{what}: {method} {path}");
+            if *code == ErrorCode::BadToken {
+                http_bad_token += 1;
+            }
+        }
+    }
+
+    // HTTP bodies: malformed JSON is 400 `malformed_json`; too large is 413 `body_too_large`.
+    let authed = [("authorization", bearer(&alice.token))];
+    let authed: Vec<(&str, &str)> = authed.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let malformed: [&[u8]; 5] = [
+        b"",
+        b"{oops",
+        b"{\"name\":5,\"password\":\"x\"}",
+        b"[]",
+        b"\xff\xfe",
+    ];
+    let mut http_malformed = 0;
+    for body in malformed {
+        for (path, headers) in [
+            ("/v1/signup", &[][..]),
+            ("/v1/login", &[][..]),
+            ("/v1/groups", &authed[..]),
+        ] {
+            let r = raw_http(http, "POST", path, headers, body).await;
+            let what = format!("POST {path} {:?}", String::from_utf8_lossy(body));
+            assert_eq!(r.status, 400, "{what}");
+            assert_eq!(r.error().error, ErrorCode::MalformedJson, "{what}");
+            http_malformed += 1;
+        }
+    }
+    let mut http_too_large = 0;
+    for size in [API_BODY_BYTES_MAX + 1, 4 << 20] {
+        for (path, headers) in [("/v1/signup", &[][..]), ("/v1/groups", &authed[..])] {
+            let mut body = b"{\"name\":\"".to_vec();
+            body.resize(size - 2, b'x');
+            body.extend_from_slice(b"\"}");
+            let r = raw_http(http, "POST", path, headers, &body).await;
+            assert_eq!(r.status, 413, "POST {path} with {size} bytes");
+            assert_eq!(r.error().error, ErrorCode::BodyTooLarge, "{path} {size}");
+            http_too_large += 1;
+        }
+    }
+    // A body at the limit is read (and judged on its content).
+    let mut body = b"{\"name\":\"".to_vec();
+    body.resize(API_BODY_BYTES_MAX - 2, b'x');
+    body.extend_from_slice(b"\"}");
+    let r = raw_http(http, "POST", "/v1/signup", &[], &body).await;
+    assert_eq!(r.status, 400, "a body at the limit is parsed");
+    assert_eq!(r.error().error, ErrorCode::MalformedJson, "no password");
+    http_malformed += 1;
+
+    // The silent connections.
+    let (end, after) = silent_hello.await.expect("silent hello");
+    eprintln!("no hello: {end:?} after {after:?}");
+    assert_eq!(end.errors, vec![ErrorCode::NotAuthenticated], "{end:?}");
+    assert!(end.closed, "a connection without hello is closed: {end:?}");
+    assert!(
+        silent_tcp.await.expect("silent tcp"),
+        "a connection without a WebSocket handshake is dropped"
+    );
+
+    let ws_bad_token = 4;
+    assert_eq!(
+        errors_counted(http, ErrorCode::BadToken).await,
+        ws_bad_token + http_bad_token
+    );
+    assert_eq!(
+        errors_counted(http, ErrorCode::TokenExpired).await,
+        1 + 3,
+        "one hello, three HTTP requests"
+    );
+    assert_eq!(
+        errors_counted(http, ErrorCode::NotAuthenticated).await,
+        2 + 2 * 3,
+        "a frame before hello, a silent connection; six HTTP requests"
+    );
+    assert_eq!(
+        errors_counted(http, ErrorCode::MalformedJson).await,
+        1 + http_malformed
+    );
+    assert_eq!(
+        errors_counted(http, ErrorCode::BodyTooLarge).await,
+        http_too_large
+    );
+    well_behaved_pair_chats(http, "tokens").await;
+}
