@@ -25,8 +25,9 @@ if [ -z "${CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
 fi
 
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-  echo "error: node and npm are needed (Node.js >= 20)" >&2
-  exit 1
+  echo "== installing Debian's nodejs and npm"
+  $SUDO apt-get update
+  $SUDO apt-get install -y nodejs npm
 fi
 node_major="$(node -p 'process.versions.node.split(".")[0]')"
 if [ "$node_major" -lt 20 ]; then
