@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Real-deployment measurements (release build, loopback, this machine), written to
+# benches/results/real/: idle WebSocket memory on one chat server, reconnects after kill -9
+# of a chat server, and end-to-end throughput and latency for 1:1 and groups of 100.
+#
+# Usage: scripts/bench-real.sh [idle|reconnect|throughput]...   (default: all)
+# Env: IDLE_CONNS (default "10000 19000"), RECONNECT_USERS (10000, 5,000 per chat server),
+#      RATES_1TO1 ("500 1000 2000"), RATES_GROUP100 ("10 20 40").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+cargo build --release -p nodes --bin chatd -p benches --bin chat-load
+out=benches/results/real
+mkdir -p "$out"
+chatd=./target/release/chatd
+load=./target/release/chat-load
+work=$(mktemp -d -t chatsim-bench.XXXXXX)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+sup=""
+
+start_cluster() { # name, extra local-cluster args...
+  local name=$1; shift
+  rm -rf "$work/$name"
+  $chatd local-cluster --data "$work/$name" --http "127.0.0.1:$port" "$@" >"$work/$name.log" 2>&1 &
+  sup=$!
+  for _ in $(seq 1 100); do
+    curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  sleep 11 # the presence node's warm-up
+}
+stop_cluster() {
+  if [ -n "$sup" ]; then kill "$sup"; wait "$sup" 2>/dev/null || true; sup=""; fi
+}
+trap stop_cluster EXIT
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+idle() {
+  for n in ${IDLE_CONNS:-10000 19000}; do
+    start_cluster idle --chat 1 --kv 1 --idgen 1
+    local pid; pid=$(cat "$work/idle/run/chat-0.pid")
+    local before; before=$(rss_kb "$pid")
+    local procs=$(( (n + 9999) / 10000 ))
+    local ramp=$(( n / 1000 + 3 ))
+    $load run --api "127.0.0.1:$port" --users "$n" --group-size 1 --rate 0 --duration 30 \
+      --settle 5 --procs "$procs" --out "$work/idle-$n" >"$work/idle-$n.txt" 2>&1 &
+    local lp=$!
+    # Setup, then the ramp, then 15 s of idle connections.
+    local peak=0
+    while kill -0 "$lp" 2>/dev/null; do
+      local r; r=$(rss_kb "$pid"); [ "$r" -gt "$peak" ] && peak=$r
+      sleep 1
+    done
+    wait "$lp" || true
+    local conns; conns=$(grep -o 'connected at end [0-9]*' "$work/idle-$n.txt" | grep -o '[0-9]*$')
+    local per=$(( (peak - before) * 1024 / n ))
+    echo "idle: $n connections ($conns connected at end): chat-0 RSS ${before} kB before, ${peak} kB peak; $per bytes per connection" | tee -a "$out/idle.txt"
+    stop_cluster
+  done
+}
+
+reconnect() {
+  local n=${RECONNECT_USERS:-10000}
+  start_cluster reconnect --chat 2 --kv 3 --idgen 2
+  $load run --api "127.0.0.1:$port" --users "$n" --group-size 10 --rate 100 --duration 40 \
+    --settle 15 --procs 2 --out "$work/reconnect" --cluster "$work/reconnect" --kill chat-0@20 \
+    | tee "$work/reconnect.txt" | grep -E "crash of|result|devices" | tee -a "$out/reconnect.txt"
+  stop_cluster
+}
+
+throughput() {
+  for rate in ${RATES_1TO1:-500 1000 2000}; do
+    start_cluster tp
+    echo "1:1 at $rate sends/s:" | tee -a "$out/throughput.txt"
+    $load run --api "127.0.0.1:$port" --users 2000 --group-size 1 --group-share 0 \
+      --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/tp-1to1-$rate" \
+      | grep -E "throughput|send->|result" | tee -a "$out/throughput.txt" || true
+    stop_cluster
+  done
+  for rate in ${RATES_GROUP100:-10 20 40}; do
+    start_cluster tp
+    echo "groups of 100 at $rate sends/s:" | tee -a "$out/throughput.txt"
+    $load run --api "127.0.0.1:$port" --users 2000 --group-size 100 --group-share 1 \
+      --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/tp-g100-$rate" \
+      | grep -E "throughput|send->|result" | tee -a "$out/throughput.txt" || true
+    stop_cluster
+  done
+}
+
+what=${*:-idle reconnect throughput}
+echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD) $what" | tee -a "$out/runs.txt"
+for w in $what; do "$w"; done
+echo "work files in $work"
