@@ -2,6 +2,8 @@
 //! - client frame JSON: parse a `send`, serialize a `message` (every message crosses both);
 //! - idgen: one Snowflake id;
 //! - kv: one durable `Append` (redb, in-memory backend: the transaction cost without fsync);
+//! - kv group commit: 64 `Append`s as one batch (one durable commit) vs one at a time;
+//! - fanout: queueing one message to the 99 other members' sessions on one chat server;
 //! - device: handing one in-order message to the device state machine.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
@@ -91,6 +93,97 @@ fn kv_append(c: &mut Criterion) {
     });
 }
 
+fn kv_group_commit(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = redb::Database::create(dir.path().join("bench.redb")).unwrap();
+    let store = Store::open(db).unwrap();
+    let record = ChannelRecord {
+        channel: 7,
+        kind: ChannelKind::Group,
+        name: "g".into(),
+        members: (1..=100).collect(),
+        last_seq: 0,
+        last_message_id: 0,
+    };
+    store.apply(Request::CreateChannel { record });
+    let mut n = 0u64;
+    let mut append = move || {
+        n += 1;
+        Request::Append(AppendRequest {
+            channel: 7,
+            sender: 1,
+            sender_device: 10,
+            client_msg_id: n,
+            message_id: n,
+            text: "hello there, a typical short message".into(),
+            sent_at_ms: 0,
+            skip_dedup: false,
+        })
+    };
+    let mut g = c.benchmark_group("kv_durable_append");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("64_one_fsync_each", |b| {
+        b.iter(|| {
+            for _ in 0..64 {
+                store.apply(append());
+            }
+        })
+    });
+    g.bench_function("64_group_committed", |b| {
+        b.iter(|| store.apply_batch((0..64).map(|_| append()).collect()))
+    });
+    g.finish();
+}
+
+fn fanout(c: &mut Criterion) {
+    use nodes::chat::server::{ChatState, Closer, Outbound, SessionHandle};
+    let local = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+    let map = nodes::cluster::ClusterMap {
+        discovery: local(1),
+        kv: vec![local(2)],
+        idgen: vec![local(3)],
+        presence: local(4),
+        push: local(5),
+    };
+    let state = ChatState::new(nodes::chat::ChatConfig {
+        server: 0,
+        ws_listen: local(6),
+        rpc_listen: local(7),
+        ws_advertise: String::new(),
+        rpc_advertise: String::new(),
+        peers: nodes::cluster::Peers::new(map, nodes::canary::Canaries::none()),
+        token_key: nodes::auth::TokenKey::new(1, b"0123456789abcdef0123456789abcdef".to_vec()),
+        metrics: nodes::metrics::Metrics::new(),
+    });
+    let mut outboxes = Vec::new();
+    let devices: Vec<u64> = (1..=99).collect();
+    for &d in &devices {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Outbound>(nodes::limits::SESSION_OUTBOX_MAX);
+        outboxes.push(rx);
+        state.attach(
+            d,
+            SessionHandle {
+                user: d,
+                epoch: d,
+                connection: 1,
+                tx,
+                closer: Closer::new(),
+            },
+        );
+    }
+    let frame = ServerFrame::Message(message(1, "hello there, a typical short message"));
+    c.bench_function("fanout_local_99_sessions", |b| {
+        b.iter(|| {
+            let n = state.deliver_local(black_box(&devices), &frame);
+            for rx in &mut outboxes {
+                let _ = rx.try_recv();
+            }
+            n
+        })
+    });
+}
+
 fn device(c: &mut Criterion) {
     let mut d = DeviceState::new(2, 20, false);
     let mut seq = 0;
@@ -102,5 +195,13 @@ fn device(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, codec, idgen, kv_append, device);
+criterion_group!(
+    benches,
+    codec,
+    idgen,
+    kv_append,
+    kv_group_commit,
+    fanout,
+    device
+);
 criterion_main!(benches);

@@ -1,6 +1,6 @@
 //! Per-node capacities for the capacity plan (`reports::capacity`), measured on this machine
-//! with the real build: durable kv writes per second on a redb file (one fsync per write, as
-//! the kv node commits today, and 64 writes per fsync, as group commit would), Snowflake ids
+//! with the real build: durable kv writes per second on a redb file (one fsync per write, and
+//! 64 writes per fsync, as the kv node group-commits under load), Snowflake ids
 //! per second, and client frames per second (parse a send, serialize a message).
 //!
 //! `cargo run --release -p benches --bin node-capacity -- --out benches/results/node-capacity.json`

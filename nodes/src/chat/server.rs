@@ -283,17 +283,24 @@ impl ChatState {
     }
 }
 
+impl ChatState {
+    /// A server's state before it listens: no sessions, no lease.
+    pub fn new(cfg: ChatConfig) -> ChatState {
+        ChatState {
+            cfg,
+            sessions: Mutex::new(BTreeMap::new()),
+            next_epoch: AtomicU64::new(1),
+            fenced: std::sync::atomic::AtomicBool::new(false),
+            last_renewed: Mutex::new(None),
+            presence_boot: Mutex::new((None, false)),
+            errors: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
 /// Runs a chat server until the process (or simulated node) dies.
 pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
-    let state = Arc::new(ChatState {
-        cfg: cfg.clone(),
-        sessions: Mutex::new(BTreeMap::new()),
-        next_epoch: AtomicU64::new(1),
-        fenced: std::sync::atomic::AtomicBool::new(false),
-        last_renewed: Mutex::new(None),
-        presence_boot: Mutex::new((None, false)),
-        errors: Mutex::new(BTreeMap::new()),
-    });
+    let state = Arc::new(ChatState::new(cfg.clone()));
     let listener = net::bind(cfg.ws_listen).await?;
     let rpc_listener = net::bind(cfg.rpc_listen).await?;
     tokio::spawn(rpc_server(state.clone(), rpc_listener));
