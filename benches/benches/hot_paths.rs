@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the per-message hot paths, measured on the real build:
 //! - client frame JSON: parse a `send`, serialize a `message` (every message crosses both);
 //! - idgen: one Snowflake id;
-//! - kv: one durable `Append` (redb, in-memory backend: the transaction cost without fsync);
+//! - kv: one `Append` committed alone (redb, in-memory backend: the transaction cost without
+//!   fsync);
 //! - kv group commit: 64 `Append`s as one batch (one durable commit) vs one at a time;
 //! - fanout: queueing one message to the 99 other members' sessions on one chat server;
 //! - device: handing one in-order message to the device state machine.
@@ -77,18 +78,16 @@ fn kv_append(c: &mut Criterion) {
     c.bench_function("kv_append_100_member_group", |b| {
         b.iter(|| {
             n += 1;
-            store
-                .append(AppendRequest {
-                    channel: 7,
-                    sender: 1,
-                    sender_device: 10,
-                    client_msg_id: n,
-                    message_id: n,
-                    text: "hello there, a typical short message".into(),
-                    sent_at_ms: 0,
-                    skip_dedup: false,
-                })
-                .unwrap()
+            store.apply(Request::Append(AppendRequest {
+                channel: 7,
+                sender: 1,
+                sender_device: 10,
+                client_msg_id: n,
+                message_id: n,
+                text: "hello there, a typical short message".into(),
+                sent_at_ms: 0,
+                skip_dedup: false,
+            }))
         })
     });
 }

@@ -64,7 +64,7 @@ pub struct Measurement {
     pub chars: u64,
     /// UTF-8 bytes of the texts sent.
     pub text_bytes: u64,
-    /// Per kv operation: (operation, requests, write transactions).
+    /// Per kv operation: (operation, requests, write operations).
     #[serde(default)]
     pub kv_by_op: Vec<(String, u64, u64)>,
 }
@@ -229,9 +229,9 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
     put(
         "kv_writes_per_s",
         kv_writes,
-        "write transactions/s",
+        "write operations/s",
         sim(format!(
-            "kv write transactions per simulated second x DAU / users ({:.2} per message, incl. sessions, cursors, presence, push claims)",
+            "kv write operations per simulated second x DAU / users ({:.2} per message, incl. sessions, cursors, presence, push claims)",
             m.kv_writes as f64 / m.sends.max(1) as f64
         )),
     );
@@ -471,7 +471,7 @@ pub fn markdown(p: &Plan) -> String {
         conn / p.dau as f64
     );
     s += &format!(
-        "\n## Measured window (unscaled)\n\n{:.0} s; {} messages sent, {} acknowledgements seen, {} deliveries, {} heartbeats, {} connects, {:.0} devices connected on average; {} network messages, {} wire bytes, {} kv requests of which {} write transactions, {} bytes of kv growth.\n",
+        "\n## Measured window (unscaled)\n\n{:.0} s; {} messages sent, {} acknowledgements seen, {} deliveries, {} heartbeats, {} connects, {:.0} devices connected on average; {} network messages, {} wire bytes, {} kv requests of which {} write operations, {} bytes of kv growth.\n",
         m.window_s, m.sends, m.acks, m.delivers, m.heartbeats, m.connects, m.mean_connected, m.net_messages, m.wire_bytes, m.kv_requests, m.kv_writes, m.storage_bytes
     );
     if !m.kv_by_op.is_empty() {
@@ -479,7 +479,7 @@ pub fn markdown(p: &Plan) -> String {
         ops.retain(|(_, n, w)| *n > 0 || *w > 0);
         ops.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)));
         let sent = m.sends.max(1) as f64;
-        s += "\n## kv operations per message (measured)\n\nWhat drives `kv_writes_per_s` and `kv_reads_per_s`: every kv request of the measured window by operation, per message sent.\n\n| operation | requests | write transactions |\n|---|---|---|\n";
+        s += "\n## kv operations per message (measured)\n\nWhat drives `kv_writes_per_s` and `kv_reads_per_s`: every kv request of the measured window by operation, per message sent.\n\n| operation | requests | write operations |\n|---|---|---|\n";
         for (op, n, w) in ops {
             s += &format!(
                 "| `{op}` | {:.2} | {:.2} |\n",

@@ -97,7 +97,7 @@ pub struct PerSend {
     pub storage_bytes: f64,
     /// Mean characters per send (the workload's length distribution as sent).
     pub chars: f64,
-    /// kv operations per send by kind: (operation, requests, write transactions), busiest
+    /// kv operations per send by kind: (operation, requests, write operations), busiest
     /// first.
     #[serde(default)]
     pub kv_by_op: Vec<(String, f64, f64)>,
@@ -274,11 +274,7 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
         ),
         ("wire bytes", t.wire_bytes as f64, Some(p.wire_bytes)),
         ("kv requests", t.kv_requests as f64, Some(p.kv_requests)),
-        (
-            "kv write transactions",
-            t.kv_writes as f64,
-            Some(p.kv_writes),
-        ),
+        ("kv write operations", t.kv_writes as f64, Some(p.kv_writes)),
         (
             "kv storage growth, bytes",
             t.storage_bytes as f64,
@@ -293,7 +289,7 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
         );
     }
     if !p.kv_by_op.is_empty() {
-        s += "\nkv operations per message sent, by operation (steady window):\n\n| operation | requests | write transactions |\n|---|---|---|\n";
+        s += "\nkv operations per message sent, by operation (steady window):\n\n| operation | requests | write operations |\n|---|---|---|\n";
         for (op, n, w) in &p.kv_by_op {
             s += &format!("| `{op}` | {} | {} |\n", fmt_n(*n), fmt_n(*w));
         }

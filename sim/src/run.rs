@@ -220,7 +220,7 @@ pub struct Snapshot {
 pub struct KvCounters {
     pub requests: u64,
     pub writes: u64,
-    /// Per operation: (requests, write transactions).
+    /// Per operation: (requests, write operations).
     pub by_op: BTreeMap<String, (u64, u64)>,
 }
 

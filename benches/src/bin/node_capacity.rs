@@ -43,18 +43,16 @@ fn kv_durable(dir: &std::path::Path) -> f64 {
     best(3, || {
         for _ in 0..200 {
             n += 1;
-            store
-                .append(AppendRequest {
-                    channel: 7,
-                    sender: 1,
-                    sender_device: 10,
-                    client_msg_id: n,
-                    message_id: n,
-                    text: "hello there, a typical short message".into(),
-                    sent_at_ms: 0,
-                    skip_dedup: false,
-                })
-                .expect("append");
+            store.apply(Request::Append(AppendRequest {
+                channel: 7,
+                sender: 1,
+                sender_device: 10,
+                client_msg_id: n,
+                message_id: n,
+                text: "hello there, a typical short message".into(),
+                sent_at_ms: 0,
+                skip_dedup: false,
+            }));
         }
         200
     })
