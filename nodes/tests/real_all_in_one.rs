@@ -6,7 +6,7 @@
 
 #![cfg(not(madsim))]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -17,16 +17,10 @@ use nodes::client::ClientError;
 use nodes::proto::client::*;
 use tokio_tungstenite::tungstenite::Message;
 
-/// A free block of ports: binds port 0 to learn one, and uses the block after it.
+mod common;
+
 fn free_base() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    let p = l.local_addr().expect("local addr").port();
-    // Stay well below the top of the range: the block needs 12 ports.
-    if p > 60_000 {
-        p - 1000
-    } else {
-        p
-    }
+    common::free_base(21)
 }
 
 struct Server {

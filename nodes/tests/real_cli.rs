@@ -8,22 +8,16 @@
 #![cfg(not(madsim))]
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// A free block of ports: binds port 0 to learn one, and uses the block after it.
+mod common;
+
 fn free_base() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    let p = l.local_addr().expect("local addr").port();
-    // Stay well below the top of the range: the block needs 21 ports.
-    if p > 60_000 {
-        p - 1000
-    } else {
-        p
-    }
+    common::free_base(21)
 }
 
 /// A child process killed when dropped (also when the test panics).

@@ -5,7 +5,7 @@
 
 #![cfg(not(madsim))]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -15,6 +15,8 @@ use nodes::client::ClientError;
 use nodes::proto::client::*;
 use serde_json::json;
 
+mod common;
+
 /// `chatd all-in-one` on a free block of ports; killed when dropped.
 struct Server {
     child: Child,
@@ -23,11 +25,7 @@ struct Server {
 
 impl Server {
     fn start(data: &std::path::Path) -> Server {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let p = l.local_addr().expect("local addr").port();
-        drop(l);
-        // The block needs ports base..base+20; stay below the top of the range.
-        let base = if p > 60_000 { p - 1000 } else { p };
+        let base = common::free_base(21);
         let http: SocketAddr = format!("127.0.0.1:{}", base + 20).parse().expect("addr");
         let child = Command::new(env!("CARGO_BIN_EXE_chatd"))
             .args(["all-in-one", "--data"])

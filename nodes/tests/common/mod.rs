@@ -1,0 +1,22 @@
+//! Shared by the tests that start `chatd` as a process.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The first port of a block of `len` free ports on 127.0.0.1, below the kernel's ephemeral
+/// range (32768 and up), so that no client connection of a test takes one between this check
+/// and chatd binding it. Blocks differ per process and per call (tests in one binary run in
+/// parallel).
+pub fn free_base(len: u16) -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let salt = std::process::id() % 200;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 1000, "no free block of {len} ports");
+        let base = 20_000 + ((salt + n) % 200) as u16 * 60;
+        let free = (base..base + len).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
