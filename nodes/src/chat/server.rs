@@ -47,33 +47,58 @@ pub enum Outbound {
 
 /// Ends a session from outside with a reason. The session's writer sends the reason ahead of
 /// anything still queued (a full queue is often why) and closes; its reader stops.
+///
+/// Each subscriber gets its own watch channel, woken in subscription order. One channel with
+/// several waiting receivers would not do: tokio's watch parks each waiting receiver on one of
+/// 8 `Notify` slots chosen by tokio's thread-local RNG and wakes the slots in index order, so
+/// the wake order (and with it madsim's schedule) would follow that RNG, which tokio seeds from
+/// a process-wide counter: a second simulation in the same process would diverge.
 #[derive(Debug)]
 pub struct Closer {
-    reason: tokio::sync::watch::Sender<Option<(ErrorCode, String)>>,
+    /// The reason once closed, and one sender per subscriber.
+    inner: std::sync::Mutex<CloserInner>,
+}
+
+type CloseReason = Option<(ErrorCode, String)>;
+
+#[derive(Debug, Default)]
+struct CloserInner {
+    reason: CloseReason,
+    subscribers: Vec<tokio::sync::watch::Sender<CloseReason>>,
 }
 
 impl Closer {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            reason: tokio::sync::watch::channel(None).0,
+            inner: std::sync::Mutex::new(CloserInner::default()),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CloserInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Closes with `code`; later calls keep the first reason.
     pub fn close(&self, code: ErrorCode, detail: impl Into<String>) {
-        let detail = detail.into();
-        self.reason.send_if_modified(|r| {
-            let first = r.is_none();
-            if first {
-                *r = Some((code, detail));
-            }
-            first
-        });
+        let mut inner = self.lock();
+        if inner.reason.is_some() {
+            return;
+        }
+        let reason = Some((code, detail.into()));
+        inner.reason = reason.clone();
+        for s in &inner.subscribers {
+            // Never fails; a receiver that is gone just does not look.
+            s.send_replace(reason.clone());
+        }
     }
 
-    /// A receiver that sees the reason once `close` is called.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<(ErrorCode, String)>> {
-        self.reason.subscribe()
+    /// A receiver that sees the reason once `close` is called (like `watch::Sender::subscribe`,
+    /// a reason set before subscribing counts as seen).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<CloseReason> {
+        let mut inner = self.lock();
+        let (tx, rx) = tokio::sync::watch::channel(inner.reason.clone());
+        inner.subscribers.push(tx);
+        rx
     }
 }
 
