@@ -107,7 +107,7 @@ pub struct Assumptions {
     /// Headroom over the peak (servers run at most at 1/headroom of capacity).
     pub headroom: f64,
     /// RSS per idle WebSocket connection, measured on chatd (`scripts/bench-real.sh idle`:
-    /// 6,805 B at 10,000 connections, 6,790 B at 19,000; benches/results/real/idle.txt).
+    /// 6,026 B at 10,000 connections, 6,105 B at 19,000; benches/results/real/idle.txt).
     pub bytes_per_connection: f64,
     /// The seed's back-of-envelope: 1M concurrent users x 10 KB = 10 GB.
     pub seed_concurrent: f64,
@@ -122,7 +122,7 @@ impl Default for Assumptions {
             heartbeats_per_presence_node: 200_000.0,
             disk_per_kv_node: 4e12,
             headroom: 1.5,
-            bytes_per_connection: 6_800.0,
+            bytes_per_connection: 6_100.0,
             seed_concurrent: 1e6,
             seed_bytes_per_connection: 10_000.0,
         }

@@ -64,10 +64,10 @@ type Ws = WebSocketStream<Stream>;
 
 /// Serves one device connection to the end.
 pub async fn run(state: Arc<ChatState>, stream: Stream) {
-    let ws = match tokio::time::timeout(
+    let ws = match Box::pin(tokio::time::timeout(
         HELLO_TIMEOUT,
         tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())),
-    )
+    ))
     .await
     {
         Ok(Ok(ws)) => ws,
@@ -89,7 +89,13 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
     let closer = Closer::new();
     let writer = tokio::spawn(write_loop(state.clone(), sink, rx, closer.clone()));
     // One deadline for the whole greeting: junk frames do not extend it.
-    let greeted = tokio::time::timeout(HELLO_TIMEOUT, hello(&state, &mut frames, &tx)).await;
+    // Boxed, like every step that is not the idle wait: a task's future is as large as its
+    // largest state, and an idle connection should not carry the greeting's or a send's.
+    let greeted = Box::pin(tokio::time::timeout(
+        HELLO_TIMEOUT,
+        hello(&state, &mut frames, &tx),
+    ))
+    .await;
     let Ok(Some((claims, connection))) = greeted else {
         if greeted.is_err() {
             let detail = format!("no valid hello within {HELLO_TIMEOUT:?}");
@@ -102,12 +108,13 @@ pub async fn run(state: Arc<ChatState>, stream: Stream) {
         let _ = writer.await;
         return;
     };
-    let Some(mut session) = Session::open(state, claims, connection, tx, closer).await else {
+    let Some(mut session) = Box::pin(Session::open(state, claims, connection, tx, closer)).await
+    else {
         let _ = writer.await;
         return;
     };
     session.serve(&mut frames).await;
-    session.close().await;
+    Box::pin(session.close()).await;
     let _ = writer.await;
 }
 
@@ -155,7 +162,13 @@ async fn write_loop(
             _ => {}
         }
         let text = serde_json::to_string(&*frame).expect("server frames serialize");
-        match tokio::time::timeout(WS_WRITE_TIMEOUT, sink.send(Message::text(text))).await {
+        // Boxed: the idle writer waits in the select above and should not carry this state.
+        match Box::pin(tokio::time::timeout(
+            WS_WRITE_TIMEOUT,
+            sink.send(Message::text(text)),
+        ))
+        .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(_)) => break,
             Err(_) => {
@@ -169,7 +182,7 @@ async fn write_loop(
             break;
         }
     }
-    let _ = tokio::time::timeout(WS_WRITE_TIMEOUT, sink.close()).await;
+    let _ = Box::pin(tokio::time::timeout(WS_WRITE_TIMEOUT, sink.close())).await;
 }
 
 /// The device has not taken a frame for [`WS_WRITE_TIMEOUT`]: it is a slow consumer. Stops
@@ -377,7 +390,7 @@ impl Session {
                 _ => return,
             };
             match msg {
-                Message::Text(t) if !self.on_text(&t).await => return,
+                Message::Text(t) if !Box::pin(self.on_text(&t)).await => return,
                 Message::Text(_) => {}
                 Message::Binary(_) => {
                     self.send(ServerFrame::error(
