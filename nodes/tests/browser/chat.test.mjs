@@ -43,9 +43,11 @@ function portFree(port) {
 }
 
 // A block of 21 free ports: chatd's plan uses base..base+11 and we put HTTP at base+20.
+// Below the kernel's ephemeral range (32768 and up), so no client connection takes one of
+// them between this check and chatd binding it.
 async function freeBase() {
   for (let attempt = 0; attempt < 50; attempt++) {
-    const base = 20_000 + Math.floor(Math.random() * 30_000);
+    const base = 20_000 + Math.floor(Math.random() * 12_000);
     let ok = true;
     for (let p = base; p <= base + 20 && ok; p++) ok = await portFree(p);
     if (ok) return base;
