@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
 use nodes::client::http::HttpClient;
@@ -30,19 +30,7 @@ struct Server {
 
 impl Server {
     fn start(data: &Path, base: u16) -> Server {
-        let http: SocketAddr = format!("127.0.0.1:{}", base + 20).parse().expect("addr");
-        let child = Command::new(env!("CARGO_BIN_EXE_chatd"))
-            .args(["all-in-one", "--data"])
-            .arg(data)
-            .args([
-                "--http",
-                &http.to_string(),
-                "--base-port",
-                &base.to_string(),
-            ])
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start chatd");
+        let (child, http) = common::spawn_all_in_one(data, base, "warn");
         Server { child, http }
     }
 

@@ -16,9 +16,9 @@
 #![cfg(not(madsim))]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,20 +46,10 @@ use tokio_tungstenite::WebSocketStream;
 /// Ports one server uses: discovery at the base ... kv shards, and the api at base + 20.
 const PORT_BLOCK: u16 = 21;
 
-/// A block of free ports, below the ephemeral range (so the test's own outgoing connections
-/// cannot take one) and distinct for every test of this process (they run in parallel).
+mod common;
+
 fn free_base() -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let salt = std::process::id() % 300;
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(n < 1000, "no free block of {PORT_BLOCK} ports");
-        let base = 20_000 + ((salt + n) % 300) as u16 * 40;
-        let free = (base..base + PORT_BLOCK).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
-        if free {
-            return base;
-        }
-    }
+    common::free_base(PORT_BLOCK)
 }
 
 struct Server {
@@ -72,19 +62,7 @@ impl Server {
     async fn start() -> Server {
         let data = tempfile::tempdir().expect("temp dir");
         let base = free_base();
-        let http: SocketAddr = format!("127.0.0.1:{}", base + 20).parse().expect("addr");
-        let child = Command::new(env!("CARGO_BIN_EXE_chatd"))
-            .args(["all-in-one", "--data"])
-            .arg(data.path())
-            .args([
-                "--http",
-                &http.to_string(),
-                "--base-port",
-                &base.to_string(),
-            ])
-            .env("RUST_LOG", "error")
-            .spawn()
-            .expect("start chatd");
+        let (child, http) = common::spawn_all_in_one(data.path(), base, "error");
         let server = Server {
             child,
             http,

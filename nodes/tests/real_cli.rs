@@ -31,19 +31,7 @@ impl Drop for Killed {
 }
 
 fn start_chatd(data: &Path, base: u16) -> (Killed, SocketAddr) {
-    let http: SocketAddr = format!("127.0.0.1:{}", base + 20).parse().expect("addr");
-    let child = Command::new(env!("CARGO_BIN_EXE_chatd"))
-        .args(["all-in-one", "--data"])
-        .arg(data)
-        .args([
-            "--http",
-            &http.to_string(),
-            "--base-port",
-            &base.to_string(),
-        ])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("start chatd");
+    let (child, http) = common::spawn_all_in_one(data, base, "warn");
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(http).is_err() {
         assert!(Instant::now() < deadline, "chatd did not listen on {http}");

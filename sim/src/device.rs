@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use workloads::{Action, BadInput, Step, Target};
 
-use crate::history::{Event, Status};
+use crate::history::Event;
 use crate::run::{Counters, Recorder};
 
 /// Heartbeat period (the product's 5 s).
@@ -504,70 +504,17 @@ impl App {
     }
 
     fn observe(&self, o: Observation) {
-        let (user, device) = (self.user(), self.device());
-        let ev = match o {
-            Observation::Ack {
-                channel,
-                client_msg_id,
-                message_id,
-                seq,
-            } => {
-                self.ctx.counters.add_ack();
-                Event::Ack {
-                    user,
-                    device,
-                    channel,
-                    client_msg_id,
-                    message_id,
-                    seq,
-                }
-            }
-            Observation::SendFailed {
-                channel,
-                client_msg_id,
-                code,
-            } => Event::SendFailed {
-                user,
-                device,
-                channel,
-                client_msg_id,
-                reason: code.as_str().into(),
-            },
-            Observation::Deliver(m) => {
-                self.ctx.counters.add_deliver();
-                Event::Deliver {
-                    user,
-                    device,
-                    channel: m.channel,
-                    message_id: m.message_id,
-                    sender: m.sender,
-                    sender_device: m.sender_device,
-                    client_msg_id: m.client_msg_id,
-                    seq: m.seq,
-                }
-            }
-            Observation::Presence {
-                user: subject,
-                status,
-            } => {
-                self.ctx.counters.add_presence();
-                Event::Presence {
-                    observer: user,
-                    observer_device: device,
-                    subject,
-                    status: match status {
-                        nodes::proto::client::PresenceStatus::Online => Status::Online,
-                        nodes::proto::client::PresenceStatus::Offline => Status::Offline,
-                    },
-                }
-            }
-            Observation::Error { code, .. } => {
-                self.ctx.counters.add_error(code.as_str());
-                return;
-            }
-            Observation::PresenceRefresh => return,
-        };
-        self.record(ev);
+        let counters = &self.ctx.counters;
+        match &o {
+            Observation::Ack { .. } => counters.add_ack(),
+            Observation::Deliver(_) => counters.add_deliver(),
+            Observation::Presence { .. } => counters.add_presence(),
+            Observation::Error { code, .. } => counters.add_error(code.as_str()),
+            Observation::SendFailed { .. } | Observation::PresenceRefresh => {}
+        }
+        if let Some(ev) = Event::observed(self.user(), self.device(), o) {
+            self.record(ev);
+        }
     }
 }
 

@@ -146,6 +146,65 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The history event for what a device's user observed (`DeviceState::on_frame`), if it
+    /// is one: errors not tied to a send and presence-refresh hints are not history events.
+    /// Shared by the simulated devices and the real load driver, so both write the same lines.
+    pub fn observed(user: Id, device: Id, o: nodes::client::device::Observation) -> Option<Event> {
+        use nodes::client::device::Observation;
+        use nodes::proto::client::PresenceStatus;
+        Some(match o {
+            Observation::Ack {
+                channel,
+                client_msg_id,
+                message_id,
+                seq,
+            } => Event::Ack {
+                user,
+                device,
+                channel,
+                client_msg_id,
+                message_id,
+                seq,
+            },
+            Observation::SendFailed {
+                channel,
+                client_msg_id,
+                code,
+            } => Event::SendFailed {
+                user,
+                device,
+                channel,
+                client_msg_id,
+                reason: code.as_str().into(),
+            },
+            Observation::Deliver(m) => Event::Deliver {
+                user,
+                device,
+                channel: m.channel,
+                message_id: m.message_id,
+                sender: m.sender,
+                sender_device: m.sender_device,
+                client_msg_id: m.client_msg_id,
+                seq: m.seq,
+            },
+            Observation::Presence {
+                user: subject,
+                status,
+            } => Event::Presence {
+                observer: user,
+                observer_device: device,
+                subject,
+                status: match status {
+                    PresenceStatus::Online => Status::Online,
+                    PresenceStatus::Offline => Status::Offline,
+                },
+            },
+            Observation::Error { .. } | Observation::PresenceRefresh => return None,
+        })
+    }
+}
+
 impl Record {
     /// One JSON line (no trailing newline).
     pub fn to_line(&self) -> String {

@@ -12,12 +12,12 @@ use std::time::Duration;
 use nodes::client::device::{DeviceState, Observation};
 use nodes::client::http::HttpClient;
 use nodes::client::ws::{Incoming, WsConn};
-use nodes::proto::client::{ChatServerResponse, ClientFrame, PresenceStatus, ServerFrame};
+use nodes::proto::client::{ChatServerResponse, ClientFrame, ServerFrame};
 use nodes::proto::Id;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use sim::history::{Event, Status};
+use sim::history::Event;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -386,61 +386,12 @@ impl App {
     }
 
     fn observe(&self, o: Observation) {
-        let (user, device) = (self.d.user, self.d.device);
-        let ev = match o {
-            Observation::Ack {
-                channel,
-                client_msg_id,
-                message_id,
-                seq,
-            } => Event::Ack {
-                user,
-                device,
-                channel,
-                client_msg_id,
-                message_id,
-                seq,
-            },
-            Observation::SendFailed {
-                channel,
-                client_msg_id,
-                code,
-            } => Event::SendFailed {
-                user,
-                device,
-                channel,
-                client_msg_id,
-                reason: code.as_str().into(),
-            },
-            Observation::Deliver(m) => Event::Deliver {
-                user,
-                device,
-                channel: m.channel,
-                message_id: m.message_id,
-                sender: m.sender,
-                sender_device: m.sender_device,
-                client_msg_id: m.client_msg_id,
-                seq: m.seq,
-            },
-            Observation::Presence {
-                user: subject,
-                status,
-            } => Event::Presence {
-                observer: user,
-                observer_device: device,
-                subject,
-                status: match status {
-                    PresenceStatus::Online => Status::Online,
-                    PresenceStatus::Offline => Status::Offline,
-                },
-            },
-            Observation::Error { code, detail } => {
-                tracing::debug!(device, ?code, %detail, "server error");
-                return;
-            }
-            Observation::PresenceRefresh => return,
-        };
-        self.rec.record(ev);
+        if let Observation::Error { code, detail } = &o {
+            tracing::debug!(device = self.d.device, ?code, %detail, "server error");
+        }
+        if let Some(ev) = Event::observed(self.d.user, self.d.device, o) {
+            self.rec.record(ev);
+        }
     }
 }
 

@@ -20,3 +20,27 @@ pub fn free_base(len: u16) -> u16 {
         }
     }
 }
+
+/// Starts `chatd all-in-one` on `data` with the port block at `base` (its api at base + 20)
+/// and `RUST_LOG=log`; returns the process and the api's address. Callers wait until it
+/// answers and kill it when done.
+pub fn spawn_all_in_one(
+    data: &std::path::Path,
+    base: u16,
+    log: &str,
+) -> (std::process::Child, std::net::SocketAddr) {
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], base + 20));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .args(["all-in-one", "--data"])
+        .arg(data)
+        .args([
+            "--http",
+            &http.to_string(),
+            "--base-port",
+            &base.to_string(),
+        ])
+        .env("RUST_LOG", log)
+        .spawn()
+        .expect("start chatd");
+    (child, http)
+}
