@@ -21,11 +21,12 @@
 
 use std::collections::BTreeMap;
 
-use super::{seen, CheckReport, Params, Seen};
+use super::index::{seen, Seen};
+use super::{CheckReport, Params};
 use crate::history::{Id, Record};
 
 pub fn check(history: &[Record], _params: &Params) -> CheckReport {
-    let history = super::sorted(history);
+    let history = super::index::sorted(history);
     let seen = seen(&history);
     let mut report = CheckReport::new("ids");
     unique(&seen, &mut report);
@@ -44,7 +45,7 @@ fn per_worker_in_real_time(history: &[Record], report: &mut CheckReport) {
     // Per worker: (acks, sends), each as (time, id), sorted by time below.
     type Timed = Vec<(u64, Id)>;
     let mut by_worker: BTreeMap<u64, (Timed, Timed)> = BTreeMap::new();
-    for m in super::acked_messages(history).into_values() {
+    for m in super::index::acked_messages(history).into_values() {
         let w = by_worker.entry(worker(m.message_id)).or_default();
         w.0.push((m.ack_t, m.message_id));
         if let Some(t) = m.send_t {

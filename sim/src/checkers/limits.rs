@@ -20,11 +20,12 @@
 
 use std::collections::BTreeMap;
 
-use super::{acked_messages, send_times, CheckReport, Membership, Params};
+use super::index::{acked_messages, send_times, Membership};
+use super::{CheckReport, Params};
 use crate::history::{Event, Id, Record};
 
 pub fn check(history: &[Record], params: &Params) -> CheckReport {
-    let history = super::sorted(history);
+    let history = super::index::sorted(history);
     let members = Membership::build(&history);
     let mut report = CheckReport::new("limits");
     group_size(&history, params, &mut report);

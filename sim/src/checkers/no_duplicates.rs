@@ -17,11 +17,12 @@
 
 use std::collections::BTreeMap;
 
-use super::{seen, CheckReport, Params, Seen};
+use super::index::{seen, Seen};
+use super::{CheckReport, Params};
 use crate::history::{Id, Record};
 
 pub fn check(history: &[Record], _params: &Params) -> CheckReport {
-    let history = super::sorted(history);
+    let history = super::index::sorted(history);
     let seen = seen(&history);
     let mut report = CheckReport::new("no_duplicates");
     delivered_once(&seen, &mut report);

@@ -19,11 +19,12 @@
 
 use std::collections::BTreeSet;
 
-use super::{acked_messages, end_time, CheckReport, Devices, Membership, Params};
+use super::index::{acked_messages, end_time, Devices, Membership};
+use super::{CheckReport, Params};
 use crate::history::{Event, Id, Record};
 
 pub fn check(history: &[Record], _params: &Params) -> CheckReport {
-    let history = super::sorted(history);
+    let history = super::index::sorted(history);
     let end = end_time(&history);
     let members = Membership::build(&history);
     let devices = Devices::build(&history);

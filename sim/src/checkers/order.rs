@@ -20,11 +20,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{acked_messages, end_time, seen, CheckReport, Membership, Params, Seen};
+use super::index::{acked_messages, end_time, seen, Membership, Seen};
+use super::{CheckReport, Params};
 use crate::history::{Id, Record};
 
 pub fn check(history: &[Record], _params: &Params) -> CheckReport {
-    let history = super::sorted(history);
+    let history = super::index::sorted(history);
     let seen = seen(&history);
     let mut report = CheckReport::new("order");
     one_total_order(&seen, &mut report);

@@ -31,10 +31,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{
-    connections, end_time, heartbeats, off_throughout, on_throughout, user_heartbeats, CheckReport,
-    Devices, FaultWindows, Params, Timeline, SECOND_US,
+use super::index::{
+    connections, end_time, heartbeats, off_throughout, on_throughout, user_heartbeats, Devices,
+    FaultWindows, Timeline,
 };
+use super::{CheckReport, Params, SECOND_US};
 use crate::history::{Event, Id, Record, Status};
 
 /// A device whose connection drops for less than this (and heartbeats throughout) must not be
@@ -48,7 +49,7 @@ pub const RECONNECT_GAP_US: u64 = 15 * SECOND_US;
 pub const PRESENCE_RESTART_GRACE_US: u64 = 15 * SECOND_US;
 
 pub fn check(history: &[Record], params: &Params) -> CheckReport {
-    let history = super::sorted(history);
+    let history = super::index::sorted(history);
     let ctx = Ctx::build(&history, params);
     let mut report = CheckReport::new("presence");
     no_false_offline(&history, &ctx, &mut report);

@@ -26,10 +26,11 @@
 
 use std::collections::BTreeMap;
 
-use super::{
+use super::index::{
     acked_messages, connections, end_time, heartbeats, off_throughout, on_throughout, AckedMessage,
-    CheckReport, Devices, FaultWindows, Membership, Params,
+    Devices, FaultWindows, Membership,
 };
+use super::{CheckReport, Params};
 use crate::history::{Event, Id, Record};
 
 /// A push: time, message, device, user.
@@ -42,7 +43,7 @@ struct Push {
 }
 
 pub fn check(history: &[Record], params: &Params) -> CheckReport {
-    let history = super::sorted(history);
+    let history = super::index::sorted(history);
     let pushes: Vec<Push> = history
         .iter()
         .filter_map(|r| match &r.ev {
