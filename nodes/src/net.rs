@@ -62,6 +62,28 @@ pub async fn connect(addr: SocketAddr) -> io::Result<Stream> {
     Ok(Stream::new(TcpStream::connect(addr).await?))
 }
 
+/// Connects to `addr` from the local address `source` (a load driver spreads its clients over
+/// many, past one address's ephemeral ports); `None` lets the system choose. A simulated node
+/// has one address, so the simulation ignores `source`.
+pub async fn connect_from(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> io::Result<Stream> {
+    #[cfg(not(madsim))]
+    if let Some(src) = source {
+        let sock = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        sock.bind(SocketAddr::new(src, 0))
+            .map_err(|e| io::Error::new(e.kind(), format!("bind {src}: {e}")))?;
+        return Ok(Stream::new(sock.connect(addr).await?));
+    }
+    #[cfg(madsim)]
+    let _ = source;
+    connect(addr).await
+}
+
 /// Binds a listener on `addr`; the error names the address.
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr)

@@ -3,14 +3,15 @@
 //! stay), then writes the capacity plan for N daily active users (`reports::capacity`) and the
 //! measurement run's report.
 
-use nodes::canary::Canaries;
 use reports::capacity::{self, Assumptions, Measurement};
 use workloads::model::Model;
 
 use crate::cli::{CapacityOpts, Opts};
-use crate::run::{plan_for, run_on_fresh_thread};
+use crate::outcome::Outcome;
+use crate::plan::{plan_for, Plan};
 
-pub fn run(c: &CapacityOpts, canaries: &Canaries) -> i32 {
+/// The measurement run's options and plan, announced on stdout.
+pub fn measurement(c: &CapacityOpts) -> Result<(Opts, Plan), String> {
     let opts = Opts {
         seed: c.seed,
         users: c.users,
@@ -22,13 +23,7 @@ pub fn run(c: &CapacityOpts, canaries: &Canaries) -> i32 {
         report: Some(c.out.join("measurement")),
         ..Opts::defaults()
     };
-    let plan = match plan_for(&opts) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 2;
-        }
-    };
+    let plan = plan_for(&opts)?;
     println!(
         "capacity: measuring workload `{}` with {} users ({} devices) for {} simulated s, seed {}, no injected faults",
         opts.workload,
@@ -37,9 +32,14 @@ pub fn run(c: &CapacityOpts, canaries: &Canaries) -> i32 {
         opts.duration,
         opts.seed
     );
-    let outcome = run_on_fresh_thread(&opts, canaries, &plan);
-    let code = crate::output::print_outcome(&opts, &outcome);
-    let report = crate::report::build(&opts, &plan, &outcome);
+    Ok((opts, plan))
+}
+
+/// Writes the measurement run's report and, if it broke no invariant, the plan.
+pub fn write_plan(c: &CapacityOpts, opts: &Opts, plan: &Plan, outcome: &Outcome) -> i32 {
+    let (opts, plan) = (opts.clone(), plan);
+    let code = crate::output::print_outcome(&opts, outcome);
+    let report = crate::report::build(&opts, plan, outcome);
     if let Err(e) = reports::run::write(&c.out.join("measurement"), &report) {
         eprintln!("error: writing the measurement report: {e}");
         return 2;

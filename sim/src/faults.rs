@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::cluster::Cluster;
 use crate::history::Event;
-use crate::run::Recorder;
+use crate::recorder::Recorder;
 
 /// The default link latency (madsim's own default) that latency faults return to.
 const DEFAULT_LATENCY: std::ops::Range<Duration> =

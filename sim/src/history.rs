@@ -147,10 +147,51 @@ pub enum Event {
 }
 
 impl Event {
+    /// The history event for what happened on a device (`nodes::client::runtime`), if it is
+    /// one: connect failures, heartbeats sent, bad-input notices, errors not tied to a send
+    /// and presence-refresh hints are not history events. Shared by the simulated devices and
+    /// the real load driver, so both write the same lines.
+    pub fn of_device(
+        user: Id,
+        device: Id,
+        ev: nodes::client::runtime::DeviceEvent,
+    ) -> Option<Event> {
+        use nodes::client::runtime::DeviceEvent as D;
+        Some(match ev {
+            D::AppOpened => Event::HeartbeatStart { user, device },
+            D::AppClosed { .. } => Event::HeartbeatStop { user, device },
+            D::Connected { server } => Event::Connected {
+                user,
+                device,
+                server: format!("chat-{server}"),
+            },
+            D::Disconnected { reason } => Event::Disconnected {
+                user,
+                device,
+                reason: reason.into(),
+            },
+            D::Sending {
+                channel,
+                client_msg_id,
+                bytes,
+                chars,
+                ..
+            } => Event::Send {
+                user,
+                device,
+                channel,
+                client_msg_id,
+                bytes,
+                chars,
+            },
+            D::Observed(o) => return Self::observed(user, device, o),
+            D::ConnectFailed(_) | D::HeartbeatSent | D::BadInput => return None,
+        })
+    }
+
     /// The history event for what a device's user observed (`DeviceState::on_frame`), if it
     /// is one: errors not tied to a send and presence-refresh hints are not history events.
-    /// Shared by the simulated devices and the real load driver, so both write the same lines.
-    pub fn observed(user: Id, device: Id, o: nodes::client::device::Observation) -> Option<Event> {
+    fn observed(user: Id, device: Id, o: nodes::client::device::Observation) -> Option<Event> {
         use nodes::client::device::Observation;
         use nodes::proto::client::PresenceStatus;
         Some(match o {

@@ -12,5 +12,5 @@ fn main() {
 fn main() {
     use clap::Parser;
     let opts = sim::cli::Opts::parse().resolve();
-    std::process::exit(sim::run::main(opts));
+    std::process::exit(sim::entry::main(opts));
 }

@@ -4,7 +4,8 @@
 use nodes::canary::Canaries;
 
 use crate::cli::{FaultSource, Opts};
-use crate::run::{Outcome, Plan};
+use crate::outcome::Outcome;
+use crate::plan::Plan;
 
 pub fn print_header(opts: &Opts, canaries: &Canaries) {
     println!("seed={}", opts.seed);
@@ -37,7 +38,7 @@ pub fn print_schedule(opts: &Opts, plan: &Plan) {
         let devices = plan.workload.device_count() as u32;
         println!(
             "{}",
-            scenarios::swarm(&crate::run::scenario_ctx(opts, devices))
+            scenarios::swarm(&crate::plan::scenario_ctx(opts, devices))
         );
     }
     let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();

@@ -4,10 +4,14 @@
 use reports::run::{Invariant, Meta, PerSend, RunReport, Speed, Totals};
 
 use crate::cli::Opts;
-use crate::run::{Outcome, Plan};
+use crate::outcome::Outcome;
+use crate::plan::Plan;
 
 pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
-    let m = crate::metrics::measure(&o.history, crate::run::window_start_s(opts.duration) as f64);
+    let m = crate::metrics::measure(
+        &o.history,
+        crate::plan::window_start_s(opts.duration) as f64,
+    );
     let st = &o.stats;
     let w = &plan.workload;
     let storage = o.window.1.disk_bytes.saturating_sub(o.window.0.disk_bytes);

@@ -14,8 +14,9 @@ use nodes::canary::Canaries;
 use scenarios::Schedule;
 
 use crate::cli::Opts;
+use crate::outcome::Outcome;
 use crate::output::repro_command;
-use crate::run::{schedule_for, Outcome};
+use crate::plan::schedule_for;
 
 /// One seed's result in a sweep.
 struct SeedResult {

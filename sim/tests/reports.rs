@@ -7,7 +7,8 @@
 
 use nodes::canary::Canaries;
 use sim::cli::{CapacityOpts, Opts};
-use sim::run::{plan_for, run_on_fresh_thread};
+use sim::plan::plan_for;
+use sim::run::run_on_fresh_thread;
 
 fn small(workload: &str, seed: u64) -> Opts {
     Opts {
@@ -110,7 +111,7 @@ fn capacity_plan_is_consistent() {
         duration: 150,
         seed: 1,
     };
-    assert_eq!(sim::capacity::run(&c, &Canaries::none()), 0);
+    assert_eq!(sim::entry::capacity(&c, &Canaries::none()), 0);
     assert!(dir.path().join("capacity.md").exists());
     assert!(dir.path().join("measurement/report.md").exists());
     let j: serde_json::Value =

@@ -24,7 +24,7 @@ fn small(seed: u64) -> Opts {
     }
 }
 
-fn assert_passes(what: &str, o: &sim::run::Outcome) {
+fn assert_passes(what: &str, o: &sim::outcome::Outcome) {
     for r in &o.reports {
         assert_eq!(
             r.violation_count, 0,

@@ -1,35 +1,34 @@
 //! A worker: its slice of devices as real WebSocket clients, and the open-loop send schedule.
 //!
-//! Each device is a task running the same client state machine as the simulation's devices
-//! (`nodes::client::device::DeviceState`: cursors, reorder buffer, outbox resent after a
-//! reconnect), with heartbeats, presence queries and reconnects with jittered backoff.
+//! Each device is a task running the same device runtime as the simulation's devices
+//! (`nodes::client::runtime`: connect, heartbeats, silence, reconnect with jittered backoff,
+//! `DeviceState` for cursors, reorder buffer and outbox). This file adds the open-loop cues
+//! and the observer that writes the history file.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nodes::client::device::{DeviceState, Observation};
-use nodes::client::http::HttpClient;
-use nodes::client::ws::{Incoming, WsConn};
-use nodes::proto::client::{ChatServerResponse, ClientFrame, ServerFrame};
+use nodes::client::runtime::{
+    Command, DeviceEvent, DeviceRuntime, Exit, Flow, Login, Observer, SendCmd, Settings, Text,
+};
 use nodes::proto::Id;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use sim::history::Event;
-use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use super::{Plan, PlannedDevice, Recorder};
 
-const HEARTBEAT: Duration = Duration::from_millis(nodes::limits::HEARTBEAT_INTERVAL_MS);
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const SERVER_SILENT: Duration = Duration::from_millis(3 * nodes::limits::HEARTBEAT_INTERVAL_MS);
-const BACKOFF_MIN_MS: u64 = 200;
+/// Reconnect backoff cap: shorter than the simulated devices' 30 s, so the reconnect figures
+/// after a kill measure the servers, not a device's long wait (a local cluster has no herd of
+/// 100,000 apps to spread).
 const BACKOFF_MAX_MS: u64 = 5_000;
-/// Sends waiting for one device task. Full means the driver itself cannot keep up: the send
+/// Commands waiting for one device task. Full means the driver itself cannot keep up: the send
 /// is counted as dropped (reported), never silently delayed.
 const CUES_MAX: usize = 1024;
 /// Source addresses per worker: device j of worker k connects from 127.1.k.(1 + j % this).
@@ -55,11 +54,6 @@ struct Counters {
     connect_failures: AtomicU64,
 }
 
-struct Cue {
-    channel: Id,
-    due_us: u64,
-}
-
 /// Runs slice `slice` of `of` until the plan's end; returns the summary.
 pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder) -> WorkerSummary {
     let mine: Vec<PlannedDevice> = plan
@@ -70,7 +64,6 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
         .map(|(_, d)| d.clone())
         .collect();
     let counters = Arc::new(Counters::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
     // The history's zero as an Instant (it may still be ahead: workers start before it).
     let now_unix = super::unix_us();
     let t0 = if plan.t0_unix_us >= now_unix {
@@ -83,6 +76,9 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
     let mut tasks = Vec::new();
     for (j, d) in mine.iter().enumerate() {
         let (tx, rx) = mpsc::channel(CUES_MAX);
+        // The app opens at its time in the ramp (the runtime starts then).
+        tx.try_send(Command::Open)
+            .expect("a new channel has room for the first command");
         cues.push(tx);
         let src = IpAddr::V4(Ipv4Addr::new(
             127,
@@ -91,24 +87,35 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
             (1 + j % SOURCE_IPS) as u8,
         ));
         let open_at = t0 + Duration::from_micros(plan.ramp_us * j as u64 / n as u64);
-        let app = App {
-            d: d.clone(),
-            api: plan.api,
-            src,
-            state: DeviceState::new(d.user, d.device, false),
-            conn: None,
+        let settings = Settings {
+            source_ip: Some(src),
+            backoff_max_ms: BACKOFF_MAX_MS,
+            missed_heartbeats: MissedTickBehavior::Delay,
+            ..Settings::new(vec![plan.api])
+        };
+        let login = Login {
+            user: d.user,
+            device: d.device,
+            token: d.token.clone(),
+        };
+        let observer = Recording {
+            user: d.user,
+            device: d.device,
             rec: rec.clone(),
             counters: counters.clone(),
-            rng: StdRng::seed_from_u64(plan.seed ^ d.device),
-            next_client_msg_id: 1,
-            backoff_ms: BACKOFF_MIN_MS,
-            next_connect: open_at,
-            connections: 0,
-            last_heard: open_at,
-            server: None,
-            chars: plan.chars,
         };
-        tasks.push(tokio::spawn(app.run(rx, stop_rx.clone(), open_at)));
+        let runtime = DeviceRuntime::new(
+            login,
+            settings,
+            DeviceState::new(d.user, d.device, false),
+            StdRng::seed_from_u64(plan.seed ^ d.device),
+            observer,
+        )
+        .with_friends(d.friends.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(open_at).await;
+            runtime.run(rx, open_at).await
+        }));
     }
     // The open-loop schedule: Poisson arrivals at this worker's share of the rate.
     let rate = plan.rate / of as f64;
@@ -130,19 +137,25 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
                 (None, None) => continue,
             };
             tokio::time::sleep_until(t0 + Duration::from_micros(due_us as u64)).await;
-            let cue = Cue {
+            let cue = Command::Send(SendCmd {
                 channel,
-                due_us: due_us as u64,
-            };
+                text: Text::Random { chars: plan.chars },
+                due: Some(due_us as u64),
+            });
             if cues[j].try_send(cue).is_err() {
                 counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
     tokio::time::sleep_until(t0 + Duration::from_micros(plan.end_us)).await;
-    let _ = stop_tx.send(true);
+    for tx in &cues {
+        // Behind any cues still queued: the traffic window is over, so there are none.
+        let _ = tx.send(Command::Stop).await;
+    }
     for t in tasks {
-        let _ = t.await;
+        if let Ok(Exit::Stopped { connected: true }) = t.await {
+            counters.connected.fetch_add(1, Ordering::Relaxed);
+        }
     }
     let _ = rec.flush();
     WorkerSummary {
@@ -155,250 +168,43 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
     }
 }
 
-struct App {
-    d: PlannedDevice,
-    api: SocketAddr,
-    src: IpAddr,
-    state: DeviceState,
-    conn: Option<WsConn>,
+/// Records a device's events into the worker's history file and counters.
+struct Recording {
+    user: Id,
+    device: Id,
     rec: Recorder,
     counters: Arc<Counters>,
-    rng: StdRng,
-    next_client_msg_id: Id,
-    backoff_ms: u64,
-    next_connect: Instant,
-    connections: u64,
-    last_heard: Instant,
-    server: Option<u32>,
-    chars: u32,
 }
 
-impl App {
-    async fn run(
-        mut self,
-        mut cues: mpsc::Receiver<Cue>,
-        mut stop: watch::Receiver<bool>,
-        open_at: Instant,
-    ) {
-        tokio::time::sleep_until(open_at).await;
-        self.rec.record(Event::HeartbeatStart {
-            user: self.d.user,
-            device: self.d.device,
-        });
-        let mut heartbeat = tokio::time::interval_at(open_at + HEARTBEAT, HEARTBEAT);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if self.conn.is_none() && Instant::now() >= self.next_connect {
-                self.connect().await;
+impl Observer for Recording {
+    async fn observe(&mut self, ev: DeviceEvent) -> Flow {
+        let c = &self.counters;
+        let mut at = None;
+        match &ev {
+            DeviceEvent::Connected { .. } => {
+                c.connects.fetch_add(1, Ordering::Relaxed);
             }
-            let want_connect = self.conn.is_none();
-            tokio::select! {
-                biased;
-                _ = stop.changed() => break,
-                cue = cues.recv() => match cue {
-                    Some(c) => self.send(c).await,
-                    None => break,
-                },
-                incoming = recv(&mut self.conn) => self.on_incoming(incoming).await,
-                _ = heartbeat.tick() => self.on_heartbeat().await,
-                _ = tokio::time::sleep_until(self.next_connect), if want_connect => {}
+            DeviceEvent::ConnectFailed(e) => {
+                tracing::debug!(device = self.device, error = %e.error, "connect failed");
+                c.connect_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            DeviceEvent::Sending { due, .. } => {
+                c.sends.fetch_add(1, Ordering::Relaxed);
+                // Stamped with the time the send was due: time spent queued in the driver
+                // counts.
+                at = *due;
+            }
+            DeviceEvent::Observed(Observation::Error { code, detail }) => {
+                tracing::debug!(device = self.device, ?code, %detail, "server error");
+            }
+            _ => {}
+        }
+        if let Some(ev) = Event::of_device(self.user, self.device, ev) {
+            match at {
+                Some(t_us) => self.rec.record_at(t_us, ev),
+                None => self.rec.record(ev),
             }
         }
-        if self.conn.is_some() {
-            self.counters.connected.fetch_add(1, Ordering::Relaxed);
-        }
-        // The process exits right after: connections close with it.
-    }
-
-    async fn connect(&mut self) {
-        self.connections += 1;
-        let mut http = HttpClient::new(self.api);
-        http.token = Some(self.d.token.clone());
-        let path = match self.server {
-            Some(s) => format!("/v1/chat-server?avoid={s}"),
-            None => "/v1/chat-server".to_string(),
-        };
-        let src = self.src;
-        let token = self.d.token.clone();
-        let connection = self.connections;
-        let attempt = async move {
-            let cs: ChatServerResponse = http.get(&path).await.map_err(|e| e.to_string())?;
-            let addr: SocketAddr = cs
-                .url
-                .strip_prefix("ws://")
-                .and_then(|r| r.split('/').next())
-                .and_then(|hp| hp.parse().ok())
-                .ok_or_else(|| format!("bad chat server url {}", cs.url))?;
-            let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
-            sock.bind(SocketAddr::new(src, 0))
-                .map_err(|e| format!("bind {src}: {e}"))?;
-            let tcp = sock.connect(addr).await.map_err(|e| e.to_string())?;
-            let mut ws = WsConn::handshake(&cs.url, nodes::net::Stream::new(tcp))
-                .await
-                .map_err(|e| e.to_string())?;
-            ws.send(&ClientFrame::Hello { token, connection })
-                .await
-                .map_err(|e| e.to_string())?;
-            match ws.recv().await {
-                Incoming::Frame(ServerFrame::Welcome { server, .. }) => Ok((ws, server)),
-                other => Err(format!("no welcome: {other:?}")),
-            }
-        };
-        let result = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err("connect timed out".to_string()),
-        };
-        match result {
-            Ok((ws, server)) => {
-                self.conn = Some(ws);
-                self.server = Some(server);
-                self.backoff_ms = BACKOFF_MIN_MS;
-                self.last_heard = Instant::now();
-                self.counters.connects.fetch_add(1, Ordering::Relaxed);
-                self.rec.record(Event::Connected {
-                    user: self.d.user,
-                    device: self.d.device,
-                    server: format!("chat-{server}"),
-                });
-                let frames = self.state.on_connected();
-                self.send_all(frames).await;
-                self.send_frame(ClientFrame::Heartbeat).await;
-                self.ask_presence().await;
-            }
-            Err(e) => {
-                tracing::debug!(device = self.d.device, error = %e, "connect failed");
-                self.counters
-                    .connect_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                self.schedule_reconnect();
-            }
-        }
-    }
-
-    fn schedule_reconnect(&mut self) {
-        let wait = self.rng.gen_range(self.backoff_ms / 2..=self.backoff_ms);
-        self.next_connect = Instant::now() + Duration::from_millis(wait);
-        self.backoff_ms = (self.backoff_ms * 2).min(BACKOFF_MAX_MS);
-    }
-
-    async fn send_frame(&mut self, frame: ClientFrame) {
-        if let Some(ws) = self.conn.as_mut() {
-            match tokio::time::timeout(WRITE_TIMEOUT, ws.send(&frame)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => self.lost("send failed"),
-                Err(_) => self.lost("send timed out"),
-            }
-        }
-    }
-
-    async fn send_all(&mut self, frames: Vec<ClientFrame>) {
-        for f in frames {
-            self.send_frame(f).await;
-        }
-    }
-
-    fn lost(&mut self, reason: &str) {
-        if self.conn.take().is_some() {
-            self.rec.record(Event::Disconnected {
-                user: self.d.user,
-                device: self.d.device,
-                reason: reason.into(),
-            });
-            self.schedule_reconnect();
-        }
-    }
-
-    fn text(&mut self) -> String {
-        // Mostly ASCII with some multi-byte characters, as in the simulation.
-        let alphabet = ['a', 'b', 'c', ' ', 'é', 'ж', '字', '😀'];
-        (0..self.chars)
-            .map(|_| alphabet[self.rng.gen_range(0..alphabet.len())])
-            .collect()
-    }
-
-    async fn send(&mut self, cue: Cue) {
-        let client_msg_id = self.next_client_msg_id;
-        self.next_client_msg_id += 1;
-        let text = self.text();
-        // Stamped with the time the send was due: time spent queued in the driver counts.
-        self.rec.record_at(
-            cue.due_us,
-            Event::Send {
-                user: self.d.user,
-                device: self.d.device,
-                channel: cue.channel,
-                client_msg_id,
-                bytes: text.len() as u64,
-                chars: text.chars().count() as u64,
-            },
-        );
-        self.counters.sends.fetch_add(1, Ordering::Relaxed);
-        let frame = self.state.send(client_msg_id, cue.channel, text);
-        self.send_frame(frame).await;
-    }
-
-    async fn on_heartbeat(&mut self) {
-        if self.conn.is_none() {
-            return;
-        }
-        if self.last_heard.elapsed() > SERVER_SILENT {
-            self.lost("server silent");
-            return;
-        }
-        self.send_frame(ClientFrame::Heartbeat).await;
-        let mut frames = self.state.take_reads();
-        frames.extend(self.state.on_tick());
-        self.send_all(frames).await;
-    }
-
-    async fn ask_presence(&mut self) {
-        if !self.d.friends.is_empty() {
-            let users = self.d.friends.clone();
-            self.send_frame(ClientFrame::PresenceQuery { users }).await;
-        }
-    }
-
-    async fn on_incoming(&mut self, incoming: Incoming) {
-        let frame = match incoming {
-            Incoming::Frame(f) => {
-                self.last_heard = Instant::now();
-                f
-            }
-            Incoming::Unparsed(t) => {
-                tracing::warn!(device = self.d.device, frame = %t, "unparsed server frame");
-                return;
-            }
-            Incoming::Closed => {
-                self.lost("closed by server");
-                return;
-            }
-        };
-        let (obs, out) = self.state.on_frame(frame);
-        let mut refresh = false;
-        for o in obs {
-            refresh |= o == Observation::PresenceRefresh;
-            self.observe(o);
-        }
-        self.send_all(out).await;
-        if refresh {
-            self.ask_presence().await;
-        }
-    }
-
-    fn observe(&self, o: Observation) {
-        if let Observation::Error { code, detail } = &o {
-            tracing::debug!(device = self.d.device, ?code, %detail, "server error");
-        }
-        if let Some(ev) = Event::observed(self.d.user, self.d.device, o) {
-            self.rec.record(ev);
-        }
-    }
-}
-
-/// Waits for the next frame, or forever when not connected.
-async fn recv(conn: &mut Option<WsConn>) -> Incoming {
-    match conn.as_mut() {
-        Some(ws) => ws.recv().await,
-        None => std::future::pending().await,
+        Flow::Continue
     }
 }

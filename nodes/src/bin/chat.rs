@@ -38,16 +38,20 @@ mod real {
     use clap::{Parser, Subcommand};
     use nodes::client::device::{DeviceState, Observation};
     use nodes::client::http::HttpClient;
+    use nodes::client::runtime::{
+        open_session, Command, DeviceEvent, DeviceRuntime, Exit, Flow, Login, Observer, Settings,
+    };
     use nodes::client::ws::{Incoming, WsConn};
     use nodes::client::ClientError;
     use nodes::clock::unix_ms;
     use nodes::limits::{HEARTBEAT_INTERVAL_MS, SYNC_PAGE_MAX};
     use nodes::proto::client::*;
     use nodes::proto::Id;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
     use serde::{Deserialize, Serialize};
-
-    /// Time allowed for a chat server to welcome a new connection.
-    const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+    use tokio::sync::mpsc;
+    use tokio::time::MissedTickBehavior;
     /// Attempts of a one-shot command (send, presence) through dropped connections and
     /// retryable refusals, `RETRY_PAUSE` apart.
     const ATTEMPTS_MAX: u32 = 20;
@@ -55,6 +59,8 @@ mod real {
     /// `follow`'s reconnect backoff: doubles from the first to the last, with jitter.
     const BACKOFF_MIN: Duration = Duration::from_millis(500);
     const BACKOFF_MAX: Duration = Duration::from_secs(15);
+    /// `follow` asks for the friend list this often (whose presence to show).
+    const FRIENDS_REFRESH: Duration = Duration::from_secs(60);
     /// A connection that answers nothing for three heartbeats is dead (the protocol's rule).
     const SILENCE_MAX: Duration = Duration::from_millis(3 * HEARTBEAT_INTERVAL_MS);
     /// How long `presence` waits for its answers: a presence node that just started answers
@@ -451,79 +457,20 @@ mod real {
 
     // ------------------------------------------------------------ WebSocket sessions
 
-    /// A welcomed connection.
-    struct Conn {
-        ws: WsConn,
-        server: u32,
-    }
-
-    /// Why a connection attempt failed: `fatal` ones end the command.
-    struct ConnectError {
-        err: anyhow::Error,
-        fatal: bool,
-        server: Option<u32>,
-    }
-
-    fn fatal_code(code: ErrorCode) -> bool {
-        matches!(
-            code,
-            ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::NotAuthenticated
-        )
-    }
-
-    /// Asks the api for a chat server (avoiding one just lost), connects and says hello.
-    async fn open(me: &Me, avoid: Option<u32>) -> Result<Conn, ConnectError> {
-        let path = match avoid {
-            Some(s) => format!("/v1/chat-server?avoid={s}"),
-            None => "/v1/chat-server".to_string(),
-        };
-        let cs: ChatServerResponse = me.http.get(&path).await.map_err(|e| ConnectError {
-            fatal: matches!(&e, ClientError::Refused { code, .. } if fatal_code(*code)),
-            err: explain(e),
-            server: None,
-        })?;
-        let failed = |err: anyhow::Error, fatal: bool| ConnectError {
-            err,
-            fatal,
-            server: Some(cs.server),
-        };
-        let mut ws = WsConn::connect(&cs.url)
-            .await
-            .map_err(|e| failed(anyhow!("chat server {}: {e}", cs.url), false))?;
-        // The connection number orders this device's connections: the newest wins.
-        let hello = ClientFrame::Hello {
-            token: me.saved.token.clone(),
-            connection: unix_ms(),
-        };
-        ws.send(&hello)
-            .await
-            .map_err(|e| failed(anyhow!(e), false))?;
-        let answer = tokio::time::timeout(WELCOME_TIMEOUT, ws.recv()).await;
-        match answer {
-            Ok(Incoming::Frame(ServerFrame::Welcome { server, .. })) => Ok(Conn { ws, server }),
-            Ok(Incoming::Frame(ServerFrame::Error { code, detail, .. })) => Err(failed(
-                anyhow!("{}: {detail}", code.as_str()),
-                fatal_code(code),
-            )),
-            Ok(other) => Err(failed(anyhow!("expected welcome, got {other:?}"), false)),
-            Err(_) => Err(failed(
-                anyhow!("no welcome within {WELCOME_TIMEOUT:?}"),
-                false,
-            )),
-        }
-    }
-
-    /// Opens a connection, retrying through transient failures (a one-shot command's way).
-    async fn open_retrying(me: &Me) -> anyhow::Result<Conn> {
+    /// Opens a connection through the device runtime's connect step, retrying through
+    /// transient failures (a one-shot command's way); a refused token ends it at once.
+    async fn open_retrying(me: &Me) -> anyhow::Result<WsConn> {
         let mut avoid = None;
         let mut last = None;
         for _ in 0..ATTEMPTS_MAX {
-            match open(me, avoid).await {
-                Ok(c) => return Ok(c),
-                Err(e) if e.fatal => return Err(e.err),
+            // The connection number orders this device's connections across processes that
+            // share the state file: the newest wins.
+            match open_session(me.http.addr, &me.saved.token, avoid, unix_ms(), None).await {
+                Ok((ws, _server)) => return Ok(ws),
+                Err(e) if e.ends_login() => return Err(anyhow!(e.error)),
                 Err(e) => {
                     avoid = e.server;
-                    last = Some(e.err);
+                    last = Some(anyhow!(e.error));
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
             }
@@ -570,9 +517,9 @@ mod real {
         let mut last = anyhow!("no attempt made");
         for _ in 0..ATTEMPTS_MAX {
             let mut conn = open_retrying(me).await?;
-            conn.ws.send(&frame).await.map_err(|e| anyhow!(e))?;
+            conn.send(&frame).await.map_err(|e| anyhow!(e))?;
             loop {
-                let answer = tokio::time::timeout(SILENCE_MAX, conn.ws.recv()).await;
+                let answer = tokio::time::timeout(SILENCE_MAX, conn.recv()).await;
                 match answer {
                     Ok(Incoming::Frame(ServerFrame::Ack {
                         client_msg_id: id,
@@ -580,15 +527,12 @@ mod real {
                         seq,
                         ..
                     })) if id == client_msg_id => {
-                        conn.ws.close().await;
+                        conn.close().await;
                         return Ok((channel, seq));
                     }
                     Ok(Incoming::Frame(ServerFrame::Error { code, detail, .. })) => {
                         last = anyhow!("{}: {detail}", code.as_str());
-                        if !code.retryable() && !code.closes_connection() {
-                            return Err(last);
-                        }
-                        if fatal_code(code) {
+                        if !code.retryable() && !code.closes_connection() || code.ends_login() {
                             return Err(last);
                         }
                         break; // Retry, on a new connection, with the same client_msg_id.
@@ -623,12 +567,12 @@ mod real {
         let query = ClientFrame::PresenceQuery {
             users: asked.keys().copied().collect(),
         };
-        conn.ws.send(&query).await.map_err(|e| anyhow!(e))?;
+        conn.send(&query).await.map_err(|e| anyhow!(e))?;
         let mut seen: BTreeMap<Id, (PresenceStatus, u64)> = BTreeMap::new();
         let deadline = tokio::time::Instant::now() + PRESENCE_WAIT;
         while seen.len() < asked.len() {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(left, conn.ws.recv()).await {
+            match tokio::time::timeout(left, conn.recv()).await {
                 Ok(Incoming::Frame(ServerFrame::Presence {
                     user,
                     status,
@@ -646,7 +590,7 @@ mod real {
                 Err(_) => break,
             }
         }
-        conn.ws.close().await;
+        conn.close().await;
         let mut missing = 0;
         for (user, name) in &asked {
             match seen.get(user) {
@@ -666,141 +610,104 @@ mod real {
 
     // ------------------------------------------------------------ follow
 
+    /// Stays connected through the device runtime (reconnects, resyncs from its cursors,
+    /// heartbeats) and prints what arrives, until Ctrl-C or a refused login.
     async fn follow(me: &Me, only: Option<Id>) -> anyhow::Result<()> {
-        let mut device = DeviceState::new(me.saved.user, me.saved.device, false);
-        let mut names = Names::default();
-        let mut backoff = BACKOFF_MIN;
-        let mut avoid = None;
-        let ctrl_c = tokio::signal::ctrl_c();
-        tokio::pin!(ctrl_c);
-        loop {
-            let why = tokio::select! {
-                biased;
-                _ = &mut ctrl_c => return Ok(()),
-                r = open(me, avoid) => match r {
-                    Ok(conn) => {
-                        backoff = BACKOFF_MIN;
-                        avoid = None;
-                        eprintln!("connected to chat server {}", conn.server);
-                        let run = followed(me, conn, &mut device, &mut names, only);
-                        tokio::select! {
-                            biased;
-                            _ = &mut ctrl_c => return Ok(()),
-                            lost = run => lost?,
+        let friends = profile(&me.http).await?.friends.keys().copied().collect();
+        let settings = Settings {
+            backoff_min_ms: BACKOFF_MIN.as_millis() as u64,
+            backoff_max_ms: BACKOFF_MAX.as_millis() as u64,
+            missed_heartbeats: MissedTickBehavior::Delay,
+            // Newer than any connection of this device so far, from any process.
+            first_connection: unix_ms(),
+            ..Settings::new(vec![me.http.addr])
+        };
+        let login = Login {
+            user: me.saved.user,
+            device: me.saved.device,
+            token: me.saved.token.clone(),
+        };
+        let printer = Printer {
+            http: me.http.clone(),
+            names: Names::default(),
+            only,
+        };
+        let state = DeviceState::new(me.saved.user, me.saved.device, false);
+        let runtime = DeviceRuntime::new(login, settings, state, StdRng::from_entropy(), printer)
+            .with_friends(friends);
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Command::Open).await?;
+        let http = me.http.clone();
+        // The terminal's side: Ctrl-C stops; friends made meanwhile are picked up.
+        let driver = tokio::spawn(async move {
+            let ctrl_c = tokio::signal::ctrl_c();
+            tokio::pin!(ctrl_c);
+            let mut refresh = tokio::time::interval(FRIENDS_REFRESH);
+            refresh.tick().await;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut ctrl_c => {
+                        let _ = tx.send(Command::Stop).await;
+                        return;
+                    }
+                    _ = refresh.tick() => {
+                        if let Ok(p) = profile(&http).await {
+                            let friends = p.friends.keys().copied().collect();
+                            if tx.send(Command::SetFriends(friends)).await.is_err() {
+                                return;
+                            }
                         }
                     }
-                    Err(e) if e.fatal => return Err(e.err),
-                    Err(e) => {
-                        avoid = e.server;
-                        format!("{:#}", e.err)
-                    }
-                },
-            };
-            let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-            eprintln!(
-                "disconnected ({why}); reconnecting in {:.1} s",
-                wait.as_secs_f64()
-            );
-            tokio::select! {
-                biased;
-                _ = &mut ctrl_c => return Ok(()),
-                _ = tokio::time::sleep(wait) => {}
+                }
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+        });
+        let exit = runtime.run(rx, tokio::time::Instant::now()).await;
+        driver.abort();
+        match exit {
+            Exit::Stopped { .. } => Ok(()),
+            Exit::LoggedOut { code, detail } => {
+                bail!("{}: {detail}; run `chat login` again", code.as_str())
+            }
         }
     }
 
-    /// Runs one connection: sync, heartbeats, deliveries printed in order, once each.
-    /// Answers why the connection was lost.
-    async fn followed(
-        me: &Me,
-        mut conn: Conn,
-        device: &mut DeviceState,
-        names: &mut Names,
+    /// Prints what a following device observes: messages (of one channel, or all) once each
+    /// and in order, friends' presence, and the connection's ups and downs on stderr.
+    struct Printer {
+        http: HttpClient,
+        names: Names,
         only: Option<Id>,
-    ) -> anyhow::Result<String> {
-        let mut out = device.on_connected();
-        out.push(ClientFrame::Heartbeat);
-        out.extend(presence_query(me).await);
-        let period = Duration::from_millis(HEARTBEAT_INTERVAL_MS);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        let mut last_heard = tokio::time::Instant::now();
-        loop {
-            for f in out.drain(..) {
-                if let Err(e) = conn.ws.send(&f).await {
-                    return Ok(e.to_string());
+    }
+
+    impl Observer for Printer {
+        async fn observe(&mut self, ev: DeviceEvent) -> Flow {
+            match ev {
+                DeviceEvent::Connected { server } => eprintln!("connected to chat server {server}"),
+                DeviceEvent::Disconnected { reason } => {
+                    eprintln!("disconnected ({reason}); reconnecting")
                 }
-            }
-            tokio::select! {
-                biased;
-                incoming = conn.ws.recv() => {
-                    last_heard = tokio::time::Instant::now();
-                    let frame = match incoming {
-                        Incoming::Frame(f) => f,
-                        Incoming::Unparsed(t) => {
-                            eprintln!("unparsed frame: {t}");
-                            continue;
-                        }
-                        Incoming::Closed => return Ok("connection closed".into()),
+                DeviceEvent::ConnectFailed(e) => eprintln!("cannot connect: {}", e.error),
+                DeviceEvent::Observed(Observation::Deliver(m))
+                    if self.only.is_none_or(|c| c == m.channel) =>
+                {
+                    print_message(&self.http, &mut self.names, &m).await;
+                }
+                DeviceEvent::Observed(Observation::Presence { user, status }) => {
+                    let name = self.names.of(&self.http, user).await;
+                    let word = match status {
+                        PresenceStatus::Online => "online",
+                        PresenceStatus::Offline => "offline",
                     };
-                    let (obs, more) = device.on_frame(frame);
-                    out.extend(more);
-                    for o in obs {
-                        if o == Observation::PresenceRefresh {
-                            out.extend(presence_query(me).await);
-                        } else if let Some(lost) = observe(me, names, o, only).await? {
-                            return Ok(lost);
-                        }
-                    }
+                    println!("* {name} is {word}");
                 }
-                _ = tick.tick() => {
-                    if last_heard.elapsed() > SILENCE_MAX {
-                        return Ok(format!("nothing heard for {SILENCE_MAX:?}"));
-                    }
-                    out.push(ClientFrame::Heartbeat);
-                    out.extend(device.on_tick());
-                    out.extend(device.take_reads());
+                DeviceEvent::Observed(Observation::Error { code, detail }) => {
+                    eprintln!("{}: {detail}", code.as_str())
                 }
+                _ => {}
             }
+            Flow::Continue
         }
-    }
-
-    /// Asks for the presence of all friends (at connect, and when presence restarted).
-    async fn presence_query(me: &Me) -> Option<ClientFrame> {
-        let p = profile(&me.http).await.ok()?;
-        let users: Vec<Id> = p.friends.keys().copied().collect();
-        (!users.is_empty()).then_some(ClientFrame::PresenceQuery { users })
-    }
-
-    /// Prints one observation; `Some(why)` when the connection must end.
-    async fn observe(
-        me: &Me,
-        names: &mut Names,
-        o: Observation,
-        only: Option<Id>,
-    ) -> anyhow::Result<Option<String>> {
-        match o {
-            Observation::Deliver(m) if only.is_none_or(|c| c == m.channel) => {
-                print_message(&me.http, names, &m).await;
-            }
-            Observation::Presence { user, status } => {
-                let name = names.of(&me.http, user).await;
-                let word = match status {
-                    PresenceStatus::Online => "online",
-                    PresenceStatus::Offline => "offline",
-                };
-                println!("* {name} is {word}");
-            }
-            Observation::Error { code, detail } if fatal_code(code) => {
-                bail!("{}: {detail}", code.as_str())
-            }
-            Observation::Error { code, detail } if code.closes_connection() => {
-                return Ok(Some(format!("{}: {detail}", code.as_str())));
-            }
-            Observation::Error { code, detail } => eprintln!("{}: {detail}", code.as_str()),
-            _ => {}
-        }
-        Ok(None)
     }
 
     #[cfg(test)]

@@ -2,11 +2,13 @@
 //!
 //! `http` talks to the api node (HTTP/1.1 + JSON), `ws` to a chat server (WebSocket),
 //! `device` is the I/O-free device state machine (cursors, reorder buffer, outbox of unacked
-//! sends, presence view). The simulator's devices, the integration tests and the CLI are
-//! all built on these.
+//! sends, presence view), and `runtime` the one device loop around it (connect, heartbeats,
+//! silence, reconnect). The simulator's devices, the load driver and the CLI are all built on
+//! these.
 
 pub mod device;
 pub mod http;
+pub mod runtime;
 pub mod ws;
 
 #[derive(Debug, thiserror::Error)]

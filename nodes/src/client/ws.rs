@@ -1,5 +1,7 @@
 //! A WebSocket connection to a chat server, speaking JSON text frames.
 
+use std::net::IpAddr;
+
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -24,6 +26,11 @@ pub enum Incoming {
 impl WsConn {
     /// Connects to `ws://host:port/path`.
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        Self::connect_from(url, None).await
+    }
+
+    /// Connects to `ws://host:port/path` from `source` (see [`net::connect_from`]).
+    pub async fn connect_from(url: &str, source: Option<IpAddr>) -> Result<Self, ClientError> {
         let rest = url
             .strip_prefix("ws://")
             .ok_or_else(|| ClientError::Ws(format!("not a ws:// url: {url}")))?;
@@ -31,7 +38,7 @@ impl WsConn {
         let addr = hostport
             .parse()
             .map_err(|_| ClientError::Ws(format!("bad address in {url}")))?;
-        let stream = net::connect(addr).await?;
+        let stream = net::connect_from(addr, source).await?;
         Self::handshake(url, stream).await
     }
 

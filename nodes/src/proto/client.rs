@@ -81,6 +81,15 @@ impl ErrorCode {
         )
     }
 
+    /// Whether this refusal ends the device's login: the token is bad, expired or missing,
+    /// and no retry can fix it (the app must log in again).
+    pub fn ends_login(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::NotAuthenticated
+        )
+    }
+
     /// Whether a send refused with this code may succeed if retried unchanged.
     pub fn retryable(self) -> bool {
         matches!(self, ErrorCode::Unavailable | ErrorCode::RateLimited)
