@@ -141,6 +141,8 @@ fn fanout(c: &mut Criterion) {
     let map = nodes::cluster::ClusterMap {
         discovery: local(1),
         kv: vec![local(2)],
+        kv_shards: 0,
+        kv_replicas: 1,
         idgen: vec![local(3)],
         presence: local(4),
         push: local(5),

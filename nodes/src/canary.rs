@@ -31,10 +31,21 @@ pub enum Canary {
     /// kv commits without fsync and acknowledges at once; a background task fsyncs every
     /// second (a crash loses what was acknowledged since).
     KvAckBeforeSync,
+    /// A kv shard's leader answers a write once its own disk has it, before a quorum does (a
+    /// leader crash loses acknowledged writes; its dry-run answers can clash with later ones).
+    AckBeforeQuorum,
+    /// Any kv replica serves reads from what it has applied, without a read index (a
+    /// lagging or cut-off replica serves stale state: a sync misses messages).
+    StaleRead,
+    /// The simulated disk serves sectors that fail their checksums (corrupt data is served).
+    SkipChecksum,
+    /// A kv replica never makes its Raft term and vote durable: restarted, it can vote twice
+    /// in one term, and two leaders can commit different entries at one index.
+    VolatileVote,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 8] = [
+    pub const ALL: [Canary; 12] = [
         Canary::AckBeforePersist,
         Canary::CursorByMessageId,
         Canary::NoDedup,
@@ -43,6 +54,10 @@ impl Canary {
         Canary::StaleChatServer,
         Canary::IdgenIgnoresClock,
         Canary::KvAckBeforeSync,
+        Canary::AckBeforeQuorum,
+        Canary::StaleRead,
+        Canary::SkipChecksum,
+        Canary::VolatileVote,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +70,10 @@ impl Canary {
             Canary::StaleChatServer => "stale-chat-server",
             Canary::IdgenIgnoresClock => "idgen-ignores-clock",
             Canary::KvAckBeforeSync => "kv-ack-before-sync",
+            Canary::AckBeforeQuorum => "ack-before-quorum",
+            Canary::StaleRead => "stale-read",
+            Canary::SkipChecksum => "skip-checksum",
+            Canary::VolatileVote => "volatile-vote",
         }
     }
 
@@ -71,7 +90,7 @@ pub struct Canaries {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CanaryError {
-    #[error("unknown canary {0:?}; known: ack-before-persist, cursor-by-message-id, no-dedup, presence-no-timeout, push-to-online, stale-chat-server, idgen-ignores-clock, kv-ack-before-sync")]
+    #[error("unknown canary {name:?}; known: {known}", name = .0, known = Canary::ALL.map(Canary::name).join(", "))]
     Unknown(String),
     #[error("canary {0:?} needs a build with `--features canaries`")]
     NotCompiled(String),

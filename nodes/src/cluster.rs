@@ -4,7 +4,9 @@
 //!
 //! Sharding: user-keyed data (records, cursors, sessions) lives on kv shard `user % n`;
 //! channel-keyed data (record, log, dedup) on `channel % n`; names on `fnv1a(name) % n`;
-//! counters on shard 0. One node per shard for now.
+//! counters on shard 0, where `n` is the number of shards (Raft groups), fixed when the
+//! cluster is created. Each shard's replicas sit on kv nodes as `kv::placement` says, and a
+//! [`ShardClient`] finds its leader.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,7 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::canary::Canaries;
+use crate::canary::{Canaries, Canary};
+use crate::kv::client::ShardClient;
+use crate::kv::placement::Placement;
 use crate::proto::internal::{ChatServerInfo, Request, Response};
 use crate::proto::Id;
 use crate::rpc::{RpcClient, RpcError};
@@ -22,7 +26,14 @@ use crate::rpc::{RpcClient, RpcError};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterMap {
     pub discovery: SocketAddr,
+    /// kv nodes, by slot.
     pub kv: Vec<SocketAddr>,
+    /// kv shards (Raft groups) and copies of each; 0 means one shard per kv node, each on
+    /// `kv_replicas` (0: 1) nodes.
+    #[serde(default)]
+    pub kv_shards: u32,
+    #[serde(default)]
+    pub kv_replicas: u32,
     pub idgen: Vec<SocketAddr>,
     pub presence: SocketAddr,
     pub push: SocketAddr,
@@ -38,10 +49,26 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
+impl ClusterMap {
+    /// Where the kv shards live.
+    pub fn placement(&self) -> Result<Placement, String> {
+        let nodes = self.kv.len() as u32;
+        let shards = if self.kv_shards == 0 {
+            nodes
+        } else {
+            self.kv_shards
+        };
+        Placement::new(nodes, shards, self.kv_replicas.max(1))
+    }
+}
+
 /// RPC clients for every role, shared by a node's tasks.
 pub struct Peers {
     pub map: ClusterMap,
-    kv: Vec<RpcClient>,
+    /// One client per kv shard, by shard.
+    kv: Vec<ShardClient>,
+    /// One client per kv node, by slot (node-level requests: counters, status).
+    kv_nodes: Vec<RpcClient>,
     idgen: Vec<RpcClient>,
     pub presence: RpcClient,
     pub push: RpcClient,
@@ -66,8 +93,24 @@ impl Peers {
             !map.idgen.is_empty(),
             "a cluster needs at least one idgen node"
         );
+        let placement = map
+            .placement()
+            .expect("a valid kv placement (checked by the config)");
+        let kv_nodes: Vec<RpcClient> = map.kv.iter().copied().map(RpcClient::new).collect();
+        let stale = canaries.is_on(Canary::StaleRead);
+        let kv = (0..placement.shards)
+            .map(|shard| {
+                let replicas = placement
+                    .replicas_of(shard)
+                    .into_iter()
+                    .map(|slot| (slot, kv_nodes[slot as usize].clone()))
+                    .collect();
+                ShardClient::new(shard, replicas, stale)
+            })
+            .collect();
         Arc::new(Self {
-            kv: map.kv.iter().copied().map(RpcClient::new).collect(),
+            kv,
+            kv_nodes,
             idgen: map.idgen.iter().copied().map(RpcClient::new).collect(),
             presence: RpcClient::new(map.presence),
             push: RpcClient::new(map.push),
@@ -83,20 +126,25 @@ impl Peers {
         self.kv.len()
     }
 
-    pub fn kv_for_user(&self, user: Id) -> &RpcClient {
+    pub fn kv_for_user(&self, user: Id) -> &ShardClient {
         &self.kv[(user % self.kv.len() as u64) as usize]
     }
 
-    pub fn kv_for_channel(&self, channel: Id) -> &RpcClient {
+    pub fn kv_for_channel(&self, channel: Id) -> &ShardClient {
         &self.kv[(channel % self.kv.len() as u64) as usize]
     }
 
-    pub fn kv_for_name(&self, name: &str) -> &RpcClient {
+    pub fn kv_for_name(&self, name: &str) -> &ShardClient {
         &self.kv[(fnv1a(name.as_bytes()) % self.kv.len() as u64) as usize]
     }
 
-    pub fn kv_counters(&self) -> &RpcClient {
+    pub fn kv_counters(&self) -> &ShardClient {
         &self.kv[0]
+    }
+
+    /// A kv node (by slot), for node-level requests.
+    pub fn kv_node(&self, slot: usize) -> &RpcClient {
+        &self.kv_nodes[slot]
     }
 
     /// Groups `users` by the kv shard that holds them.
@@ -110,7 +158,7 @@ impl Peers {
         out
     }
 
-    pub fn kv_shard(&self, shard: usize) -> &RpcClient {
+    pub fn kv_shard(&self, shard: usize) -> &ShardClient {
         &self.kv[shard]
     }
 

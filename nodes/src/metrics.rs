@@ -39,6 +39,17 @@ pub struct OpLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabel {
+    pub shard: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardPeerLabel {
+    pub shard: String,
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
 }
@@ -71,6 +82,17 @@ pub struct Metrics {
     pub kv_fsyncs: Counter,
     /// Requests per kv group commit.
     pub kv_batch_requests: Histogram,
+    /// Per shard replica on this node: 1 while it leads the shard.
+    pub kv_shard_leader: Family<ShardLabel, Gauge>,
+    /// Per shard replica: its Raft term, and the last log index it applied.
+    pub kv_shard_term: Family<ShardLabel, Gauge>,
+    pub kv_shard_applied: Family<ShardLabel, Gauge>,
+    /// On a shard's leader: entries each peer replica is behind.
+    pub kv_shard_lag: Family<ShardPeerLabel, Gauge>,
+    /// Times a replica on this node became its shard's leader.
+    pub kv_leader_elected: Counter,
+    /// Replicas on this node rebuilt from peers after their storage failed.
+    pub kv_replica_rebuilds: Counter,
     /// Presence transitions the presence node published, by new state.
     pub presence_changes: Family<StateLabel, Counter>,
     /// Notifications handed to the push provider, by outcome.
@@ -149,6 +171,42 @@ impl Metrics {
             "Requests per kv group commit",
             kv_batch_requests.clone(),
         );
+        let kv_shard_leader = Family::<ShardLabel, Gauge>::default();
+        r.register(
+            "kv_shard_leader",
+            "1 while this node's replica leads the shard",
+            kv_shard_leader.clone(),
+        );
+        let kv_shard_term = Family::<ShardLabel, Gauge>::default();
+        r.register(
+            "kv_shard_term",
+            "Raft term of this node's replica of the shard",
+            kv_shard_term.clone(),
+        );
+        let kv_shard_applied = Family::<ShardLabel, Gauge>::default();
+        r.register(
+            "kv_shard_applied",
+            "Last log index applied by this node's replica of the shard",
+            kv_shard_applied.clone(),
+        );
+        let kv_shard_lag = Family::<ShardPeerLabel, Gauge>::default();
+        r.register(
+            "kv_shard_lag",
+            "On the shard's leader: log entries each peer replica is behind",
+            kv_shard_lag.clone(),
+        );
+        let kv_leader_elected = Counter::default();
+        r.register(
+            "kv_leader_elected",
+            "Times a replica on this node became its shard's leader",
+            kv_leader_elected.clone(),
+        );
+        let kv_replica_rebuilds = Counter::default();
+        r.register(
+            "kv_replica_rebuilds",
+            "Replicas rebuilt from peers after their storage failed",
+            kv_replica_rebuilds.clone(),
+        );
         let presence_changes = Family::<StateLabel, Counter>::default();
         r.register(
             "presence_changes",
@@ -175,6 +233,12 @@ impl Metrics {
             kv_requests,
             kv_fsyncs,
             kv_batch_requests,
+            kv_shard_leader,
+            kv_shard_term,
+            kv_shard_applied,
+            kv_shard_lag,
+            kv_leader_elected,
+            kv_replica_rebuilds,
             presence_changes,
             pushes,
             ids_issued,

@@ -97,8 +97,7 @@ pub struct Opts {
     /// a mismatch.
     #[arg(long)]
     pub check_determinism: bool,
-    /// Switch on a canary bug (needs `--features canaries`): ack-before-persist,
-    /// cursor-by-message-id, no-dedup, presence-no-timeout, push-to-online.
+    /// Switch on a canary bug (needs `--features canaries`; `--canary list` names them).
     #[arg(long, value_name = "NAME")]
     pub canary: Vec<String>,
     /// api nodes.
@@ -110,9 +109,15 @@ pub struct Opts {
     /// idgen nodes (their clocks are skewed apart by up to 200 ms, drawn from the seed).
     #[arg(long, default_value_t = 2)]
     pub idgen: u32,
-    /// kv nodes (one shard each).
-    #[arg(long, default_value_t = 3)]
+    /// kv nodes (`--kv` works too).
+    #[arg(long = "kv-nodes", alias = "kv", default_value_t = 3)]
     pub kv: u32,
+    /// Copies of each kv shard, on distinct kv nodes (at most --kv-nodes).
+    #[arg(long, default_value_t = 3)]
+    pub replicas: u32,
+    /// kv shards (Raft groups); 0: one per kv node, so each node prefers to lead one.
+    #[arg(long, default_value_t = 0)]
+    pub kv_shards: u32,
     /// Print at most this many violations per invariant.
     #[arg(long, default_value_t = 5)]
     pub show_violations: usize,
@@ -199,7 +204,9 @@ impl Opts {
             ("api", self.api, d.api),
             ("chat", self.chat, d.chat),
             ("idgen", self.idgen, d.idgen),
-            ("kv", self.kv, d.kv),
+            ("kv-nodes", self.kv, d.kv),
+            ("replicas", self.replicas, d.replicas),
+            ("kv-shards", self.kv_shards, d.kv_shards),
         ] {
             if v != dv {
                 a.push(format!("--{name} {v}"));

@@ -70,6 +70,9 @@ pub struct Sizes {
     pub chat: u32,
     pub idgen: u32,
     pub kv: u32,
+    /// kv shards (0: one per kv node) and copies of each.
+    pub kv_shards: u32,
+    pub kv_replicas: u32,
 }
 
 /// The running cluster: node ids by role, for faults.
@@ -101,6 +104,8 @@ impl Cluster {
             kv: (0..sizes.kv)
                 .map(|i| sa(ip(Role::Kv, i), RPC_PORT))
                 .collect(),
+            kv_shards: sizes.kv_shards,
+            kv_replicas: sizes.kv_replicas,
             idgen: (0..sizes.idgen)
                 .map(|i| sa(ip(Role::Idgen, i), RPC_PORT))
                 .collect(),
@@ -121,15 +126,29 @@ impl Cluster {
             let listen = c.map.discovery;
             move || nodes::discovery::server::run(listen)
         });
+        let placement = c
+            .map
+            .placement()
+            .expect("the options were checked before the run");
         for i in 0..sizes.kv {
             let disk = SimDisk::new();
             c.disks.insert(i, disk.clone());
             let listen = c.map.kv[i as usize];
             let canaries = canaries.clone();
+            let nodes = c.map.kv.clone();
+            // The cluster is created at the first start: then, and only then, blank replicas
+            // bootstrap their shards. Restarted empty (a lost disk), they join instead.
+            let first_start = Arc::new(std::sync::atomic::AtomicBool::new(true));
             c.add(&handle, Role::Kv, i, move || {
+                let bootstrap = first_start.swap(false, std::sync::atomic::Ordering::Relaxed);
                 nodes::kv::server::run(nodes::kv::server::KvConfig {
+                    slot: i,
+                    nodes: nodes.clone(),
+                    placement,
                     listen,
                     storage: nodes::kv::server::Storage::Sim(disk.clone()),
+                    bootstrap,
+                    seed: seed ^ 0x6b76_0000 ^ u64::from(i),
                     canaries: canaries.clone(),
                     metrics: nodes::metrics::Metrics::new(),
                 })
@@ -243,6 +262,12 @@ impl Cluster {
             Role::Kv => self.disks[&index].crash(),
             _ => 0,
         }
+    }
+
+    /// Kills a kv node whose unsynced writes are torn: a seeded subset of them is kept.
+    pub fn kill_torn(&self, index: u32, rng: &mut StdRng) -> u64 {
+        Handle::current().kill(self.nodes[&(Role::Kv, index)]);
+        self.disks[&index].crash_torn(rng)
     }
 
     pub fn restart(&self, role: Role, index: u32) {

@@ -49,6 +49,12 @@ pub fn scenario_ctx(opts: &Opts, devices: u32) -> scenarios::Ctx {
 /// may come from a file). A named workload's tunnels join the schedule as `tunnel` faults,
 /// except when the schedule is replayed from a file (which already holds them).
 pub fn plan_for(opts: &Opts) -> Result<Plan, String> {
+    let shards = if opts.kv_shards == 0 {
+        opts.kv
+    } else {
+        opts.kv_shards
+    };
+    nodes::kv::placement::Placement::new(opts.kv, shards, opts.replicas)?;
     let workload = workload_for(opts)?;
     let ctx = scenario_ctx(opts, workload.device_count() as u32);
     let source = opts.fault_source();

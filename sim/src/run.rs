@@ -83,6 +83,8 @@ async fn drive(
         chat: opts.chat,
         idgen: opts.idgen,
         kv: opts.kv,
+        kv_shards: opts.kv_shards,
+        kv_replicas: opts.replicas,
     };
     let provider = Arc::new(HistoryPush {
         recorder: recorder.clone(),

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::proto::client::*;
 use crate::proto::internal::{ChannelKind, ChannelRecord, Request, Response, UserRecord};
 use crate::proto::Id;
-use crate::rpc::{RpcClient, RpcError};
+use crate::rpc::RpcError;
 
 pub struct ApiState {
     pub peers: Arc<Peers>,
@@ -154,7 +154,7 @@ fn auth(st: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiError> {
         .map_err(|code| refuse(code, "token refused"))
 }
 
-async fn call(kv: &RpcClient, req: Request) -> Result<Response, ApiError> {
+async fn call(kv: &crate::kv::client::ShardClient, req: Request) -> Result<Response, ApiError> {
     Ok(kv.call(req).await?)
 }
 
@@ -209,7 +209,11 @@ async fn signup(State(st): S, body: Body) -> ApiResult<SignupResponse> {
         user,
     };
     match call(st.peers.kv_for_name(&req.name), reserve).await? {
-        Response::Reserved { fresh: true, .. } => {}
+        // Ours, or ours already: a retried reservation whose first answer was lost.
+        Response::Reserved {
+            fresh,
+            user: holder,
+        } if fresh || holder == user => {}
         _ => return Err(refuse(ErrorCode::NameTaken, req.name)),
     }
     let record = UserRecord {

@@ -23,9 +23,12 @@
 //! team_id = "DEF123GHIJ"
 //! topic = "com.example.chat"
 //!
+//! kv_shards = 2                      # Raft groups (default: one per [[kv]] node); fixed
+//! kv_replicas = 1                    # copies of each shard on distinct kv nodes (default 1)
+//!
 //! [[kv]]
 //! listen = "127.0.0.1:7109"
-//! file = "kv-0.redb"                 # relative to data
+//! dir = "kv-0"                       # this node's replica files, relative to data
 //!
 //! [[idgen]]
 //! listen = "127.0.0.1:7101"
@@ -71,6 +74,14 @@ pub struct Config {
     /// `to_toml` (it may hold secrets); add it by hand.
     #[serde(default, skip_serializing)]
     pub push_provider: crate::push::settings::PushSettings,
+    /// kv shards (Raft groups), fixed when the cluster is created; 0: one per kv node.
+    #[serde(default)]
+    pub kv_shards: u32,
+    /// Copies of each shard, on distinct kv nodes (0 or absent: 1). With 3, a kv node lost
+    /// for good loses nothing and a crash costs an election.
+    #[serde(default)]
+    pub kv_replicas: u32,
+    /// kv nodes, by slot: the order is the shard placement (`kv::placement`).
     pub kv: Vec<KvNode>,
     pub idgen: Vec<IdgenNode>,
     pub chat: Vec<ChatNode>,
@@ -91,9 +102,9 @@ pub struct Node {
 #[serde(deny_unknown_fields)]
 pub struct KvNode {
     pub listen: SocketAddr,
-    /// The shard's redb file, relative to `data` unless absolute. It must keep its shard
-    /// index: the order of `[[kv]]` entries is the shard map.
-    pub file: PathBuf,
+    /// The directory of this node's replica files (`shard-{s}.redb`), relative to `data`
+    /// unless absolute. Deleting it (a lost disk) makes the node rejoin empty and catch up.
+    pub dir: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
 }
@@ -174,7 +185,8 @@ impl Role {
 
 impl Config {
     /// Everything on 127.0.0.1: discovery at `base`, idgen +1, presence +2, push +3, chat
-    /// WebSocket +4 and RPC +5, kv shard i at +9+i; the api on `http`.
+    /// WebSocket +4 and RPC +5, kv node i (one shard each, one copy) at +9+i; the api on
+    /// `http`.
     pub fn single_host(data: PathBuf, http: SocketAddr, base: u16, kv_shards: u16) -> Config {
         let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
         Config {
@@ -194,10 +206,12 @@ impl Config {
                 admin: None,
             },
             push_provider: Default::default(),
+            kv_shards: 0,
+            kv_replicas: 1,
             kv: (0..kv_shards.max(1))
                 .map(|i| KvNode {
                     listen: at(base + 9 + i),
-                    file: PathBuf::from(format!("kv-{i}.redb")),
+                    dir: PathBuf::from(format!("kv-{i}")),
                     admin: None,
                 })
                 .collect(),
@@ -250,10 +264,12 @@ impl Config {
                 admin: Some(sa(3, 0, 9000)),
             },
             push_provider: Default::default(),
+            kv_shards: u32::from(sizes.kv_shards),
+            kv_replicas: u32::from(sizes.kv_replicas),
             kv: (0..sizes.kv)
                 .map(|i| KvNode {
                     listen: sa(4, i, 7000),
-                    file: PathBuf::from(format!("kv-{i}.redb")),
+                    dir: PathBuf::from(format!("kv-{i}")),
                     admin: Some(sa(4, i, 9000)),
                 })
                 .collect(),
@@ -323,6 +339,9 @@ impl Config {
                 bail!("idgen worker {} is used twice", n.worker);
             }
         }
+        self.cluster_map()
+            .placement()
+            .map_err(|e| anyhow::anyhow!("kv layout: {e}"))?;
         if let Some(s) = &self.token_secret {
             if s.len() < 32 {
                 bail!("token_secret must be at least 32 characters");
@@ -379,25 +398,49 @@ impl Config {
         ClusterMap {
             discovery: self.discovery.listen,
             kv: self.kv.iter().map(|n| n.listen).collect(),
+            kv_shards: self.kv_shards,
+            kv_replicas: self.kv_replicas,
             idgen: self.idgen.iter().map(|n| n.listen).collect(),
             presence: self.presence.listen,
             push: self.push.listen,
         }
     }
 
-    /// A kv shard's file: absolute, or under `data`.
-    pub fn kv_file(&self, index: usize) -> PathBuf {
-        let f = &self.kv[index].file;
-        if f.is_absolute() {
-            f.clone()
+    /// A kv node's directory: absolute, or under `data`.
+    pub fn kv_dir(&self, index: usize) -> PathBuf {
+        let d = &self.kv[index].dir;
+        if d.is_absolute() {
+            d.clone()
         } else {
-            self.data.join(f)
+            self.data.join(d)
         }
+    }
+
+    /// Whether this is a new cluster: no kv node has a directory yet.
+    pub fn is_new_cluster(&self) -> bool {
+        (0..self.kv.len()).all(|i| !self.kv_dir(i).exists())
+    }
+
+    /// Marks every kv node of a new cluster to bootstrap its shards on its first start
+    /// (`chatd kv` removes the mark once done). A node whose directory goes missing later
+    /// has no mark: it joins its shards empty and catches up from its peers.
+    pub fn mark_kv_bootstrap(&self) -> anyhow::Result<()> {
+        for i in 0..self.kv.len() {
+            let dir = self.kv_dir(i);
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            let mark = dir.join(BOOTSTRAP_MARK);
+            std::fs::write(&mark, b"bootstrap this node's shards on first start\n")
+                .with_context(|| format!("write {}", mark.display()))?;
+        }
+        Ok(())
     }
 
     /// The token secret: inline, or read from its file (created with 32 random bytes, hex,
     /// on first start).
     pub fn token_secret(&self) -> anyhow::Result<Vec<u8>> {
+        self.cluster_map()
+            .placement()
+            .map_err(|e| anyhow::anyhow!("kv layout: {e}"))?;
         if let Some(s) = &self.token_secret {
             return Ok(s.clone().into_bytes());
         }
@@ -428,10 +471,16 @@ impl Config {
     }
 }
 
+/// In a kv node's directory: bootstrap this node's shards (see `mark_kv_bootstrap`).
+pub const BOOTSTRAP_MARK: &str = "BOOTSTRAP";
+
 /// Node counts of a loopback cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClusterSizes {
     pub kv: u16,
+    /// kv shards (0: one per kv node) and copies of each.
+    pub kv_shards: u16,
+    pub kv_replicas: u16,
     pub idgen: u16,
     pub chat: u16,
     pub api: u16,
@@ -445,6 +494,8 @@ mod tests {
     fn generated_configs_round_trip_and_validate() {
         let sizes = ClusterSizes {
             kv: 3,
+            kv_shards: 0,
+            kv_replicas: 3,
             idgen: 2,
             chat: 3,
             api: 2,

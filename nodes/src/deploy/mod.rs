@@ -42,13 +42,16 @@ impl Shared {
 type Task = JoinHandle<anyhow::Result<()>>;
 
 /// Starts node `index` of `role` as tasks of this process: the role, and its admin endpoint
-/// when `admin` is set and the config names one.
+/// when `admin` is set and the config names one. `bootstrap` (kv only): this node's shards
+/// are new (the cluster is being created); without it a kv node bootstraps only when its
+/// directory holds the bootstrap mark.
 pub fn start(
     cfg: &Config,
     role: Role,
     index: usize,
     shared: &Shared,
     admin: bool,
+    bootstrap: bool,
 ) -> anyhow::Result<Vec<Task>> {
     let n = cfg.count(role);
     if index >= n {
@@ -68,13 +71,26 @@ pub fn start(
             cfg.discovery.admin
         }
         Role::Kv => {
-            let file = cfg.kv_file(index);
-            tasks.push(tokio::spawn(crate::kv::server::run(KvConfig {
+            let dir = cfg.kv_dir(index);
+            let map = cfg.cluster_map();
+            let kv = KvConfig {
+                slot: index as u32,
+                nodes: map.kv.clone(),
+                placement: map.placement().map_err(|e| anyhow::anyhow!(e))?,
                 listen: cfg.kv[index].listen,
-                storage: Storage::File(file),
+                storage: Storage::Dir(dir.clone()),
+                bootstrap: false,
+                seed: rand::random(),
                 canaries: Canaries::none(),
                 metrics: m,
-            })));
+            };
+            let mark = dir.join(config::BOOTSTRAP_MARK);
+            if bootstrap || mark.exists() {
+                crate::kv::server::bootstrap(&kv)
+                    .with_context(|| format!("bootstrap kv node {index}"))?;
+                let _ = std::fs::remove_file(&mark);
+            }
+            tasks.push(tokio::spawn(crate::kv::server::run(kv)));
             cfg.kv[index].admin
         }
         Role::Idgen => {
@@ -156,10 +172,13 @@ pub fn start(
 /// the api nodes); admin endpoints are not started.
 pub fn start_all(cfg: &Config, shared: &Shared) -> anyhow::Result<Vec<Task>> {
     std::fs::create_dir_all(&cfg.data).with_context(|| format!("create {}", cfg.data.display()))?;
+    if cfg.is_new_cluster() {
+        cfg.mark_kv_bootstrap()?;
+    }
     let mut tasks = Vec::new();
     for role in Role::ALL {
         for i in 0..cfg.count(role) {
-            tasks.extend(start(cfg, role, i, shared, false)?);
+            tasks.extend(start(cfg, role, i, shared, false, false)?);
         }
     }
     Ok(tasks)

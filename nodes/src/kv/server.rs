@@ -1,156 +1,632 @@
-//! The kv node shell: opens the store and answers RPCs through one committer task.
+//! The kv node shell: hosts this node's replica of every shard placed on it, serves RPCs, and
+//! carries Raft messages between nodes.
 //!
-//! Group commit: RPC handlers queue their requests; the committer takes everything queued (up
-//! to [`GROUP_COMMIT_MAX`]), runs it with [`Store::apply_batch`] (one fsync for the batch) off
-//! the async workers, and only then answers. While one batch syncs the next one gathers, so
-//! the batch grows with load and throughput is not bound by one fsync per write.
+//! - One task per replica owns it ([`Replica`]): it takes requests off a bounded inbox (what
+//!   queued while the last Ready was written becomes the next entry: group commit), ticks the
+//!   Raft clock, and runs each Ready: early messages out, one durable commit, the simulated
+//!   disk's fsync delay, then answers and the messages that needed persistence.
+//! - One sender task per peer node carries Raft messages (`RaftMessages`), one call at a time
+//!   so they arrive in order; a full queue drops messages (Raft resends) and reports failed
+//!   snapshots so the leader tries again.
+//! - A replica whose storage fails its checksums is rebuilt: its file is removed and it
+//!   rejoins the shard as a new, empty replica that catches up from a snapshot.
+//!
+//! It does not retry callers' requests (callers follow `NotLeader` hints, `kv::client`), and
+//! it never decides membership by itself beyond asking to join.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::FutureExt;
+use protobuf::Message as _;
+use raft::prelude::{Message, MessageType};
 use tokio::sync::{mpsc, oneshot};
 
 use super::disk::SimDisk;
-use super::Store;
+use super::placement::{slot_of, Placement};
+use super::replica::{Persisted, Replica, Reply, TICK};
+use super::store::{Store, StoreError};
 use crate::canary::{Canaries, Canary};
-use crate::metrics::{Metrics, OpLabel};
+use crate::metrics::{Metrics, OpLabel, ShardLabel, ShardPeerLabel};
 use crate::proto::client::ErrorCode;
-use crate::proto::internal::{Request, Response};
-use crate::rpc;
+use crate::proto::internal::{Request, Response, B64};
+use crate::rpc::{self, RpcClient};
 
-/// Where a kv node keeps its bytes.
+/// Where a kv node keeps its bytes: one redb database per shard replica.
 #[derive(Debug, Clone)]
 pub enum Storage {
     /// The simulation's in-memory disk that outlives node restarts.
     Sim(Arc<SimDisk>),
-    /// A redb file (real deployment).
-    File(PathBuf),
+    /// A directory of redb files, `shard-{s}.redb` (real deployment).
+    Dir(PathBuf),
+}
+
+impl Storage {
+    fn open(&self, shard: u32) -> Result<redb::Database, StoreError> {
+        let opened = match self {
+            Storage::Sim(disk) => {
+                redb::Database::builder().create_with_backend(disk.backend(&file_name(shard)))
+            }
+            Storage::Dir(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
+                redb::Database::create(dir.join(file_name(shard)))
+            }
+        };
+        opened.map_err(|e| match e {
+            redb::DatabaseError::Storage(s) => redb::Error::from(s).into(),
+            other => StoreError::Io(other.to_string()),
+        })
+    }
+
+    /// Removes a replica's file (its data failed its checksums).
+    fn remove(&self, shard: u32) {
+        match self {
+            Storage::Sim(disk) => disk.remove_file(&file_name(shard)),
+            Storage::Dir(dir) => {
+                let _ = std::fs::remove_file(dir.join(file_name(shard)));
+            }
+        }
+    }
+
+    /// How long the last fsyncs took beyond a healthy disk (the simulated slow disk).
+    fn sync_wait(&self) -> Duration {
+        match self {
+            Storage::Sim(disk) => disk.take_sync_wait(),
+            Storage::Dir(_) => Duration::ZERO,
+        }
+    }
+}
+
+fn file_name(shard: u32) -> String {
+    format!("shard-{shard}.redb")
 }
 
 #[derive(Debug, Clone)]
 pub struct KvConfig {
+    /// This node's place among the kv nodes.
+    pub slot: u32,
+    /// Every kv node's RPC address, by slot (this node's included).
+    pub nodes: Vec<SocketAddr>,
+    pub placement: Placement,
     pub listen: SocketAddr,
     pub storage: Storage,
+    /// A replica that finds no data starts a new shard (only when the cluster is created);
+    /// otherwise it joins the shard as a new replica.
+    pub bootstrap: bool,
+    /// Seeds the Raft ids of replicas that join with empty disks.
+    pub seed: u64,
     pub canaries: Canaries,
     pub metrics: Arc<Metrics>,
 }
 
-/// Requests waiting for the committer. When full, RPC handlers wait for room (backpressure:
-/// the rpc connection stops reading, and callers' 2 s call deadlines apply).
+/// Requests waiting for one replica. When full, RPC handlers wait for room (backpressure:
+/// the rpc connection stops reading, and callers' deadlines apply).
 pub const KV_QUEUE_MAX: usize = 4096;
 
-/// Most requests in one group commit (one fsync).
+/// Most client requests in one log entry (one group commit).
 pub const GROUP_COMMIT_MAX: usize = 256;
 
+/// Raft messages waiting for one peer node; beyond this they are dropped (Raft resends).
+const PEER_QUEUE_MAX: usize = 4096;
+/// Deadline of one `RaftMessages` call (a silent peer must not hold the queue long).
+const PEER_CALL_TIMEOUT: Duration = Duration::from_millis(1000);
 /// How often the kv-ack-before-sync canary fsyncs what it acknowledged.
-const CANARY_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const CANARY_SYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// Opens the database on `storage`.
-pub fn open(storage: &Storage) -> anyhow::Result<Store> {
-    let db = match storage {
-        Storage::Sim(disk) => redb::Database::builder().create_with_backend(disk.backend())?,
-        Storage::File(path) => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            redb::Database::create(path)?
-        }
-    };
-    Ok(Store::open(db)?)
+/// What a replica task is asked.
+enum Input {
+    Client(Request, Reply),
+    Raft(Vec<Message>),
+    Join(u64, Reply),
+    Status(oneshot::Sender<crate::proto::internal::ShardStatus>),
+    SnapshotSent { to: u64, ok: bool },
+    Unreachable(u64),
+    ForceRecover(Reply),
+}
+
+/// Creates this node's replicas of a new cluster's shards, durably, before the node runs
+/// (cluster creation; replicas that already hold data are left alone).
+pub fn bootstrap(cfg: &KvConfig) -> Result<(), StoreError> {
+    for shard in cfg.placement.shards_on(cfg.slot) {
+        let task = ReplicaTask {
+            cfg: cfg.clone(),
+            shard,
+            transport: Transport::detached(),
+            store_slot: Arc::new(std::sync::Mutex::new(None)),
+        };
+        task.open(true)?;
+    }
+    Ok(())
 }
 
 /// Runs a kv node until the process (or simulated node) dies.
 pub async fn run(cfg: KvConfig) -> anyhow::Result<()> {
-    let mut store = open(&cfg.storage)?;
-    if cfg.canaries.is_on(Canary::KvAckBeforeSync) {
-        store.set_durable(false);
+    if let Storage::Sim(disk) = &cfg.storage {
+        disk.set_skip_verify(cfg.canaries.is_on(Canary::SkipChecksum));
     }
-    let store = Arc::new(store);
-    if cfg.canaries.is_on(Canary::KvAckBeforeSync) {
-        let store = store.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(CANARY_SYNC_EVERY).await;
-                if let Err(e) = store.sync() {
-                    tracing::warn!(error = %e, "background sync failed");
-                }
-            }
-        });
+    let transport = Transport::start(&cfg);
+    let mut inboxes = BTreeMap::new();
+    let mut stores = Vec::new();
+    for shard in cfg.placement.shards_on(cfg.slot) {
+        let (tx, rx) = mpsc::channel(KV_QUEUE_MAX);
+        let shared = Arc::new(std::sync::Mutex::new(None));
+        stores.push(shared.clone());
+        inboxes.insert(shard, tx.clone());
+        transport.register(shard, tx);
+        let task = ReplicaTask {
+            cfg: cfg.clone(),
+            shard,
+            transport: transport.clone(),
+            store_slot: shared,
+        };
+        tokio::spawn(task.run(rx));
     }
-    let (queue, rx) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(KV_QUEUE_MAX);
-    tokio::spawn(committer(store, rx, cfg.metrics.clone()));
-    tracing::info!(listen = %cfg.listen, "kv node up");
+    tracing::info!(listen = %cfg.listen, slot = cfg.slot, shards = ?inboxes.keys().collect::<Vec<_>>(), "kv node up");
+    let inboxes = Arc::new(inboxes);
+    let metrics = cfg.metrics.clone();
     let handler: rpc::Handler = Arc::new(move |req| {
-        let queue = queue.clone();
-        async move {
-            let (tx, rx) = oneshot::channel();
-            if queue.send((req, tx)).await.is_err() {
-                return stopped();
-            }
-            rx.await.unwrap_or_else(|_| stopped())
-        }
-        .boxed()
+        let (inboxes, stores, metrics) = (inboxes.clone(), stores.clone(), metrics.clone());
+        async move { handle(req, &inboxes, &stores, &metrics).await }.boxed()
     });
     rpc::serve(cfg.listen, handler).await?;
     Ok(())
 }
 
-fn stopped() -> Response {
-    Response::Error {
-        code: ErrorCode::Unavailable,
-        detail: "kv committer stopped".into(),
-    }
-}
+type Inboxes = BTreeMap<u32, mpsc::Sender<Input>>;
+/// Each replica's current store, for the node's counters (`KvStats`).
+type StoreSlot = Arc<std::sync::Mutex<Option<Arc<Store>>>>;
 
-/// Takes batches off the queue, applies each with one fsync, then answers it.
-async fn committer(
-    store: Arc<Store>,
-    mut rx: mpsc::Receiver<(Request, oneshot::Sender<Response>)>,
-    metrics: Arc<Metrics>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut reqs = vec![first.0];
-        let mut replies = vec![first.1];
-        while reqs.len() < GROUP_COMMIT_MAX {
-            match rx.try_recv() {
-                Ok((req, reply)) => {
-                    reqs.push(req);
-                    replies.push(reply);
+async fn handle(req: Request, inboxes: &Inboxes, stores: &[StoreSlot], m: &Metrics) -> Response {
+    match req {
+        Request::Shard { shard, req } => {
+            let op: &'static str = (&*req).into();
+            m.kv_requests.get_or_create(&OpLabel { op }).inc();
+            ask(inboxes, shard, |r| Input::Client(*req, r)).await
+        }
+        Request::RaftMessages { shard, msgs } => {
+            let Some(inbox) = inboxes.get(&shard) else {
+                return Response::Ok;
+            };
+            let parsed: Vec<Message> = msgs
+                .iter()
+                .filter_map(|b| Message::parse_from_bytes(&b.0).ok())
+                .collect();
+            // Full: dropped, as a lossy network would; Raft resends.
+            let _ = inbox.try_send(Input::Raft(parsed));
+            Response::Ok
+        }
+        Request::KvJoin { shard, id } => ask(inboxes, shard, |r| Input::Join(id, r)).await,
+        Request::KvForceRecover { shard } => ask(inboxes, shard, Input::ForceRecover).await,
+        Request::KvStatus => {
+            let mut out = Vec::new();
+            for inbox in inboxes.values() {
+                let (tx, rx) = oneshot::channel();
+                if inbox.send(Input::Status(tx)).await.is_ok() {
+                    if let Ok(s) = rx.await {
+                        out.push(s);
+                    }
                 }
-                Err(_) => break,
+            }
+            Response::KvStatus(out)
+        }
+        Request::KvStats => {
+            let (mut requests, mut writes) = (0, 0);
+            let mut by_op: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            for slot in stores {
+                let store = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let Some(store) = store else { continue };
+                if let Response::KvStats {
+                    requests: r,
+                    writes: w,
+                    by_op: ops,
+                } = store.apply(Request::KvStats)
+                {
+                    requests += r;
+                    writes += w;
+                    for (op, n, wr) in ops {
+                        let e = by_op.entry(op).or_default();
+                        e.0 += n;
+                        e.1 += wr;
+                    }
+                }
+            }
+            Response::KvStats {
+                requests,
+                writes,
+                by_op: by_op.into_iter().map(|(op, (n, w))| (op, n, w)).collect(),
             }
         }
-        for r in &reqs {
-            let op: &'static str = r.into();
-            metrics.kv_requests.get_or_create(&OpLabel { op }).inc();
+        other => Response::Error {
+            code: ErrorCode::BadRequest,
+            detail: format!("a kv node does not serve {}", <&str>::from(&other)),
+        },
+    }
+}
+
+/// Hands a request to the shard's replica and waits for its answer.
+async fn ask(inboxes: &Inboxes, shard: u32, input: impl FnOnce(Reply) -> Input) -> Response {
+    let Some(inbox) = inboxes.get(&shard) else {
+        return Response::Error {
+            code: ErrorCode::BadRequest,
+            detail: format!("shard {shard} has no replica on this node"),
+        };
+    };
+    let (tx, rx) = oneshot::channel();
+    // The replica could not serve it (stopped, rebuilding, or its leadership unconfirmed):
+    // callers try another replica.
+    if inbox.send(input(tx)).await.is_err() {
+        return Response::NotLeader { leader: None };
+    }
+    rx.await.unwrap_or(Response::NotLeader { leader: None })
+}
+
+fn unavailable(detail: &str) -> Response {
+    Response::Error {
+        code: ErrorCode::Unavailable,
+        detail: detail.into(),
+    }
+}
+
+/// One replica's task: opens it (rebuilding it if its storage failed) and runs it.
+struct ReplicaTask {
+    cfg: KvConfig,
+    shard: u32,
+    transport: Transport,
+    store_slot: StoreSlot,
+}
+
+impl ReplicaTask {
+    async fn run(self, mut inbox: mpsc::Receiver<Input>) {
+        let mut bootstrap = self.cfg.bootstrap;
+        let mut failures = 0u32;
+        loop {
+            let err = match self.open(bootstrap) {
+                Ok(replica) => self.serve(replica, &mut inbox).await,
+                Err(e) => e,
+            };
+            // After the first start, a replica never bootstraps again: an empty replica joins.
+            bootstrap = false;
+            failures += 1;
+            tracing::error!(shard = self.shard, error = %err, "replica failed");
+            *self.store_slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            match err {
+                StoreError::Corrupt(_) => {
+                    // Corrupt data is never served: drop it and rebuild from the peers.
+                    self.cfg.storage.remove(self.shard);
+                    self.cfg.metrics.kv_replica_rebuilds.inc();
+                }
+                StoreError::Io(_) => {}
+            }
+            // Callers waiting meanwhile are turned away; a repeating failure backs off.
+            let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
+            let until = tokio::time::Instant::now() + pause;
+            loop {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                match tokio::time::timeout(left, inbox.recv()).await {
+                    Ok(Some(input)) => turn_away(input),
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
         }
-        metrics.kv_batch_requests.observe(reqs.len() as f64);
-        let syncs_before = store.syncs();
-        let batch_store = store.clone();
-        let answers = blocking(move || batch_store.apply_batch(reqs)).await;
-        metrics
-            .kv_fsyncs
-            .inc_by(store.syncs().saturating_sub(syncs_before));
-        for (answer, reply) in answers.into_iter().zip(replies) {
-            // A caller that gave up is gone; its write stays (it retries idempotently).
-            let _ = reply.send(answer);
+    }
+
+    fn open(&self, bootstrap: bool) -> Result<Replica, StoreError> {
+        let db = self.cfg.storage.open(self.shard)?;
+        let store = Arc::new(Store::open(db)?);
+        *self.store_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(store.clone());
+        let seed = self.cfg.seed ^ u64::from(self.shard).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Replica::open(
+            self.shard,
+            self.cfg.slot,
+            store,
+            self.cfg.placement,
+            self.cfg.canaries.clone(),
+            bootstrap,
+            // A fresh incarnation for a replica that starts empty: unique per node and time.
+            || (seed ^ crate::clock::unix_ms().wrapping_mul(0xff51_afd7_ed55_8ccd)) & 0xffff_ffff,
+        )
+    }
+
+    /// Runs the replica until its storage fails.
+    async fn serve(&self, mut r: Replica, inbox: &mut mpsc::Receiver<Input>) -> StoreError {
+        match self.serve_inner(&mut r, inbox).await {
+            Ok(never) => match never {},
+            Err(e) => e,
+        }
+    }
+
+    async fn serve_inner(
+        &self,
+        r: &mut Replica,
+        inbox: &mut mpsc::Receiver<Input>,
+    ) -> Result<std::convert::Infallible, StoreError> {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let canary_sync = self.cfg.canaries.is_on(Canary::KvAckBeforeSync);
+        let mut last_canary_sync = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                input = inbox.recv() => {
+                    let Some(input) = input else {
+                        return Err(StoreError::Io("the node is shutting down".into()));
+                    };
+                    let mut batch = Vec::new();
+                    self.on_input(r, input, &mut batch)?;
+                    while batch.len() < GROUP_COMMIT_MAX {
+                        let Ok(more) = inbox.try_recv() else { break };
+                        self.on_input(r, more, &mut batch)?;
+                    }
+                    if !batch.is_empty() {
+                        self.cfg.metrics.kv_batch_requests.observe(batch.len() as f64);
+                        r.submit(batch)?;
+                    }
+                }
+                _ = ticker.tick() => {
+                    let chores = r.tick()?;
+                    if chores.join {
+                        self.ask_to_join(r);
+                    }
+                    if r.tick_count().is_multiple_of(10) {
+                        self.export(r);
+                    }
+                    if canary_sync && last_canary_sync.elapsed() >= CANARY_SYNC_EVERY {
+                        last_canary_sync = tokio::time::Instant::now();
+                        r.sync()?;
+                    }
+                }
+            }
+            self.run_ready(r).await?;
+        }
+    }
+
+    fn on_input(
+        &self,
+        r: &mut Replica,
+        input: Input,
+        batch: &mut Vec<(Request, Reply)>,
+    ) -> Result<(), StoreError> {
+        match input {
+            Input::Client(req, reply) => batch.push((req, reply)),
+            Input::Raft(msgs) => r.step(msgs),
+            Input::Join(id, reply) => {
+                let _ = reply.send(r.join(id));
+            }
+            Input::Status(reply) => {
+                let _ = reply.send(r.status());
+            }
+            Input::SnapshotSent { to, ok } => r.report_snapshot(to, ok),
+            Input::Unreachable(to) => r.report_unreachable(to),
+            Input::ForceRecover(reply) => {
+                r.force_recover()?;
+                let _ = reply.send(Response::Ok);
+                // Reopened, the replica starts from its new membership.
+                return Err(StoreError::Io("reopening after a forced recovery".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs every Ready the replica has: early messages, the durable commit, the disk's
+    /// delay, then the rest.
+    async fn run_ready(&self, r: &mut Replica) -> Result<(), StoreError> {
+        let was_leader = r.is_leader();
+        while let Some((early, persisted)) = r.persist()? {
+            self.transport.send(self.shard, early);
+            self.finish(r, persisted).await?;
+        }
+        if r.is_leader() && !was_leader {
+            self.cfg.metrics.kv_leader_elected.inc();
+            self.export(r);
+        }
+        Ok(())
+    }
+
+    async fn finish(&self, r: &mut Replica, p: Persisted) -> Result<(), StoreError> {
+        let wait = self.cfg.storage.sync_wait();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let msgs = r.finish(p)?;
+        self.transport.send(self.shard, msgs);
+        Ok(())
+    }
+
+    /// An empty replica asks the shard's other replicas to add it; the leader does.
+    fn ask_to_join(&self, r: &Replica) {
+        let id = r.id();
+        let shard = self.shard;
+        let mut targets: Vec<u32> = r.leader_slot().into_iter().collect();
+        targets.extend(
+            self.cfg
+                .placement
+                .replicas_of(shard)
+                .into_iter()
+                .filter(|s| *s != self.cfg.slot && Some(*s) != r.leader_slot()),
+        );
+        let clients: Vec<RpcClient> = targets
+            .into_iter()
+            .map(|s| self.transport.client(s))
+            .collect();
+        tokio::spawn(async move {
+            for c in clients {
+                match c
+                    .call_timeout(Request::KvJoin { shard, id }, PEER_CALL_TIMEOUT)
+                    .await
+                {
+                    Ok(Response::Ok) => {
+                        tracing::info!(shard, id, leader = %c.addr(), "asked to join");
+                        return;
+                    }
+                    other => tracing::debug!(shard, id, ?other, "join not taken here"),
+                }
+            }
+        });
+    }
+
+    /// The replica's state in the node's metrics.
+    fn export(&self, r: &Replica) {
+        let s = r.status();
+        let m = &self.cfg.metrics;
+        let label = ShardLabel {
+            shard: s.shard.to_string(),
+        };
+        m.kv_shard_leader
+            .get_or_create(&label)
+            .set(i64::from(s.role == "leader"));
+        m.kv_shard_term.get_or_create(&label).set(s.term as i64);
+        m.kv_shard_applied
+            .get_or_create(&label)
+            .set(s.applied as i64);
+        for (peer, lag) in &s.lag {
+            m.kv_shard_lag
+                .get_or_create(&ShardPeerLabel {
+                    shard: s.shard.to_string(),
+                    peer: slot_of(*peer).to_string(),
+                })
+                .set(*lag as i64);
         }
     }
 }
 
-/// Runs storage work (fsync blocks) off the async workers; inline in the simulation, where
-/// the disk is memory and there are no threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    #[cfg(not(madsim))]
-    {
-        tokio::task::spawn_blocking(f)
-            .await
-            .expect("kv storage work panicked")
+/// Answers a request that arrived while the replica was down.
+fn turn_away(input: Input) {
+    match input {
+        Input::Client(_, reply) => {
+            let _ = reply.send(Response::NotLeader { leader: None });
+        }
+        Input::Join(_, reply) | Input::ForceRecover(reply) => {
+            let _ = reply.send(unavailable("the replica is being rebuilt"));
+        }
+        Input::Status(_) | Input::Raft(_) | Input::SnapshotSent { .. } | Input::Unreachable(_) => {}
     }
-    #[cfg(madsim)]
-    {
-        f()
+}
+
+/// Raft messages to peer nodes: one queue and one sender task per peer.
+/// A peer node: its client, and the queue of (shard, message) for it.
+type Peer = (RpcClient, mpsc::Sender<(u32, Message)>);
+
+#[derive(Clone)]
+struct Transport {
+    peers: Arc<Vec<Peer>>,
+    /// Replica inboxes on this node, by shard, for snapshot reports. A std mutex: filled at
+    /// start, read without awaiting.
+    local: Arc<std::sync::Mutex<BTreeMap<u32, mpsc::Sender<Input>>>>,
+}
+
+impl Transport {
+    fn start(cfg: &KvConfig) -> Self {
+        let local = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let peers = cfg
+            .nodes
+            .iter()
+            .map(|addr| {
+                let client = RpcClient::new(*addr);
+                let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+                tokio::spawn(send_to_peer(client.clone(), rx, local.clone()));
+                (client, tx)
+            })
+            .collect();
+        Self {
+            peers: Arc::new(peers),
+            local,
+        }
+    }
+
+    /// A transport that sends nothing (for opening replicas outside a running node).
+    fn detached() -> Self {
+        Self {
+            peers: Arc::new(Vec::new()),
+            local: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    fn register(&self, shard: u32, inbox: mpsc::Sender<Input>) {
+        self.local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(shard, inbox);
+    }
+
+    fn client(&self, slot: u32) -> RpcClient {
+        self.peers[slot as usize].0.clone()
+    }
+
+    fn send(&self, shard: u32, msgs: Vec<Message>) {
+        for m in msgs {
+            let slot = slot_of(m.to) as usize;
+            let Some((_, queue)) = self.peers.get(slot) else {
+                continue;
+            };
+            let (to, snapshot) = (m.to, m.get_msg_type() == MessageType::MsgSnapshot);
+            if queue.try_send((shard, m)).is_err() && snapshot {
+                report(&self.local, shard, Input::SnapshotSent { to, ok: false });
+            }
+        }
+    }
+}
+
+fn report(local: &std::sync::Mutex<BTreeMap<u32, mpsc::Sender<Input>>>, shard: u32, i: Input) {
+    let inbox = local
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&shard)
+        .cloned();
+    if let Some(inbox) = inbox {
+        let _ = inbox.try_send(i);
+    }
+}
+
+/// Most messages in one `RaftMessages` call.
+const MESSAGES_PER_CALL_MAX: usize = 256;
+
+async fn send_to_peer(
+    client: RpcClient,
+    mut rx: mpsc::Receiver<(u32, Message)>,
+    local: Arc<std::sync::Mutex<BTreeMap<u32, mpsc::Sender<Input>>>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut by_shard: BTreeMap<u32, Vec<Message>> = BTreeMap::new();
+        by_shard.entry(first.0).or_default().push(first.1);
+        let mut n = 1;
+        while n < MESSAGES_PER_CALL_MAX {
+            let Ok((shard, m)) = rx.try_recv() else { break };
+            by_shard.entry(shard).or_default().push(m);
+            n += 1;
+        }
+        for (shard, msgs) in by_shard {
+            let snapshots: Vec<u64> = msgs
+                .iter()
+                .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                .map(|m| m.to)
+                .collect();
+            let to: Vec<u64> = msgs.iter().map(|m| m.to).collect();
+            let req = Request::RaftMessages {
+                shard,
+                msgs: msgs
+                    .iter()
+                    .map(|m| B64(m.write_to_bytes().expect("raft messages encode")))
+                    .collect(),
+            };
+            let ok = matches!(
+                client.call_timeout(req, PEER_CALL_TIMEOUT).await,
+                Ok(Response::Ok)
+            );
+            for s in snapshots {
+                report(&local, shard, Input::SnapshotSent { to: s, ok });
+            }
+            if !ok {
+                let mut to = to;
+                to.sort_unstable();
+                to.dedup();
+                for t in to {
+                    report(&local, shard, Input::Unreachable(t));
+                }
+            }
+        }
     }
 }

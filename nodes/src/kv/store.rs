@@ -16,8 +16,17 @@
 //!
 //! Atomic server-side operations (like Redis commands) keep invariants in one place:
 //! `Append` checks membership, size and dedup, refuses an id not above the channel's last one,
-//! and assigns the channel's next `seq`, all in one transaction. It does not replicate: each
-//! shard lives on one node (the shard map can name replicas later).
+//! and assigns the channel's next `seq`, all in one transaction.
+//!
+//! Replicated, the store is a shard replica's state machine: [`Store::apply_entry`] runs one
+//! committed Raft log entry (a batch of write requests) inside the replica's open batch
+//! transaction and records the entry as applied in the same transaction, so a restart resumes
+//! exactly after the last applied entry. Every replica applies the same entries in the same
+//! order with the same transaction boundaries, so every replica computes the same state (no
+//! operation reads a clock or an RNG: times come in the requests). Reads are served by
+//! [`Store::read`] from committed state. [`Store::dump`] and [`Store::restore`] move the whole
+//! state as a snapshot. The database also holds the replica's Raft log (`raftlog`), in tables
+//! of its own, so a log append and an apply can share one commit.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,10 +60,56 @@ const PENDING: TableDefinition<(u64, u64), u64> = TableDefinition::new("pending_
 /// (message_id, device) -> 1 once a push was sent.
 /// (message, device) -> (claim, claimed at ms); claimed at `u64::MAX` means notified.
 const PUSHED: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("push_claims");
+/// The replica's own bookkeeping: `applied` (index, term of the last applied log entry),
+/// `conf_state` (the Raft membership as of it), `self_id` (this replica's Raft id).
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("replica_meta");
 /// How long a push claim keeps others out (its holder may have died before notifying).
 pub const PUSH_CLAIM_TTL_MS: u64 = 60_000;
 
 type R<T> = Result<T, redb::Error>;
+
+/// A storage failure under a replica: the replica cannot go on with this database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A read failed its checksum or redb found its structures corrupt: the data cannot be
+    /// trusted, and the replica must be rebuilt from its peers.
+    #[error("corrupt storage: {0}")]
+    Corrupt(String),
+    /// Any other I/O or database failure.
+    #[error("storage failed: {0}")]
+    Io(String),
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        let corrupt = match &e {
+            redb::Error::Corrupted(_) => true,
+            redb::Error::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+            _ => false,
+        };
+        if corrupt {
+            StoreError::Corrupt(e.to_string())
+        } else {
+            StoreError::Io(e.to_string())
+        }
+    }
+}
+
+macro_rules! store_error_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                redb::Error::from(e).into()
+            }
+        }
+    )*};
+}
+store_error_from!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialize")
@@ -71,9 +126,12 @@ fn refuse(code: ErrorCode, detail: impl Into<String>) -> Response {
     }
 }
 
-/// One shard's database.
+/// One shard replica's database.
 pub struct Store {
     db: Database,
+    /// Requests and write operations are counted (the shard's leader counts; followers
+    /// applying the same entries do not, so the counters are the shard's logical load).
+    counting: std::sync::atomic::AtomicBool,
     /// Each batch fsyncs before it is answered (always, except under the kv-ack-before-sync
     /// canary).
     durable: bool,
@@ -88,11 +146,13 @@ pub struct Store {
     /// The write transaction of the batch being applied, opened by its first write. A std
     /// mutex: held by one request at a time within `apply_batch`, never across an await.
     batch: std::sync::Mutex<Option<redb::WriteTransaction>>,
+    /// The open batch transaction fsyncs when it commits.
+    batch_durable: std::sync::atomic::AtomicBool,
 }
 
 /// A request's view of the batch's write transaction. `commit` does nothing: the batch
 /// commits as a whole in `apply_batch`.
-struct Txn<'a>(std::sync::MutexGuard<'a, Option<redb::WriteTransaction>>);
+pub(crate) struct Txn<'a>(std::sync::MutexGuard<'a, Option<redb::WriteTransaction>>);
 
 impl std::ops::Deref for Txn<'_> {
     type Target = redb::WriteTransaction;
@@ -124,15 +184,19 @@ impl Store {
         txn.open_table(LAST_ACTIVE)?;
         txn.open_table(PUSHED)?;
         txn.open_table(PENDING)?;
+        txn.open_table(META)?;
+        crate::kv::raftlog::create_tables(&txn)?;
         txn.commit()?;
         Ok(Self {
             db,
+            counting: std::sync::atomic::AtomicBool::new(true),
             durable: true,
             requests: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             by_op: std::sync::Mutex::new(BTreeMap::new()),
             batch: std::sync::Mutex::new(None),
+            batch_durable: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -203,6 +267,200 @@ impl Store {
         out
     }
 
+    // ------------------------------------------------------------ as a replica's state machine
+
+    /// Opens the replica's batch transaction (if none is open): every write until
+    /// [`Store::commit_batch`] shares it. `durable`: its commit fsyncs.
+    pub(crate) fn begin_batch(&self, durable: bool) -> Result<(), StoreError> {
+        let mut batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        if batch.is_none() {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(if durable {
+                Durability::Immediate
+            } else {
+                Durability::None
+            })
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+            *batch = Some(txn);
+            self.batch_durable.store(durable, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Commits the open batch transaction (if any). A durable one counts as a sync.
+    pub(crate) fn commit_batch(&self) -> Result<(), StoreError> {
+        let txn = self.batch.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(txn) = txn {
+            let durable = self.batch_durable.load(Ordering::Relaxed);
+            txn.commit()?;
+            if durable {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the open batch transaction uncommitted.
+    pub(crate) fn abort_batch(&self) {
+        self.batch.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// The open batch transaction (the Raft log writes through it too).
+    pub(crate) fn batch(&self) -> Result<Txn<'_>, StoreError> {
+        let batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        if batch.is_none() {
+            return Err(StoreError::Io("no batch transaction is open".into()));
+        }
+        Ok(Txn(batch))
+    }
+
+    /// A read transaction on committed state.
+    pub(crate) fn read_txn(&self) -> Result<redb::ReadTransaction, StoreError> {
+        Ok(self.db.begin_read()?)
+    }
+
+    /// Runs one committed log entry's write requests, in order, inside the open batch, and
+    /// records `(index, term)` as applied in it. `count`: this replica leads the shard (its
+    /// counters are the shard's). A request refused by its own rules answers with its error
+    /// and writes nothing; a storage error fails the entry (and the replica).
+    pub fn apply_entry(
+        &self,
+        index: u64,
+        term: u64,
+        reqs: Vec<Request>,
+        count: bool,
+    ) -> Result<Vec<Response>, StoreError> {
+        self.counting.store(count, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            let (resp, err) = self.apply_one(r);
+            if let Some(e) = err {
+                self.counting.store(true, Ordering::Relaxed);
+                return Err(StoreError::Io(e));
+            }
+            out.push(resp);
+        }
+        self.counting.store(true, Ordering::Relaxed);
+        self.set_applied(index, term)?;
+        Ok(out)
+    }
+
+    /// Records `(index, term)` as applied, inside the open batch (an entry with no requests:
+    /// a new leader's empty entry, a membership change).
+    pub fn set_applied(&self, index: u64, term: u64) -> Result<(), StoreError> {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&index.to_be_bytes());
+        v[8..].copy_from_slice(&term.to_be_bytes());
+        self.set_meta("applied", &v)
+    }
+
+    /// The last applied entry's (index, term); (0, 0) for a new, empty replica.
+    pub fn applied(&self) -> Result<(u64, u64), StoreError> {
+        Ok(match self.meta("applied")? {
+            Some(v) if v.len() == 16 => (
+                u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+                u64::from_be_bytes(v[8..].try_into().expect("8 bytes")),
+            ),
+            _ => (0, 0),
+        })
+    }
+
+    /// Writes a bookkeeping value inside the open batch.
+    pub(crate) fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let txn = self.batch()?;
+        txn.open_table(META)?.insert(key, value)?;
+        Ok(())
+    }
+
+    /// A bookkeeping value as committed.
+    pub(crate) fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(META)?;
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Serves read-only requests from committed state (after the replica confirmed, by read
+    /// index, that it holds every write acknowledged before they were asked).
+    pub fn read(&self, req: Request) -> Result<Response, StoreError> {
+        match self.apply_one(req) {
+            (_, Some(e)) => Err(StoreError::Io(e)),
+            (r, None) => Ok(r),
+        }
+    }
+
+    /// The whole state (every table but the Raft log and bookkeeping), as a snapshot's data:
+    /// consistent, taken in one read transaction, with what it reflects (the applied entry's
+    /// index and term and the membership as of it, as committed).
+    pub fn dump(&self) -> Result<Dump, StoreError> {
+        let txn = self.db.begin_read()?;
+        let (index, term, conf_state) = {
+            let t = txn.open_table(META)?;
+            let (index, term) = match t.get("applied")?.map(|v| v.value().to_vec()) {
+                Some(v) if v.len() == 16 => (
+                    u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+                    u64::from_be_bytes(v[8..].try_into().expect("8 bytes")),
+                ),
+                _ => (0, 0),
+            };
+            let conf = t.get("conf_state")?.map(|v| v.value().to_vec());
+            (index, term, conf.unwrap_or_default())
+        };
+        let d = StateDump {
+            counters: rows(&txn.open_table(COUNTERS)?, |k, v| (k.to_string(), v))?,
+            names: rows(&txn.open_table(NAMES)?, |k, v| (k.to_string(), v))?,
+            users: rows(&txn.open_table(USERS)?, |k, v| (k, v.to_vec()))?,
+            channels: rows(&txn.open_table(CHANNELS)?, |k, v| (k, v.to_vec()))?,
+            log: rows(&txn.open_table(LOG)?, |k, v| (k, v.to_vec()))?,
+            dedup: rows(&txn.open_table(DEDUP)?, |k, v| (k, v))?,
+            cursors: rows(&txn.open_table(CURSORS)?, |k, v| (k, v))?,
+            sessions: rows(&txn.open_table(SESSIONS)?, |k, v| (k, v.to_vec()))?,
+            last_active: rows(&txn.open_table(LAST_ACTIVE)?, |k, v| (k, v))?,
+            pending: rows(&txn.open_table(PENDING)?, |k, v| (k, v))?,
+            pushed: rows(&txn.open_table(PUSHED)?, |k, v| (k, v))?,
+        };
+        let data = postcard::to_stdvec(&d).expect("a state dump serializes");
+        Ok(Dump {
+            index,
+            term,
+            conf_state,
+            data,
+        })
+    }
+
+    /// Replaces the whole state with a snapshot's data, inside the open batch, and records
+    /// `(index, term)` as applied.
+    pub fn restore(&self, data: &[u8], index: u64, term: u64) -> Result<(), StoreError> {
+        let d: StateDump = postcard::from_bytes(data)
+            .map_err(|e| StoreError::Corrupt(format!("snapshot data: {e}")))?;
+        {
+            let txn = self.batch()?;
+            refill(
+                &txn,
+                COUNTERS,
+                d.counters.iter().map(|(k, v)| (k.as_str(), *v)),
+            )?;
+            refill(&txn, NAMES, d.names.iter().map(|(k, v)| (k.as_str(), *v)))?;
+            refill(&txn, USERS, d.users.iter().map(|(k, v)| (*k, v.as_slice())))?;
+            refill(
+                &txn,
+                CHANNELS,
+                d.channels.iter().map(|(k, v)| (*k, v.as_slice())),
+            )?;
+            refill(&txn, LOG, d.log.iter().map(|(k, v)| (*k, v.as_slice())))?;
+            refill(&txn, DEDUP, d.dedup.iter().copied())?;
+            refill(&txn, CURSORS, d.cursors.iter().copied())?;
+            refill(
+                &txn,
+                SESSIONS,
+                d.sessions.iter().map(|(k, v)| (*k, v.as_slice())),
+            )?;
+            refill(&txn, LAST_ACTIVE, d.last_active.iter().copied())?;
+            refill(&txn, PENDING, d.pending.iter().copied())?;
+            refill(&txn, PUSHED, d.pushed.iter().copied())?;
+        }
+        self.set_applied(index, term)
+    }
+
     /// Executes one request inside the batch; a storage error is returned beside the answer.
     fn apply_one(&self, req: Request) -> (Response, Option<String>) {
         let by_op = || self.by_op.lock().unwrap_or_else(|p| p.into_inner());
@@ -217,7 +475,10 @@ impl Store {
             };
             return (stats, None);
         }
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        let counting = self.counting.load(Ordering::Relaxed);
+        if counting {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+        }
         let op: &'static str = (&req).into();
         let writes_before = self.writes.load(Ordering::Relaxed);
         let (out, err) = match self.apply_inner(req) {
@@ -230,6 +491,9 @@ impl Store {
         // Requests run one at a time per node in the simulation, so the difference is this
         // request's write operations there (approximate under real tokio's parallel calls).
         let wrote = self.writes.load(Ordering::Relaxed) - writes_before;
+        if !counting {
+            return (out, err);
+        }
         let mut m = by_op();
         let e = m.entry(op).or_default();
         e.0 += 1;
@@ -351,7 +615,9 @@ impl Store {
 
     /// Write access for one request: the batch's transaction, opened by its first write.
     fn begin_write(&self) -> R<Txn<'_>> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        if self.counting.load(Ordering::Relaxed) {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
         let mut batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
         if batch.is_none() {
             let mut txn = self.db.begin_write()?;
@@ -762,6 +1028,67 @@ impl Store {
             ),
         })
     }
+}
+
+/// A snapshot of the state machine: what [`Store::dump`] returns.
+pub struct Dump {
+    pub index: u64,
+    pub term: u64,
+    /// The membership as of `index` (protobuf `ConfState`).
+    pub conf_state: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
+/// Every table's rows, for a snapshot (postcard-encoded: compact, and every type here is
+/// plain data).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StateDump {
+    counters: Vec<(String, u64)>,
+    names: Vec<(String, u64)>,
+    users: Vec<(u64, Vec<u8>)>,
+    channels: Vec<(u64, Vec<u8>)>,
+    log: Vec<((u64, u64), Vec<u8>)>,
+    dedup: Vec<((u64, u64, u64), u64)>,
+    cursors: Vec<((u64, u64), u64)>,
+    sessions: Vec<((u64, u64), Vec<u8>)>,
+    last_active: Vec<(u64, u64)>,
+    pending: Vec<((u64, u64), u64)>,
+    pushed: Vec<((u64, u64), (u64, u64))>,
+}
+
+/// Every row of a table, mapped to owned values.
+fn rows<K, V, T>(
+    table: &impl ReadableTable<K, V>,
+    f: impl Fn(K::SelfType<'_>, V::SelfType<'_>) -> T,
+) -> Result<Vec<T>, StoreError>
+where
+    K: redb::Key + 'static,
+    V: redb::Value + 'static,
+{
+    let mut out = Vec::new();
+    for item in table.iter()? {
+        let (k, v) = item?;
+        out.push(f(k.value(), v.value()));
+    }
+    Ok(out)
+}
+
+/// Empties a table and fills it with `rows`.
+fn refill<'a, K, V>(
+    txn: &redb::WriteTransaction,
+    def: TableDefinition<K, V>,
+    rows: impl Iterator<Item = (K::SelfType<'a>, V::SelfType<'a>)>,
+) -> Result<(), StoreError>
+where
+    K: redb::Key + 'static,
+    V: redb::Value + 'static,
+{
+    txn.delete_table(def)?;
+    let mut t = txn.open_table(def)?;
+    for (k, v) in rows {
+        t.insert(k, v)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -205,6 +205,33 @@ pub enum Request {
         worker: u16,
         until_ms: u64,
     },
+    // ---- kv replication (node to node, and clients to a shard)
+    /// A kv request for one shard, to a replica of it: its leader serves it, a follower
+    /// answers `NotLeader`.
+    Shard {
+        shard: u32,
+        req: Box<Request>,
+    },
+    /// Raft messages for one shard's replica on the receiving node (protobuf, base64). Answered
+    /// `Ok` at once: Raft tolerates lost messages and retries by itself.
+    RaftMessages {
+        shard: u32,
+        msgs: Vec<B64>,
+    },
+    /// A replica with an empty disk asks the shard's leader to add it (Raft id `id`) as a
+    /// learner; once caught up it replaces the old replica of its node.
+    KvJoin {
+        shard: u32,
+        id: u64,
+    },
+    /// Every shard replica on the node: role, term, leader, indexes, membership, lag.
+    KvStatus,
+    /// Operator's last resort after a quorum of a shard lost its disks: this replica becomes
+    /// the shard's only voter (what the lost replicas alone held is gone), and the others
+    /// rejoin from it. Data loss by definition; reported as such.
+    KvForceRecover {
+        shard: u32,
+    },
     // ---- idgen
     NextId {
         /// The id must be greater than this (the channel's last id).
@@ -332,4 +359,78 @@ pub enum Response {
         code: ErrorCode,
         detail: String,
     },
+    /// This replica does not lead the shard; `leader` is the node (slot) that does, if known.
+    NotLeader {
+        leader: Option<u32>,
+    },
+    KvStatus(Vec<ShardStatus>),
+}
+
+/// One shard replica as its node sees it (`KvStatus`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub shard: u32,
+    /// This replica's Raft id (the node's slot + 1 in the low 16 bits, its incarnation above).
+    pub id: u64,
+    /// `leader`, `follower`, `candidate`, `pre_candidate`, `learner`, `joining` (an empty
+    /// replica not yet a member), or `failed` (storage failed; being rebuilt).
+    pub role: String,
+    pub term: u64,
+    /// The leader's node (slot), if known.
+    pub leader: Option<u32>,
+    pub commit: u64,
+    pub applied: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// On the leader: per peer id, how many entries it is behind the leader's last index.
+    pub lag: Vec<(u64, u64)>,
+}
+
+/// Bytes inside a JSON frame, as a base64 string (a JSON array of numbers would be 3-4x).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct B64(pub Vec<u8>);
+
+impl std::fmt::Debug for B64 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "B64({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for B64 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD_NO_PAD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for B64 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine;
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(s.as_bytes())
+            .map(B64)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Request {
+    /// A kv request that only reads: served after a read index confirms the leader holds
+    /// every acknowledged write, never written to the Raft log.
+    pub fn is_kv_read(&self) -> bool {
+        matches!(
+            self,
+            Request::LookupName { .. }
+                | Request::GetUser { .. }
+                | Request::GetUsers { .. }
+                | Request::GetChannel { .. }
+                | Request::ReadLog { .. }
+                | Request::ReadLogByMessageId { .. }
+                | Request::PendingFanouts { .. }
+                | Request::GetCursors { .. }
+                | Request::GetSessions { .. }
+        )
+    }
 }

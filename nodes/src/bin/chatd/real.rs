@@ -26,8 +26,13 @@ enum Cmd {
     PrintConfig(PrintConfig),
     /// The discovery node of a config.
     Discovery(RoleArgs),
-    /// A kv shard (redb file) of a config.
-    Kv(RoleArgs),
+    /// A kv node of a config: its replicas of the shards placed on it.
+    Kv(KvArgs),
+    /// The kv cluster's state: per shard, its replicas, leader, term, indexes and lag.
+    Status(StatusArgs),
+    /// After a quorum of a shard lost its disks: make one surviving replica the shard's only
+    /// voter, so the shard serves again (what only the lost replicas held is gone).
+    KvRecover(KvRecoverArgs),
     /// An id generator of a config.
     Idgen(RoleArgs),
     /// The presence node of a config.
@@ -70,9 +75,15 @@ struct LocalCluster {
     http: SocketAddr,
     #[arg(long, default_value_t = 3)]
     chat: u16,
-    /// kv shards. Must not change for existing data.
+    /// kv nodes. Must not change for existing data.
     #[arg(long, default_value_t = 3)]
     kv: u16,
+    /// kv shards (Raft groups; 0: one per kv node). Must not change for existing data.
+    #[arg(long, default_value_t = 0)]
+    kv_shards: u16,
+    /// Copies of each shard, on distinct kv nodes (at most --kv).
+    #[arg(long, default_value_t = 3)]
+    kv_replicas: u16,
     #[arg(long, default_value_t = 2)]
     idgen: u16,
     #[arg(long, default_value_t = 1)]
@@ -89,6 +100,40 @@ struct PrintConfig {
     cluster: bool,
     #[arg(long, default_value = "chatsim-data")]
     data: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct KvArgs {
+    #[command(flatten)]
+    role: RoleArgs,
+    /// Create this node's replicas of new shards (the first start of a new cluster; the
+    /// local cluster marks its kv directories instead).
+    #[arg(long)]
+    bootstrap: bool,
+    /// A replacement disk: delete this node's directory first (refused while the node
+    /// answers), then start empty; its replicas join their shards and catch up from peers.
+    #[arg(long, conflicts_with = "bootstrap")]
+    replace: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The cluster's config file.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct KvRecoverArgs {
+    /// The cluster's config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// The shard that lost its quorum.
+    #[arg(long)]
+    shard: u32,
+    /// The kv node (index) whose replica survives.
+    #[arg(long)]
+    index: usize,
 }
 
 #[derive(Debug, Args)]
@@ -126,7 +171,9 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Discovery(a) => role(Role::Discovery, a),
-        Cmd::Kv(a) => role(Role::Kv, a),
+        Cmd::Kv(a) => rt.block_on(kv_node(a)),
+        Cmd::Status(a) => rt.block_on(status(a)),
+        Cmd::KvRecover(a) => rt.block_on(kv_recover(a)),
         Cmd::Idgen(a) => role(Role::Idgen, a),
         Cmd::Presence(a) => role(Role::Presence, a),
         Cmd::Push(a) => role(Role::Push, a),
@@ -138,6 +185,8 @@ pub fn main() -> anyhow::Result<()> {
 fn default_sizes() -> ClusterSizes {
     ClusterSizes {
         kv: 3,
+        kv_shards: 0,
+        kv_replicas: 3,
         idgen: 2,
         chat: 3,
         api: 1,
@@ -183,9 +232,102 @@ async fn one_role(role: Role, a: RoleArgs) -> anyhow::Result<()> {
         Arc::new(nodes::push::LogProvider)
     };
     let shared = Shared::new(&cfg, push)?;
-    let tasks = deploy::start(&cfg, role, a.index, &shared, true)?;
+    let tasks = deploy::start(&cfg, role, a.index, &shared, true, false)?;
     tracing::info!(role = role.name(), index = a.index, "chatd node running");
     deploy::run_until_one_ends(tasks).await
+}
+
+async fn kv_node(a: KvArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&a.role.config)?;
+    let index = a.role.index;
+    anyhow::ensure!(
+        index < cfg.kv.len(),
+        "the config has {} kv node(s); no index {index}",
+        cfg.kv.len()
+    );
+    if a.replace {
+        let addr = cfg.kv[index].listen;
+        let probe = nodes::rpc::RpcClient::new(addr);
+        if probe
+            .call(nodes::proto::internal::Request::KvStatus)
+            .await
+            .is_ok()
+        {
+            anyhow::bail!("kv node {index} answers on {addr}: stop it before replacing its disk");
+        }
+        let dir = cfg.kv_dir(index);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+            tracing::warn!(dir = %dir.display(), "replacement: the old disk's data is gone");
+        }
+    }
+    std::fs::create_dir_all(&cfg.data).with_context(|| format!("create {}", cfg.data.display()))?;
+    let shared = Shared::new(&cfg, Arc::new(nodes::push::LogProvider))?;
+    let tasks = deploy::start(&cfg, Role::Kv, index, &shared, true, a.bootstrap)?;
+    tracing::info!(index, "chatd kv node running");
+    deploy::run_until_one_ends(tasks).await
+}
+
+async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    use nodes::proto::internal::{Request, Response};
+    let cfg = Config::load(&a.config)?;
+    println!(
+        "{:<6} {:<6} {:<20} {:<10} {:>6} {:>8} {:>8} {:>8}  lag (peer node: entries)",
+        "shard", "node", "id", "role", "term", "commit", "applied", "last"
+    );
+    for (i, n) in cfg.kv.iter().enumerate() {
+        let client = nodes::rpc::RpcClient::new(n.listen);
+        match client.call(Request::KvStatus).await {
+            Ok(Response::KvStatus(list)) => {
+                for s in list {
+                    let lag: Vec<String> = s
+                        .lag
+                        .iter()
+                        .map(|(p, l)| format!("{}:{l}", nodes::kv::placement::slot_of(*p)))
+                        .collect();
+                    println!(
+                        "{:<6} {:<6} {:<20} {:<10} {:>6} {:>8} {:>8} {:>8}  {}",
+                        s.shard,
+                        format!("kv-{i}"),
+                        s.id,
+                        s.role,
+                        s.term,
+                        s.commit,
+                        s.applied,
+                        s.last_index,
+                        lag.join(" ")
+                    );
+                }
+            }
+            Ok(other) => println!("kv-{i} {}: unexpected answer {other:?}", n.listen),
+            Err(e) => println!("kv-{i} {}: down ({e})", n.listen),
+        }
+    }
+    Ok(())
+}
+
+async fn kv_recover(a: KvRecoverArgs) -> anyhow::Result<()> {
+    use nodes::proto::internal::{Request, Response};
+    let cfg = Config::load(&a.config)?;
+    let node = cfg
+        .kv
+        .get(a.index)
+        .ok_or_else(|| anyhow::anyhow!("no kv node {}", a.index))?;
+    let client = nodes::rpc::RpcClient::new(node.listen);
+    match client
+        .call(Request::KvForceRecover { shard: a.shard })
+        .await?
+    {
+        Response::Ok => {
+            println!(
+                "shard {}: kv-{} is now its only voter; the other replicas rejoin from it. \
+                 Writes only the lost replicas held are gone.",
+                a.shard, a.index
+            );
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
 }
 
 async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
@@ -196,6 +338,8 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
         None => {
             let sizes = ClusterSizes {
                 kv: a.kv,
+                kv_shards: a.kv_shards,
+                kv_replicas: a.kv_replicas.min(a.kv),
                 idgen: a.idgen,
                 chat: a.chat,
                 api: a.api,
@@ -209,6 +353,9 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
     };
     // Created once here, so that nodes starting at the same moment share it.
     cfg.token_secret()?;
+    if cfg.is_new_cluster() {
+        cfg.mark_kv_bootstrap()?;
+    }
     let exe = std::env::current_exe().context("find the chatd binary")?;
     tracing::info!(
         config = %path.display(),

@@ -1,0 +1,1042 @@
+//! One shard replica: raft-rs's [`RawNode`] over the replica's log ([`LogStore`]) and state
+//! machine ([`Store`]), and everything a kv node does with it. No sockets and no clock: the
+//! shell feeds it requests, peer messages and ticks, and sends the messages it returns.
+//!
+//! - **Writes** queued together are proposed as one log entry (group commit); each caller is
+//!   answered when its entry is applied, which happens only once a quorum holds it durably.
+//! - **Reads** queued together take one read index: the leader confirms with a quorum that it
+//!   still leads and serves them once it has applied up to that index (linearizable; a
+//!   cut-off leader cannot confirm, so it serves nothing stale).
+//! - A **follower** answers `NotLeader` with the leader it knows, so callers go there.
+//! - **Ready** handling is split in two ([`Replica::persist`], [`Replica::finish`]): messages
+//!   that may leave before persistence, then one durable commit of the snapshot, new entries,
+//!   hard state and the applied entries; the shell waits for the disk; then the messages
+//!   that needed persistence go, and callers are answered.
+//! - **Membership**: a replica that starts empty asks to join (a new Raft id); the leader adds
+//!   it as a learner, and once it caught up, swaps it for the old replica of its node in one
+//!   joint change. The leader hands leadership to the shard's preferred replica when that one
+//!   is caught up, so leaders spread over nodes.
+//! - **Election timeouts** are fixed per replica (10 ticks plus 3 per rank in the shard's
+//!   preference order) instead of raft-rs's random ones: raft-rs draws them from `thread_rng`,
+//!   which the simulation cannot seed; distinct fixed timeouts avoid split votes just as well.
+//!
+//! It does not retry anything: a caller whose request could not be served is told so, and
+//! retries. A storage error fails the replica (`Err`), and the node rebuilds it from peers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Entry,
+    EntryType, Message, Ready,
+};
+use raft::{RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole};
+use tokio::sync::oneshot;
+
+use super::placement::{raft_id, slot_of, Placement};
+use super::raftlog::LogStore;
+use super::store::{Store, StoreError};
+use crate::canary::{Canaries, Canary};
+use crate::proto::client::ErrorCode;
+use crate::proto::internal::{Request, Response, ShardStatus};
+
+/// Where a caller's answer goes.
+pub type Reply = oneshot::Sender<Response>;
+
+/// Callers and what to answer them (in order).
+type Answers = Vec<(Vec<Reply>, Vec<Response>)>;
+
+/// How often the shell calls [`Replica::tick`].
+pub const TICK: Duration = Duration::from_millis(100);
+/// A follower that hears no leader for this many ticks, plus [`RANK_TICKS`] per rank in its
+/// shard's preference order, campaigns (1.0 s for the preferred replica).
+pub const ELECTION_TICKS: usize = 10;
+pub const RANK_TICKS: usize = 3;
+/// The leader heartbeats every this many ticks.
+pub const HEARTBEAT_TICKS: usize = 2;
+/// Joins, replacements, leader placement, compaction and stale reads are looked after this
+/// often (ticks).
+const HOUSEKEEPING_TICKS: u64 = 10;
+/// The leader hands leadership back to the preferred replica at most this often (ticks).
+const TRANSFER_EVERY_TICKS: u64 = 50;
+/// A learner this close to the leader's last index is caught up and may become a voter.
+const CATCH_UP_LAG: u64 = 10;
+/// The log is compacted once this many applied entries sit in it, keeping the newest
+/// [`LOG_KEEP`] (a follower further behind gets a snapshot).
+const COMPACT_AT: u64 = 2_000;
+const LOG_KEEP: u64 = 500;
+/// Reads waiting this long (ticks) for their read index are dropped: the leader could not
+/// confirm it still leads; callers retry.
+const READ_WAIT_TICKS: u64 = 30;
+/// Bytes of entries in one append message, and append messages in flight per follower.
+const MAX_MSG_BYTES: u64 = 1 << 20;
+const MAX_INFLIGHT_MSGS: usize = 256;
+
+/// Reads waiting together.
+struct ReadBatch {
+    reqs: Vec<(Request, Reply)>,
+    asked_at_tick: u64,
+}
+
+/// What a replica asks of its node after housekeeping.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Chores {
+    /// The replica is not a member yet: ask the shard's leader to add it (`KvJoin`).
+    pub join: bool,
+}
+
+/// The first half of a Ready, persisted; [`Replica::finish`] completes it.
+pub struct Persisted {
+    rd: Ready,
+    /// Callers to answer once the commit is durable (the disk wait is over).
+    answers: Answers,
+    /// Canary `ack-before-quorum`: the leader's own entries just written, answered at once.
+    own_entries: Vec<Entry>,
+}
+
+pub struct Replica {
+    pub shard: u32,
+    id: u64,
+    node: RawNode<LogStore>,
+    store: Arc<Store>,
+    placement: Placement,
+    canaries: Canaries,
+    /// Proposals waiting for their entry to apply: index -> (term proposed in, callers).
+    proposals: BTreeMap<u64, (u64, Vec<Reply>)>,
+    /// Reads waiting for their read index, by request context.
+    reads: BTreeMap<u64, ReadBatch>,
+    /// Reads whose read index is known, waiting until it is applied.
+    confirmed: Vec<(u64, ReadBatch)>,
+    next_read_ctx: u64,
+    ticks: u64,
+    last_transfer_tick: u64,
+    was_leader: bool,
+    applied: u64,
+}
+
+impl Replica {
+    /// Opens the replica of `shard` on node `slot` over `store`. A blank store (a new or
+    /// wiped disk) becomes, with `bootstrap`, a first replica of a new shard; without it, a
+    /// new replica with incarnation `incarnation()` that must join the shard.
+    pub fn open(
+        shard: u32,
+        slot: u32,
+        store: Arc<Store>,
+        placement: Placement,
+        canaries: Canaries,
+        bootstrap: bool,
+        incarnation: impl FnOnce() -> u64,
+    ) -> Result<Self, StoreError> {
+        let mut log = LogStore::open(store.clone())?;
+        let id = match store.meta("self_id")? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v.try_into().expect("8 bytes")),
+            _ => {
+                // Written durably before anything else, so a restart keeps the same id.
+                let boot = bootstrap && log.is_blank();
+                let id = if boot || !log.is_blank() {
+                    raft_id(slot, 0)
+                } else {
+                    raft_id(slot, incarnation().max(1))
+                };
+                store.begin_batch(true)?;
+                store.set_meta("self_id", &id.to_be_bytes())?;
+                if boot {
+                    log.bootstrap(placement.boot_voters(shard))?;
+                }
+                store.commit_batch()?;
+                id
+            }
+        };
+        let (applied, _) = store.applied()?;
+        let rank = placement.rank(shard, slot).unwrap_or(placement.replicas) as usize;
+        let election = ELECTION_TICKS + rank * RANK_TICKS;
+        let cfg = raft::Config {
+            id,
+            election_tick: election,
+            heartbeat_tick: HEARTBEAT_TICKS,
+            min_election_tick: election,
+            max_election_tick: election + 1,
+            applied,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: MAX_MSG_BYTES,
+            max_inflight_msgs: MAX_INFLIGHT_MSGS,
+            read_only_option: ReadOnlyOption::Safe,
+            ..raft::Config::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let node = RawNode::new(&cfg, log, &logger)
+            .map_err(|e| StoreError::Corrupt(format!("raft state: {e}")))?;
+        Ok(Self {
+            shard,
+            id,
+            node,
+            store,
+            placement,
+            canaries,
+            proposals: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            confirmed: Vec::new(),
+            next_read_ctx: 1,
+            ticks: 0,
+            last_transfer_tick: 0,
+            was_leader: false,
+            applied,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    /// The node (slot) of the leader this replica knows, if any.
+    pub fn leader_slot(&self) -> Option<u32> {
+        let l = self.node.raft.leader_id;
+        (l != raft::INVALID_ID).then(|| slot_of(l))
+    }
+
+    fn not_leader(&self) -> Response {
+        let leader = self
+            .leader_slot()
+            .filter(|_| self.node.raft.leader_id != self.id);
+        Response::NotLeader { leader }
+    }
+
+    fn is_member(&self) -> bool {
+        let conf = self.node.raft.prs().conf();
+        conf.voters().contains(self.id) || conf.learners().contains(&self.id)
+    }
+
+    // ------------------------------------------------------------ inputs
+
+    /// Requests queued together: the leader proposes the writes as one entry and confirms the
+    /// reads with one read index; a follower turns them away.
+    pub fn submit(&mut self, batch: Vec<(Request, Reply)>) -> Result<(), StoreError> {
+        let (reads, writes): (Vec<_>, Vec<_>) =
+            batch.into_iter().partition(|(r, _)| r.is_kv_read());
+        if !self.is_leader() {
+            let stale = self.canaries.is_on(Canary::StaleRead) && self.is_member();
+            for (req, reply) in reads {
+                // Canary `stale-read`: any replica serves reads from what it has applied.
+                let _ = reply.send(if stale {
+                    self.store.read(req)?
+                } else {
+                    self.not_leader()
+                });
+            }
+            for (_, reply) in writes {
+                let _ = reply.send(self.not_leader());
+            }
+            return Ok(());
+        }
+        if !writes.is_empty() {
+            self.propose(writes);
+        }
+        if !reads.is_empty() {
+            let ctx = self.next_read_ctx;
+            self.next_read_ctx += 1;
+            self.reads.insert(
+                ctx,
+                ReadBatch {
+                    reqs: reads,
+                    asked_at_tick: self.ticks,
+                },
+            );
+            self.node.read_index(ctx.to_be_bytes().to_vec());
+        }
+        Ok(())
+    }
+
+    fn propose(&mut self, writes: Vec<(Request, Reply)>) {
+        let (reqs, replies): (Vec<Request>, Vec<Reply>) = writes.into_iter().unzip();
+        let data = serde_json::to_vec(&reqs).expect("requests serialize");
+        match self.node.propose(Vec::new(), data) {
+            Ok(()) => {
+                let index = self.node.raft.raft_log.last_index();
+                self.proposals.insert(index, (self.node.raft.term, replies));
+            }
+            Err(e) => {
+                // Dropped: a leadership transfer is under way, or the uncommitted log is full.
+                tracing::debug!(shard = self.shard, error = %e, "proposal dropped");
+                for r in replies {
+                    let _ = r.send(Response::NotLeader { leader: None });
+                }
+            }
+        }
+    }
+
+    /// Raft messages from peers.
+    pub fn step(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            if m.to != self.id {
+                // For an earlier incarnation of this node's replica: it is gone.
+                continue;
+            }
+            if let Err(e) = self.node.step(m) {
+                tracing::trace!(shard = self.shard, error = %e, "message not stepped");
+            }
+        }
+    }
+
+    /// How a snapshot sent to `to` went (the leader retries a failed one).
+    pub fn report_snapshot(&mut self, to: u64, ok: bool) {
+        let status = if ok {
+            SnapshotStatus::Finish
+        } else {
+            SnapshotStatus::Failure
+        };
+        self.node.report_snapshot(to, status);
+    }
+
+    /// `to` could not be reached: the leader probes it instead of streaming to it.
+    pub fn report_unreachable(&mut self, to: u64) {
+        self.node.report_unreachable(to);
+    }
+
+    /// A replica of this shard with an empty disk asks to be added (`KvJoin`).
+    pub fn join(&mut self, id: u64) -> Response {
+        if !self.is_leader() {
+            return self.not_leader();
+        }
+        let conf = self.node.raft.prs().conf();
+        if conf.voters().contains(id) || conf.learners().contains(&id) {
+            return Response::Ok;
+        }
+        if self.node.raft.has_pending_conf() || in_joint(&self.node) {
+            return Response::Error {
+                code: ErrorCode::Unavailable,
+                detail: "a membership change is under way; ask again".into(),
+            };
+        }
+        // An earlier joiner of the same node that never caught up (its disk went again) goes.
+        let stale: Vec<u64> = sorted(conf.learners().iter().copied())
+            .into_iter()
+            .filter(|l| slot_of(*l) == slot_of(id))
+            .collect();
+        let mut changes = vec![change(ConfChangeType::AddLearnerNode, id)];
+        changes.extend(stale.iter().map(|l| change(ConfChangeType::RemoveNode, *l)));
+        tracing::info!(shard = self.shard, id, ?stale, "adding a learner");
+        match self.propose_conf(changes) {
+            Ok(()) => Response::Ok,
+            Err(e) => Response::Error {
+                code: ErrorCode::Unavailable,
+                detail: format!("membership change refused: {e}"),
+            },
+        }
+    }
+
+    fn propose_conf(&mut self, changes: Vec<ConfChangeSingle>) -> raft::Result<()> {
+        let mut cc = ConfChangeV2::default();
+        cc.set_transition(ConfChangeTransition::Auto);
+        cc.set_changes(changes.into());
+        self.node.propose_conf_change(Vec::new(), cc)
+    }
+
+    /// One tick of the Raft clock, and housekeeping every [`HOUSEKEEPING_TICKS`].
+    pub fn tick(&mut self) -> Result<Chores, StoreError> {
+        self.node.tick();
+        self.ticks += 1;
+        if !self.ticks.is_multiple_of(HOUSEKEEPING_TICKS) {
+            return Ok(Chores::default());
+        }
+        let cutoff = self.ticks.saturating_sub(READ_WAIT_TICKS);
+        // Dropping a batch drops its replies: the callers' RPCs answer `unavailable`.
+        self.reads.retain(|_, b| b.asked_at_tick >= cutoff);
+        if self.is_leader() {
+            self.replace_caught_up_learners();
+            self.place_leadership();
+        }
+        self.compact()?;
+        Ok(Chores {
+            join: !self.is_member(),
+        })
+    }
+
+    /// A learner that caught up takes the place of its node's old replica, in one joint
+    /// change (both configurations need a majority), or simply becomes a voter.
+    fn replace_caught_up_learners(&mut self) {
+        let raft = &self.node.raft;
+        if raft.has_pending_conf() || in_joint(&self.node) {
+            return;
+        }
+        let last = raft.raft_log.last_index();
+        let conf = raft.prs().conf();
+        let voters = sorted(conf.voters().ids().iter());
+        let ready = sorted(conf.learners().iter().copied())
+            .into_iter()
+            .find(|l| {
+                raft.prs()
+                    .get(*l)
+                    .is_some_and(|p| p.matched + CATCH_UP_LAG >= last)
+            });
+        let Some(learner) = ready else { return };
+        let mut changes = vec![change(ConfChangeType::AddNode, learner)];
+        let old: Vec<u64> = voters
+            .into_iter()
+            .filter(|v| slot_of(*v) == slot_of(learner))
+            .collect();
+        changes.extend(old.iter().map(|v| change(ConfChangeType::RemoveNode, *v)));
+        tracing::info!(
+            shard = self.shard,
+            learner,
+            ?old,
+            "promoting a caught-up learner"
+        );
+        if let Err(e) = self.propose_conf(changes) {
+            tracing::debug!(shard = self.shard, error = %e, "promotion not proposed");
+        }
+    }
+
+    /// Hands leadership to the shard's preferred replica when it is a caught-up voter, so
+    /// leaders spread over nodes after failovers.
+    fn place_leadership(&mut self) {
+        if self.ticks < self.last_transfer_tick + TRANSFER_EVERY_TICKS {
+            return;
+        }
+        let preferred = self.placement.replicas_of(self.shard)[0];
+        if slot_of(self.id) == preferred {
+            return;
+        }
+        let raft = &self.node.raft;
+        let last = raft.raft_log.last_index();
+        let target = sorted(raft.prs().conf().voters().ids().iter())
+            .into_iter()
+            .find(|v| slot_of(*v) == preferred)
+            .filter(|v| {
+                raft.prs()
+                    .get(*v)
+                    .is_some_and(|p| p.matched == last && p.recent_active)
+            });
+        if let Some(v) = target {
+            self.last_transfer_tick = self.ticks;
+            tracing::debug!(shard = self.shard, to = v, "handing leadership back");
+            self.node.transfer_leader(v);
+        }
+    }
+
+    fn compact(&mut self) -> Result<(), StoreError> {
+        let first = self.node.store().first();
+        if self.applied < first + COMPACT_AT {
+            return Ok(());
+        }
+        self.store.begin_batch(false)?;
+        self.node.mut_store().compact(self.applied - LOG_KEEP)?;
+        self.store.commit_batch()
+    }
+
+    // ------------------------------------------------------------ ready
+
+    pub fn has_ready(&self) -> bool {
+        self.node.has_ready()
+    }
+
+    /// The first half of a Ready: returns the messages that may leave before persistence
+    /// (the leader's appends) and persists, in one durable commit, the snapshot, new entries
+    /// and hard state, with the committed entries applied. The caller sends the messages,
+    /// waits for the disk, and calls [`Replica::finish`].
+    pub fn persist(&mut self) -> Result<Option<(Vec<Message>, Persisted)>, StoreError> {
+        if !self.node.has_ready() {
+            return Ok(None);
+        }
+        let mut rd = self.node.ready();
+        let early = rd.take_messages();
+        self.on_read_states(rd.take_read_states());
+        let durable = !self.canaries.is_on(Canary::KvAckBeforeSync);
+        self.store.begin_batch(durable)?;
+        let result = self.persist_in_batch(&mut rd);
+        match result {
+            Ok(answers) => {
+                self.store.commit_batch()?;
+                let own_entries = if self.canaries.is_on(Canary::AckBeforeQuorum) {
+                    rd.entries().clone()
+                } else {
+                    Vec::new()
+                };
+                Ok(Some((
+                    early,
+                    Persisted {
+                        rd,
+                        answers,
+                        own_entries,
+                    },
+                )))
+            }
+            Err(e) => {
+                self.store.abort_batch();
+                Err(e)
+            }
+        }
+    }
+
+    fn persist_in_batch(
+        &mut self,
+        rd: &mut Ready,
+    ) -> Result<Answers, StoreError> {
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.node.mut_store().apply_snapshot(&snap)?;
+            self.applied = snap.get_metadata().index;
+            tracing::info!(
+                shard = self.shard,
+                index = self.applied,
+                "installed a snapshot"
+            );
+        }
+        self.node.mut_store().append(rd.entries())?;
+        if let Some(hs) = rd.hs() {
+            let mut hs = hs.clone();
+            if self.canaries.is_on(Canary::VolatileVote) {
+                // Canary `volatile-vote`: term and vote are never made durable (only the
+                // commit index is), so a restarted replica can vote twice in one term.
+                let kept = self.node.store().hard_state();
+                hs.term = kept.term;
+                hs.vote = kept.vote;
+            }
+            self.node.mut_store().set_hard_state(&hs)?;
+        }
+        let committed = rd.take_committed_entries();
+        self.apply(committed)
+    }
+
+    /// The second half of a Ready, once the disk made the first durable: answers callers,
+    /// returns the messages that needed persistence, and applies what became committed.
+    pub fn finish(&mut self, p: Persisted) -> Result<Vec<Message>, StoreError> {
+        let Persisted {
+            mut rd,
+            answers,
+            own_entries,
+        } = p;
+        if !own_entries.is_empty() {
+            self.answer_own_entries(&own_entries)?;
+        }
+        deliver(answers);
+        let mut out = rd.take_persisted_messages();
+        let mut light = self.node.advance(rd);
+        let committed = light.take_committed_entries();
+        out.extend(light.take_messages());
+        let commit = light.commit_index();
+        if commit.is_some() || !committed.is_empty() {
+            self.store.begin_batch(false)?;
+            let answers = (|| {
+                if let Some(c) = commit {
+                    self.node.mut_store().set_commit(c)?;
+                }
+                self.apply(committed)
+            })();
+            match answers {
+                Ok(a) => {
+                    self.store.commit_batch()?;
+                    deliver(a);
+                }
+                Err(e) => {
+                    self.store.abort_batch();
+                    return Err(e);
+                }
+            }
+        }
+        self.node.advance_apply_to(self.applied);
+        self.serve_confirmed_reads()?;
+        self.on_leadership();
+        Ok(out)
+    }
+
+    /// Applies committed entries inside the open batch; answers for this replica's callers.
+    fn apply(
+        &mut self,
+        entries: Vec<Entry>,
+    ) -> Result<Answers, StoreError> {
+        let mut answers = Vec::new();
+        for e in entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    let reqs: Vec<Request> = if e.data.is_empty() {
+                        Vec::new()
+                    } else {
+                        serde_json::from_slice(&e.data).map_err(|err| {
+                            StoreError::Corrupt(format!("entry {}: {err}", e.index))
+                        })?
+                    };
+                    let leader = self.is_leader();
+                    let resps = if reqs.is_empty() {
+                        self.store.set_applied(e.index, e.term)?;
+                        Vec::new()
+                    } else {
+                        self.store.apply_entry(e.index, e.term, reqs, leader)?
+                    };
+                    if let Some((term, replies)) = self.proposals.remove(&e.index) {
+                        let resps = if term == e.term {
+                            resps
+                        } else {
+                            // Our proposal lost its place to another leader's entry.
+                            vec![Response::NotLeader { leader: None }; replies.len()]
+                        };
+                        answers.push((replies, resps));
+                    }
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(&e)?;
+                    self.store.set_applied(e.index, e.term)?;
+                }
+            }
+            self.applied = e.index;
+        }
+        Ok(answers)
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<(), StoreError> {
+        let bad = |err: &dyn std::fmt::Display| {
+            StoreError::Corrupt(format!("conf change at {}: {err}", e.index))
+        };
+        let cs = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+            let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| bad(&x))?;
+            self.node.apply_conf_change(&cc)
+        } else {
+            let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| bad(&x))?;
+            self.node.apply_conf_change(&cc)
+        };
+        let cs = cs.map_err(|x| bad(&x))?;
+        tracing::info!(shard = self.shard, voters = ?cs.voters, learners = ?cs.learners,
+            outgoing = ?cs.voters_outgoing, "membership changed");
+        self.node.mut_store().set_conf_state(cs)
+    }
+
+    /// Canary `ack-before-quorum`: the leader answers its own just-written entries from a dry
+    /// run on its state, before any follower has them.
+    fn answer_own_entries(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        if !self.is_leader() {
+            return Ok(());
+        }
+        for e in entries {
+            let Some((term, replies)) = self.proposals.remove(&e.index) else {
+                continue;
+            };
+            if term != e.term || e.data.is_empty() {
+                continue;
+            }
+            let Ok(reqs) = serde_json::from_slice::<Vec<Request>>(&e.data) else {
+                continue;
+            };
+            self.store.begin_batch(false)?;
+            let resps = self.store.apply_entry(e.index, e.term, reqs, false);
+            self.store.abort_batch();
+            deliver(vec![(replies, resps?)]);
+        }
+        Ok(())
+    }
+
+    fn on_read_states(&mut self, states: Vec<ReadState>) {
+        for rs in states {
+            let Ok(ctx) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
+                continue;
+            };
+            if let Some(batch) = self.reads.remove(&u64::from_be_bytes(ctx)) {
+                self.confirmed.push((rs.index, batch));
+            }
+        }
+    }
+
+    fn serve_confirmed_reads(&mut self) -> Result<(), StoreError> {
+        let applied = self.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.confirmed)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.confirmed = waiting;
+        for (_, batch) in ready {
+            for (req, reply) in batch.reqs {
+                let _ = reply.send(self.store.read(req)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// A leader that lost leadership turns away what it was waiting on: the callers retry
+    /// with the new leader (a write may still commit; retries are deduplicated where it
+    /// matters).
+    fn on_leadership(&mut self) {
+        let leader = self.is_leader();
+        if self.was_leader && !leader {
+            let answer = self.not_leader();
+            for (_, (_, replies)) in std::mem::take(&mut self.proposals) {
+                for r in replies {
+                    let _ = r.send(answer.clone());
+                }
+            }
+            let reads = std::mem::take(&mut self.reads).into_values().chain(
+                std::mem::take(&mut self.confirmed)
+                    .into_iter()
+                    .map(|(_, b)| b),
+            );
+            for b in reads {
+                for (_, r) in b.reqs {
+                    let _ = r.send(answer.clone());
+                }
+            }
+        }
+        self.was_leader = leader;
+    }
+
+    /// Ticks so far.
+    pub fn tick_count(&self) -> u64 {
+        self.ticks
+    }
+
+    /// An empty durable commit: makes every earlier commit durable (the kv-ack-before-sync
+    /// canary's background sync).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.store.begin_batch(true)?;
+        self.store.set_applied(self.applied, self.applied_term()?)?;
+        self.store.commit_batch()
+    }
+
+    fn applied_term(&self) -> Result<u64, StoreError> {
+        Ok(self.store.applied()?.1)
+    }
+
+    /// Operator's last resort after a quorum of the shard lost its disks: makes this replica
+    /// the shard's only voter, durably, and drops log entries it does not know committed
+    /// (what only the lost replicas held is gone). The replica must be reopened after this.
+    pub fn force_recover(&mut self) -> Result<(), StoreError> {
+        let commit = self.node.store().hard_state().commit.max(self.applied);
+        tracing::warn!(
+            shard = self.shard,
+            id = self.id,
+            commit,
+            "forced recovery: this replica becomes the shard's only voter"
+        );
+        self.store.begin_batch(true)?;
+        let result = (|| {
+            let log = self.node.mut_store();
+            log.truncate_after(commit)?;
+            log.set_conf_state(raft::prelude::ConfState {
+                voters: vec![self.id],
+                ..Default::default()
+            })
+        })();
+        match result {
+            Ok(()) => self.store.commit_batch(),
+            Err(e) => {
+                self.store.abort_batch();
+                Err(e)
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ status
+
+    pub fn status(&self) -> ShardStatus {
+        let raft = &self.node.raft;
+        let role = if !self.is_member() {
+            "joining"
+        } else if raft.prs().conf().learners().contains(&self.id) {
+            "learner"
+        } else {
+            match raft.state {
+                StateRole::Leader => "leader",
+                StateRole::Follower => "follower",
+                StateRole::Candidate => "candidate",
+                StateRole::PreCandidate => "pre_candidate",
+            }
+        };
+        let conf = raft.prs().conf();
+        let last = raft.raft_log.last_index();
+        let lag = if self.is_leader() {
+            let mut v: Vec<(u64, u64)> = raft
+                .prs()
+                .iter()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, p)| (*id, last.saturating_sub(p.matched)))
+                .collect();
+            v.sort_unstable();
+            v
+        } else {
+            Vec::new()
+        };
+        ShardStatus {
+            shard: self.shard,
+            id: self.id,
+            role: role.into(),
+            term: raft.term,
+            leader: self.leader_slot(),
+            commit: raft.raft_log.committed,
+            applied: self.applied,
+            first_index: self.node.store().first(),
+            last_index: last,
+            voters: sorted(conf.voters().ids().iter()),
+            learners: sorted(conf.learners().iter().copied()),
+            lag,
+        }
+    }
+}
+
+/// The membership is between two configurations (a joint change not yet left).
+fn in_joint(node: &RawNode<LogStore>) -> bool {
+    !node
+        .raft
+        .prs()
+        .conf()
+        .to_conf_state()
+        .voters_outgoing
+        .is_empty()
+}
+
+fn change(t: ConfChangeType, id: u64) -> ConfChangeSingle {
+    let mut c = ConfChangeSingle::default();
+    c.set_change_type(t);
+    c.node_id = id;
+    c
+}
+
+/// Ids in order (raft-rs keeps them in hash sets).
+fn sorted(ids: impl Iterator<Item = u64>) -> Vec<u64> {
+    ids.collect::<BTreeSet<u64>>().into_iter().collect()
+}
+
+fn deliver(answers: Answers) {
+    for (replies, resps) in answers {
+        for (r, resp) in replies.into_iter().zip(resps) {
+            let _ = r.send(resp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A three-replica shard driven by hand: messages are moved between replicas in order,
+    //! time is ticks. No runtime, no sockets.
+
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::kv::disk::SimDisk;
+    use crate::proto::internal::{ChannelKind, ChannelRecord};
+
+    struct Net {
+        placement: Placement,
+        disks: BTreeMap<u32, Arc<SimDisk>>,
+        replicas: BTreeMap<u32, Replica>,
+        queue: VecDeque<Message>,
+        /// Slots whose messages are dropped both ways.
+        cut: BTreeSet<u32>,
+    }
+
+    fn open(disk: &Arc<SimDisk>, slot: u32, p: Placement, boot: bool, inc: u64) -> Replica {
+        let db = redb::Database::builder()
+            .create_with_backend(disk.backend("shard-0"))
+            .unwrap();
+        let store = Arc::new(Store::open(db).unwrap());
+        Replica::open(0, slot, store, p, Canaries::none(), boot, || inc).unwrap()
+    }
+
+    impl Net {
+        fn new(n: u32) -> Net {
+            let placement = Placement::new(n, 1, n).unwrap();
+            let mut net = Net {
+                placement,
+                disks: BTreeMap::new(),
+                replicas: BTreeMap::new(),
+                queue: VecDeque::new(),
+                cut: BTreeSet::new(),
+            };
+            for slot in 0..n {
+                let disk = SimDisk::new();
+                net.replicas
+                    .insert(slot, open(&disk, slot, placement, true, 0));
+                net.disks.insert(slot, disk);
+            }
+            net
+        }
+
+        /// Runs every replica's Ready and delivers messages until nothing moves.
+        fn settle(&mut self) {
+            for _ in 0..1000 {
+                let mut moved = false;
+                for r in self.replicas.values_mut() {
+                    while let Some((early, p)) = r.persist().unwrap() {
+                        self.queue.extend(early);
+                        self.queue.extend(r.finish(p).unwrap());
+                        moved = true;
+                    }
+                }
+                while let Some(m) = self.queue.pop_front() {
+                    moved = true;
+                    let (from, to) = (slot_of(m.from), slot_of(m.to));
+                    if self.cut.contains(&from) || self.cut.contains(&to) {
+                        continue;
+                    }
+                    if let Some(r) = self.replicas.get_mut(&to) {
+                        r.step(vec![m]);
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("the shard never settled");
+        }
+
+        fn ticks(&mut self, n: usize) -> Vec<u32> {
+            let mut joiners = Vec::new();
+            for _ in 0..n {
+                for (slot, r) in self.replicas.iter_mut() {
+                    if r.tick().unwrap().join {
+                        joiners.push(*slot);
+                    }
+                }
+                self.settle();
+            }
+            joiners
+        }
+
+        fn leader(&self) -> Option<u32> {
+            self.replicas
+                .iter()
+                .find(|(s, r)| r.is_leader() && !self.cut.contains(s))
+                .map(|(s, _)| *s)
+        }
+
+        /// Sends one request to `slot` and runs until it is answered.
+        fn call(&mut self, slot: u32, req: Request) -> Response {
+            let (tx, mut rx) = oneshot::channel();
+            self.replicas
+                .get_mut(&slot)
+                .unwrap()
+                .submit(vec![(req, tx)])
+                .unwrap();
+            for _ in 0..50 {
+                self.settle();
+                if let Ok(r) = rx.try_recv() {
+                    return r;
+                }
+                self.ticks(1);
+            }
+            panic!("no answer from {slot}");
+        }
+    }
+
+    fn create(channel: u64) -> Request {
+        Request::CreateChannel {
+            record: ChannelRecord {
+                channel,
+                kind: ChannelKind::Group,
+                name: "g".into(),
+                members: vec![1],
+                last_seq: 0,
+                last_message_id: 0,
+            },
+        }
+    }
+
+    // Proves the preferred replica is elected, writes commit and apply on every replica,
+    // followers redirect to the leader, and reads are served by the leader after a read index.
+    #[test]
+    fn elects_the_preferred_leader_and_replicates() {
+        let mut net = Net::new(3);
+        net.ticks(20);
+        assert_eq!(
+            net.leader(),
+            Some(0),
+            "slot 0 has the shortest election timeout"
+        );
+        assert_eq!(net.call(0, create(7)), Response::Members(vec![1]));
+        assert_eq!(
+            net.call(1, create(8)),
+            Response::NotLeader { leader: Some(0) }
+        );
+        assert!(matches!(
+            net.call(0, Request::GetChannel { channel: 7 }),
+            Response::Channel(Some(_))
+        ));
+        net.ticks(5);
+        for r in net.replicas.values() {
+            assert!(matches!(
+                r.store.read(Request::GetChannel { channel: 7 }).unwrap(),
+                Response::Channel(Some(_))
+            ));
+        }
+    }
+
+    // Proves a cut-off leader answers no write (it cannot reach a quorum) and steps down,
+    // the majority elects a new leader that serves, and the old leader catches up on heal.
+    #[test]
+    fn a_cut_off_leader_acknowledges_nothing() {
+        let mut net = Net::new(3);
+        net.ticks(20);
+        net.cut.insert(0);
+        let (tx, mut rx) = oneshot::channel();
+        net.replicas
+            .get_mut(&0)
+            .unwrap()
+            .submit(vec![(create(9), tx)])
+            .unwrap();
+        net.ticks(30);
+        match rx.try_recv() {
+            Ok(Response::NotLeader { .. }) | Err(_) => {}
+            Ok(other) => panic!("a cut-off leader acknowledged a write: {other:?}"),
+        }
+        assert!(
+            !net.replicas[&0].is_leader(),
+            "it stepped down (check quorum)"
+        );
+        let new = net.leader().expect("the majority elected a leader");
+        assert_ne!(new, 0);
+        assert_eq!(net.call(new, create(10)), Response::Members(vec![1]));
+        net.cut.clear();
+        net.ticks(80);
+        assert!(matches!(
+            net.replicas[&0]
+                .store
+                .read(Request::GetChannel { channel: 10 })
+                .unwrap(),
+            Response::Channel(Some(_))
+        ));
+    }
+
+    // Proves a replica whose disk is wiped rejoins with a new id, catches up from a snapshot
+    // after the log was compacted, and replaces its old self in the membership.
+    #[test]
+    fn a_wiped_replica_rejoins_from_a_snapshot() {
+        let mut net = Net::new(3);
+        net.ticks(20);
+        for c in 0..(COMPACT_AT + 100) {
+            assert!(matches!(net.call(0, create(100 + c)), Response::Members(_)));
+        }
+        net.ticks(20);
+        assert!(net.replicas[&0].node.store().first() > 1_000, "compacted");
+        // Slot 2 loses its disk and comes back empty.
+        net.replicas.remove(&2);
+        net.disks[&2].wipe();
+        let r = open(&net.disks[&2], 2, net.placement, false, 77);
+        let new_id = r.id();
+        assert_eq!(new_id, raft_id(2, 77));
+        net.replicas.insert(2, r);
+        for _ in 0..20 {
+            for slot in net.ticks(10) {
+                let id = net.replicas[&slot].id();
+                let leader = net.leader().unwrap();
+                let _ = net.replicas.get_mut(&leader).unwrap().join(id);
+            }
+        }
+        let s = net.replicas[&0].status();
+        assert!(s.voters.contains(&new_id), "promoted: {s:?}");
+        assert!(
+            !s.voters.contains(&raft_id(2, 0)),
+            "the old replica is gone: {s:?}"
+        );
+        assert!(matches!(
+            net.replicas[&2]
+                .store
+                .read(Request::GetChannel { channel: 150 })
+                .unwrap(),
+            Response::Channel(Some(_))
+        ));
+    }
+}
