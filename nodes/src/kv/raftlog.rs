@@ -4,12 +4,13 @@
 //! - the log entries after the last compaction (`raft_log` table, index -> protobuf `Entry`),
 //!   with a copy of them in memory: raft-rs reads entries often (to send them, to apply
 //!   them), the disk copy is for restarts;
-//! - the hard state (term, vote, commit) and where the log was last truncated (`raft_state`);
-//! - the membership (`ConfState`), kept in the state machine's bookkeeping beside the applied
-//!   index, so the two change in one commit;
+//! - the hard state (term, vote, commit), where the log was last truncated, and the
+//!   membership (`ConfState`), in the state machine's bookkeeping table beside the applied
+//!   index (one small table touched per commit, and membership and applied index change
+//!   together);
 //! - snapshots, built on demand from the state machine ([`Store::dump`]).
 //!
-//! Writes go through the replica's open batch transaction ([`Store::begin_batch`]): the
+//! Writes go through the replica's batch transaction ([`Store::batch`]): the
 //! replica decides what is durable and when. This module does not decide when to compact or
 //! when to fsync, and it never talks to peers.
 
@@ -24,11 +25,10 @@ use redb::TableDefinition;
 
 use super::store::{Store, StoreError};
 
-/// index -> `Entry` (protobuf).
+/// index -> `Entry` (protobuf). The bookkeeping table (`Store::meta`) holds `hard_state`
+/// (protobuf `HardState`) and `truncated` (index and term of the last entry compacted away,
+/// 16 bytes).
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// `hard_state` -> `HardState` (protobuf); `truncated` -> index and term of the last entry
-/// compacted away (16 bytes).
-const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
 
 /// Where a new shard's log starts: a bootstrapped replica holds an empty state "applied" at
 /// this index and term, and an empty log after it. A replica that starts empty (a new or
@@ -40,7 +40,6 @@ pub const BOOT_TERM: u64 = 5;
 /// Creates the log's tables (inside the store's first transaction).
 pub(crate) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(LOG)?;
-    txn.open_table(STATE)?;
     Ok(())
 }
 
@@ -81,18 +80,15 @@ pub struct LogStore {
 impl LogStore {
     /// Loads the log from the store's database.
     pub fn open(store: Arc<Store>) -> Result<Self, StoreError> {
-        let txn = store.read_txn()?;
-        let state = txn.open_table(STATE)?;
-        let hard = match state.get("hard_state")? {
-            Some(v) => {
-                HardState::parse_from_bytes(v.value()).map_err(|e| corrupt("hard state", e))?
-            }
+        let hard = match store.meta("hard_state")? {
+            Some(v) => HardState::parse_from_bytes(&v).map_err(|e| corrupt("hard state", e))?,
             None => HardState::default(),
         };
-        let truncated = match state.get("truncated")? {
-            Some(v) => unpair(v.value()).ok_or_else(|| corrupt("truncated", "length"))?,
+        let truncated = match store.meta("truncated")? {
+            Some(v) => unpair(&v).ok_or_else(|| corrupt("truncated", "length"))?,
             None => (0, 0),
         };
+        let txn = store.read_txn()?;
         let mut entries = VecDeque::new();
         for item in txn.open_table(LOG)?.range(truncated.0 + 1..)? {
             let (k, v) = item?;
@@ -102,7 +98,6 @@ impl LogStore {
             }
             entries.push_back(e);
         }
-        drop(state);
         drop(txn);
         let conf = match store.meta("conf_state")? {
             Some(v) => ConfState::parse_from_bytes(&v).map_err(|e| corrupt("conf state", e))?,
@@ -202,19 +197,13 @@ impl LogStore {
     }
 
     fn save_hard_state(&self) -> Result<(), StoreError> {
-        let txn = self.store.batch()?;
         let bytes = self.hard.write_to_bytes().expect("hard state encodes");
-        txn.open_table(STATE)?
-            .insert("hard_state", bytes.as_slice())?;
-        Ok(())
+        self.store.set_meta("hard_state", &bytes)
     }
 
     fn set_truncated(&mut self, index: u64, term: u64) -> Result<(), StoreError> {
         self.truncated = (index, term);
-        let txn = self.store.batch()?;
-        txn.open_table(STATE)?
-            .insert("truncated", pair(index, term).as_slice())?;
-        Ok(())
+        self.store.set_meta("truncated", &pair(index, term))
     }
 
     /// Records a new membership (as of the entry being applied), inside the open batch.

@@ -9,14 +9,17 @@
 //!   cut-off leader cannot confirm, so it serves nothing stale).
 //! - A **follower** answers `NotLeader` with the leader it knows, so callers go there.
 //! - **Ready** handling is split in two ([`Replica::persist`], [`Replica::finish`]): messages
-//!   that may leave before persistence, then one durable commit of the snapshot, new entries,
-//!   hard state and the applied entries; the shell waits for the disk; then the messages
-//!   that needed persistence go, and callers are answered.
+//!   that may leave before persistence, then the snapshot, new entries, hard state and the
+//!   applied entries written in the replica's batch transaction, committed durably when
+//!   entries or the term or vote changed; the shell waits for the disk; then the messages
+//!   that needed persistence go, and callers are answered. Applies ride along with the next
+//!   durable commit (or the next second's): the log holds them durably, so a crash only
+//!   re-applies them, and a replica commits once per Ready instead of twice.
 //! - **Membership**: a replica that starts empty asks to join (a new Raft id); the leader adds
 //!   it as a learner, and once it caught up, swaps it for the old replica of its node in one
 //!   joint change. The leader hands leadership to the shard's preferred replica when that one
 //!   is caught up, so leaders spread over nodes.
-//! - **Election timeouts** are fixed per replica (10 ticks plus 3 per rank in the shard's
+//! - **Election timeouts** are fixed per replica (5 ticks plus 2 per rank in the shard's
 //!   preference order) instead of raft-rs's random ones: raft-rs draws them from `thread_rng`,
 //!   which the simulation cannot seed; distinct fixed timeouts avoid split votes just as well.
 //!
@@ -48,19 +51,19 @@ pub type Reply = oneshot::Sender<Response>;
 /// Callers and what to answer them (in order).
 type Answers = Vec<(Vec<Reply>, Vec<Response>)>;
 
-/// How often the shell calls [`Replica::tick`].
-pub const TICK: Duration = Duration::from_millis(100);
+/// How often the shell calls [`Replica::tick`]: the leader heartbeats every tick.
+pub const TICK: Duration = Duration::from_millis(200);
 /// A follower that hears no leader for this many ticks, plus [`RANK_TICKS`] per rank in its
-/// shard's preference order, campaigns (1.0 s for the preferred replica).
-pub const ELECTION_TICKS: usize = 10;
-pub const RANK_TICKS: usize = 3;
-/// The leader heartbeats every this many ticks.
-pub const HEARTBEAT_TICKS: usize = 2;
+/// shard's preference order, campaigns (1.0 s for the preferred replica, 1.4 s and 1.8 s
+/// for the others): a leader crash costs about that much, well inside a caller's 2 s.
+pub const ELECTION_TICKS: usize = 5;
+pub const RANK_TICKS: usize = 2;
+pub const HEARTBEAT_TICKS: usize = 1;
 /// Joins, replacements, leader placement, compaction and stale reads are looked after this
 /// often (ticks).
-const HOUSEKEEPING_TICKS: u64 = 10;
+const HOUSEKEEPING_TICKS: u64 = 5;
 /// The leader hands leadership back to the preferred replica at most this often (ticks).
-const TRANSFER_EVERY_TICKS: u64 = 50;
+const TRANSFER_EVERY_TICKS: u64 = 25;
 /// A learner this close to the leader's last index is caught up and may become a voter.
 const CATCH_UP_LAG: u64 = 10;
 /// The log is compacted once this many applied entries sit in it, keeping the newest
@@ -69,7 +72,7 @@ const COMPACT_AT: u64 = 2_000;
 const LOG_KEEP: u64 = 500;
 /// Reads waiting this long (ticks) for their read index are dropped: the leader could not
 /// confirm it still leads; callers retry.
-const READ_WAIT_TICKS: u64 = 30;
+const READ_WAIT_TICKS: u64 = 15;
 /// Bytes of entries in one append message, and append messages in flight per follower.
 const MAX_MSG_BYTES: u64 = 1 << 20;
 const MAX_INFLIGHT_MSGS: usize = 256;
@@ -105,8 +108,12 @@ pub struct Replica {
     canaries: Canaries,
     /// Proposals waiting for their entry to apply: index -> (term proposed in, callers).
     proposals: BTreeMap<u64, (u64, Vec<Reply>)>,
-    /// Reads waiting for their read index, by request context.
+    /// Reads waiting for their read index, by request context (one round in flight at a
+    /// time, so reads that arrive meanwhile share the next round).
     reads: BTreeMap<u64, ReadBatch>,
+    /// Reads waiting for the round in flight to finish.
+    queued_reads: Vec<(Request, Reply)>,
+    queued_since_tick: u64,
     /// Reads whose read index is known, waiting until it is applied.
     confirmed: Vec<(u64, ReadBatch)>,
     next_read_ctx: u64,
@@ -140,12 +147,11 @@ impl Replica {
                 } else {
                     raft_id(slot, incarnation().max(1))
                 };
-                store.begin_batch(true)?;
                 store.set_meta("self_id", &id.to_be_bytes())?;
                 if boot {
                     log.bootstrap(placement.boot_voters(shard))?;
                 }
-                store.commit_batch()?;
+                store.commit_batch(true)?;
                 id
             }
         };
@@ -164,6 +170,10 @@ impl Replica {
             max_size_per_msg: MAX_MSG_BYTES,
             max_inflight_msgs: MAX_INFLIGHT_MSGS,
             read_only_option: ReadOnlyOption::Safe,
+            // Followers learn the commit index from the next append or heartbeat instead of a
+            // message of its own: they serve no reads, so applying a little later costs
+            // nothing, and it halves the messages per write.
+            skip_bcast_commit: true,
             ..raft::Config::default()
         };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
@@ -178,6 +188,8 @@ impl Replica {
             canaries,
             proposals: BTreeMap::new(),
             reads: BTreeMap::new(),
+            queued_reads: Vec::new(),
+            queued_since_tick: 0,
             confirmed: Vec::new(),
             next_read_ctx: 1,
             ticks: 0,
@@ -239,18 +251,31 @@ impl Replica {
             self.propose(writes);
         }
         if !reads.is_empty() {
-            let ctx = self.next_read_ctx;
-            self.next_read_ctx += 1;
-            self.reads.insert(
-                ctx,
-                ReadBatch {
-                    reqs: reads,
-                    asked_at_tick: self.ticks,
-                },
-            );
-            self.node.read_index(ctx.to_be_bytes().to_vec());
+            if self.queued_reads.is_empty() {
+                self.queued_since_tick = self.ticks;
+            }
+            self.queued_reads.extend(reads);
+            self.start_read_round();
         }
         Ok(())
+    }
+
+    /// Confirms leadership for every queued read with one read index, unless a round is in
+    /// flight (its end starts the next).
+    fn start_read_round(&mut self) {
+        if !self.reads.is_empty() || self.queued_reads.is_empty() {
+            return;
+        }
+        let ctx = self.next_read_ctx;
+        self.next_read_ctx += 1;
+        self.reads.insert(
+            ctx,
+            ReadBatch {
+                reqs: std::mem::take(&mut self.queued_reads),
+                asked_at_tick: self.queued_since_tick,
+            },
+        );
+        self.node.read_index(ctx.to_be_bytes().to_vec());
     }
 
     fn propose(&mut self, writes: Vec<(Request, Reply)>) {
@@ -348,11 +373,20 @@ impl Replica {
         let cutoff = self.ticks.saturating_sub(READ_WAIT_TICKS);
         // Dropping a batch drops its replies: the callers' RPCs answer `unavailable`.
         self.reads.retain(|_, b| b.asked_at_tick >= cutoff);
+        if self.queued_since_tick < cutoff {
+            self.queued_reads.clear();
+        }
+        self.start_read_round();
         if self.is_leader() {
             self.replace_caught_up_learners();
             self.place_leadership();
         }
         self.compact()?;
+        // Applies ride along with durable commits; an idle replica commits them here, so
+        // the batch transaction never stays open long.
+        if self.store.has_batch() {
+            self.store.commit_batch(false)?;
+        }
         Ok(Chores {
             join: !self.is_member(),
         })
@@ -425,9 +459,8 @@ impl Replica {
         if self.applied < first + COMPACT_AT {
             return Ok(());
         }
-        self.store.begin_batch(false)?;
-        self.node.mut_store().compact(self.applied - LOG_KEEP)?;
-        self.store.commit_batch()
+        // In the batch: durable with the next commit that must be.
+        self.node.mut_store().compact(self.applied - LOG_KEEP)
     }
 
     // ------------------------------------------------------------ ready
@@ -447,37 +480,44 @@ impl Replica {
         let mut rd = self.node.ready();
         let early = rd.take_messages();
         self.on_read_states(rd.take_read_states());
-        let durable = !self.canaries.is_on(Canary::KvAckBeforeSync);
-        self.store.begin_batch(durable)?;
-        let result = self.persist_in_batch(&mut rd);
-        match result {
-            Ok(answers) => {
-                self.store.commit_batch()?;
-                let own_entries = if self.canaries.is_on(Canary::AckBeforeQuorum) {
-                    rd.entries().clone()
-                } else {
-                    Vec::new()
-                };
-                Ok(Some((
-                    early,
-                    Persisted {
-                        rd,
-                        answers,
-                        own_entries,
-                    },
-                )))
+        // Entries, a snapshot, or a new term or vote must be on disk before anything that
+        // depends on them leaves; a Ready that only moves the commit index and applies
+        // committed entries need not fsync (the log already holds them durably, and a crash
+        // re-applies them).
+        let writes = !rd.snapshot().is_empty()
+            || !rd.entries().is_empty()
+            || rd.hs().is_some()
+            || !rd.committed_entries().is_empty();
+        let answers = if writes {
+            let answers = self.persist_in_batch(&mut rd)?;
+            // Entries, a snapshot, or a new term or vote must be on disk before anything that
+            // depends on them leaves. A Ready that only moves the commit index and applies
+            // committed entries leaves its writes in the batch: the log already holds them
+            // durably, a crash re-applies them, and the next durable commit takes them along.
+            if rd.must_sync() {
+                let durable = !self.canaries.is_on(Canary::KvAckBeforeSync);
+                self.store.commit_batch(durable)?;
             }
-            Err(e) => {
-                self.store.abort_batch();
-                Err(e)
-            }
-        }
+            answers
+        } else {
+            Vec::new()
+        };
+        let own_entries = if self.canaries.is_on(Canary::AckBeforeQuorum) {
+            rd.entries().clone()
+        } else {
+            Vec::new()
+        };
+        Ok(Some((
+            early,
+            Persisted {
+                rd,
+                answers,
+                own_entries,
+            },
+        )))
     }
 
-    fn persist_in_batch(
-        &mut self,
-        rd: &mut Ready,
-    ) -> Result<Answers, StoreError> {
+    fn persist_in_batch(&mut self, rd: &mut Ready) -> Result<Answers, StoreError> {
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
             self.node.mut_store().apply_snapshot(&snap)?;
@@ -521,25 +561,11 @@ impl Replica {
         let committed = light.take_committed_entries();
         out.extend(light.take_messages());
         let commit = light.commit_index();
-        if commit.is_some() || !committed.is_empty() {
-            self.store.begin_batch(false)?;
-            let answers = (|| {
-                if let Some(c) = commit {
-                    self.node.mut_store().set_commit(c)?;
-                }
-                self.apply(committed)
-            })();
-            match answers {
-                Ok(a) => {
-                    self.store.commit_batch()?;
-                    deliver(a);
-                }
-                Err(e) => {
-                    self.store.abort_batch();
-                    return Err(e);
-                }
-            }
+        if let Some(c) = commit {
+            self.node.mut_store().set_commit(c)?;
         }
+        let answers = self.apply(committed)?;
+        deliver(answers);
         self.node.advance_apply_to(self.applied);
         self.serve_confirmed_reads()?;
         self.on_leadership();
@@ -547,10 +573,7 @@ impl Replica {
     }
 
     /// Applies committed entries inside the open batch; answers for this replica's callers.
-    fn apply(
-        &mut self,
-        entries: Vec<Entry>,
-    ) -> Result<Answers, StoreError> {
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<Answers, StoreError> {
         let mut answers = Vec::new();
         for e in entries {
             if e.index <= self.applied {
@@ -625,7 +648,9 @@ impl Replica {
             let Ok(reqs) = serde_json::from_slice::<Vec<Request>>(&e.data) else {
                 continue;
             };
-            self.store.begin_batch(false)?;
+            // A dry run in a transaction of its own, dropped after: the real apply comes when
+            // (if) the entry commits.
+            self.store.commit_batch(false)?;
             let resps = self.store.apply_entry(e.index, e.term, reqs, false);
             self.store.abort_batch();
             deliver(vec![(replies, resps?)]);
@@ -642,6 +667,7 @@ impl Replica {
                 self.confirmed.push((rs.index, batch));
             }
         }
+        self.start_read_round();
     }
 
     fn serve_confirmed_reads(&mut self) -> Result<(), StoreError> {
@@ -670,11 +696,18 @@ impl Replica {
                     let _ = r.send(answer.clone());
                 }
             }
-            let reads = std::mem::take(&mut self.reads).into_values().chain(
-                std::mem::take(&mut self.confirmed)
-                    .into_iter()
-                    .map(|(_, b)| b),
-            );
+            let queued = ReadBatch {
+                reqs: std::mem::take(&mut self.queued_reads),
+                asked_at_tick: self.ticks,
+            };
+            let reads = std::mem::take(&mut self.reads)
+                .into_values()
+                .chain([queued])
+                .chain(
+                    std::mem::take(&mut self.confirmed)
+                        .into_iter()
+                        .map(|(_, b)| b),
+                );
             for b in reads {
                 for (_, r) in b.reqs {
                     let _ = r.send(answer.clone());
@@ -692,9 +725,8 @@ impl Replica {
     /// An empty durable commit: makes every earlier commit durable (the kv-ack-before-sync
     /// canary's background sync).
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.store.begin_batch(true)?;
         self.store.set_applied(self.applied, self.applied_term()?)?;
-        self.store.commit_batch()
+        self.store.commit_batch(true)
     }
 
     fn applied_term(&self) -> Result<u64, StoreError> {
@@ -712,22 +744,13 @@ impl Replica {
             commit,
             "forced recovery: this replica becomes the shard's only voter"
         );
-        self.store.begin_batch(true)?;
-        let result = (|| {
-            let log = self.node.mut_store();
-            log.truncate_after(commit)?;
-            log.set_conf_state(raft::prelude::ConfState {
-                voters: vec![self.id],
-                ..Default::default()
-            })
-        })();
-        match result {
-            Ok(()) => self.store.commit_batch(),
-            Err(e) => {
-                self.store.abort_batch();
-                Err(e)
-            }
-        }
+        let log = self.node.mut_store();
+        log.truncate_after(commit)?;
+        log.set_conf_state(raft::prelude::ConfState {
+            voters: vec![self.id],
+            ..Default::default()
+        })?;
+        self.store.commit_batch(true)
     }
 
     // ------------------------------------------------------------ status

@@ -222,7 +222,7 @@ async fn handle(req: Request, inboxes: &Inboxes, stores: &[StoreSlot], m: &Metri
                     requests: r,
                     writes: w,
                     by_op: ops,
-                } = store.apply(Request::KvStats)
+                } = store.stats()
                 {
                     requests += r;
                     writes += w;
@@ -371,7 +371,7 @@ impl ReplicaTask {
                     if chores.join {
                         self.ask_to_join(r);
                     }
-                    if r.tick_count().is_multiple_of(10) {
+                    if r.tick_count().is_multiple_of(5) {
                         self.export(r);
                     }
                     if canary_sync && last_canary_sync.elapsed() >= CANARY_SYNC_EVERY {

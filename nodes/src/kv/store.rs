@@ -146,8 +146,6 @@ pub struct Store {
     /// The write transaction of the batch being applied, opened by its first write. A std
     /// mutex: held by one request at a time within `apply_batch`, never across an await.
     batch: std::sync::Mutex<Option<redb::WriteTransaction>>,
-    /// The open batch transaction fsyncs when it commits.
-    batch_durable: std::sync::atomic::AtomicBool,
 }
 
 /// A request's view of the batch's write transaction. `commit` does nothing: the batch
@@ -196,7 +194,6 @@ impl Store {
             syncs: AtomicU64::new(0),
             by_op: std::sync::Mutex::new(BTreeMap::new()),
             batch: std::sync::Mutex::new(None),
-            batch_durable: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -215,6 +212,11 @@ impl Store {
         Ok(())
     }
 
+    /// The node's counters (`KvStats`), without touching the batch transaction.
+    pub fn stats(&self) -> Response {
+        self.apply_one(Request::KvStats).0
+    }
+
     /// Durable commits (fsyncs) so far: each made one batch of writes durable.
     pub fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
@@ -229,11 +231,11 @@ impl Store {
 
     /// Executes requests in order in one write transaction, then commits it with one fsync
     /// (group commit). Answers come back in request order and must not be sent before this
-    /// returns. Reads see what was committed before the batch (requests of one batch are
-    /// concurrent: none was answered before another was asked). If any request hits a storage
+    /// returns. Each request sees the writes of those before it. If any request hits a storage
     /// error, or the commit fails, the batch is aborted and every answer is `unavailable`
     /// (nothing is acknowledged that may not be on disk; the callers retry).
     pub fn apply_batch(&self, reqs: Vec<Request>) -> Vec<Response> {
+        let writes_before = self.writes.load(Ordering::Relaxed);
         let mut failed = None;
         let mut out: Vec<Response> = reqs
             .into_iter()
@@ -245,18 +247,20 @@ impl Store {
                 resp
             })
             .collect();
-        let txn = self.batch.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let result = match (txn, failed) {
-            (None, None) => Ok(()),
-            (Some(txn), None) => {
-                let r = txn.commit().map_err(|e| format!("commit failed: {e}"));
-                if r.is_ok() && self.durable {
-                    self.syncs.fetch_add(1, Ordering::Relaxed);
-                }
-                r
+        let result = match failed {
+            // Only reads: nothing to commit.
+            None if self.writes.load(Ordering::Relaxed) == writes_before => {
+                self.abort_batch();
+                Ok(())
             }
-            // Dropping an uncommitted transaction aborts it.
-            (_, Some(e)) => Err(e),
+            None => self
+                .commit_batch(self.durable)
+                .map_err(|e| format!("commit failed: {e}")),
+            Some(e) => {
+                // Dropping an uncommitted transaction aborts it.
+                self.abort_batch();
+                Err(e)
+            }
         };
         if let Err(e) = result {
             let detail = format!("storage: {e}; nothing of this batch was stored");
@@ -269,29 +273,19 @@ impl Store {
 
     // ------------------------------------------------------------ as a replica's state machine
 
-    /// Opens the replica's batch transaction (if none is open): every write until
-    /// [`Store::commit_batch`] shares it. `durable`: its commit fsyncs.
-    pub(crate) fn begin_batch(&self, durable: bool) -> Result<(), StoreError> {
-        let mut batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
-        if batch.is_none() {
-            let mut txn = self.db.begin_write()?;
+    /// Commits the batch transaction, if one is open. `durable`: the commit fsyncs (and
+    /// makes every earlier commit durable too); a replica commits durably when its Raft log
+    /// or hard state must be on disk, and otherwise lets applies ride along (the log holds
+    /// them durably, and a restart re-applies them).
+    pub(crate) fn commit_batch(&self, durable: bool) -> Result<(), StoreError> {
+        let txn = self.batch.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut txn) = txn {
             txn.set_durability(if durable {
                 Durability::Immediate
             } else {
                 Durability::None
             })
             .map_err(|e| StoreError::Io(e.to_string()))?;
-            *batch = Some(txn);
-            self.batch_durable.store(durable, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Commits the open batch transaction (if any). A durable one counts as a sync.
-    pub(crate) fn commit_batch(&self) -> Result<(), StoreError> {
-        let txn = self.batch.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(txn) = txn {
-            let durable = self.batch_durable.load(Ordering::Relaxed);
             txn.commit()?;
             if durable {
                 self.syncs.fetch_add(1, Ordering::Relaxed);
@@ -300,16 +294,29 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a batch transaction is open (uncommitted writes or reads through it).
+    pub(crate) fn has_batch(&self) -> bool {
+        self.batch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Drops the open batch transaction uncommitted.
     pub(crate) fn abort_batch(&self) {
         self.batch.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    /// The open batch transaction (the Raft log writes through it too).
+    /// The batch transaction, opened if none is: reads and writes of a replica go through it,
+    /// so a read sees every entry applied so far, committed or not.
     pub(crate) fn batch(&self) -> Result<Txn<'_>, StoreError> {
-        let batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self.txn()?)
+    }
+
+    fn txn(&self) -> R<Txn<'_>> {
+        let mut batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
         if batch.is_none() {
-            return Err(StoreError::Io("no batch transaction is open".into()));
+            *batch = Some(self.db.begin_write()?);
         }
         Ok(Txn(batch))
     }
@@ -372,11 +379,12 @@ impl Store {
         Ok(())
     }
 
-    /// A bookkeeping value as committed.
+    /// A bookkeeping value (as written so far, committed or not).
     pub(crate) fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.txn()?;
         let t = txn.open_table(META)?;
-        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+        let v = t.get(key)?.map(|v| v.value().to_vec());
+        Ok(v)
     }
 
     /// Serves read-only requests from committed state (after the replica confirmed, by read
@@ -392,6 +400,9 @@ impl Store {
     /// consistent, taken in one read transaction, with what it reflects (the applied entry's
     /// index and term and the membership as of it, as committed).
     pub fn dump(&self) -> Result<Dump, StoreError> {
+        // What was applied but not committed is committed first: a snapshot is taken from
+        // committed state (a consistent read transaction).
+        self.commit_batch(false)?;
         let txn = self.db.begin_read()?;
         let (index, term, conf_state) = {
             let t = txn.open_table(META)?;
@@ -508,9 +519,10 @@ impl Store {
             Request::LeaseIdTime { worker, until_ms } => self.lease_id_time(worker, until_ms),
             Request::ReserveName { name, user } => self.reserve_name(&name, user),
             Request::LookupName { name } => {
-                let txn = self.db.begin_read()?;
+                let txn = self.txn()?;
                 let t = txn.open_table(NAMES)?;
-                Ok(Response::MaybeId(t.get(name.as_str())?.map(|v| v.value())))
+                let user = t.get(name.as_str())?.map(|v| v.value());
+                Ok(Response::MaybeId(user))
             }
             Request::PutUser { record } => self.write_user(record.user, |u| *u = record.clone()),
             Request::GetUser { user } => Ok(Response::User(self.read_user(user)?)),
@@ -618,17 +630,7 @@ impl Store {
         if self.counting.load(Ordering::Relaxed) {
             self.writes.fetch_add(1, Ordering::Relaxed);
         }
-        let mut batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
-        if batch.is_none() {
-            let mut txn = self.db.begin_write()?;
-            txn.set_durability(if self.durable {
-                Durability::Immediate
-            } else {
-                Durability::None
-            })?;
-            *batch = Some(txn);
-        }
-        Ok(Txn(batch))
+        self.txn()
     }
 
     fn alloc_id(&self, kind: &str) -> R<Response> {
@@ -674,9 +676,10 @@ impl Store {
     }
 
     fn read_user(&self, user: Id) -> R<Option<UserRecord>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.txn()?;
         let t = txn.open_table(USERS)?;
-        Ok(t.get(user)?.map(|v| dec(v.value())))
+        let rec = t.get(user)?.map(|v| dec(v.value()));
+        Ok(rec)
     }
 
     /// Read-modify-write of a user record; `unknown_user` if absent (except `PutUser`).
@@ -723,9 +726,10 @@ impl Store {
     }
 
     fn read_channel(&self, channel: Id) -> R<Option<ChannelRecord>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.txn()?;
         let t = txn.open_table(CHANNELS)?;
-        Ok(t.get(channel)?.map(|v| dec(v.value())))
+        let rec = t.get(channel)?.map(|v| dec(v.value()));
+        Ok(rec)
     }
 
     fn create_channel(&self, record: ChannelRecord) -> R<Response> {
@@ -864,7 +868,7 @@ impl Store {
     }
 
     fn read_log(&self, channel: Id, after_seq: u64, limit: u32) -> R<Response> {
-        let txn = self.db.begin_read()?;
+        let txn = self.txn()?;
         let last_seq = match txn.open_table(CHANNELS)?.get(channel)? {
             Some(v) => dec::<ChannelRecord>(v.value()).last_seq,
             None => {
@@ -887,7 +891,7 @@ impl Store {
     }
 
     fn read_log_by_id(&self, channel: Id, after_id: Id, limit: u32) -> R<Response> {
-        let txn = self.db.begin_read()?;
+        let txn = self.txn()?;
         let log = txn.open_table(LOG)?;
         let mut messages = Vec::new();
         let mut last_seq = 0;
@@ -903,7 +907,7 @@ impl Store {
     }
 
     fn pending_fanouts(&self, committed_before_ms: u64, limit: u32) -> R<Response> {
-        let txn = self.db.begin_read()?;
+        let txn = self.txn()?;
         let pending = txn.open_table(PENDING)?;
         let log = txn.open_table(LOG)?;
         let channels = txn.open_table(CHANNELS)?;
@@ -943,7 +947,7 @@ impl Store {
     }
 
     fn get_cursors(&self, device: Id) -> R<Response> {
-        let txn = self.db.begin_read()?;
+        let txn = self.txn()?;
         let t = txn.open_table(CURSORS)?;
         let mut out = BTreeMap::new();
         for item in t.range((device, 0)..=(device, u64::MAX))? {
@@ -986,7 +990,7 @@ impl Store {
     }
 
     fn get_sessions(&self, users: Vec<Id>) -> R<Response> {
-        let txn = self.db.begin_read()?;
+        let txn = self.txn()?;
         let t = txn.open_table(SESSIONS)?;
         let mut out = Vec::new();
         for u in users {
@@ -1197,7 +1201,7 @@ mod tests {
     }
 
     // Proves group commit: a batch is one durable commit; refusals in it leave the other
-    // writes standing; reads see what was committed before the batch.
+    // writes standing; each request sees the writes before it in the batch.
     #[test]
     fn a_batch_is_one_commit_and_refusals_do_not_spoil_it() {
         let s = store();
@@ -1221,7 +1225,7 @@ mod tests {
                 channel: 7,
                 user: 3,
             },
-            // Concurrent with the writes above: sees the state before the batch.
+            // After the writes above: sees them.
             Request::GetChannel { channel: 7 },
         ]);
         assert_eq!(out[0], Response::Members(vec![1, 2]));
@@ -1233,7 +1237,10 @@ mod tests {
             }
         ));
         assert_eq!(out[2], Response::Members(vec![1, 2, 3]));
-        assert_eq!(out[3], Response::Channel(None));
+        match &out[3] {
+            Response::Channel(Some(c)) => assert_eq!(c.members, vec![1, 2, 3]),
+            other => panic!("the read sees the batch's writes: {other:?}"),
+        }
         assert_eq!(s.syncs(), syncs + 1, "one durable commit for the batch");
         match s.apply(Request::GetChannel { channel: 7 }) {
             Response::Channel(Some(c)) => assert_eq!(c.members, vec![1, 2, 3]),
