@@ -39,8 +39,9 @@ pub enum Canary {
     StaleRead,
     /// The simulated disk serves sectors that fail their checksums (corrupt data is served).
     SkipChecksum,
-    /// A kv replica never makes its Raft term and vote durable: restarted, it can vote twice
-    /// in one term, and two leaders can commit different entries at one index.
+    /// A kv replica never makes its Raft vote durable: restarted inside a term, it can vote a
+    /// second time in it, and two leaders of one term can commit different entries at one
+    /// index.
     VolatileVote,
 }
 

@@ -106,7 +106,9 @@ impl<'de> Deserialize<'de> for Target {
 }
 
 /// What goes wrong. The history names each by [`Fault::kind`], exactly these names:
-/// `partition`, `disconnect`, `tunnel`, `crash`, `clock_step`, `pause`, `latency`, `loss`.
+/// `partition`, `disconnect`, `tunnel`, `crash`, `clock_step`, `pause`, `latency`, `loss`,
+/// and for kv storage and replication `disk_loss`, `leader_partition`, `torn_write`,
+/// `corruption`, `slow_disk`, `force_recover`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Fault {
@@ -136,6 +138,26 @@ pub enum Fault {
     /// Every link loses this share of packets (per mille) until the fault heals: established
     /// TCP streams slow down with retransmissions, new connections may fail.
     Loss { per_mille: u32 },
+    /// A kv node's disk is lost: the node is killed and its disk wiped; at the heal it starts
+    /// again on an empty disk (a replaced machine), and its replicas rejoin their shards and
+    /// catch up from their peers.
+    DiskLoss { kv: u32 },
+    /// Whichever kv node leads `shard` when the fault starts is cut off from the shard's
+    /// other replicas, both ways, until the heal; callers still reach it. It must acknowledge
+    /// nothing while cut off.
+    LeaderPartition { shard: u32 },
+    /// A kv node dies in the middle of writing: each sector written since its last fsync
+    /// survives or not (seeded), not just the synced prefix. It restarts at the heal.
+    TornWrite { kv: u32 },
+    /// Bit rot: `sectors` seeded sectors of one of a kv node's files flip a bit, without the
+    /// disk noticing until they are read. Instant.
+    Corruption { kv: u32, sectors: u32 },
+    /// Every fsync of a kv node takes `delay_ms` until the heal.
+    SlowDisk { kv: u32, delay_ms: u64 },
+    /// The operator's last resort after a quorum of kv shards lost their disks: each shard's
+    /// replica on `kv` becomes its only voter (what only the lost replicas held is gone).
+    /// Instant.
+    ForceRecover { kv: u32 },
 }
 
 impl Fault {
@@ -150,6 +172,21 @@ impl Fault {
             Fault::Pause { .. } => "pause",
             Fault::Latency { .. } => "latency",
             Fault::Loss { .. } => "loss",
+            Fault::DiskLoss { .. } => "disk_loss",
+            Fault::LeaderPartition { .. } => "leader_partition",
+            Fault::TornWrite { .. } => "torn_write",
+            Fault::Corruption { .. } => "corruption",
+            Fault::SlowDisk { .. } => "slow_disk",
+            Fault::ForceRecover { .. } => "force_recover",
+        }
+    }
+
+    /// Faults that destroy what a kv node's disk holds (its replicas must be rebuilt from
+    /// their peers): a quorum of one shard's disks lost at once is data loss by definition.
+    pub fn loses_disk(&self) -> Option<u32> {
+        match self {
+            Fault::DiskLoss { kv } | Fault::Corruption { kv, .. } => Some(*kv),
+            _ => None,
         }
     }
 
@@ -164,6 +201,14 @@ impl Fault {
             Fault::Crash { target } | Fault::Pause { target } => vec![*target],
             Fault::ClockStep { idgen, .. } => vec![Target::Node(Role::Idgen, *idgen)],
             Fault::Latency { .. } | Fault::Loss { .. } => Vec::new(),
+            Fault::DiskLoss { kv }
+            | Fault::TornWrite { kv }
+            | Fault::Corruption { kv, .. }
+            | Fault::SlowDisk { kv, .. }
+            | Fault::ForceRecover { kv } => vec![Target::Node(Role::Kv, *kv)],
+            // Which node leads is known only when the fault starts (the history names it);
+            // here every kv node may be touched.
+            Fault::LeaderPartition { .. } => Vec::new(),
         }
     }
 
@@ -179,6 +224,9 @@ impl Fault {
             Fault::ClockStep { delta_ms, .. } => Some(format!("delta_ms={delta_ms}")),
             Fault::Latency { min_ms, max_ms } => Some(format!("{min_ms}..{max_ms} ms")),
             Fault::Loss { per_mille } => Some(format!("{per_mille} per mille")),
+            Fault::LeaderPartition { shard } => Some(format!("shard {shard}")),
+            Fault::Corruption { sectors, .. } => Some(format!("{sectors} sectors")),
+            Fault::SlowDisk { delay_ms, .. } => Some(format!("fsync {delay_ms} ms")),
             _ => None,
         }
     }
@@ -306,6 +354,12 @@ impl Schedule {
                 Fault::Latency { min_ms, max_ms } if min_ms > max_ms => {
                     return Err(format!("fault `{f}`: latency min above max"));
                 }
+                Fault::LeaderPartition { shard } if shard >= ctx.kv_shards => {
+                    return Err(format!(
+                        "fault `{f}`: no shard {shard} ({} shards)",
+                        ctx.kv_shards
+                    ));
+                }
                 _ => {}
             }
             if f.at_ms + f.duration_ms > ctx.duration_ms {
@@ -330,6 +384,9 @@ pub struct Ctx {
     pub chat: u32,
     pub idgen: u32,
     pub kv: u32,
+    /// kv shards (Raft groups) and copies of each.
+    pub kv_shards: u32,
+    pub kv_replicas: u32,
     /// Client devices in the workload.
     pub devices: u32,
 }
@@ -389,7 +446,11 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("presence-partition", "cut presence from the chat servers (two-way, then one-way) and pause it"),
     ("discovery-down", "crash discovery for 40 s, then cut it off for 30 s"),
     ("rolling-restart", "restart every server node in turn, 3 s down each"),
-    ("everything", "all of the above, overlapping"),
+    ("kv-disk-loss", "two kv nodes lose their disks in turn and come back empty: their replicas catch up from peers"),
+    ("kv-leader-partition", "cut two shards' leaders off from their followers (20 s, then 10 s)"),
+    ("kv-storage-faults", "torn writes in kv crashes, bit rot read back after a restart, seconds-long fsyncs"),
+    ("quorum-loss", "a majority of kv nodes lose their disks at once, then a forced recovery: data loss, reported as such"),
+    ("everything", "all of the above but quorum-loss, overlapping"),
     ("swarm", "fault kinds, rates and targets drawn from the seed (also: --faults swarm)"),
 ];
 
@@ -406,6 +467,10 @@ pub fn scenario(name: &str, ctx: &Ctx) -> Result<Schedule, String> {
         "presence-partition" => presence_partition(ctx),
         "discovery-down" => discovery_down(ctx),
         "rolling-restart" => rolling_restart(ctx),
+        "kv-disk-loss" => kv_disk_loss(ctx),
+        "kv-leader-partition" => kv_leader_partition(ctx),
+        "kv-storage-faults" => kv_storage_faults(ctx),
+        "quorum-loss" => quorum_loss(ctx),
         "everything" => everything(ctx),
         "swarm" => return Ok(swarm(ctx).schedule),
         _ => {
@@ -656,6 +721,102 @@ fn rolling_restart(ctx: &Ctx) -> Vec<ScheduledFault> {
         .collect()
 }
 
+fn at_kv(at_ms: u64, duration_ms: u64, fault: Fault) -> ScheduledFault {
+    ScheduledFault {
+        at_ms,
+        duration_ms,
+        fault,
+    }
+}
+
+/// Two kv nodes lose their disks, one after the other (the second long after the first
+/// caught up): each comes back empty and rebuilds its replicas from its peers.
+fn kv_disk_loss(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("kv-disk-loss");
+    let n = ctx.kv.max(1);
+    let first = rng.gen_range(0..n);
+    let second = (first + 1) % n;
+    vec![
+        at_kv(
+            ctx.at(&mut rng, 25, 35, 10_000),
+            10_000,
+            Fault::DiskLoss { kv: first },
+        ),
+        at_kv(
+            ctx.at(&mut rng, 60, 70, 5_000),
+            5_000,
+            Fault::DiskLoss { kv: second },
+        ),
+    ]
+}
+
+fn kv_leader_partition(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("kv-leader-partition");
+    let shards = ctx.kv_shards.max(1);
+    vec![
+        at_kv(
+            ctx.at(&mut rng, 25, 35, 20_000),
+            20_000,
+            Fault::LeaderPartition { shard: 0 },
+        ),
+        at_kv(
+            ctx.at(&mut rng, 60, 70, 10_000),
+            10_000,
+            Fault::LeaderPartition { shard: 1 % shards },
+        ),
+    ]
+}
+
+/// Torn writes, bit rot (read back once a restart empties the caches) and a slow disk.
+fn kv_storage_faults(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("kv-storage-faults");
+    let n = ctx.kv.max(1);
+    let (a, b, c) = (
+        rng.gen_range(0..n),
+        rng.gen_range(0..n),
+        rng.gen_range(0..n),
+    );
+    let rot = ctx.at(&mut rng, 35, 40, 0);
+    vec![
+        at_kv(
+            ctx.at(&mut rng, 15, 25, 3_000),
+            3_000,
+            Fault::TornWrite { kv: a },
+        ),
+        at_kv(rot, 0, Fault::Corruption { kv: b, sectors: 20 }),
+        crash(rot + 10_000, 3_000, Role::Kv, b),
+        at_kv(
+            ctx.at(&mut rng, 60, 70, 20_000),
+            20_000,
+            Fault::SlowDisk {
+                kv: c,
+                delay_ms: 2_000,
+            },
+        ),
+        at_kv(
+            ctx.at(&mut rng, 80, 85, 3_000),
+            3_000,
+            Fault::TornWrite { kv: b },
+        ),
+    ]
+}
+
+/// A majority of shard 0's replicas (kv-0, kv-1 by default) lose their disks at once: that
+/// is data loss by definition. The operator then makes a surviving replica each lost
+/// shard's only voter; the empty nodes rejoin from it.
+fn quorum_loss(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("quorum-loss");
+    let majority = ctx.kv_replicas.max(1) / 2 + 1;
+    let at = ctx.at(&mut rng, 35, 45, 40_000);
+    let mut out: Vec<ScheduledFault> = (0..majority.min(ctx.kv))
+        .map(|k| at_kv(at, 15_000, Fault::DiskLoss { kv: k }))
+        .collect();
+    if majority < ctx.kv {
+        out.push(at_kv(at + 20_000, 0, Fault::ForceRecover { kv: majority }));
+    }
+    out
+}
+
 fn everything(ctx: &Ctx) -> Vec<ScheduledFault> {
     let mut out = Vec::new();
     for f in [
@@ -667,10 +828,41 @@ fn everything(ctx: &Ctx) -> Vec<ScheduledFault> {
         presence_partition,
         discovery_down,
         rolling_restart,
+        kv_disk_loss,
+        kv_leader_partition,
+        kv_storage_faults,
     ] {
         out.extend(f(ctx));
     }
-    out
+    keep_quorums(out)
+}
+
+/// How long a kv node with a new disk gets to catch up before another disk may go: until
+/// then its shards still count its old replica among their voters.
+pub const DISK_CATCH_UP_MS: u64 = 60_000;
+
+/// Drops every fault that would destroy a kv disk while another one is lost or still
+/// catching up: a quorum of a shard's disks lost at once is data loss by definition, which a
+/// run without `quorum-loss` must not provoke.
+fn keep_quorums(mut faults: Vec<ScheduledFault>) -> Vec<ScheduledFault> {
+    faults.sort_by_key(|f| f.at_ms);
+    let mut busy: Option<(u32, u64)> = None;
+    faults
+        .into_iter()
+        .filter(|f| {
+            let Some(kv) = f.fault.loses_disk() else {
+                return true;
+            };
+            if let Some((node, until)) = busy {
+                if node != kv && f.at_ms < until {
+                    return false;
+                }
+            }
+            let until = f.at_ms + f.duration_ms + DISK_CATCH_UP_MS;
+            busy = Some((kv, busy.map_or(until, |(_, u)| u.max(until))));
+            true
+        })
+        .collect()
 }
 
 /// A swarm plan: which fault kinds this seed uses, how often, and the schedule drawn from it.
@@ -701,7 +893,7 @@ impl fmt::Display for Swarm {
     }
 }
 
-const SWARM_KINDS: [&str; 8] = [
+const SWARM_KINDS: [&str; 13] = [
     "partition",
     "disconnect",
     "tunnel",
@@ -710,6 +902,11 @@ const SWARM_KINDS: [&str; 8] = [
     "pause",
     "latency",
     "loss",
+    "disk_loss",
+    "leader_partition",
+    "torn_write",
+    "corruption",
+    "slow_disk",
 ];
 
 /// Draws a swarm plan from the seed (as FoundationDB's and TigerBeetle's simulators do): each
@@ -722,6 +919,8 @@ pub fn swarm(ctx: &Ctx) -> Swarm {
         .iter()
         .copied()
         .filter(|_| rng.gen_bool(0.5))
+        // With fewer than 3 copies one lost disk is a lost quorum.
+        .filter(|k| ctx.kv_replicas >= 3 || !matches!(*k, "disk_loss" | "corruption"))
         .collect();
     if kinds.is_empty() {
         kinds.push(SWARM_KINDS[rng.gen_range(0..SWARM_KINDS.len())]);
@@ -773,7 +972,7 @@ pub fn swarm(ctx: &Ctx) -> Swarm {
         roles,
         schedule: Schedule {
             name: "swarm".into(),
-            faults,
+            faults: keep_quorums(faults),
         }
         .sorted(),
     }
@@ -885,6 +1084,38 @@ fn swarm_fault(kind: &str, roles: &[Role], ctx: &Ctx, rng: &mut StdRng) -> Optio
             },
             rng.gen_range(10_000..30_000),
         ),
+        "disk_loss" => (
+            Fault::DiskLoss {
+                kv: rng.gen_range(0..ctx.kv.max(1)),
+            },
+            rng.gen_range(1_000..20_000),
+        ),
+        "leader_partition" => (
+            Fault::LeaderPartition {
+                shard: rng.gen_range(0..ctx.kv_shards.max(1)),
+            },
+            rng.gen_range(2_000..30_000),
+        ),
+        "torn_write" => (
+            Fault::TornWrite {
+                kv: rng.gen_range(0..ctx.kv.max(1)),
+            },
+            rng.gen_range(1_000..10_000),
+        ),
+        "corruption" => (
+            Fault::Corruption {
+                kv: rng.gen_range(0..ctx.kv.max(1)),
+                sectors: rng.gen_range(1..50),
+            },
+            0,
+        ),
+        "slow_disk" => (
+            Fault::SlowDisk {
+                kv: rng.gen_range(0..ctx.kv.max(1)),
+                delay_ms: rng.gen_range(200..3_000),
+            },
+            rng.gen_range(5_000..40_000),
+        ),
         _ => return None,
     })
 }
@@ -901,6 +1132,8 @@ mod tests {
             chat: 3,
             idgen: 2,
             kv: 3,
+            kv_shards: 3,
+            kv_replicas: 3,
             devices: 400,
         }
     }
@@ -957,6 +1190,49 @@ mod tests {
         }
         assert_eq!(kinds.len(), SWARM_KINDS.len(), "{kinds:?}");
         assert_ne!(swarm(&ctx(1)).schedule, swarm(&ctx(2)).schedule);
+    }
+
+    // Proves swarm never loses a second kv disk while another is lost or catching up (a
+    // quorum of a shard's disks lost at once is data loss), over many seeds.
+    #[test]
+    fn swarm_keeps_every_quorum() {
+        let mut disk_faults = 0;
+        for seed in 0..200 {
+            let s = swarm(&ctx(seed)).schedule;
+            let lost: Vec<(u32, u64, u64)> = s
+                .faults
+                .iter()
+                .filter_map(|f| {
+                    f.fault
+                        .loses_disk()
+                        .map(|kv| (kv, f.at_ms, f.at_ms + f.duration_ms + DISK_CATCH_UP_MS))
+                })
+                .collect();
+            disk_faults += lost.len();
+            for (i, a) in lost.iter().enumerate() {
+                for b in &lost[i + 1..] {
+                    assert!(
+                        a.0 == b.0 || b.1 >= a.2,
+                        "seed {seed}: kv-{} and kv-{} lose disks together",
+                        a.0,
+                        b.0
+                    );
+                }
+            }
+        }
+        assert!(disk_faults > 50, "swarm draws disk faults: {disk_faults}");
+        let one_copy = Ctx {
+            kv_replicas: 1,
+            ..ctx(3)
+        };
+        for seed in 0..50 {
+            let s = swarm(&Ctx {
+                seed,
+                ..one_copy.clone()
+            })
+            .schedule;
+            assert!(s.faults.iter().all(|f| f.fault.loses_disk().is_none()));
+        }
     }
 
     // Proves targets and schedules round-trip through their text forms.

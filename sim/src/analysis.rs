@@ -243,6 +243,7 @@ mod tests {
                     client_msg_id: 1,
                     message_id: 77,
                     seq: 1,
+                    digest: None,
                 },
             ),
             rec(
@@ -263,6 +264,7 @@ mod tests {
                     sender: 1,
                     sender_device: 1,
                     client_msg_id: 1,
+                    digest: None,
                 },
             ),
         ];

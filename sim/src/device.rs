@@ -214,11 +214,14 @@ impl Observer for Recording {
                 Observation::Deliver(_) => c.add_deliver(),
                 Observation::Presence { .. } => c.add_presence(),
                 Observation::Error { code, .. } => c.add_error(code.as_str()),
-                Observation::SendFailed { .. } | Observation::PresenceRefresh => {}
+                Observation::SendFailed { .. }
+                | Observation::PresenceRefresh
+                | Observation::Synced => {}
             },
             DeviceEvent::AppOpened
             | DeviceEvent::AppClosed { .. }
             | DeviceEvent::ConnectFailed(_)
+            | DeviceEvent::SyncAsked
             | DeviceEvent::Disconnected { .. } => {}
         }
         if let Some(ev) = Event::of_device(self.user, self.device, ev) {

@@ -17,13 +17,26 @@
 //! | clock_step | `SkewedClock::step` on the idgen machine's clock | idgen's clock jumps |
 //! | pause | `pause`, then `resume` | nothing runs on the node; its peers' calls time out |
 //! | latency / loss | `NetSim::update_config` | slower links; loss delays bytes and fails connects |
+//! | disk_loss | `kill`, `SimDisk::wipe`, then `restart` | the kv node returns empty; its replicas rejoin and catch up |
+//! | leader_partition | `clog_link` between the shard leader's node and the shard's other replicas (both ways) | the leader can reach no quorum: it must acknowledge nothing; the others elect a new one |
+//! | torn_write | `kill` with `SimDisk::crash_torn`, then `restart` | a seeded subset of unsynced sectors survives |
+//! | corruption | `SimDisk::corrupt` | flipped bits fail their sector checksum when read; the replica rebuilds from peers |
+//! | slow_disk | `SimDisk::set_fsync_delay` | every fsync of the node takes seconds |
+//! | force_recover | `KvForceRecover` RPC to the node's replicas of shards that lost their quorum | the operator's last resort |
+//!
+//! The injector also notes what the run must report in words: a shard whose quorum of
+//! disks was lost (data loss by definition), and forced recoveries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use madsim::net::NetSim;
-use madsim::runtime::Handle;
+use madsim::runtime::{Handle, NodeHandle};
 use madsim::task::NodeId;
+use nodes::kv::placement::Placement;
+use nodes::proto::internal::{Request, Response};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use scenarios::{Fault, Role, ScheduledFault, Target};
 use tokio::time::Instant;
 
@@ -34,6 +47,9 @@ use crate::recorder::Recorder;
 /// The default link latency (madsim's own default) that latency faults return to.
 const DEFAULT_LATENCY: std::ops::Range<Duration> =
     Duration::from_millis(1)..Duration::from_millis(10);
+
+/// How long a `torn_write` waits for an fsync in flight on its node before killing it anyway.
+const TORN_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// Reference counts of what the active faults switched on.
 #[derive(Default)]
@@ -83,18 +99,52 @@ pub struct Injector<'c> {
     devices: Vec<DeviceHandle>,
     recorder: Recorder,
     active: Active,
+    /// A node of the simulation (not a server) the injector makes RPCs from: to find a
+    /// shard's leader, to force a recovery.
+    control: NodeHandle,
+    placement: Placement,
+    /// Draws torn sectors and flipped bits.
+    rng: StdRng,
+    /// kv nodes whose disks are lost now (a `disk_loss` active).
+    lost_disks: BTreeSet<u32>,
+    /// Shards that lost a quorum of their disks and were not forcibly recovered yet.
+    quorum_lost: BTreeSet<u32>,
+    /// Leader partitions in force, by fault index: the links cut.
+    cuts: BTreeMap<usize, Vec<(NodeId, NodeId)>>,
+    /// Targets and detail known only when a fault started (a shard's leader, corrupt
+    /// sectors), by fault index: its heal names the same.
+    healed_names: BTreeMap<usize, (Vec<String>, String)>,
     /// Writes kv disks lost to crashes.
     pub lost_writes: u64,
+    /// What the run must say in words (quorum losses, forced recoveries).
+    pub notes: Vec<String>,
 }
 
 impl<'c> Injector<'c> {
-    pub fn new(cluster: &'c Cluster, devices: Vec<DeviceHandle>, recorder: Recorder) -> Self {
+    pub fn new(
+        cluster: &'c Cluster,
+        devices: Vec<DeviceHandle>,
+        recorder: Recorder,
+        control: NodeHandle,
+        seed: u64,
+    ) -> Self {
         Self {
+            placement: cluster
+                .map
+                .placement()
+                .expect("the options were checked before the run"),
             cluster,
             devices,
             recorder,
             active: Active::default(),
+            control,
+            rng: StdRng::seed_from_u64(seed ^ 0x6469_736b_6661_756c),
+            lost_disks: BTreeSet::new(),
+            quorum_lost: BTreeSet::new(),
+            cuts: BTreeMap::new(),
+            healed_names: BTreeMap::new(),
             lost_writes: 0,
+            notes: Vec::new(),
         }
     }
 
@@ -120,14 +170,23 @@ impl<'c> Injector<'c> {
         for (at_ms, _, i, is_start) in timeline {
             tokio::time::sleep_until(start + Duration::from_millis(at_ms)).await;
             let f = &schedule[i].fault;
-            if is_start {
-                self.apply(i, f);
+            let mut targets: Vec<String> = f.targets().iter().map(Target::to_string).collect();
+            let mut detail = f.detail();
+            let said = if is_start {
+                self.apply(i, f).await
             } else {
                 self.heal(i, f);
+                self.healed_names.remove(&i)
+            };
+            if let Some((t, d)) = said {
+                targets = t;
+                detail = Some(d);
+                if is_start {
+                    self.healed_names
+                        .insert(i, (targets.clone(), detail.clone().unwrap_or_default()));
+                }
             }
             let kind = f.kind().to_string();
-            let targets = f.targets().iter().map(Target::to_string).collect();
-            let detail = f.detail();
             self.recorder.record(if is_start {
                 Event::Fault {
                     kind,
@@ -161,7 +220,9 @@ impl<'c> Injector<'c> {
         out
     }
 
-    fn apply(&mut self, i: usize, f: &Fault) {
+    /// Applies a fault. Answers the targets and detail the history should name when they
+    /// are known only now.
+    async fn apply(&mut self, i: usize, f: &Fault) -> Option<(Vec<String>, String)> {
         let net = NetSim::current();
         let handle = Handle::current();
         match f {
@@ -190,6 +251,39 @@ impl<'c> Injector<'c> {
                     }
                 }
             }
+            Fault::DiskLoss { kv } => {
+                if up(&mut self.active.crashed, (Role::Kv, *kv)) {
+                    self.lost_writes += self.cluster.kill(Role::Kv, *kv);
+                }
+                self.cluster.disks[kv].wipe();
+                self.lost_disks.insert(*kv);
+                self.note_quorum_losses();
+            }
+            Fault::TornWrite { kv } => {
+                if up(&mut self.active.crashed, (Role::Kv, *kv)) {
+                    // The power goes in the middle of an fsync (they are frequent; a busy
+                    // node has one in flight within milliseconds).
+                    let disk = &self.cluster.disks[kv];
+                    let give_up = Instant::now() + TORN_WAIT_MAX;
+                    while !disk.sync_in_flight() && Instant::now() < give_up {
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                    self.lost_writes += self.cluster.kill_torn(*kv, &mut self.rng);
+                }
+            }
+            Fault::Corruption { kv, sectors } => {
+                let hit = self.cluster.disks[kv].corrupt(&mut self.rng, *sectors as usize);
+                let detail = match hit {
+                    Some((file, s)) => format!("{} sectors of {file}: {s:?}", s.len()),
+                    None => "nothing stored yet".into(),
+                };
+                return Some((vec![format!("kv-{kv}")], detail));
+            }
+            Fault::SlowDisk { kv, delay_ms } => {
+                self.cluster.disks[kv].set_fsync_delay(Duration::from_millis(*delay_ms))
+            }
+            Fault::LeaderPartition { shard } => return Some(self.cut_leader(i, *shard).await),
+            Fault::ForceRecover { kv } => return Some(self.force_recover(*kv).await),
             Fault::ClockStep { idgen, delta_ms } => self.cluster.clocks[idgen].step(*delta_ms),
             Fault::Pause { target } => {
                 let n = self.node(*target);
@@ -206,6 +300,7 @@ impl<'c> Injector<'c> {
                 self.update_network();
             }
         }
+        None
     }
 
     fn heal(&mut self, i: usize, f: &Fault) {
@@ -228,13 +323,21 @@ impl<'c> Injector<'c> {
             }
             Fault::Crash { target } => {
                 if let Target::Node(role, index) = *target {
-                    if down(&mut self.active.crashed, (role, index)) {
-                        self.cluster.restart(role, index);
-                        // A restarted process is still stalled if a pause is active on it.
-                        let n = self.node(*target);
-                        if self.active.paused.contains_key(&n) {
-                            handle.pause(n);
-                        }
+                    self.restart(role, index);
+                }
+            }
+            Fault::DiskLoss { kv } => {
+                // Back on an empty (or new) disk.
+                self.lost_disks.remove(kv);
+                self.restart(Role::Kv, *kv);
+            }
+            Fault::TornWrite { kv } => self.restart(Role::Kv, *kv),
+            Fault::Corruption { .. } | Fault::ForceRecover { .. } => {}
+            Fault::SlowDisk { kv, .. } => self.cluster.disks[kv].set_fsync_delay(Duration::ZERO),
+            Fault::LeaderPartition { .. } => {
+                for link in self.cuts.remove(&i).unwrap_or_default() {
+                    if down(&mut self.active.links, link) {
+                        net.unclog_link(link.0, link.1);
                     }
                 }
             }
@@ -254,6 +357,131 @@ impl<'c> Injector<'c> {
                 self.update_network();
             }
         }
+    }
+
+    /// Restarts a crashed node once no fault keeps it down.
+    fn restart(&mut self, role: Role, index: u32) {
+        if down(&mut self.active.crashed, (role, index)) {
+            self.cluster.restart(role, index);
+            // A restarted process is still stalled if a pause is active on it.
+            let n = self.node(Target::Node(role, index));
+            if self.active.paused.contains_key(&n) {
+                Handle::current().pause(n);
+            }
+        }
+    }
+
+    /// Notes every shard whose lost disks now hold a majority of its replicas.
+    fn note_quorum_losses(&mut self) {
+        for shard in 0..self.placement.shards {
+            let replicas = self.placement.replicas_of(shard);
+            let lost: Vec<u32> = replicas
+                .iter()
+                .copied()
+                .filter(|s| self.lost_disks.contains(s))
+                .collect();
+            if lost.len() * 2 > replicas.len() && self.quorum_lost.insert(shard) {
+                let names: Vec<String> = lost.iter().map(|s| format!("kv-{s}")).collect();
+                self.notes.push(format!(
+                    "quorum lost: shard {shard} lost the disks of {} of its {} replicas at {:.1} s ({}): \
+                     writes only they held are gone (data loss by definition)",
+                    lost.len(),
+                    replicas.len(),
+                    self.recorder.now_s(),
+                    names.join(", ")
+                ));
+            }
+        }
+    }
+
+    /// Calls a kv node from the control node.
+    async fn call_kv(&self, slot: u32, req: Request) -> Option<Response> {
+        let addr = self.cluster.map.kv[slot as usize];
+        self.control
+            .spawn(async move {
+                nodes::rpc::RpcClient::new(addr)
+                    .call_timeout(req, Duration::from_secs(1))
+                    .await
+                    .ok()
+            })
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Cuts the current leader of `shard` off from the shard's other replicas, both ways.
+    async fn cut_leader(&mut self, i: usize, shard: u32) -> (Vec<String>, String) {
+        let replicas = self.placement.replicas_of(shard);
+        let mut leader: Option<(u64, u32)> = None;
+        for &slot in &replicas {
+            if let Some(Response::KvStatus(list)) = self.call_kv(slot, Request::KvStatus).await {
+                for st in list
+                    .iter()
+                    .filter(|s| s.shard == shard && s.role == "leader")
+                {
+                    if leader.is_none_or(|(term, _)| st.term > term) {
+                        leader = Some((st.term, slot));
+                    }
+                }
+            }
+        }
+        let Some((term, l)) = leader else {
+            let all = replicas.iter().map(|s| format!("kv-{s}")).collect();
+            return (all, format!("shard {shard}: no leader to cut off"));
+        };
+        let others: Vec<u32> = replicas.iter().copied().filter(|s| *s != l).collect();
+        let a = [Target::Node(Role::Kv, l)];
+        let b: Vec<Target> = others.iter().map(|s| Target::Node(Role::Kv, *s)).collect();
+        let links = self.links(&a, &b, true);
+        let net = NetSim::current();
+        for link in &links {
+            if up(&mut self.active.links, *link) {
+                net.clog_link(link.0, link.1);
+            }
+        }
+        self.cuts.insert(i, links);
+        let names = std::iter::once(l)
+            .chain(others)
+            .map(|s| format!("kv-{s}"))
+            .collect();
+        (
+            names,
+            format!("shard {shard}: leader kv-{l} (term {term}) cut off from its followers"),
+        )
+    }
+
+    /// The operator's forced recovery from `kv`, for each shard of it that lost its quorum.
+    async fn force_recover(&mut self, kv: u32) -> (Vec<String>, String) {
+        let shards: Vec<u32> = self
+            .quorum_lost
+            .iter()
+            .copied()
+            .filter(|s| self.placement.replicas_of(*s).contains(&kv))
+            .collect();
+        let mut done = Vec::new();
+        for shard in shards {
+            let ok = matches!(
+                self.call_kv(kv, Request::KvForceRecover { shard }).await,
+                Some(Response::Ok)
+            );
+            if ok {
+                self.quorum_lost.remove(&shard);
+                done.push(shard);
+            }
+            self.notes.push(format!(
+                "forced recovery: shard {shard} from kv-{kv} at {:.1} s {}",
+                self.recorder.now_s(),
+                if ok {
+                    "(its only voter now; the others rejoin from it)"
+                } else {
+                    "FAILED"
+                }
+            ));
+        }
+        (
+            vec![format!("kv-{kv}")],
+            format!("shards recovered: {done:?}"),
+        )
     }
 
     /// The network settings of the worst active latency and loss faults (defaults when none).

@@ -50,6 +50,10 @@ pub enum Event {
         bytes: u64,
         /// Characters (Unicode scalar values) of the text: the 100,000 limit counts these.
         chars: u64,
+        /// `nodes::client::device::text_digest` of the text: CRC-32 (IEEE, zlib's) of its UTF-8
+        /// bytes, 8 hex digits. Absent in histories written before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// The server acknowledged a send: the message is durable. Counts as the sending device's
     /// delivery of its own message.
@@ -61,6 +65,10 @@ pub enum Event {
         message_id: Id,
         /// Position in the channel's commit order (1, 2, 3, ...).
         seq: u64,
+        /// Digest of the acknowledged text (see `send`): the device's own copy for an ack, the
+        /// stored text when sync found the message.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// The server refused a send with an error code, or the device gave up on it.
     SendFailed {
@@ -80,6 +88,9 @@ pub enum Event {
         sender_device: Id,
         client_msg_id: Id,
         seq: u64,
+        /// Digest of the delivered text (see `send`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// The presence of `subject` as shown on `observer_device` changed to `status`.
     Presence {
@@ -138,6 +149,11 @@ pub enum Event {
         device: Id,
         server: String,
     },
+    /// A device sent `sync` (on this connection; answers come in order).
+    Sync { user: Id, device: Id },
+    /// A device's `sync` was answered: everything after its cursors, as the server read it
+    /// after the request, was handed over before this.
+    Synced { user: Id, device: Id },
     /// A device's WebSocket session ended (closed, dropped, or timed out).
     Disconnected {
         user: Id,
@@ -175,6 +191,7 @@ impl Event {
                 client_msg_id,
                 bytes,
                 chars,
+                digest,
                 ..
             } => Event::Send {
                 user,
@@ -183,7 +200,9 @@ impl Event {
                 client_msg_id,
                 bytes,
                 chars,
+                digest: Some(digest),
             },
+            D::SyncAsked => Event::Sync { user, device },
             D::Observed(o) => return Self::observed(user, device, o),
             D::ConnectFailed(_) | D::HeartbeatSent | D::BadInput => return None,
         })
@@ -200,6 +219,7 @@ impl Event {
                 client_msg_id,
                 message_id,
                 seq,
+                digest,
             } => Event::Ack {
                 user,
                 device,
@@ -207,6 +227,7 @@ impl Event {
                 client_msg_id,
                 message_id,
                 seq,
+                digest: Some(digest),
             },
             Observation::SendFailed {
                 channel,
@@ -228,6 +249,7 @@ impl Event {
                 sender_device: m.sender_device,
                 client_msg_id: m.client_msg_id,
                 seq: m.seq,
+                digest: Some(nodes::client::device::text_digest(&m.text)),
             },
             Observation::Presence {
                 user: subject,
@@ -241,6 +263,7 @@ impl Event {
                     PresenceStatus::Offline => Status::Offline,
                 },
             },
+            Observation::Synced => Event::Synced { user, device },
             Observation::Error { .. } | Observation::PresenceRefresh => return None,
         })
     }

@@ -454,6 +454,7 @@ mod tests {
                     client_msg_id: 1,
                     bytes: 10,
                     chars: 10,
+                    digest: None,
                 },
             ),
             rec(
@@ -465,6 +466,7 @@ mod tests {
                     client_msg_id: 1,
                     message_id: 100,
                     seq: 1,
+                    digest: None,
                 },
             ),
             rec(
@@ -478,6 +480,7 @@ mod tests {
                     sender_device: 11,
                     client_msg_id: 1,
                     seq: 1,
+                    digest: None,
                 },
             ),
             rec(
@@ -491,6 +494,7 @@ mod tests {
                     sender_device: 11,
                     client_msg_id: 1,
                     seq: 1,
+                    digest: None,
                 },
             ),
             rec(
@@ -520,6 +524,7 @@ mod tests {
                     sender_device: 11,
                     client_msg_id: 1,
                     seq: 1,
+                    digest: None,
                 },
             ),
             rec(

@@ -143,6 +143,8 @@ pub struct Stats {
     pub net_messages: u64,
     /// kv writes lost to crashes (not yet synced when the node died).
     pub lost_disk_writes: u64,
+    /// What the fault injector says in words: quorums lost, forced recoveries.
+    pub notes: Vec<String>,
     pub faults: usize,
     pub wall_secs: f64,
     pub history_hash: String,

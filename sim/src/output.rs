@@ -127,9 +127,12 @@ pub fn print_outcome(opts: &Opts, o: &Outcome) -> i32 {
     }
     if s.faults > 0 {
         println!(
-            "faults: {} applied; disk writes undone by kv crashes (never synced): {}",
+            "faults: {} applied; disk sectors undone by kv crashes (never synced): {}",
             s.faults, s.lost_disk_writes
         );
+    }
+    for note in &s.notes {
+        println!("kv: {note}");
     }
     println!(
         "time: simulated {:.1} s, wall {:.2} s, {:.1} simulated s per wall s; network {} messages, {:.0} per wall s; history {} events, hash {}",

@@ -41,6 +41,12 @@ pub fn scenario_ctx(opts: &Opts, devices: u32) -> scenarios::Ctx {
         chat: opts.chat,
         idgen: opts.idgen,
         kv: opts.kv,
+        kv_shards: if opts.kv_shards == 0 {
+            opts.kv
+        } else {
+            opts.kv_shards
+        },
+        kv_replicas: opts.replicas,
         devices,
     }
 }

@@ -45,6 +45,11 @@ impl Recorder {
             .push(Record { t_us, ev });
     }
 
+    /// Simulated seconds since the run started.
+    pub fn now_s(&self) -> f64 {
+        Instant::now().duration_since(self.start).as_secs_f64()
+    }
+
     /// Events recorded so far.
     pub fn events(&self) -> usize {
         self.records.lock().unwrap_or_else(|p| p.into_inner()).len()

@@ -165,9 +165,16 @@ async fn drive(
             snap().await
         })
     };
-    let mut injector = crate::faults::Injector::new(&cluster, device_nodes, recorder.clone());
+    let mut injector = crate::faults::Injector::new(
+        &cluster,
+        device_nodes,
+        recorder.clone(),
+        scraper.clone(),
+        opts.seed,
+    );
     injector.run(&schedule.faults, traffic_start).await;
     let lost_disk_writes = injector.lost_writes;
+    let notes = std::mem::take(&mut injector.notes);
     tokio::time::sleep_until(traffic_start + liveness_at).await;
     let window_to = snap().await;
     let window_from = window_from.await.expect("the snapshot task does not panic");
@@ -216,6 +223,7 @@ async fn drive(
         net_messages,
         wire_bytes: nodes::net::sim_wire_bytes(),
         lost_disk_writes,
+        notes,
         faults: schedule.faults.len(),
         ..Stats::default()
     };

@@ -28,26 +28,36 @@ pub struct Setup {
     pub group_full_refusals: u64,
 }
 
-/// Retries an api call until it succeeds (the api may be starting or a kv node down).
+/// Attempts of one setup call (2 s apart once the backoff is up: about 200 simulated s).
+const SETUP_ATTEMPTS_MAX: u32 = 100;
+
+/// Retries an api call until it succeeds (the api may be starting or a kv node down). A call
+/// that keeps failing means the system cannot be set up at all (a broken build, a canary that
+/// breaks everything): the run stops with that, rather than retry forever.
 async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
     let mut delay = Duration::from_millis(100);
-    for attempt in 0.. {
+    let mut last = None;
+    for attempt in 0..SETUP_ATTEMPTS_MAX {
         match f().await {
             Ok(v) => return v,
             Err(e) => {
                 if attempt % 10 == 9 {
                     tracing::warn!(what, error = %e, attempt, "setup call failing");
                 }
+                last = Some(e);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
     }
-    unreachable!("the loop only ends by returning")
+    panic!(
+        "setup could not complete: {what} failed {SETUP_ATTEMPTS_MAX} times; last error: {}",
+        last.map_or_else(|| "none".to_string(), |e| e.to_string())
+    )
 }
 
 /// Signs up every user, logs in every device, makes friends and groups — over HTTP, from a

@@ -21,6 +21,13 @@ use crate::proto::client::{
 };
 use crate::proto::Id;
 
+/// A short fingerprint of a text: the CRC-32 (IEEE, as zlib's `crc32`) of its UTF-8 bytes, 8
+/// hex digits. The history records it on sends, acks and deliveries so that any tool can
+/// check a delivered text is the text that was sent.
+pub fn text_digest(text: &str) -> String {
+    format!("{:08x}", crc32fast::hash(text.as_bytes()))
+}
+
 /// Heartbeat ticks (5 s each) a sync may go unanswered before it is asked again.
 pub const SYNC_RETRY_TICKS: u8 = 2;
 
@@ -32,6 +39,9 @@ pub enum Observation {
         client_msg_id: Id,
         message_id: Id,
         seq: u64,
+        /// [`text_digest`] of the acknowledged text: the device's own copy for an `ack`, the
+        /// stored text when sync found the message.
+        digest: String,
     },
     SendFailed {
         channel: Id,
@@ -50,6 +60,9 @@ pub enum Observation {
     },
     /// The server asks the app to query its friends' presence again (the app owns the list).
     PresenceRefresh,
+    /// A sync was answered: every message after the device's cursors, as of when the server
+    /// read them, has been handed over.
+    Synced,
 }
 
 /// A send waiting for its acknowledgement.
@@ -268,6 +281,7 @@ impl DeviceState {
                 for c in cursors {
                     self.channels.entry(c.channel).or_default().sync_asked = false;
                 }
+                obs.push(Observation::Synced);
             }
             ServerFrame::Presence {
                 user,
@@ -317,14 +331,15 @@ impl DeviceState {
         seq: u64,
         obs: &mut Vec<Observation>,
     ) {
-        if self.outbox.remove(&id).is_none() {
+        let Some(sent) = self.outbox.remove(&id) else {
             return; // Already acknowledged (by sync, or an earlier ack of a retry).
-        }
+        };
         obs.push(Observation::Ack {
             channel,
             client_msg_id: id,
             message_id,
             seq,
+            digest: text_digest(&sent.text),
         });
         if self.by_message_id {
             self.max_message_id = self.max_message_id.max(message_id);
@@ -407,6 +422,7 @@ impl DeviceState {
                 client_msg_id: m.client_msg_id,
                 message_id: m.message_id,
                 seq: m.seq,
+                digest: text_digest(&m.text),
             });
         }
     }

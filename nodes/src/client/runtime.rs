@@ -185,9 +185,13 @@ pub enum DeviceEvent {
         client_msg_id: Id,
         bytes: u64,
         chars: u64,
+        /// `device::text_digest` of the text.
+        digest: String,
         due: Option<u64>,
     },
     HeartbeatSent,
+    /// A `sync` frame went out (its answer is `Observed(Observation::Synced)`, in order).
+    SyncAsked,
     /// A [`BadFrame`] is about to go out.
     BadInput,
     /// What the device state machine observed (acks, deliveries, presence, errors).
@@ -503,8 +507,10 @@ impl<O: Observer> DeviceRuntime<O> {
 
     async fn send_frame(&mut self, frame: ClientFrame) {
         tracing::trace!(device = self.login.device, ?frame, "send");
+        let sync = matches!(frame, ClientFrame::Sync { .. });
         if let Some(ws) = self.conn.as_mut() {
             match tokio::time::timeout(WRITE_TIMEOUT, ws.send(&frame)).await {
+                Ok(Ok(())) if sync => self.emit(DeviceEvent::SyncAsked).await,
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => self.lost_connection("send failed").await,
                 Err(_) => self.lost_connection("send timed out").await,
@@ -572,6 +578,7 @@ impl<O: Observer> DeviceRuntime<O> {
             client_msg_id,
             bytes: text.len() as u64,
             chars: text.chars().count() as u64,
+            digest: super::device::text_digest(&text),
             due,
         })
         .await;

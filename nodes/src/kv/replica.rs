@@ -19,7 +19,7 @@
 //!   it as a learner, and once it caught up, swaps it for the old replica of its node in one
 //!   joint change. The leader hands leadership to the shard's preferred replica when that one
 //!   is caught up, so leaders spread over nodes.
-//! - **Election timeouts** are fixed per replica (5 ticks plus 2 per rank in the shard's
+//! - **Election timeouts** are fixed per replica (4 ticks plus 1 per rank in the shard's
 //!   preference order) instead of raft-rs's random ones: raft-rs draws them from `thread_rng`,
 //!   which the simulation cannot seed; distinct fixed timeouts avoid split votes just as well.
 //!
@@ -54,10 +54,13 @@ type Answers = Vec<(Vec<Reply>, Vec<Response>)>;
 /// How often the shell calls [`Replica::tick`]: the leader heartbeats every tick.
 pub const TICK: Duration = Duration::from_millis(200);
 /// A follower that hears no leader for this many ticks, plus [`RANK_TICKS`] per rank in its
-/// shard's preference order, campaigns (1.0 s for the preferred replica, 1.4 s and 1.8 s
-/// for the others): a leader crash costs about that much, well inside a caller's 2 s.
-pub const ELECTION_TICKS: usize = 5;
-pub const RANK_TICKS: usize = 2;
+/// shard's preference order, campaigns (0.8 s for the preferred replica, 1.0 s and 1.2 s
+/// for the others): a leader crash costs about that much, well inside a caller's 2 s. The
+/// leader lease every replica respects (it turns candidates away while it heard from a
+/// leader within [`ELECTION_TICKS`]) is the same for all, so the next replica in line is not
+/// held off by a later one's longer timeout.
+pub const ELECTION_TICKS: usize = 4;
+pub const RANK_TICKS: usize = 1;
 pub const HEARTBEAT_TICKS: usize = 1;
 /// Joins, replacements, leader placement, compaction and stale reads are looked after this
 /// often (ticks).
@@ -116,6 +119,8 @@ pub struct Replica {
     queued_since_tick: u64,
     /// Reads whose read index is known, waiting until it is applied.
     confirmed: Vec<(u64, ReadBatch)>,
+    /// Canary `ack-before-quorum`: this leader's own entries written but not applied yet.
+    speculative: Vec<Entry>,
     next_read_ctx: u64,
     ticks: u64,
     last_transfer_tick: u64,
@@ -160,7 +165,7 @@ impl Replica {
         let election = ELECTION_TICKS + rank * RANK_TICKS;
         let cfg = raft::Config {
             id,
-            election_tick: election,
+            election_tick: ELECTION_TICKS,
             heartbeat_tick: HEARTBEAT_TICKS,
             min_election_tick: election,
             max_election_tick: election + 1,
@@ -191,6 +196,7 @@ impl Replica {
             queued_reads: Vec::new(),
             queued_since_tick: 0,
             confirmed: Vec::new(),
+            speculative: Vec::new(),
             next_read_ctx: 1,
             ticks: 0,
             last_transfer_tick: 0,
@@ -532,11 +538,9 @@ impl Replica {
         if let Some(hs) = rd.hs() {
             let mut hs = hs.clone();
             if self.canaries.is_on(Canary::VolatileVote) {
-                // Canary `volatile-vote`: term and vote are never made durable (only the
-                // commit index is), so a restarted replica can vote twice in one term.
-                let kept = self.node.store().hard_state();
-                hs.term = kept.term;
-                hs.vote = kept.vote;
+                // Canary `volatile-vote`: the vote is never made durable, so a replica that
+                // restarts inside a term can vote a second time in it.
+                hs.vote = 0;
             }
             self.node.mut_store().set_hard_state(&hs)?;
         }
@@ -632,29 +636,49 @@ impl Replica {
         self.node.mut_store().set_conf_state(cs)
     }
 
-    /// Canary `ack-before-quorum`: the leader answers its own just-written entries from a dry
-    /// run on its state, before any follower has them.
+    /// Canary `ack-before-quorum`: the leader answers its own entries as soon as its own disk
+    /// has them. The answers come from a dry run of every entry it wrote and has not applied
+    /// yet, in log order, on its state, rolled back after: right as long as this leader
+    /// lives; lost with it when it dies before a follower has them.
     fn answer_own_entries(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         if !self.is_leader() {
             return Ok(());
         }
-        for e in entries {
-            let Some((term, replies)) = self.proposals.remove(&e.index) else {
-                continue;
-            };
-            if term != e.term || e.data.is_empty() {
-                continue;
-            }
-            let Ok(reqs) = serde_json::from_slice::<Vec<Request>>(&e.data) else {
-                continue;
-            };
-            // A dry run in a transaction of its own, dropped after: the real apply comes when
-            // (if) the entry commits.
-            self.store.commit_batch(false)?;
-            let resps = self.store.apply_entry(e.index, e.term, reqs, false);
-            self.store.abort_batch();
-            deliver(vec![(replies, resps?)]);
+        self.speculative.extend(entries.iter().cloned());
+        self.speculative.retain(|e| e.index > self.applied);
+        if !entries
+            .iter()
+            .any(|e| self.proposals.contains_key(&e.index))
+        {
+            return Ok(());
         }
+        self.store.commit_batch(false)?;
+        let mut answers = Vec::new();
+        let result = (|| {
+            for e in &self.speculative {
+                let reqs: Vec<Request> = if e.data.is_empty()
+                    || e.get_entry_type() != EntryType::EntryNormal
+                {
+                    Vec::new()
+                } else {
+                    serde_json::from_slice(&e.data)
+                        .map_err(|err| StoreError::Corrupt(format!("entry {}: {err}", e.index)))?
+                };
+                let resps = self.store.apply_entry(e.index, e.term, reqs, false)?;
+                let new = entries.iter().any(|x| x.index == e.index);
+                match self.proposals.get(&e.index) {
+                    Some((term, _)) if new && *term == e.term => {
+                        let (_, replies) = self.proposals.remove(&e.index).expect("just seen");
+                        answers.push((replies, resps));
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<(), StoreError>(())
+        })();
+        self.store.abort_batch();
+        result?;
+        deliver(answers);
         Ok(())
     }
 

@@ -47,9 +47,9 @@ pub enum Storage {
 impl Storage {
     fn open(&self, shard: u32) -> Result<redb::Database, StoreError> {
         let opened = match self {
-            Storage::Sim(disk) => {
-                redb::Database::builder().create_with_backend(disk.backend(&file_name(shard)))
-            }
+            Storage::Sim(disk) => redb::Database::builder()
+                .set_cache_size(SIM_CACHE_BYTES)
+                .create_with_backend(disk.backend(&file_name(shard))),
             Storage::Dir(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
                 redb::Database::create(dir.join(file_name(shard)))
@@ -71,14 +71,23 @@ impl Storage {
         }
     }
 
-    /// How long the last fsyncs took beyond a healthy disk (the simulated slow disk).
-    fn sync_wait(&self) -> Duration {
-        match self {
-            Storage::Sim(disk) => disk.take_sync_wait(),
-            Storage::Dir(_) => Duration::ZERO,
+    /// Waits out the fsyncs asked for since the last call (the simulated disk's time; a real
+    /// disk's fsync already blocked inside the commit), after which they are done: only now
+    /// may anything that depends on them happen.
+    async fn settle(&self) {
+        if let Storage::Sim(disk) = self {
+            let wait = disk.take_sync_wait();
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            disk.complete_syncs();
         }
     }
 }
+
+/// redb's page cache per replica in the simulation: small, as a production database is much
+/// larger than its cache, so reads reach the (simulated) disk and meet what is wrong with it.
+const SIM_CACHE_BYTES: usize = 256 << 10;
 
 fn file_name(shard: u32) -> String {
     format!("shard-{shard}.redb")
@@ -381,6 +390,8 @@ impl ReplicaTask {
                 }
             }
             self.run_ready(r).await?;
+            // Commits outside a Ready (housekeeping, the canary's sync) complete too.
+            self.cfg.storage.settle().await;
         }
     }
 
@@ -427,10 +438,7 @@ impl ReplicaTask {
     }
 
     async fn finish(&self, r: &mut Replica, p: Persisted) -> Result<(), StoreError> {
-        let wait = self.cfg.storage.sync_wait();
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+        self.cfg.storage.settle().await;
         let msgs = r.finish(p)?;
         self.transport.send(self.shard, msgs);
         Ok(())

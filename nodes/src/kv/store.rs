@@ -115,8 +115,11 @@ fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialize")
 }
 
-fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> T {
-    serde_json::from_slice(b).expect("stored records were written by enc and decode")
+/// Decodes a stored record. A record that does not decode is corrupt storage (bit rot that
+/// got past the disk's checks, or a bug): an error that fails the replica, never a panic.
+fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> R<T> {
+    serde_json::from_slice(b)
+        .map_err(|e| redb::Error::Corrupted(format!("a stored record does not decode: {e}")))
 }
 
 fn refuse(code: ErrorCode, detail: impl Into<String>) -> Response {
@@ -259,7 +262,7 @@ impl Store {
             Some(e) => {
                 // Dropping an uncommitted transaction aborts it.
                 self.abort_batch();
-                Err(e)
+                Err(e.to_string())
             }
         };
         if let Err(e) = result {
@@ -343,7 +346,7 @@ impl Store {
             let (resp, err) = self.apply_one(r);
             if let Some(e) = err {
                 self.counting.store(true, Ordering::Relaxed);
-                return Err(StoreError::Io(e));
+                return Err(e);
             }
             out.push(resp);
         }
@@ -391,7 +394,7 @@ impl Store {
     /// index, that it holds every write acknowledged before they were asked).
     pub fn read(&self, req: Request) -> Result<Response, StoreError> {
         match self.apply_one(req) {
-            (_, Some(e)) => Err(StoreError::Io(e)),
+            (_, Some(e)) => Err(e),
             (r, None) => Ok(r),
         }
     }
@@ -473,7 +476,7 @@ impl Store {
     }
 
     /// Executes one request inside the batch; a storage error is returned beside the answer.
-    fn apply_one(&self, req: Request) -> (Response, Option<String>) {
+    fn apply_one(&self, req: Request) -> (Response, Option<StoreError>) {
         let by_op = || self.by_op.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(req, Request::KvStats) {
             let stats = Response::KvStats {
@@ -496,7 +499,7 @@ impl Store {
             Ok(r) => (r, None),
             Err(e) => (
                 refuse(ErrorCode::Unavailable, format!("storage: {e}")),
-                Some(e.to_string()),
+                Some(StoreError::from(e)),
             ),
         };
         // Requests run one at a time per node in the simulation, so the difference is this
@@ -678,7 +681,7 @@ impl Store {
     fn read_user(&self, user: Id) -> R<Option<UserRecord>> {
         let txn = self.txn()?;
         let t = txn.open_table(USERS)?;
-        let rec = t.get(user)?.map(|v| dec(v.value()));
+        let rec = t.get(user)?.map(|v| dec(v.value())).transpose()?;
         Ok(rec)
     }
 
@@ -687,7 +690,7 @@ impl Store {
         let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(USERS)?;
-            let current: Option<UserRecord> = t.get(user)?.map(|v| dec(v.value()));
+            let current: Option<UserRecord> = t.get(user)?.map(|v| dec(v.value())).transpose()?;
             let mut rec = current.unwrap_or_default();
             let existed = rec.user == user;
             f(&mut rec);
@@ -706,7 +709,11 @@ impl Store {
         let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(USERS)?;
-            let Some(mut rec) = t.get(user)?.map(|v| dec::<UserRecord>(v.value())) else {
+            let Some(mut rec) = t
+                .get(user)?
+                .map(|v| dec::<UserRecord>(v.value()))
+                .transpose()?
+            else {
                 return Ok(refuse(ErrorCode::UnknownUser, format!("user {user}")));
             };
             if !rec.devices.contains(&device) {
@@ -728,7 +735,7 @@ impl Store {
     fn read_channel(&self, channel: Id) -> R<Option<ChannelRecord>> {
         let txn = self.txn()?;
         let t = txn.open_table(CHANNELS)?;
-        let rec = t.get(channel)?.map(|v| dec(v.value()));
+        let rec = t.get(channel)?.map(|v| dec(v.value())).transpose()?;
         Ok(rec)
     }
 
@@ -745,7 +752,8 @@ impl Store {
         let txn = self.begin_write()?;
         let members = {
             let mut t = txn.open_table(CHANNELS)?;
-            let existing: Option<ChannelRecord> = t.get(record.channel)?.map(|v| dec(v.value()));
+            let existing: Option<ChannelRecord> =
+                t.get(record.channel)?.map(|v| dec(v.value())).transpose()?;
             match existing {
                 Some(e) => e.members,
                 None => {
@@ -762,7 +770,11 @@ impl Store {
         let txn = self.begin_write()?;
         let members = {
             let mut t = txn.open_table(CHANNELS)?;
-            let Some(mut rec) = t.get(channel)?.map(|v| dec::<ChannelRecord>(v.value())) else {
+            let Some(mut rec) = t
+                .get(channel)?
+                .map(|v| dec::<ChannelRecord>(v.value()))
+                .transpose()?
+            else {
                 return Ok(refuse(
                     ErrorCode::UnknownChannel,
                     format!("channel {channel}"),
@@ -808,6 +820,7 @@ impl Store {
             let Some(mut rec) = channels
                 .get(a.channel)?
                 .map(|v| dec::<ChannelRecord>(v.value()))
+                .transpose()?
             else {
                 return Ok(AppendOutcome::Refused {
                     code: ErrorCode::UnknownChannel,
@@ -820,10 +833,13 @@ impl Store {
             }
             let key = (a.channel, a.sender_device, a.client_msg_id);
             if let (false, Some(seq)) = (a.skip_dedup, dedup.get(key)?.map(|v| v.value())) {
-                let m: ChatMessage = dec(log
-                    .get((a.channel, seq))?
-                    .expect("a dedup entry points at a committed message")
-                    .value());
+                let Some(stored) = log.get((a.channel, seq))? else {
+                    return Err(redb::Error::Corrupted(format!(
+                        "dedup points at ({}, {seq}), which is not in the log",
+                        a.channel
+                    )));
+                };
+                let m: ChatMessage = dec(stored.value())?;
                 return Ok(AppendOutcome::Committed {
                     seq,
                     message_id: m.message_id,
@@ -870,7 +886,7 @@ impl Store {
     fn read_log(&self, channel: Id, after_seq: u64, limit: u32) -> R<Response> {
         let txn = self.txn()?;
         let last_seq = match txn.open_table(CHANNELS)?.get(channel)? {
-            Some(v) => dec::<ChannelRecord>(v.value()).last_seq,
+            Some(v) => dec::<ChannelRecord>(v.value())?.last_seq,
             None => {
                 return Ok(refuse(
                     ErrorCode::UnknownChannel,
@@ -885,7 +901,7 @@ impl Store {
                 break;
             }
             let (_, v) = item?;
-            messages.push(dec(v.value()));
+            messages.push(dec(v.value())?);
         }
         Ok(Response::Log { messages, last_seq })
     }
@@ -898,7 +914,7 @@ impl Store {
         for item in log.range((channel, 1)..=(channel, u64::MAX))? {
             let (k, v) = item?;
             last_seq = k.value().1;
-            let m: ChatMessage = dec(v.value());
+            let m: ChatMessage = dec(v.value())?;
             if m.message_id > after_id && messages.len() < limit as usize {
                 messages.push(m);
             }
@@ -924,8 +940,8 @@ impl Store {
             let (Some(m), Some(c)) = (log.get((channel, seq))?, channels.get(channel)?) else {
                 continue;
             };
-            let record: ChannelRecord = dec(c.value());
-            out.push((dec(m.value()), record.members));
+            let record: ChannelRecord = dec(c.value())?;
+            out.push((dec(m.value())?, record.members));
         }
         Ok(Response::Pending(out))
     }
@@ -964,7 +980,7 @@ impl Store {
         {
             let mut t = txn.open_table(SESSIONS)?;
             let key = (entry.user, entry.device);
-            let current: Option<SessionEntry> = t.get(key)?.map(|v| dec(v.value()));
+            let current: Option<SessionEntry> = t.get(key)?.map(|v| dec(v.value())).transpose()?;
             if current.is_some_and(|c| c.connection > entry.connection) {
                 return Ok(Response::Bool(false));
             }
@@ -979,8 +995,10 @@ impl Store {
         let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(SESSIONS)?;
-            let current: Option<SessionEntry> =
-                t.get((entry.user, entry.device))?.map(|v| dec(v.value()));
+            let current: Option<SessionEntry> = t
+                .get((entry.user, entry.device))?
+                .map(|v| dec(v.value()))
+                .transpose()?;
             if current.as_ref() == Some(&entry) {
                 t.remove((entry.user, entry.device))?;
             }
@@ -996,7 +1014,7 @@ impl Store {
         for u in users {
             for item in t.range((u, 0)..=(u, u64::MAX))? {
                 let (_, v) = item?;
-                out.push(dec(v.value()));
+                out.push(dec(v.value())?);
             }
         }
         Ok(Response::Sessions(out))

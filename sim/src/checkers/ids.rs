@@ -186,6 +186,7 @@ mod tests {
             sender_device: 22,
             client_msg_id: cmid(1001),
             seq: 2,
+            digest: None,
         };
         let r = run(check, &healthy_builder().ev(7 * S, ev).build());
         assert_eq!(r.violation_count, 1, "{:?}", r.violations);

@@ -188,6 +188,15 @@ impl Membership {
             .is_some_and(|tl| tl.at(t))
     }
 
+    /// Every channel `user` ever joined, ascending.
+    pub fn channels_of(&self, user: Id) -> Vec<Id> {
+        self.by_channel
+            .iter()
+            .filter(|(_, users)| users.contains_key(&user))
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
     /// Members of `channel` at `t`, ascending.
     pub fn members_at(&self, channel: Id, t: u64) -> Vec<Id> {
         self.by_channel
@@ -213,6 +222,8 @@ fn user_devices(ev: &Event) -> Vec<(Id, Id)> {
         | Event::Push { user, device, .. }
         | Event::Device { user, device, .. }
         | Event::Connected { user, device, .. }
+        | Event::Sync { user, device }
+        | Event::Synced { user, device }
         | Event::Disconnected { user, device, .. } => vec![(*user, *device)],
         Event::Deliver {
             user,
@@ -419,6 +430,7 @@ pub(crate) fn acked_messages(history: &[Record]) -> BTreeMap<(Id, Id), AckedMess
             client_msg_id,
             message_id,
             seq,
+            ..
         } = &r.ev
         {
             let send_t = sends
@@ -441,7 +453,7 @@ pub(crate) fn acked_messages(history: &[Record]) -> BTreeMap<(Id, Id), AckedMess
 }
 
 /// A message seen by a device: its own `ack` or a `deliver`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Seen {
     pub t: u64,
     /// The device that saw it, and its user.
@@ -455,6 +467,8 @@ pub(crate) struct Seen {
     pub client_msg_id: Id,
     /// True for an ack (the device's own message), false for a deliver.
     pub own: bool,
+    /// The text's digest, when the history records it.
+    pub digest: Option<String>,
 }
 
 impl Seen {
@@ -481,6 +495,7 @@ fn seen_one(r: &Record) -> Option<Seen> {
             client_msg_id,
             message_id,
             seq,
+            digest,
         } => Some(Seen {
             t: r.t_us,
             user: *user,
@@ -492,6 +507,7 @@ fn seen_one(r: &Record) -> Option<Seen> {
             sender_device: *device,
             client_msg_id: *client_msg_id,
             own: true,
+            digest: digest.clone(),
         }),
         Event::Deliver {
             user,
@@ -502,6 +518,7 @@ fn seen_one(r: &Record) -> Option<Seen> {
             sender_device,
             client_msg_id,
             seq,
+            digest,
         } => Some(Seen {
             t: r.t_us,
             user: *user,
@@ -513,6 +530,7 @@ fn seen_one(r: &Record) -> Option<Seen> {
             sender_device: *sender_device,
             client_msg_id: *client_msg_id,
             own: false,
+            digest: digest.clone(),
         }),
         _ => None,
     }

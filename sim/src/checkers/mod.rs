@@ -16,6 +16,7 @@ use crate::history::Record;
 
 pub mod ids;
 pub mod index;
+pub mod integrity;
 pub mod limits;
 pub mod no_duplicates;
 pub mod no_loss;
@@ -33,10 +34,31 @@ pub const MAX_STORED_VIOLATIONS: usize = 100;
 
 /// Fault kinds that a healthy run is expected to survive without any excuse: presence must not
 /// flap and pushes must not go to online devices while these happen (a clock step moves only
-/// idgen's clock). Every other fault kind
-/// (partition, tunnel, latency, loss, clock step, ...) excuses the timing-sensitive presence
-/// and push checks while it is active.
-pub const BENIGN_FAULT_KINDS: &[&str] = &["crash", "disconnect", "clock_step"];
+/// idgen's clock; the kv storage and replication faults touch only kv nodes, whose shards
+/// elect a new leader within two seconds). Every other fault kind (partition, tunnel,
+/// latency, loss, pause, ...) excuses the timing-sensitive presence and push checks while it
+/// is active.
+pub const BENIGN_FAULT_KINDS: &[&str] = &[
+    "crash",
+    "disconnect",
+    "clock_step",
+    "disk_loss",
+    "leader_partition",
+    "torn_write",
+    "corruption",
+    "slow_disk",
+    "force_recover",
+];
+
+/// Fault kinds that hit only kv nodes (storage and replication).
+pub const KV_FAULT_KINDS: &[&str] = &[
+    "disk_loss",
+    "leader_partition",
+    "torn_write",
+    "corruption",
+    "slow_disk",
+    "force_recover",
+];
 
 /// How long a partition, tunnel or pause keeps disturbing after its heal: the simulated
 /// network delivers bytes held up by a clog after a retry backoff of up to ~10 s, and a
@@ -122,8 +144,8 @@ impl CheckReport {
     }
 }
 
-/// Runs every checker, in the fixed order order, no_loss, no_duplicates, ids, presence, push,
-/// limits.
+/// Runs every checker, in the fixed order order, no_loss, no_duplicates, ids, integrity,
+/// presence, push, limits.
 pub fn run_all(history: &[Record], params: &Params) -> Vec<CheckReport> {
     let history = index::sorted(history);
     vec![
@@ -131,6 +153,7 @@ pub fn run_all(history: &[Record], params: &Params) -> Vec<CheckReport> {
         no_loss::check(&history, params),
         no_duplicates::check(&history, params),
         ids::check(&history, params),
+        integrity::check(&history, params),
         presence::check(&history, params),
         push::check(&history, params),
         limits::check(&history, params),
@@ -155,6 +178,7 @@ mod tests {
                 "no_loss",
                 "no_duplicates",
                 "ids",
+                "integrity",
                 "presence",
                 "push",
                 "limits"

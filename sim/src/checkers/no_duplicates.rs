@@ -142,6 +142,7 @@ mod tests {
                     client_msg_id: cmid(1000),
                     message_id: 1005,
                     seq: 3,
+                    digest: None,
                 },
             )
             .build();

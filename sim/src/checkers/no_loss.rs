@@ -1,4 +1,5 @@
-//! No loss: every acknowledged message reaches every device of every member, by the end.
+//! No loss: every acknowledged message reaches every device of every member, by the end, and
+//! a sync misses nothing acknowledged before it was asked.
 //!
 //! From `ack` (what was acknowledged, by whom, when), `send` (the send time, matched on
 //! (user, device, client_msg_id, channel); the first ack's time if the send is missing),
@@ -11,15 +12,25 @@
 //! be a `deliver` of (channel, message_id) to that device at or before E. One check per
 //! (message, device).
 //!
+//! (b) Fresh syncs. A `synced` answers the oldest unanswered `sync` of its device on the same
+//! connection (answers come in order; `connected` and `disconnected` start over). For every
+//! channel the device's user is a member of when it asked: the device must hold, by the
+//! `synced`, every message of the channel acknowledged to its sender before the `sync` was
+//! asked and sent while the user was a member (that message was committed before the request,
+//! so a linearizable read after it returns it). Checked on the highest seq the device holds
+//! (delivers and its own acks; order checks that nothing below it is missing). One check per
+//! (synced, channel). A sync answered with an error is no `synced`; matching an answer to an
+//! older request than its own only weakens the check.
+//!
 //! It does NOT check: how fast delivery happened (only "by E"; the harness is expected to stop
 //! sending and heal faults early enough in the liveness phase), delivery to devices that were
 //! only ever seen in other events without a `device` registration, messages that were sent but
 //! never acked (they may legitimately be lost), the order or uniqueness of deliveries (order,
 //! no_duplicates), or that the deliver carried the right seq or sender (order, ids).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::index::{acked_messages, end_time, Devices, Membership};
+use super::index::{acked_messages, end_time, AckedMessage, Devices, Membership};
 use super::{CheckReport, Params};
 use crate::history::{Event, Id, Record};
 
@@ -42,7 +53,9 @@ pub fn check(history: &[Record], _params: &Params) -> CheckReport {
         })
         .collect();
     let mut report = CheckReport::new("no_loss");
-    for m in acked_messages(&history).values().filter(|m| m.ack_t <= end) {
+    let acked = acked_messages(&history);
+    syncs_are_fresh(&history, &members, &acked, &mut report);
+    for m in acked.values().filter(|m| m.ack_t <= end) {
         let ts = m.sent_at();
         for user in members.members_at(m.channel, ts) {
             for device in devices.registered_of(user, end) {
@@ -70,6 +83,81 @@ pub fn check(history: &[Record], _params: &Params) -> CheckReport {
         }
     }
     report
+}
+
+/// (b): every `synced` holds what was acknowledged before its `sync`.
+fn syncs_are_fresh(
+    history: &[Record],
+    members: &Membership,
+    acked: &BTreeMap<(Id, Id), AckedMessage>,
+    report: &mut CheckReport,
+) {
+    // Per channel: its acknowledged messages by ack time.
+    let mut by_channel: BTreeMap<Id, Vec<&AckedMessage>> = BTreeMap::new();
+    for m in acked.values() {
+        by_channel.entry(m.channel).or_default().push(m);
+    }
+    for v in by_channel.values_mut() {
+        v.sort_by_key(|m| (m.ack_t, m.seq));
+    }
+    // Per (device, channel): the highest seq held so far.
+    let mut held: BTreeMap<(Id, Id), u64> = BTreeMap::new();
+    let mut asked: BTreeMap<Id, VecDeque<u64>> = BTreeMap::new();
+    let mut channels: BTreeMap<Id, Vec<Id>> = BTreeMap::new();
+    for r in history {
+        match &r.ev {
+            Event::Deliver {
+                device,
+                channel,
+                seq,
+                ..
+            }
+            | Event::Ack {
+                device,
+                channel,
+                seq,
+                ..
+            } => {
+                let h = held.entry((*device, *channel)).or_insert(0);
+                *h = (*h).max(*seq);
+            }
+            Event::Sync { device, .. } => asked.entry(*device).or_default().push_back(r.t_us),
+            Event::Connected { device, .. } | Event::Disconnected { device, .. } => {
+                asked.remove(device);
+            }
+            Event::Synced { user, device } => {
+                let Some(t_asked) = asked.get_mut(device).and_then(|q| q.pop_front()) else {
+                    continue;
+                };
+                let of_user = channels
+                    .entry(*user)
+                    .or_insert_with(|| members.channels_of(*user));
+                for &channel in of_user.iter() {
+                    if !members.is_member(channel, *user, t_asked) {
+                        continue;
+                    }
+                    let msgs = by_channel.get(&channel).map_or(&[][..], |v| v.as_slice());
+                    let before = msgs.partition_point(|m| m.ack_t < t_asked);
+                    let need = msgs[..before]
+                        .iter()
+                        .filter(|m| members.is_member(channel, *user, m.sent_at()))
+                        .max_by_key(|m| m.seq);
+                    let Some(need) = need else { continue };
+                    let have = held.get(&(*device, channel)).copied().unwrap_or(0);
+                    report.assert(have >= need.seq, || {
+                        format!(
+                            "device {device} (user {user}) was answered `synced` at t_us {} for \
+                             a sync asked at t_us {t_asked}, holding only seq {have} of channel \
+                             {channel}: seq {} (message {}) was acked at t_us {}, before the \
+                             sync was asked (a stale read)",
+                            r.t_us, need.seq, need.message_id, need.ack_t
+                        )
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -104,6 +192,36 @@ mod tests {
         let r = run(check, &h);
         assert_eq!((r.checks, r.violation_count), (2, 1), "{:?}", r.violations);
         assert!(r.violations[0].contains("never delivered to device 12 of member 1"));
+    }
+
+    #[test]
+    fn a_stale_sync_fails() {
+        // Proves (b): a sync asked after message 1000 was acked, answered `synced` before the
+        // device held it, is a stale read, even though the message arrives later (by the end);
+        // a sync asked before the ack owes nothing.
+        let h = |answered_before: bool| {
+            let b = H::new()
+                .up(0, 1, 11)
+                .up(0, 2, 21)
+                .join(0, 100, 1, 1)
+                .join(0, 100, 2, 2)
+                .sync(S / 2, 21)
+                .synced(S / 2 + 1, 21)
+                .send(S, 11, 100, 1000)
+                .ack(S, 11, 100, 1000, 1)
+                .sync(2 * S, 21);
+            let b = if answered_before {
+                b.synced(3 * S, 21).deliver(4 * S, 21, 1000)
+            } else {
+                b.deliver(3 * S, 21, 1000).synced(4 * S, 21)
+            };
+            b.phase(10 * S, "end").build()
+        };
+        let r = run(check, &h(true));
+        assert_eq!(r.violation_count, 1, "{:?}", r.violations);
+        assert!(r.violations[0].contains("stale read"), "{:?}", r.violations);
+        let r = run(check, &h(false));
+        assert!(r.passed(), "{:?}", r.violations);
     }
 
     #[test]

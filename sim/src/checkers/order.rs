@@ -180,6 +180,7 @@ mod tests {
                     sender_device: 11,
                     client_msg_id: cmid(1000),
                     seq: 2,
+                    digest: None,
                 },
             )
             .build();

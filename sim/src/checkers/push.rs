@@ -181,13 +181,14 @@ fn offline_get_one(
 
 /// Faults that can make a push impossible in time: a crash of the push node, of presence
 /// (whose answer decides who is offline) or of a kv node (the recipient's devices and claims
-/// live there), and every disruptive (non-benign) kind. A chat server crash is not one: its
-/// pending fanouts are redone within the bound.
+/// live there), any kv storage or replication fault, and every disruptive (non-benign) kind.
+/// A chat server crash is not one: its pending fanouts are redone within the bound.
 fn push_path_fault(kind: &str, targets: &[String]) -> bool {
     match kind {
         "crash" => targets
             .iter()
             .any(|t| t.starts_with("push-") || t.starts_with("presence-") || t.starts_with("kv-")),
+        k if super::KV_FAULT_KINDS.contains(&k) => true,
         k => !super::BENIGN_FAULT_KINDS.contains(&k),
     }
 }

@@ -18,6 +18,11 @@ impl Passed for super::CheckReport {
     }
 }
 
+/// The text digest the builder gives message `mid`.
+pub fn digest_of(mid: Id) -> String {
+    format!("{mid:08x}")
+}
+
 /// The client message id the builder derives from a message id.
 pub fn cmid(mid: Id) -> Id {
     mid + 1_000_000
@@ -111,6 +116,7 @@ impl H {
                 client_msg_id,
                 bytes,
                 chars,
+                digest: Some(digest_of(mid)),
             },
         )
     }
@@ -128,12 +134,19 @@ impl H {
                 client_msg_id,
                 message_id,
                 seq,
+                digest: Some(digest_of(mid)),
             },
         )
     }
 
     /// Delivers an acked message (channel, sender and seq taken from its ack).
     pub fn deliver(self, t: u64, device: Id, mid: Id) -> Self {
+        self.deliver_digest(t, device, mid, &digest_of(mid))
+    }
+
+    /// Delivers an acked message whose text has digest `digest` (the sent one is
+    /// `digest_of(mid)`).
+    pub fn deliver_digest(self, t: u64, device: Id, mid: Id, digest: &str) -> Self {
         // Tests ack a message before delivering it; a missing one is a bug in the test.
         let &(channel, sender_device, seq) = self.msgs.get(&mid).expect("acked in test");
         let ev = Event::Deliver {
@@ -145,6 +158,7 @@ impl H {
             sender_device,
             client_msg_id: cmid(mid),
             seq,
+            digest: Some(digest.to_string()),
         };
         self.ev(t, ev)
     }
@@ -160,6 +174,16 @@ impl H {
                 status,
             },
         )
+    }
+
+    pub fn sync(self, t: u64, device: Id) -> Self {
+        let user = self.user(device);
+        self.ev(t, Event::Sync { user, device })
+    }
+
+    pub fn synced(self, t: u64, device: Id) -> Self {
+        let user = self.user(device);
+        self.ev(t, Event::Synced { user, device })
     }
 
     pub fn hb_start(self, t: u64, device: Id) -> Self {
