@@ -20,8 +20,29 @@ pub struct RunReport {
     pub totals: Totals,
     pub per_send: PerSend,
     pub faults: Vec<FaultSpan>,
+    /// Per kv fault: how long writes stalled and what sends started inside it waited.
+    #[serde(default)]
+    pub kv_availability: Vec<KvAvailability>,
     pub series: Series,
     pub speed: Speed,
+}
+
+/// One kv fault's availability (see `sim::availability`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvAvailability {
+    pub kind: String,
+    pub targets: String,
+    pub start_s: f64,
+    pub duration_s: f64,
+    /// The longest a shard's writes stalled around it, and which shard; none if unprobed.
+    pub write_stall_s: Option<f64>,
+    pub shard: Option<u32>,
+    /// Sends started inside it by devices that stayed connected until their ack.
+    pub sends: u64,
+    pub unacked: u64,
+    pub ack_p50_ms: Option<f64>,
+    pub ack_p99_ms: Option<f64>,
+    pub ack_p999_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -304,6 +325,27 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
     for p in plots {
         s += &format!("![{p}]({p})\n\n");
     }
+    if !r.kv_availability.is_empty() {
+        s += "## kv faults: availability\n\nWrites stalled: the longest a shard went without a successful write of the prober (one tiny write per shard every 100 ms, from 5 s before the fault to 20 s after its heal). Sends: first attempts started inside the fault by devices that stayed connected until their ack.\n\n| kind | targets | at s | for s | writes stalled s | shard | sends | never acked | ack p50 ms | ack p99 ms | ack p99.9 ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), fmt_n);
+        for a in &r.kv_availability {
+            s += &format!(
+                "| {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
+                a.kind,
+                a.targets,
+                a.start_s,
+                a.duration_s,
+                opt(a.write_stall_s),
+                a.shard.map_or("-".to_string(), |s| s.to_string()),
+                a.sends,
+                a.unacked,
+                opt(a.ack_p50_ms),
+                opt(a.ack_p99_ms),
+                opt(a.ack_p999_ms)
+            );
+        }
+        s += "\n";
+    }
     if !r.faults.is_empty() {
         s += "## Faults\n\n| kind | targets | from s | to s |\n|---|---|---|---|\n";
         for f in r.faults.iter().take(200) {
@@ -379,6 +421,19 @@ pub(crate) mod tests {
                 targets: "chat-0".into(),
                 start_s: 20.0,
                 end_s: 30.0,
+            }],
+            kv_availability: vec![KvAvailability {
+                kind: "crash".into(),
+                targets: "kv-1".into(),
+                start_s: 40.0,
+                duration_s: 5.0,
+                write_stall_s: Some(1.1),
+                shard: Some(1),
+                sends: 12,
+                unacked: 0,
+                ack_p50_ms: Some(20.0),
+                ack_p99_ms: Some(900.0),
+                ack_p999_ms: Some(900.0),
             }],
             series: Series {
                 bucket_s: 5.0,

@@ -7,6 +7,7 @@
 //! front door.
 
 pub mod analysis;
+pub mod availability;
 pub mod checkers;
 pub mod cli;
 pub mod history;
@@ -30,6 +31,8 @@ pub mod outcome;
 pub mod output;
 #[cfg(madsim)]
 pub mod plan;
+#[cfg(madsim)]
+pub mod prober;
 #[cfg(madsim)]
 pub mod progress;
 #[cfg(madsim)]

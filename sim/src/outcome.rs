@@ -145,6 +145,8 @@ pub struct Stats {
     pub lost_disk_writes: u64,
     /// What the fault injector says in words: quorums lost, forced recoveries.
     pub notes: Vec<String>,
+    /// The kv prober's writes around kv faults (see `prober`).
+    pub kv_probes: Vec<crate::availability::ProbeWrite>,
     pub faults: usize,
     pub wall_secs: f64,
     pub history_hash: String,

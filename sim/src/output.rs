@@ -134,6 +134,10 @@ pub fn print_outcome(opts: &Opts, o: &Outcome) -> i32 {
     for note in &s.notes {
         println!("kv: {note}");
     }
+    let every = crate::prober::PROBE_EVERY.as_micros() as u64;
+    for a in crate::availability::kv_faults(&o.history, &s.kv_probes, every) {
+        println!("kv availability: {}", crate::availability::describe(&a));
+    }
     println!(
         "time: simulated {:.1} s, wall {:.2} s, {:.1} simulated s per wall s; network {} messages, {:.0} per wall s; history {} events, hash {}",
         s.sim_secs,

@@ -93,6 +93,7 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
             kv_by_op,
         },
         faults,
+        kv_availability: kv_availability(o),
         series,
         speed: Speed {
             wall_s: st.wall_secs,
@@ -103,4 +104,27 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
             history_hash: st.history_hash.clone(),
         },
     }
+}
+
+fn kv_availability(o: &Outcome) -> Vec<reports::run::KvAvailability> {
+    let every = crate::prober::PROBE_EVERY.as_micros() as u64;
+    crate::availability::kv_faults(&o.history, &o.stats.kv_probes, every)
+        .into_iter()
+        .map(|a| {
+            let ms = |us: u64| us as f64 / 1e3;
+            reports::run::KvAvailability {
+                kind: a.kind,
+                targets: a.targets.join(","),
+                start_s: a.start_us as f64 / 1e6,
+                duration_s: a.end_us.saturating_sub(a.start_us) as f64 / 1e6,
+                write_stall_s: a.stall.map(|(_, us)| us as f64 / 1e6),
+                shard: a.stall.map(|(s, _)| s),
+                sends: a.sends,
+                unacked: a.unacked,
+                ack_p50_ms: a.ack_us.map(|(p, _, _)| ms(p)),
+                ack_p99_ms: a.ack_us.map(|(_, p, _)| ms(p)),
+                ack_p999_ms: a.ack_us.map(|(_, _, p)| ms(p)),
+            }
+        })
+        .collect()
 }

@@ -165,6 +165,22 @@ async fn drive(
             snap().await
         })
     };
+    let probes = {
+        let kv_faults: Vec<(Duration, Duration)> = schedule
+            .faults
+            .iter()
+            .filter(|f| touches_kv(&f.fault))
+            .map(|f| {
+                let at = traffic_start.duration_since(start) + Duration::from_millis(f.at_ms);
+                (at, at + Duration::from_millis(f.duration_ms))
+            })
+            .collect();
+        crate::prober::start(
+            cluster.map.clone(),
+            crate::prober::windows(&kv_faults),
+            start,
+        )
+    };
     let mut injector = crate::faults::Injector::new(
         &cluster,
         device_nodes,
@@ -224,10 +240,28 @@ async fn drive(
         wire_bytes: nodes::net::sim_wire_bytes(),
         lost_disk_writes,
         notes,
+        kv_probes: std::mem::take(&mut *probes.lock().unwrap_or_else(|p| p.into_inner())),
         faults: schedule.faults.len(),
         ..Stats::default()
     };
     (history, stats, (window_from, window_to))
+}
+
+/// Whether a fault touches a kv node (the prober watches around it).
+fn touches_kv(f: &scenarios::Fault) -> bool {
+    use scenarios::{Fault, Target};
+    match f {
+        Fault::Crash { target } | Fault::Pause { target } => {
+            matches!(target, Target::Node(Role::Kv, _))
+        }
+        Fault::DiskLoss { .. }
+        | Fault::LeaderPartition { .. }
+        | Fault::TornWrite { .. }
+        | Fault::Corruption { .. }
+        | Fault::SlowDisk { .. }
+        | Fault::ForceRecover { .. } => true,
+        _ => false,
+    }
 }
 
 /// What a scrape of the servers' counters found.

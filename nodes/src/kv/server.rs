@@ -20,6 +20,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::panic::AssertUnwindSafe;
+
 use futures::FutureExt;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
@@ -292,8 +294,15 @@ impl ReplicaTask {
         let mut bootstrap = self.cfg.bootstrap;
         let mut failures = 0u32;
         loop {
-            let err = match self.open(bootstrap) {
-                Ok(replica) => self.serve(replica, &mut inbox).await,
+            // redb may panic on a file corrupted outside it (its docs say so): that is corrupt
+            // storage too, and the replica is rebuilt, not the node brought down.
+            let opened = std::panic::catch_unwind(AssertUnwindSafe(|| self.open(bootstrap)))
+                .unwrap_or_else(|p| Err(panicked(p)));
+            let err = match opened {
+                Ok(replica) => AssertUnwindSafe(self.serve(replica, &mut inbox))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(panicked),
                 Err(e) => e,
             };
             // After the first start, a replica never bootstraps again: an empty replica joins.
@@ -499,6 +508,16 @@ impl ReplicaTask {
                 .set(*lag as i64);
         }
     }
+}
+
+/// A panic under a replica, as the storage failure it stands for.
+fn panicked(p: Box<dyn std::any::Any + Send>) -> StoreError {
+    let what = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown".into());
+    StoreError::Corrupt(format!("the replica panicked: {what}"))
 }
 
 /// Answers a request that arrived while the replica was down.
