@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The real-world fault test: `chatd local-cluster` (one process per node on 127.0.r.i: 3 chat,
-# 3 kv, 2 idgen, api, discovery, presence, push), 1,000 real WebSocket clients from two
-# `chat-load` worker processes, `kill -9` of a chat server and of a kv node in the middle of
-# traffic (the supervisor restarts them), then the history is judged by the simulation's
-# checkers: no acked message lost, reordered or duplicated, ids in order, every client
-# reconnected. Release build (the driver and nodes are measured, not just run).
+# 3 kv with 3 shards of 3 replicas, 2 idgen, api, discovery, presence, push), 1,000 real
+# WebSocket clients from two `chat-load` worker processes, and in the middle of traffic:
+# `kill -9` of a chat server, `kill -9` of the kv node leading the most shards, and a kv node
+# losing its disk (its directory deleted; restarted empty, it rejoins from its peers). The
+# supervisor restarts them. The history is judged by the simulation's checkers: no acked
+# message lost, reordered, duplicated or altered, ids in order, every client reconnected;
+# each kv fault's write stall (a prober) and send->ack are printed. Release build (the
+# driver and nodes are measured, not just run).
 #
 # Usage: scripts/real-fault-test.sh [extra chat-load run options]
 set -euo pipefail
@@ -33,7 +36,8 @@ done
 status=0
 ./target/release/chat-load run --api "127.0.0.1:$port" --users 1000 --group-size 10 \
   --rate 200 --duration 40 --settle 20 --procs 2 --out "$dir/load" \
-  --cluster "$dir/cluster" --kill chat-0@10 --kill kv-1@25 "$@" || status=$?
+  --cluster "$dir/cluster" --kill chat-0@8 --kill kv-leader@18 --wipe kv-2@28 "$@" \
+  || status=$?
 if [ "$status" -ne 0 ]; then
   echo "real-world fault test FAILED (exit $status); files kept in $dir" >&2
   echo "--- supervisor log (tail)" >&2

@@ -2,18 +2,19 @@
 //!
 //! ```text
 //! chat-load run --api 127.0.0.1:8080 --users 1000 --rate 200 --duration 60 --out load-out
-//! chat-load run ... --cluster chatsim-cluster --kill chat-0@20 --kill kv-1@40
+//! chat-load run ... --cluster chatsim-cluster --kill chat-0@20 --kill kv-leader@40 --wipe kv-2@60
 //! chat-load check load-out/history.jsonl --traffic 10..70
 //! ```
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use benches::load::device::{run_worker, WorkerSummary};
+use benches::load::faults::{Cluster, Fault, PROBE_EVERY};
 use benches::load::judge::{judge, merge};
 use benches::load::setup::{setup, Shape};
 use benches::load::{unix_us, Plan, Recorder};
@@ -78,12 +79,18 @@ struct RunArgs {
     /// Output directory: plan, per-worker and merged histories, summary.json.
     #[arg(long, default_value = "load-out")]
     out: PathBuf,
-    /// A `chatd local-cluster` data directory (for --kill: pid files, config).
+    /// A `chatd local-cluster` data directory (pid files, config): enables --kill, --wipe
+    /// and the kv write prober (stall times per kv fault).
     #[arg(long)]
     cluster: Option<PathBuf>,
     /// `NODE@SECONDS`: kill -9 the node that many seconds into the traffic (repeatable).
+    /// `kv-leader@S`: the kv node leading the most shards then.
     #[arg(long = "kill")]
     kills: Vec<String>,
+    /// `kv-N@SECONDS`: the kv node loses its disk (stopped, data directory deleted, killed;
+    /// restarted empty, it rejoins from the other replicas). Repeatable.
+    #[arg(long = "wipe")]
+    wipes: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -137,7 +144,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => (0, history.last().map_or(0, |r| r.t_us)),
             };
-            let v = judge(&history, traffic);
+            let v = judge(&history, traffic, &[], 0);
             print!("{}", v.render());
             std::process::exit(if v.pass { 0 } else { 1 });
         }
@@ -152,27 +159,17 @@ async fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Kill {
-    node: String,
-    after_s: f64,
-}
-
-fn parse_kill(s: &str) -> anyhow::Result<Kill> {
-    let (node, at) = s.split_once('@').context("--kill NODE@SECONDS")?;
-    Ok(Kill {
-        node: node.to_string(),
-        after_s: at.parse().context("--kill NODE@SECONDS")?,
-    })
-}
-
 async fn run(a: RunArgs) -> anyhow::Result<bool> {
-    let kills = a
+    let mut faults = a
         .kills
         .iter()
-        .map(|k| parse_kill(k))
+        .map(|k| Fault::parse(k, false))
+        .chain(a.wipes.iter().map(|w| Fault::parse(w, true)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    if !kills.is_empty() && a.cluster.is_none() {
-        bail!("--kill needs --cluster DIR (the local-cluster data directory)");
+    faults.sort_by(|x, y| x.after_s.total_cmp(&y.after_s));
+    let cluster = a.cluster.as_deref().map(Cluster::open).transpose()?;
+    if !faults.is_empty() && cluster.is_none() {
+        bail!("--kill and --wipe need --cluster DIR (the local-cluster data directory)");
     }
     if a.procs == 0 || a.procs > 250 {
         bail!("--procs must be 1..=250");
@@ -244,17 +241,18 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     };
     tokio::time::sleep_until(at(plan.traffic_start_us)).await;
     rec.record_at(plan.traffic_start_us, phase("traffic"));
+    let probes = cluster
+        .as_ref()
+        .map(|c| c.start_prober(plan.t0_unix_us, plan.t0_unix_us + plan.end_us));
     eprintln!(
         "traffic: {} sends/s for {} s over {} connections in {} worker(s)",
         a.rate, a.duration, a.users, a.procs
     );
-    let mut kills = kills;
-    kills.sort_by(|x, y| x.after_s.total_cmp(&y.after_s));
-    for k in &kills {
-        let t = plan.traffic_start_us + (k.after_s * 1e6) as u64;
+    for f in &faults {
+        let t = plan.traffic_start_us + (f.after_s * 1e6) as u64;
         tokio::time::sleep_until(at(t)).await;
-        let dir = a.cluster.as_ref().expect("checked above");
-        crash_and_wait(dir, &k.node, &rec).await?;
+        let c = cluster.as_ref().expect("checked above");
+        c.inject(f, &rec).await?;
     }
     tokio::time::sleep_until(at(plan.traffic_end_us)).await;
     rec.record_at(plan.traffic_end_us, phase("liveness"));
@@ -276,7 +274,15 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         total.connect_failures += s.connect_failures;
     }
     let history = merge(&files, &a.out.join("history.jsonl"))?;
-    let verdict = judge(&history, (plan.traffic_start_us, plan.traffic_end_us));
+    let probes = probes
+        .map(|p| std::mem::take(&mut *p.lock().unwrap_or_else(|e| e.into_inner())))
+        .unwrap_or_default();
+    let verdict = judge(
+        &history,
+        (plan.traffic_start_us, plan.traffic_end_us),
+        &probes,
+        PROBE_EVERY.as_micros() as u64,
+    );
     eprintln!(
         "workers: {} connects, {} failed connect attempts, {} sends dropped by the driver (cue queue full)",
         total.connects, total.connect_failures, total.dropped_sends
@@ -299,60 +305,4 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
 
 fn phase(name: &str) -> Event {
     Event::Phase { name: name.into() }
-}
-
-/// `kill -9` of a supervised node; records the crash, then its heal once the supervisor has
-/// restarted it and it answers on its address.
-async fn crash_and_wait(dir: &Path, node: &str, rec: &Recorder) -> anyhow::Result<()> {
-    use nodes::deploy::supervisor::read_pid;
-    let cfg = nodes::deploy::Config::load(&dir.join("cluster.toml"))?;
-    let pid = read_pid(dir, node)
-        .with_context(|| format!("no pid file for {node} in {}", dir.display()))?;
-    let status = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()?;
-    if !status.success() {
-        bail!("kill -9 {pid} ({node}) failed");
-    }
-    let targets = vec![node.to_string()];
-    rec.record(Event::Fault {
-        kind: "crash".into(),
-        targets: targets.clone(),
-        detail: None,
-    });
-    eprintln!("killed {node} (pid {pid})");
-    let addr = listen_addr(&cfg, node).with_context(|| format!("no node {node} in the config"))?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if std::time::Instant::now() > deadline {
-            bail!("{node} did not come back within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let restarted = read_pid(dir, node).is_some_and(|p| p != pid);
-        if restarted && tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-    }
-    rec.record(Event::Heal {
-        kind: "crash".into(),
-        targets,
-        detail: None,
-    });
-    eprintln!("{node} is back");
-    Ok(())
-}
-
-fn listen_addr(cfg: &nodes::deploy::Config, node: &str) -> Option<SocketAddr> {
-    let (role, i) = node.rsplit_once('-')?;
-    let i: usize = i.parse().ok()?;
-    Some(match role {
-        "kv" => cfg.kv.get(i)?.listen,
-        "chat" => cfg.chat.get(i)?.ws_listen,
-        "idgen" => cfg.idgen.get(i)?.listen,
-        "api" => cfg.api.get(i)?.listen,
-        "presence" => cfg.presence.listen,
-        "push" => cfg.push.listen,
-        "discovery" => cfg.discovery.listen,
-        _ => return None,
-    })
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use sim::availability::{self, ProbeWrite};
 use sim::checkers::{self, CheckReport, Params};
 use sim::history::{Event, Id, Record};
 
@@ -74,6 +75,25 @@ pub struct Recovery {
     pub all_back_ms: f64,
 }
 
+/// One kv fault's availability (see `sim::availability`).
+#[derive(Debug, Clone, Serialize)]
+pub struct KvFault {
+    pub kind: String,
+    pub targets: Vec<String>,
+    pub at_s: f64,
+    pub healed_after_s: f64,
+    /// The worst shard's longest write stall, if the prober ran.
+    pub stall_shard: Option<u32>,
+    pub stall_ms: Option<f64>,
+    pub sends: u64,
+    pub unacked: u64,
+    pub ack_p50_ms: Option<f64>,
+    pub ack_p99_ms: Option<f64>,
+    pub ack_p999_ms: Option<f64>,
+    /// The one-line summary printed.
+    pub line: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
     pub devices: u64,
@@ -89,13 +109,22 @@ pub struct Verdict {
     /// Send due -> deliver, every first delivery to a recipient device.
     pub send_to_deliver: Percentiles,
     pub recoveries: Vec<Recovery>,
+    /// Per kv fault (a kv node crashed or wiped): write stall from the prober, and the
+    /// send->ack of sends started inside it.
+    pub kv_faults: Vec<KvFault>,
     pub checks: Vec<(String, u64, u64)>,
     pub violations: Vec<String>,
     pub pass: bool,
 }
 
-/// Judges a merged history. `traffic` is the [start, end) of the send window (µs).
-pub fn judge(history: &[Record], traffic: (u64, u64)) -> Verdict {
+/// Judges a merged history. `traffic` is the [start, end) of the send window (µs);
+/// `probes` the kv prober's writes (may be empty), `probe_every_us` its pause.
+pub fn judge(
+    history: &[Record],
+    traffic: (u64, u64),
+    probes: &[ProbeWrite],
+    probe_every_us: u64,
+) -> Verdict {
     let reports: Vec<CheckReport> = checkers::run_all(history, &Params::default());
     let mut sends: BTreeMap<(Id, Id, Id), u64> = BTreeMap::new();
     let mut devices = BTreeSet::new();
@@ -221,6 +250,24 @@ pub fn judge(history: &[Record], traffic: (u64, u64)) -> Verdict {
     let pass = reports.iter().all(|r| r.violation_count == 0)
         && connected_at_end == devices.len() as u64
         && all_back;
+    let ms = |us: u64| us as f64 / 1e3;
+    let kv_faults = availability::kv_faults(history, probes, probe_every_us)
+        .iter()
+        .map(|f| KvFault {
+            kind: f.kind.clone(),
+            targets: f.targets.clone(),
+            at_s: f.start_us as f64 / 1e6,
+            healed_after_s: f.end_us.saturating_sub(f.start_us) as f64 / 1e6,
+            stall_shard: f.stall.map(|s| s.0),
+            stall_ms: f.stall.map(|s| ms(s.1)),
+            sends: f.sends,
+            unacked: f.unacked,
+            ack_p50_ms: f.ack_us.map(|a| ms(a.0)),
+            ack_p99_ms: f.ack_us.map(|a| ms(a.1)),
+            ack_p999_ms: f.ack_us.map(|a| ms(a.2)),
+            line: availability::describe(f),
+        })
+        .collect();
     Verdict {
         devices: devices.len() as u64,
         connected_at_end,
@@ -233,6 +280,7 @@ pub fn judge(history: &[Record], traffic: (u64, u64)) -> Verdict {
         send_to_ack: percentiles(&ack_h),
         send_to_deliver: percentiles(&del_h),
         recoveries,
+        kv_faults,
         checks: reports
             .iter()
             .map(|r| (r.name.to_string(), r.checks, r.violation_count))
@@ -267,6 +315,9 @@ impl Verdict {
                 "crash of {} at {:.1} s: {} devices dropped, {} back; reconnect p50 {:.0} ms p99 {:.0} ms; all back in {:.0} ms\n",
                 r.node, r.at_s, r.dropped, r.back, r.p50_ms, r.p99_ms, r.all_back_ms
             );
+        }
+        for f in &self.kv_faults {
+            s += &format!("kv: {}\n", f.line);
         }
         s += "checker          checks  violations\n";
         for (name, checks, v) in &self.checks {

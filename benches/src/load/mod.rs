@@ -10,11 +10,13 @@
 //! format; `run` merges the files and judges them with the simulation's checkers, and prints
 //! throughput and send->ack / send->deliver percentiles (hdrhistogram).
 //!
-//! With `--cluster DIR` (a `chatd local-cluster` data directory) it can also `kill -9` nodes
-//! in the middle of traffic (`--kill chat-0@20`); the supervisor restarts them and the history
-//! records each as a `crash` fault and its heal.
+//! With `--cluster DIR` (a `chatd local-cluster` data directory) it can also hurt nodes in
+//! the middle of traffic (`--kill chat-0@20`, `--kill kv-leader@30`, `--wipe kv-1@40`, see
+//! `faults`); the supervisor restarts them and the history records each as a `crash` or
+//! `disk_loss` fault and its heal. A kv write prober then times each shard's write stall.
 
 pub mod device;
+pub mod faults;
 pub mod judge;
 pub mod setup;
 

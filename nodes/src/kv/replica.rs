@@ -402,7 +402,17 @@ impl Replica {
     /// change (both configurations need a majority), or simply becomes a voter.
     fn replace_caught_up_learners(&mut self) {
         let raft = &self.node.raft;
-        if raft.has_pending_conf() || in_joint(&self.node) {
+        if raft.has_pending_conf() {
+            return;
+        }
+        if in_joint(&self.node) {
+            // raft-rs leaves a joint configuration by itself only on the leader that entered
+            // it; a leader elected in between must, or the shard stays joint and needs a
+            // majority of the old configuration too (the lost replica in it) forever.
+            tracing::info!(shard = self.shard, "leaving a joint configuration");
+            if let Err(e) = self.propose_conf(Vec::new()) {
+                tracing::debug!(shard = self.shard, error = %e, "leave-joint not proposed");
+            }
             return;
         }
         let last = raft.raft_log.last_index();
@@ -794,6 +804,7 @@ impl Replica {
             }
         };
         let conf = raft.prs().conf();
+        let cs = conf.to_conf_state();
         let last = raft.raft_log.last_index();
         let lag = if self.is_leader() {
             let mut v: Vec<(u64, u64)> = raft
@@ -817,7 +828,8 @@ impl Replica {
             applied: self.applied,
             first_index: self.node.store().first(),
             last_index: last,
-            voters: sorted(conf.voters().ids().iter()),
+            voters: sorted(cs.voters.iter().copied()),
+            voters_outgoing: sorted(cs.voters_outgoing.iter().copied()),
             learners: sorted(conf.learners().iter().copied()),
             lag,
         }

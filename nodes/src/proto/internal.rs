@@ -382,7 +382,12 @@ pub struct ShardStatus {
     pub applied: u64,
     pub first_index: u64,
     pub last_index: u64,
+    /// The voters (during a membership change, of the new configuration).
     pub voters: Vec<u64>,
+    /// The old configuration's voters while a membership change is under way (joint
+    /// consensus: both need a majority); empty otherwise.
+    #[serde(default)]
+    pub voters_outgoing: Vec<u64>,
     pub learners: Vec<u64>,
     /// On the leader: per peer id, how many entries it is behind the leader's last index.
     pub lag: Vec<(u64, u64)>,

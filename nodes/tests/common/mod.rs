@@ -24,6 +24,7 @@ pub fn free_base(len: u16) -> u16 {
 /// Starts `chatd all-in-one` on `data` with the port block at `base` (its api at base + 20)
 /// and `RUST_LOG=log`; returns the process and the api's address. Callers wait until it
 /// answers and kill it when done.
+#[allow(dead_code)] // not every test binary that includes `common` starts an all-in-one
 pub fn spawn_all_in_one(
     data: &std::path::Path,
     base: u16,

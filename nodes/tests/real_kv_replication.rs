@@ -1,0 +1,254 @@
+//! Replicated kv in the real world: three `chatd kv` processes on loopback, three shards of
+//! three replicas each (redb on disk), driven through the same shard client every node uses.
+//!
+//! 1. Names are reserved on every shard; the leader of shard 0 is killed (`kill -9`) and
+//!    writes go on without it; it restarts and catches up from the log.
+//! 2. A node loses its disk: killed, its directory deleted, restarted empty (no bootstrap).
+//!    Its replicas join their groups and catch up (a snapshot, then the log).
+//! 3. The proof the rebuilt node holds the data: with each of the two old nodes down in
+//!    turn, the rebuilt node is half of every quorum, and every name written reads back.
+
+#![cfg(not(madsim))]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use nodes::canary::Canaries;
+use nodes::cluster::Peers;
+use nodes::deploy::config::ClusterSizes;
+use nodes::deploy::Config;
+use nodes::proto::internal::{Request, Response, ShardStatus};
+use nodes::rpc::RpcClient;
+
+mod common;
+
+const NODES: usize = 3;
+const SHARDS: u32 = 3;
+
+/// A `chatd kv` process, killed (`kill -9`) when dropped.
+struct KvProc(Child);
+
+impl Drop for KvProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Cluster {
+    cfg: Config,
+    path: PathBuf,
+    procs: Vec<Option<KvProc>>,
+}
+
+impl Cluster {
+    fn new(data: &Path) -> Cluster {
+        let base = common::free_base(NODES as u16);
+        let sizes = ClusterSizes {
+            kv: NODES as u16,
+            kv_shards: SHARDS as u16,
+            kv_replicas: 3,
+            idgen: 1,
+            chat: 1,
+            api: 1,
+        };
+        let mut cfg = Config::loopback_cluster(
+            data.to_path_buf(),
+            SocketAddr::from(([127, 0, 0, 1], base + 10)),
+            &sizes,
+        )
+        .expect("config");
+        for (i, n) in cfg.kv.iter_mut().enumerate() {
+            n.listen = SocketAddr::from(([127, 0, 0, 1], base + i as u16));
+            n.admin = None;
+        }
+        let path = data.join("cluster.toml");
+        std::fs::write(&path, cfg.to_toml()).expect("write config");
+        cfg.mark_kv_bootstrap().expect("bootstrap marks");
+        Cluster {
+            cfg,
+            path,
+            procs: (0..NODES).map(|_| None).collect(),
+        }
+    }
+
+    fn start(&mut self, i: usize) {
+        let child = Command::new(env!("CARGO_BIN_EXE_chatd"))
+            .args(["kv", "--config"])
+            .arg(&self.path)
+            .args(["--index", &i.to_string()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start chatd kv");
+        self.procs[i] = Some(KvProc(child));
+    }
+
+    /// `kill -9`, and wait until the process is gone.
+    fn kill(&mut self, i: usize) {
+        drop(self.procs[i].take().expect("running"));
+    }
+
+    fn wipe(&mut self, i: usize) {
+        let dir = self.cfg.kv_dir(i);
+        std::fs::remove_dir_all(&dir).expect("delete the kv directory");
+    }
+
+    fn peers(&self) -> std::sync::Arc<Peers> {
+        Peers::new(self.cfg.cluster_map(), Canaries::none())
+    }
+
+    async fn status(&self, i: usize) -> Option<Vec<ShardStatus>> {
+        let client = RpcClient::new(self.cfg.kv[i].listen);
+        match tokio::time::timeout(Duration::from_secs(2), client.call(Request::KvStatus)).await {
+            Ok(Ok(Response::KvStatus(list))) => Some(list),
+            _ => None,
+        }
+    }
+
+    /// The node that leads `shard`, once one does.
+    async fn leader_of(&self, shard: u32) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for i in 0..NODES {
+                if let Some(list) = self.status(i).await {
+                    if list.iter().any(|s| s.shard == shard && s.role == "leader") {
+                        return i;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "shard {shard} elected no leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every replica on node `i` is a voter in a settled membership (not joint,
+    /// no learner, one voter per node) and has applied what its leader has committed.
+    async fn caught_up(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mine = self.status(i).await.unwrap_or_default();
+            let mut done = mine.len() == SHARDS as usize;
+            for s in &mine {
+                let settled = s.voters.len() == NODES
+                    && s.voters_outgoing.is_empty()
+                    && s.learners.is_empty();
+                let voter = settled && matches!(s.role.as_str(), "leader" | "follower");
+                let leader_commit = match s.leader {
+                    Some(l) => self
+                        .status(l as usize)
+                        .await
+                        .and_then(|list| list.into_iter().find(|x| x.shard == s.shard))
+                        .map_or(u64::MAX, |x| x.commit),
+                    None => u64::MAX,
+                };
+                done &= voter && s.applied >= leader_commit;
+            }
+            if done {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kv-{i} did not catch up: {mine:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn name(k: u64) -> String {
+    format!("user-{k:05}")
+}
+
+/// Reserves names `range` on their shards (a retry of the same reservation answers Ok).
+async fn write(peers: &Peers, range: std::ops::Range<u64>) {
+    for k in range {
+        let req = Request::ReserveName {
+            name: name(k),
+            user: 1_000 + k,
+        };
+        let mut tries = 0;
+        loop {
+            match peers.kv_for_name(&name(k)).call(req.clone()).await {
+                Ok(Response::Reserved { user, .. }) => {
+                    assert_eq!(user, 1_000 + k, "{} taken by another user", name(k));
+                    break;
+                }
+                other => {
+                    tries += 1;
+                    assert!(tries < 10, "reserve {}: {other:?}", name(k));
+                }
+            }
+        }
+    }
+}
+
+/// Every name in `range` reads back as its user.
+async fn read_all(peers: &Peers, range: std::ops::Range<u64>) {
+    for k in range {
+        let mut tries = 0;
+        loop {
+            let got = peers
+                .kv_for_name(&name(k))
+                .call(Request::LookupName { name: name(k) })
+                .await;
+            match got {
+                Ok(Response::MaybeId(Some(u))) if u == 1_000 + k => break,
+                Ok(Response::MaybeId(other)) => panic!("{} reads back as {other:?}", name(k)),
+                other => {
+                    tries += 1;
+                    assert!(tries < 10, "lookup {}: {other:?}", name(k));
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_survives_a_leader_crash_and_a_lost_disk() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut c = Cluster::new(data.path());
+    for i in 0..NODES {
+        c.start(i);
+    }
+    let peers = c.peers();
+    for shard in 0..SHARDS {
+        c.leader_of(shard).await;
+    }
+    write(&peers, 0..300).await;
+
+    // 1. The leader of shard 0 crashes; writes go on; it comes back and catches up.
+    let leader = c.leader_of(0).await;
+    c.kill(leader);
+    write(&peers, 300..500).await;
+    c.start(leader);
+    c.caught_up(leader).await;
+
+    // 2. A node (not the one just restarted) loses its disk and rejoins empty.
+    let lost = (leader + 1) % NODES;
+    c.kill(lost);
+    c.wipe(lost);
+    write(&peers, 500..700).await;
+    c.start(lost);
+    c.caught_up(lost).await;
+    for s in c.status(lost).await.expect("status") {
+        assert!(
+            s.applied > 0,
+            "shard {} on kv-{lost} is empty: {s:?}",
+            s.shard
+        );
+    }
+
+    // 3. The rebuilt node is half of every quorum while each old node is down in turn.
+    let mut written = 700;
+    for down in (0..NODES).filter(|&i| i != lost) {
+        c.kill(down);
+        read_all(&peers, 0..written).await;
+        write(&peers, written..written + 50).await;
+        written += 50;
+        c.start(down);
+        c.caught_up(down).await;
+    }
+    read_all(&peers, 0..written).await;
+}
