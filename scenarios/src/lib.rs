@@ -316,6 +316,15 @@ pub struct Schedule {
     /// `light`, a scenario name, `swarm`, or `shrunk from ...`.
     pub name: String,
     pub faults: Vec<ScheduledFault>,
+    /// The injector holds back a disk fault that would leave a kv shard without a majority
+    /// of replicas holding its data (another node's disk is lost or still rejoining): data
+    /// loss by definition, which only `quorum-loss` sets out to cause. Default true.
+    #[serde(default = "yes")]
+    pub keep_quorums: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Schedule {
@@ -493,6 +502,7 @@ pub fn scenario(name: &str, ctx: &Ctx) -> Result<Schedule, String> {
     let s = Schedule {
         name: name.to_string(),
         faults,
+        keep_quorums: name != "quorum-loss",
     }
     .sorted();
     s.validate(ctx)?;
@@ -973,6 +983,7 @@ pub fn swarm(ctx: &Ctx) -> Swarm {
         schedule: Schedule {
             name: "swarm".into(),
             faults: keep_quorums(faults),
+            keep_quorums: true,
         }
         .sorted(),
     }
@@ -1254,6 +1265,7 @@ mod tests {
         let mut s = Schedule {
             name: "t".into(),
             faults: vec![crash(1_000, 1_000, Role::Chat, 9)],
+            keep_quorums: true,
         };
         assert!(s.validate(&ctx(1)).unwrap_err().contains("no node chat-9"));
         s.faults = vec![crash(299_000, 5_000, Role::Chat, 0)];

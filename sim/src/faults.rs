@@ -37,7 +37,7 @@ use nodes::kv::placement::Placement;
 use nodes::proto::internal::{Request, Response};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use scenarios::{Fault, Role, ScheduledFault, Target};
+use scenarios::{Fault, Role, Schedule, Target};
 use tokio::time::Instant;
 
 use crate::cluster::Cluster;
@@ -107,6 +107,14 @@ pub struct Injector<'c> {
     rng: StdRng,
     /// kv nodes whose disks are lost now (a `disk_loss` active).
     lost_disks: BTreeSet<u32>,
+    /// kv nodes whose data is gone (a disk lost or corrupted) until every replica on them
+    /// is seen a voter again.
+    rejoining: BTreeSet<u32>,
+    /// Hold back disk faults that would leave a shard without a majority of data holders
+    /// (`Schedule::keep_quorums`).
+    keep_quorums: bool,
+    /// Faults held back (by index): their heals are skipped too.
+    held_back: BTreeSet<usize>,
     /// Shards that lost a quorum of their disks and were not forcibly recovered yet.
     quorum_lost: BTreeSet<u32>,
     /// Leader partitions in force, by fault index: the links cut.
@@ -140,6 +148,9 @@ impl<'c> Injector<'c> {
             control,
             rng: StdRng::seed_from_u64(seed ^ 0x6469_736b_6661_756c),
             lost_disks: BTreeSet::new(),
+            rejoining: BTreeSet::new(),
+            keep_quorums: true,
+            held_back: BTreeSet::new(),
             quorum_lost: BTreeSet::new(),
             cuts: BTreeMap::new(),
             healed_names: BTreeMap::new(),
@@ -158,7 +169,9 @@ impl<'c> Injector<'c> {
     /// Runs the schedule to its end: each fault starts at `start + at_ms` and heals
     /// `duration_ms` later. At one instant, heals of earlier faults go first, then new faults,
     /// then the heals of instant faults.
-    pub async fn run(&mut self, schedule: &[ScheduledFault], start: Instant) {
+    pub async fn run(&mut self, schedule: &Schedule, start: Instant) {
+        self.keep_quorums = schedule.keep_quorums;
+        let schedule = &schedule.faults;
         // (at_ms, order, fault index, is_start)
         let mut timeline: Vec<(u64, u8, usize, bool)> = Vec::new();
         for (i, f) in schedule.iter().enumerate() {
@@ -170,6 +183,12 @@ impl<'c> Injector<'c> {
         for (at_ms, _, i, is_start) in timeline {
             tokio::time::sleep_until(start + Duration::from_millis(at_ms)).await;
             let f = &schedule[i].fault;
+            if is_start && self.keep_quorums && self.would_lose_a_quorum(f).await {
+                self.held_back.insert(i);
+            }
+            if self.held_back.contains(&i) {
+                continue;
+            }
             let mut targets: Vec<String> = f.targets().iter().map(Target::to_string).collect();
             let mut detail = f.detail();
             let said = if is_start {
@@ -257,6 +276,7 @@ impl<'c> Injector<'c> {
                 }
                 self.cluster.disks[kv].wipe();
                 self.lost_disks.insert(*kv);
+                self.rejoining.insert(*kv);
                 self.note_quorum_losses();
             }
             Fault::TornWrite { kv } => {
@@ -272,6 +292,8 @@ impl<'c> Injector<'c> {
                 }
             }
             Fault::Corruption { kv, sectors } => {
+                // A replica whose storage fails a check is rebuilt from its peers.
+                self.rejoining.insert(*kv);
                 let hit = self.cluster.disks[kv].corrupt(&mut self.rng, *sectors as usize);
                 let detail = match hit {
                     Some((file, s)) => format!("{} sectors of {file}: {s:?}", s.len()),
@@ -369,6 +391,54 @@ impl<'c> Injector<'c> {
                 Handle::current().pause(n);
             }
         }
+    }
+
+    /// Whether `f` would destroy the data of a kv node while too few other replicas of one
+    /// of its shards hold theirs (a node is counted back once every replica on it answers
+    /// as a voter). Notes the fault as held back when so.
+    async fn would_lose_a_quorum(&mut self, f: &Fault) -> bool {
+        let Some(kv) = f.loses_disk() else {
+            return false;
+        };
+        for node in self.rejoining.clone() {
+            if let Some(Response::KvStatus(list)) = self.call_kv(node, Request::KvStatus).await {
+                let voter = |s: &nodes::proto::internal::ShardStatus| {
+                    matches!(s.role.as_str(), "leader" | "follower")
+                };
+                if !list.is_empty() && list.iter().all(voter) {
+                    self.rejoining.remove(&node);
+                }
+            }
+        }
+        let majority = self.placement.replicas as usize / 2 + 1;
+        for shard in self.placement.shards_on(kv) {
+            let holders: Vec<u32> = self
+                .placement
+                .replicas_of(shard)
+                .into_iter()
+                .filter(|n| *n != kv && !self.rejoining.contains(n))
+                .collect();
+            if holders.len() < majority {
+                let back: Vec<String> = self.rejoining.iter().map(|n| format!("kv-{n}")).collect();
+                self.notes.push(format!(
+                    "held back: {} {} at {:.1} s: shard {shard} would keep {} of {} replicas \
+                     holding its data ({} not rejoined yet)",
+                    f.kind(),
+                    Target::Node(Role::Kv, kv),
+                    self.recorder.now_s(),
+                    holders.len(),
+                    self.placement.replicas,
+                    back.join(", ")
+                ));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Shards whose quorum of disks is lost and not force-recovered.
+    pub fn quorum_lost(&self) -> Vec<u32> {
+        self.quorum_lost.iter().copied().collect()
     }
 
     /// Notes every shard whose lost disks now hold a majority of its replicas.

@@ -5,7 +5,8 @@
 //! be added; none may be renamed. The checkers under `checkers/` read only this.
 //!
 //! It does not hold node internals: a checker that needs a fact the clients could not see is
-//! asking the wrong question.
+//! asking the wrong question. Two exceptions are the operator's: the faults injected (and
+//! healed), and `kv_status`, what `chatd status` shows of the kv groups once the run is over.
 
 use serde::{Deserialize, Serialize};
 
@@ -160,6 +161,23 @@ pub enum Event {
         device: Id,
         reason: String,
     },
+    /// What an operator's `chatd status` showed once the run was over: every kv node's
+    /// replicas (`KvStatus`), the placement (per shard, the kv nodes meant to hold it) and the
+    /// shards whose quorum of disks faults destroyed. Judged by `kv_health`.
+    KvStatus {
+        placement: Vec<Vec<u32>>,
+        quorum_lost: Vec<u32>,
+        /// The nodes that answered.
+        nodes: Vec<KvNodeStatus>,
+    },
+}
+
+/// One kv node's answer to `KvStatus`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvNodeStatus {
+    /// The node's slot (`kv-N`).
+    pub node: u32,
+    pub shards: Vec<nodes::proto::internal::ShardStatus>,
 }
 
 impl Event {

@@ -11,6 +11,7 @@ pub mod availability;
 pub mod checkers;
 pub mod cli;
 pub mod history;
+pub mod kv_view;
 #[cfg(not(madsim))]
 pub mod launcher;
 pub mod metrics;

@@ -188,7 +188,7 @@ async fn drive(
         scraper.clone(),
         opts.seed,
     );
-    injector.run(&schedule.faults, traffic_start).await;
+    injector.run(&schedule, traffic_start).await;
     let lost_disk_writes = injector.lost_writes;
     let notes = std::mem::take(&mut injector.notes);
     tokio::time::sleep_until(traffic_start + liveness_at).await;
@@ -202,6 +202,15 @@ async fn drive(
     )
     .await;
     recorder.record(Event::Phase { name: "end".into() });
+    // The operator's view of the kv groups: healed, or how not (judged by `kv_health`).
+    let kv_status = {
+        let (map, lost) = (cluster.map.clone(), injector.quorum_lost());
+        scraper
+            .spawn(async move { crate::kv_view::settled(&map, lost).await })
+            .await
+            .expect("the kv view does not panic")
+    };
+    recorder.record(kv_status);
     if let Some(t) = progress_task {
         t.abort();
     }

@@ -223,6 +223,7 @@ pub fn shrink(opts: &Opts, _canaries: &Canaries, schedule: &Schedule, failing: &
         let candidate = Schedule {
             name: "shrinking".into(),
             faults: subset.iter().map(|&i| all[i].clone()).collect(),
+            keep_quorums: schedule.keep_quorums,
         };
         let text = serde_json::to_string(&candidate).expect("schedules serialize");
         if let Err(e) = std::fs::write(&scratch, text) {
@@ -295,6 +296,7 @@ pub fn shrink(opts: &Opts, _canaries: &Canaries, schedule: &Schedule, failing: &
             opts.seed
         ),
         faults: current.iter().map(|&i| all[i].clone()).collect(),
+        keep_quorums: schedule.keep_quorums,
     };
     let path = opts
         .shrink_out

@@ -258,6 +258,10 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     rec.record_at(plan.traffic_end_us, phase("liveness"));
     tokio::time::sleep_until(at(plan.end_us)).await;
     rec.record_at(plan.end_us, phase("end"));
+    if let Some(c) = &cluster {
+        // The kv groups after the faults: healed, or how not (judged by `kv_health`).
+        rec.record(c.kv_status().await);
+    }
     rec.flush()?;
     let mut total = WorkerSummary::default();
     for w in workers {

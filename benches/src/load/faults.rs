@@ -195,6 +195,12 @@ impl Cluster {
         })
     }
 
+    /// The end-of-run `kv_status` event (see `sim::kv_view`). Shards are not marked as having
+    /// lost their quorum: wiping a majority of a shard's nodes is the operator's to recover.
+    pub async fn kv_status(&self) -> Event {
+        sim::kv_view::settled(&self.cfg.cluster_map(), Vec::new()).await
+    }
+
     /// Starts the kv write prober: one tiny write (`AllocId "probe"`) per shard every
     /// [`PROBE_EVERY`], one in flight per shard, through the shard client every node uses,
     /// until `until_unix_us`. Times are on the history's clock (`t0_unix_us`).

@@ -33,7 +33,7 @@ use std::time::Duration;
 use protobuf::Message as _;
 use raft::prelude::{
     ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, Entry,
-    EntryType, Message, Ready,
+    EntryType, Message, MessageType, Ready,
 };
 use raft::{RawNode, ReadOnlyOption, ReadState, SnapshotStatus, StateRole};
 use tokio::sync::oneshot;
@@ -67,6 +67,14 @@ pub const HEARTBEAT_TICKS: usize = 1;
 const HOUSEKEEPING_TICKS: u64 = 5;
 /// The leader hands leadership back to the preferred replica at most this often (ticks).
 const TRANSFER_EVERY_TICKS: u64 = 25;
+/// After a hand-back that did not take (the preferred replica declined: its disk is slow),
+/// the next waits twice as long, up to this (ticks; 2 minutes).
+const TRANSFER_BACKOFF_MAX_TICKS: u64 = 600;
+/// A durable commit this slow marks the replica's disk slow for [`SLOW_FOR_TICKS`] (30 s):
+/// it hands leadership away and declines it. A leader blocked on its disk sends no
+/// heartbeats; every write to its shard waits for it.
+pub const SLOW_SYNC: Duration = Duration::from_millis(400);
+const SLOW_FOR_TICKS: u64 = 150;
 /// A learner this close to the leader's last index is caught up and may become a voter.
 const CATCH_UP_LAG: u64 = 10;
 /// The log is compacted once this many applied entries sit in it, keeping the newest
@@ -124,6 +132,12 @@ pub struct Replica {
     next_read_ctx: u64,
     ticks: u64,
     last_transfer_tick: u64,
+    /// Ticks between two hand-backs to the preferred replica (doubles while they fail).
+    transfer_every: u64,
+    /// A hand-back was asked for and not seen to take yet.
+    transfer_pending: bool,
+    /// The disk was slow recently: until this tick the replica keeps away from leadership.
+    slow_until_tick: u64,
     was_leader: bool,
     applied: u64,
 }
@@ -200,6 +214,9 @@ impl Replica {
             next_read_ctx: 1,
             ticks: 0,
             last_transfer_tick: 0,
+            transfer_every: TRANSFER_EVERY_TICKS,
+            transfer_pending: false,
+            slow_until_tick: 0,
             was_leader: false,
             applied,
         })
@@ -307,6 +324,12 @@ impl Replica {
         for m in msgs {
             if m.to != self.id {
                 // For an earlier incarnation of this node's replica: it is gone.
+                continue;
+            }
+            if m.get_msg_type() == MessageType::MsgTimeoutNow && self.is_slow() {
+                // Leadership handed over to a replica whose disk is slow: declined (the
+                // leader's transfer times out and it keeps leading).
+                tracing::debug!(shard = self.shard, "slow disk: leadership declined");
                 continue;
             }
             if let Err(e) = self.node.step(m) {
@@ -446,7 +469,17 @@ impl Replica {
     /// Hands leadership to the shard's preferred replica when it is a caught-up voter, so
     /// leaders spread over nodes after failovers.
     fn place_leadership(&mut self) {
-        if self.ticks < self.last_transfer_tick + TRANSFER_EVERY_TICKS {
+        if self.is_slow() {
+            self.hand_off_leadership();
+            return;
+        }
+        if self.ticks < self.last_transfer_tick + self.transfer_every {
+            return;
+        }
+        if self.transfer_pending {
+            // Still leading after the last hand-back: it did not take.
+            self.transfer_pending = false;
+            self.transfer_every = (self.transfer_every * 2).min(TRANSFER_BACKOFF_MAX_TICKS);
             return;
         }
         let preferred = self.placement.replicas_of(self.shard)[0];
@@ -465,8 +498,50 @@ impl Replica {
             });
         if let Some(v) = target {
             self.last_transfer_tick = self.ticks;
+            self.transfer_pending = true;
             tracing::debug!(shard = self.shard, to = v, "handing leadership back");
             self.node.transfer_leader(v);
+        }
+    }
+
+    /// A leader whose disk is slow hands leadership to its most caught-up live voter.
+    fn hand_off_leadership(&mut self) {
+        if self.node.raft.lead_transferee.is_some()
+            || self.ticks < self.last_transfer_tick + TRANSFER_EVERY_TICKS
+        {
+            return;
+        }
+        self.last_transfer_tick = self.ticks;
+        let raft = &self.node.raft;
+        let me = self.id;
+        let target = sorted(raft.prs().conf().voters().ids().iter())
+            .into_iter()
+            .filter(|v| *v != me)
+            .filter_map(|v| raft.prs().get(v).map(|p| (v, p.matched, p.recent_active)))
+            .filter(|(_, _, active)| *active)
+            .max_by_key(|(v, matched, _)| (*matched, std::cmp::Reverse(*v)));
+        if let Some((v, _, _)) = target {
+            tracing::info!(
+                shard = self.shard,
+                to = v,
+                "slow disk: handing leadership away"
+            );
+            self.node.transfer_leader(v);
+        }
+    }
+
+    /// The disk was slow within the last [`SLOW_FOR_TICKS`].
+    pub fn is_slow(&self) -> bool {
+        self.ticks < self.slow_until_tick
+    }
+
+    /// How long the last durable commit took, Ready to disk: a slow one marks the disk slow.
+    pub fn note_sync_time(&mut self, took: Duration) {
+        if took >= SLOW_SYNC {
+            if !self.is_slow() {
+                tracing::info!(shard = self.shard, ?took, "slow disk");
+            }
+            self.slow_until_tick = self.ticks + SLOW_FOR_TICKS;
         }
     }
 
@@ -583,6 +658,7 @@ impl Replica {
         self.node.advance_apply_to(self.applied);
         self.serve_confirmed_reads()?;
         self.on_leadership();
+        self.start_read_round();
         Ok(out)
     }
 
@@ -701,7 +777,9 @@ impl Replica {
                 self.confirmed.push((rs.index, batch));
             }
         }
-        self.start_read_round();
+        // The next round starts in `finish`, after `advance`: between a Ready and its advance
+        // the node must not make messages (a follower's forwarded read index would be one,
+        // and raft-rs aborts on it).
     }
 
     fn serve_confirmed_reads(&mut self) -> Result<(), StoreError> {
@@ -747,6 +825,10 @@ impl Replica {
                     let _ = r.send(answer.clone());
                 }
             }
+        }
+        if leader && !self.was_leader {
+            self.transfer_every = TRANSFER_EVERY_TICKS;
+            self.transfer_pending = false;
         }
         self.was_leader = leader;
     }

@@ -435,9 +435,15 @@ impl ReplicaTask {
     /// delay, then the rest.
     async fn run_ready(&self, r: &mut Replica) -> Result<(), StoreError> {
         let was_leader = r.is_leader();
-        while let Some((early, persisted)) = r.persist()? {
+        loop {
+            let started = tokio::time::Instant::now();
+            let Some((early, persisted)) = r.persist()? else {
+                break;
+            };
             self.transport.send(self.shard, early);
             self.finish(r, persisted).await?;
+            // The real disk syncs inside `persist`, the simulated one in `finish`.
+            r.note_sync_time(started.elapsed());
         }
         if r.is_leader() && !was_leader {
             self.cfg.metrics.kv_leader_elected.inc();

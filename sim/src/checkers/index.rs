@@ -240,7 +240,8 @@ fn user_devices(ev: &Event) -> Vec<(Id, Id)> {
         Event::Membership { .. }
         | Event::Fault { .. }
         | Event::Heal { .. }
-        | Event::Phase { .. } => vec![],
+        | Event::Phase { .. }
+        | Event::KvStatus { .. } => vec![],
     }
 }
 

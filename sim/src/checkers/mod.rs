@@ -17,6 +17,7 @@ use crate::history::Record;
 pub mod ids;
 pub mod index;
 pub mod integrity;
+pub mod kv_health;
 pub mod limits;
 pub mod no_duplicates;
 pub mod no_loss;
@@ -157,6 +158,7 @@ pub fn run_all(history: &[Record], params: &Params) -> Vec<CheckReport> {
         presence::check(&history, params),
         push::check(&history, params),
         limits::check(&history, params),
+        kv_health::check(&history, params),
     ]
 }
 
@@ -181,7 +183,8 @@ mod tests {
                 "integrity",
                 "presence",
                 "push",
-                "limits"
+                "limits",
+                "kv_health"
             ]
         );
         for r in &reports {

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::history::{Event, Id, MemberOp, Record, Status};
+use nodes::proto::internal::ShardStatus;
+
+use crate::history::{Event, Id, KvNodeStatus, MemberOp, Record, Status};
 
 /// One second in microseconds, short for tests.
 pub const S: u64 = super::SECOND_US;
@@ -51,6 +53,19 @@ impl H {
     pub fn user(&self, device: Id) -> Id {
         // Tests declare devices before using them; a missing one is a bug in the test.
         *self.owner.get(&device).expect("device declared in test")
+    }
+
+    /// The healthy end-of-run kv view (`healthy_kv_view`).
+    pub fn kv_status(self, t: u64) -> Self {
+        let (placement, nodes) = healthy_kv_view();
+        self.ev(
+            t,
+            Event::KvStatus {
+                placement,
+                quorum_lost: Vec::new(),
+                nodes,
+            },
+        )
     }
 
     pub fn device(mut self, t: u64, user: Id, device: Id) -> Self {
@@ -318,6 +333,39 @@ pub fn healthy_builder() -> H {
         .disconnect(120 * S, 21)
         .presence(150 * S, 11, 2, Offline)
         .phase(200 * S, "end")
+        .kv_status(201 * S)
+}
+
+/// Three kv nodes, three shards of three replicas, each led by its preferred node; all
+/// caught up: (placement, view).
+pub fn healthy_kv_view() -> (Vec<Vec<u32>>, Vec<KvNodeStatus>) {
+    let placement = vec![vec![0, 1, 2], vec![1, 2, 0], vec![2, 0, 1]];
+    let replica = |shard: u32, slot: u32, leader: u32| ShardStatus {
+        shard,
+        id: u64::from(slot) + 1,
+        role: if slot == leader { "leader" } else { "follower" }.into(),
+        term: 3,
+        leader: Some(leader),
+        commit: 500,
+        applied: 500,
+        first_index: 1,
+        last_index: 500,
+        voters: vec![1, 2, 3],
+        voters_outgoing: Vec::new(),
+        learners: Vec::new(),
+        lag: Vec::new(),
+    };
+    let nodes = (0..3u32)
+        .map(|slot| KvNodeStatus {
+            node: slot,
+            shards: placement
+                .iter()
+                .enumerate()
+                .map(|(shard, p)| replica(shard as u32, slot, p[0]))
+                .collect(),
+        })
+        .collect();
+    (placement, nodes)
 }
 
 pub fn healthy() -> Vec<Record> {
