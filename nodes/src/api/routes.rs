@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
+use futures::{stream, StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -357,6 +358,9 @@ async fn add_friend(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<A
     Ok(Json(AddFriendResponse { channel }))
 }
 
+/// kv calls one group creation keeps in flight at once (lookups, then member writes).
+const MEMBER_CALLS_IN_FLIGHT: usize = 16;
+
 async fn create_group(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<GroupResponse> {
     let c = auth(&st, &headers)?;
     let req: CreateGroupRequest = parse(&body)?;
@@ -373,9 +377,14 @@ async fn create_group(State(st): S, headers: HeaderMap, body: Body) -> ApiResult
             format!("{} members, at most {GROUP_MEMBERS_MAX}", members.len()),
         ));
     }
-    for m in &members[1..] {
-        get_user(&st, *m).await?;
-    }
+    // Up to 100 members: look them up, and later add the channel to each, a few at a time
+    // rather than one after another (a replicated write costs a quorum round trip).
+    let st_ref = &st;
+    stream::iter(members[1..].to_vec())
+        .map(|m| get_user(st_ref, m))
+        .buffered(MEMBER_CALLS_IN_FLIGHT)
+        .try_collect::<Vec<_>>()
+        .await?;
     let channel = alloc(&st, "channel").await?;
     let record = ChannelRecord {
         channel,
@@ -390,9 +399,11 @@ async fn create_group(State(st): S, headers: HeaderMap, body: Body) -> ApiResult
         Request::CreateChannel { record },
     )
     .await?;
-    for m in &members {
-        set_user_channel(&st, *m, channel, true).await?;
-    }
+    stream::iter(members.clone())
+        .map(|m| set_user_channel(st_ref, m, channel, true))
+        .buffered(MEMBER_CALLS_IN_FLIGHT)
+        .try_collect::<Vec<_>>()
+        .await?;
     Ok(Json(GroupResponse { channel, members }))
 }
 
