@@ -187,15 +187,6 @@ impl LogStore {
         self.save_hard_state()
     }
 
-    /// Moves the commit index forward (never back), saved inside the open batch.
-    pub fn set_commit(&mut self, commit: u64) -> Result<(), StoreError> {
-        if commit > self.hard.commit {
-            self.hard.commit = commit;
-            self.save_hard_state()?;
-        }
-        Ok(())
-    }
-
     fn save_hard_state(&self) -> Result<(), StoreError> {
         let bytes = self.hard.write_to_bytes().expect("hard state encodes");
         self.store.set_meta("hard_state", &bytes)

@@ -11,10 +11,12 @@
 //! - **Ready** handling is split in two ([`Replica::persist`], [`Replica::finish`]): messages
 //!   that may leave before persistence, then the snapshot, new entries, hard state and the
 //!   applied entries written in the replica's batch transaction, committed durably when
-//!   entries or the term or vote changed; the shell waits for the disk; then the messages
-//!   that needed persistence go, and callers are answered. Applies ride along with the next
-//!   durable commit (or the next second's): the log holds them durably, so a crash only
-//!   re-applies them, and a replica commits once per Ready instead of twice.
+//!   entries or the term or vote changed. raft-rs's asynchronous Ready: the shell syncs the
+//!   batch off the replica's loop while the node goes on stepping messages and ticking (a
+//!   slow disk does not silence its heartbeats); then the messages that needed persistence
+//!   go, and callers are answered. Applies ride along with the next durable commit (or the
+//!   next second's): the log holds them durably, so a crash only re-applies them, and a
+//!   replica commits once per Ready instead of twice.
 //! - **Membership**: a replica that starts empty asks to join (a new Raft id); the leader adds
 //!   it as a learner, and once it caught up, swaps it for the old replica of its node in one
 //!   joint change. The leader hands leadership to the shard's preferred replica when that one
@@ -101,13 +103,33 @@ pub struct Chores {
     pub join: bool,
 }
 
-/// The first half of a Ready, persisted; [`Replica::finish`] completes it.
+/// The first half of a Ready, written; once the disk has it, [`Replica::finish`] completes
+/// it.
 pub struct Persisted {
-    rd: Ready,
+    /// The Ready's number (raft-rs's `on_persist_ready`).
+    number: u64,
+    /// Messages that may leave only once the Ready is durable (a follower's acks, votes).
+    messages: Vec<Message>,
     /// Callers to answer once the commit is durable (the disk wait is over).
     answers: Answers,
     /// Canary `ack-before-quorum`: the leader's own entries just written, answered at once.
     own_entries: Vec<Entry>,
+    needs_sync: bool,
+    /// The batch to commit durably (when `needs_sync`).
+    txn: Option<redb::WriteTransaction>,
+}
+
+impl Persisted {
+    /// Whether the disk must sync before [`Replica::finish`] (new entries, a snapshot, or a
+    /// new term or vote were written).
+    pub fn needs_sync(&self) -> bool {
+        self.needs_sync
+    }
+
+    /// The write transaction holding the Ready, for [`Store::commit_durably`].
+    pub fn take_txn(&mut self) -> Option<redb::WriteTransaction> {
+        self.txn.take()
+    }
 }
 
 pub struct Replica {
@@ -392,8 +414,10 @@ impl Replica {
         self.node.propose_conf_change(Vec::new(), cc)
     }
 
-    /// One tick of the Raft clock, and housekeeping every [`HOUSEKEEPING_TICKS`].
-    pub fn tick(&mut self) -> Result<Chores, StoreError> {
+    /// One tick of the Raft clock, and housekeeping every [`HOUSEKEEPING_TICKS`]. `syncing`:
+    /// a Ready's sync is in flight, so housekeeping writes nothing (redb has one writer at a
+    /// time, and the sync is it).
+    pub fn tick(&mut self, syncing: bool) -> Result<Chores, StoreError> {
         self.node.tick();
         self.ticks += 1;
         if !self.ticks.is_multiple_of(HOUSEKEEPING_TICKS) {
@@ -410,11 +434,13 @@ impl Replica {
             self.replace_caught_up_learners();
             self.place_leadership();
         }
-        self.compact()?;
-        // Applies ride along with durable commits; an idle replica commits them here, so
-        // the batch transaction never stays open long.
-        if self.store.has_batch() {
-            self.store.commit_batch(false)?;
+        if !syncing {
+            self.compact()?;
+            // Reads and compaction leave the batch open; commit it so it never stays open
+            // long.
+            if self.store.has_batch() {
+                self.store.commit_batch(false)?;
+            }
         }
         Ok(Chores {
             join: !self.is_member(),
@@ -561,9 +587,12 @@ impl Replica {
     }
 
     /// The first half of a Ready: returns the messages that may leave before persistence
-    /// (the leader's appends) and persists, in one durable commit, the snapshot, new entries
-    /// and hard state, with the committed entries applied. The caller sends the messages,
-    /// waits for the disk, and calls [`Replica::finish`].
+    /// (the leader's appends) and writes the snapshot, new entries and hard state, with the
+    /// committed entries applied, in the batch transaction. The node moves on at once
+    /// (raft-rs's asynchronous Ready): it may step messages and tick while the disk syncs.
+    /// When [`Persisted::needs_sync`], the caller commits the batch durably (off the
+    /// replica's loop: [`Store::commit_durably`]), then calls [`Replica::finish`]; one Ready
+    /// at a time.
     pub fn persist(&mut self) -> Result<Option<(Vec<Message>, Persisted)>, StoreError> {
         if !self.node.has_ready() {
             return Ok(None);
@@ -571,41 +600,42 @@ impl Replica {
         let mut rd = self.node.ready();
         let early = rd.take_messages();
         self.on_read_states(rd.take_read_states());
-        // Entries, a snapshot, or a new term or vote must be on disk before anything that
-        // depends on them leaves; a Ready that only moves the commit index and applies
-        // committed entries need not fsync (the log already holds them durably, and a crash
-        // re-applies them).
         let writes = !rd.snapshot().is_empty()
             || !rd.entries().is_empty()
             || rd.hs().is_some()
             || !rd.committed_entries().is_empty();
         let answers = if writes {
-            let answers = self.persist_in_batch(&mut rd)?;
-            // Entries, a snapshot, or a new term or vote must be on disk before anything that
-            // depends on them leaves. A Ready that only moves the commit index and applies
-            // committed entries leaves its writes in the batch: the log already holds them
-            // durably, a crash re-applies them, and the next durable commit takes them along.
-            if rd.must_sync() {
-                let durable = !self.canaries.is_on(Canary::KvAckBeforeSync);
-                self.store.commit_batch(durable)?;
-            }
-            answers
+            self.persist_in_batch(&mut rd)?
         } else {
             Vec::new()
+        };
+        // Entries, a snapshot, or a new term or vote must be on disk before anything that
+        // depends on them leaves: the persisted messages and the answers wait for the sync.
+        // A Ready that only moves the commit index and applies committed entries needs none
+        // (the log already holds them durably, and a crash re-applies them).
+        let needs_sync = rd.must_sync() && !self.canaries.is_on(Canary::KvAckBeforeSync);
+        // What needs no sync rides along in the batch until one does (one durable commit
+        // per synced Ready).
+        let txn = if needs_sync {
+            self.store.take_batch()
+        } else {
+            None
         };
         let own_entries = if self.canaries.is_on(Canary::AckBeforeQuorum) {
             rd.entries().clone()
         } else {
             Vec::new()
         };
-        Ok(Some((
-            early,
-            Persisted {
-                rd,
-                answers,
-                own_entries,
-            },
-        )))
+        let persisted = Persisted {
+            number: rd.number(),
+            messages: rd.take_persisted_messages(),
+            answers,
+            own_entries,
+            needs_sync,
+            txn,
+        };
+        self.node.advance_append_async(rd);
+        Ok(Some((early, persisted)))
     }
 
     fn persist_in_batch(&mut self, rd: &mut Ready) -> Result<Answers, StoreError> {
@@ -633,33 +663,33 @@ impl Replica {
         self.apply(committed)
     }
 
-    /// The second half of a Ready, once the disk made the first durable: answers callers,
-    /// returns the messages that needed persistence, and applies what became committed.
+    /// The second half of a Ready, once the disk made the first durable: answers callers
+    /// and returns the messages that needed persistence.
     pub fn finish(&mut self, p: Persisted) -> Result<Vec<Message>, StoreError> {
         let Persisted {
-            mut rd,
+            number,
+            messages,
             answers,
             own_entries,
+            ..
         } = p;
+        self.node.on_persist_ready(number);
+        // Applied in `persist`; told only now, as a snapshot's index counts as applied only
+        // once it is persisted.
+        self.node.advance_apply_to(self.applied);
         if !own_entries.is_empty() {
             self.answer_own_entries(&own_entries)?;
         }
         deliver(answers);
-        let mut out = rd.take_persisted_messages();
-        let mut light = self.node.advance(rd);
-        let committed = light.take_committed_entries();
-        out.extend(light.take_messages());
-        let commit = light.commit_index();
-        if let Some(c) = commit {
-            self.node.mut_store().set_commit(c)?;
-        }
-        let answers = self.apply(committed)?;
-        deliver(answers);
-        self.node.advance_apply_to(self.applied);
         self.serve_confirmed_reads()?;
         self.on_leadership();
         self.start_read_round();
-        Ok(out)
+        Ok(messages)
+    }
+
+    /// The store, for the caller's sync of a Ready (see [`Replica::persist`]).
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
     /// Applies committed entries inside the open batch; answers for this replica's callers.
@@ -1001,8 +1031,12 @@ mod tests {
             for _ in 0..1000 {
                 let mut moved = false;
                 for r in self.replicas.values_mut() {
-                    while let Some((early, p)) = r.persist().unwrap() {
+                    while let Some((early, mut p)) = r.persist().unwrap() {
                         self.queue.extend(early);
+                        if p.needs_sync() {
+                            let txn = p.take_txn();
+                            r.store().commit_durably(txn).unwrap();
+                        }
                         self.queue.extend(r.finish(p).unwrap());
                         moved = true;
                     }
@@ -1028,7 +1062,7 @@ mod tests {
             let mut joiners = Vec::new();
             for _ in 0..n {
                 for (slot, r) in self.replicas.iter_mut() {
-                    if r.tick().unwrap().join {
+                    if r.tick(false).unwrap().join {
                         joiners.push(*slot);
                     }
                 }

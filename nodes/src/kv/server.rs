@@ -2,9 +2,11 @@
 //! carries Raft messages between nodes.
 //!
 //! - One task per replica owns it ([`Replica`]): it takes requests off a bounded inbox (what
-//!   queued while the last Ready was written becomes the next entry: group commit), ticks the
-//!   Raft clock, and runs each Ready: early messages out, one durable commit, the simulated
-//!   disk's fsync delay, then answers and the messages that needed persistence.
+//!   queued while the last Ready was synced becomes the next entry: group commit), ticks the
+//!   Raft clock, and runs each Ready: early messages out, then one durable commit (redb's
+//!   fsync on a blocking thread; in the simulation, the simulated disk's delay) while the
+//!   replica goes on stepping messages and ticking, then answers and the messages that
+//!   needed persistence.
 //! - One sender task per peer node carries Raft messages (`RaftMessages`), one call at a time
 //!   so they arrive in order; a full queue drops messages (Raft resends) and reports failed
 //!   snapshots so the leader tries again.
@@ -366,9 +368,23 @@ impl ReplicaTask {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let canary_sync = self.cfg.canaries.is_on(Canary::KvAckBeforeSync);
         let mut last_canary_sync = tokio::time::Instant::now();
+        // The Ready whose sync is in flight, when it started, and the sync. The replica
+        // steps messages and ticks meanwhile (a slow disk must not silence its heartbeats
+        // or its answers to them); the next Ready waits for this one.
+        let mut waiting: Option<(Persisted, tokio::time::Instant)> = None;
+        let mut sync: Option<futures::future::BoxFuture<'static, Result<(), StoreError>>> = None;
         loop {
             tokio::select! {
                 biased;
+                done = async { sync.as_mut().expect("guarded").await }, if sync.is_some() => {
+                    sync = None;
+                    done?;
+                    self.cfg.metrics.kv_fsyncs.inc();
+                    let (p, started) = waiting.take().expect("a sync has its Ready");
+                    let msgs = r.finish(p)?;
+                    self.transport.send(self.shard, msgs);
+                    r.note_sync_time(started.elapsed());
+                }
                 input = inbox.recv() => {
                     let Some(input) = input else {
                         return Err(StoreError::Io("the node is shutting down".into()));
@@ -385,23 +401,79 @@ impl ReplicaTask {
                     }
                 }
                 _ = ticker.tick() => {
-                    let chores = r.tick()?;
+                    let chores = r.tick(sync.is_some())?;
                     if chores.join {
                         self.ask_to_join(r);
                     }
                     if r.tick_count().is_multiple_of(5) {
                         self.export(r);
                     }
-                    if canary_sync && last_canary_sync.elapsed() >= CANARY_SYNC_EVERY {
+                    if canary_sync && sync.is_none() && last_canary_sync.elapsed() >= CANARY_SYNC_EVERY {
                         last_canary_sync = tokio::time::Instant::now();
                         r.sync()?;
+                        self.cfg.storage.settle().await;
                     }
                 }
             }
-            self.run_ready(r).await?;
-            // Commits outside a Ready (housekeeping, the canary's sync) complete too.
-            self.cfg.storage.settle().await;
+            if sync.is_none() {
+                if let Some((mut p, started)) = self.run_ready(r)? {
+                    sync = Some(self.start_sync(r.store(), p.take_txn()));
+                    waiting = Some((p, started));
+                }
+            }
         }
+    }
+
+    /// Runs the replica's Readies until one must wait for the disk (returned, with when it
+    /// started) or none is left: their early messages go out at once.
+    fn run_ready(
+        &self,
+        r: &mut Replica,
+    ) -> Result<Option<(Persisted, tokio::time::Instant)>, StoreError> {
+        let was_leader = r.is_leader();
+        let mut out = None;
+        while let Some((early, persisted)) = r.persist()? {
+            self.transport.send(self.shard, early);
+            if persisted.needs_sync() {
+                out = Some((persisted, tokio::time::Instant::now()));
+                break;
+            }
+            let msgs = r.finish(persisted)?;
+            self.transport.send(self.shard, msgs);
+        }
+        if r.is_leader() && !was_leader {
+            self.cfg.metrics.kv_leader_elected.inc();
+            self.export(r);
+        }
+        Ok(out)
+    }
+
+    /// The disk sync of a Ready: the durable commit of its batch (redb's fsync) on a blocking
+    /// thread, then (simulation) the simulated disk's time for it.
+    fn start_sync(
+        &self,
+        store: Arc<Store>,
+        txn: Option<redb::WriteTransaction>,
+    ) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        let storage = self.cfg.storage.clone();
+        // The simulated disk's commit is memory work (its time is `settle`'s): done here, in
+        // the replica's task, as madsim has no blocking threads.
+        #[cfg(madsim)]
+        let committed = store.commit_durably(txn).map_err(StoreError::from);
+        async move {
+            #[cfg(not(madsim))]
+            tokio::task::spawn_blocking(move || store.commit_durably(txn))
+                .await
+                .map_err(|e| StoreError::Io(format!("the sync task failed: {e}")))??;
+            #[cfg(madsim)]
+            {
+                let _ = &store;
+                committed?;
+            }
+            storage.settle().await;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn on_input(
@@ -428,34 +500,6 @@ impl ReplicaTask {
                 return Err(StoreError::Io("reopening after a forced recovery".into()));
             }
         }
-        Ok(())
-    }
-
-    /// Runs every Ready the replica has: early messages, the durable commit, the disk's
-    /// delay, then the rest.
-    async fn run_ready(&self, r: &mut Replica) -> Result<(), StoreError> {
-        let was_leader = r.is_leader();
-        loop {
-            let started = tokio::time::Instant::now();
-            let Some((early, persisted)) = r.persist()? else {
-                break;
-            };
-            self.transport.send(self.shard, early);
-            self.finish(r, persisted).await?;
-            // The real disk syncs inside `persist`, the simulated one in `finish`.
-            r.note_sync_time(started.elapsed());
-        }
-        if r.is_leader() && !was_leader {
-            self.cfg.metrics.kv_leader_elected.inc();
-            self.export(r);
-        }
-        Ok(())
-    }
-
-    async fn finish(&self, r: &mut Replica, p: Persisted) -> Result<(), StoreError> {
-        self.cfg.storage.settle().await;
-        let msgs = r.finish(p)?;
-        self.transport.send(self.shard, msgs);
         Ok(())
     }
 

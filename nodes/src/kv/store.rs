@@ -206,6 +206,24 @@ impl Store {
         self.durable = durable;
     }
 
+    /// Takes the open batch transaction out, for [`Store::commit_durably`].
+    pub(crate) fn take_batch(&self) -> Option<redb::WriteTransaction> {
+        self.batch.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Commits a batch taken with [`Store::take_batch`] durably (redb's fsync). Blocks for
+    /// the disk, so the replica's loop runs it on a blocking thread and goes on stepping
+    /// meanwhile (redb has one writer at a time: nothing else writes until it is done).
+    pub fn commit_durably(&self, txn: Option<redb::WriteTransaction>) -> R<()> {
+        let Some(mut txn) = txn else {
+            return Ok(());
+        };
+        txn.set_durability(Durability::Immediate)?;
+        txn.commit()?;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// A durable (fsync'd) empty commit: makes every earlier commit durable.
     pub fn sync(&self) -> R<()> {
         let mut txn = self.db.begin_write()?;
@@ -393,7 +411,14 @@ impl Store {
     /// Serves read-only requests from committed state (after the replica confirmed, by read
     /// index, that it holds every write acknowledged before they were asked).
     pub fn read(&self, req: Request) -> Result<Response, StoreError> {
-        match self.apply_one(req) {
+        // A read opens the batch if none is open, and closes it again: a write transaction
+        // held open would keep a Ready's sync (redb's one writer) waiting.
+        let had_batch = self.has_batch();
+        let out = self.apply_one(req);
+        if !had_batch {
+            self.abort_batch();
+        }
+        match out {
             (_, Some(e)) => Err(e),
             (r, None) => Ok(r),
         }
