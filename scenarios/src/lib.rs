@@ -149,8 +149,8 @@ pub enum Fault {
     /// A kv node dies in the middle of writing: each sector written since its last fsync
     /// survives or not (seeded), not just the synced prefix. It restarts at the heal.
     TornWrite { kv: u32 },
-    /// Bit rot: `sectors` seeded sectors of one of a kv node's files flip a bit, without the
-    /// disk noticing until they are read. Instant.
+    /// Bit rot: `sectors` seeded sectors of each of a kv node's files (one per shard replica)
+    /// flip a bit, without the disk noticing until they are read. Instant.
     Corruption { kv: u32, sectors: u32 },
     /// Every fsync of a kv node takes `delay_ms` until the heal.
     SlowDisk { kv: u32, delay_ms: u64 },
@@ -793,7 +793,7 @@ fn kv_storage_faults(ctx: &Ctx) -> Vec<ScheduledFault> {
             3_000,
             Fault::TornWrite { kv: a },
         ),
-        at_kv(rot, 0, Fault::Corruption { kv: b, sectors: 20 }),
+        at_kv(rot, 0, Fault::Corruption { kv: b, sectors: 40 }),
         crash(rot + 10_000, 3_000, Role::Kv, b),
         at_kv(
             ctx.at(&mut rng, 60, 70, 20_000),

@@ -6,13 +6,14 @@ use workloads::model::Scale;
 
 /// chatsim: a Messenger-style chat system in a deterministic simulator.
 ///
-/// Runs the whole cluster (api, discovery, chat, idgen, kv, presence, push) and every device
-/// as nodes of a seeded madsim simulation, drives a workload under a fault schedule (the
-/// safety phase: partitions, tunnels, crashes, clock steps, pauses, latency, loss), heals
+/// Runs the whole cluster (api, discovery, chat, idgen, replicated kv, presence, push) and
+/// every device as nodes of a seeded madsim simulation, drives a workload under a fault
+/// schedule (the safety phase: partitions, tunnels, crashes, clock steps, pauses, latency,
+/// loss, and kv disk loss, leader partitions, torn writes, corruption, slow disks), heals
 /// everything and brings every device online (the liveness phase), and checks from what the
 /// clients observed that no acknowledged message was lost, reordered or duplicated, that ids
-/// are unique, and that presence and push behaved. Same seed, same run. Exit 0 when every
-/// invariant holds.
+/// are unique, that presence and push behaved, that no corrupt data was served, and that
+/// every kv shard is whole again. Same seed, same run. Exit 0 when every invariant holds.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "sim", version)]
 pub struct Opts {

@@ -295,9 +295,14 @@ impl<'c> Injector<'c> {
                 // A replica whose storage fails a check is rebuilt from its peers.
                 self.rejoining.insert(*kv);
                 let hit = self.cluster.disks[kv].corrupt(&mut self.rng, *sectors as usize);
-                let detail = match hit {
-                    Some((file, s)) => format!("{} sectors of {file}: {s:?}", s.len()),
-                    None => "nothing stored yet".into(),
+                let detail = if hit.is_empty() {
+                    "nothing stored yet".into()
+                } else {
+                    let files: Vec<String> = hit
+                        .iter()
+                        .map(|(file, s)| format!("{} sectors of {file}", s.len()))
+                        .collect();
+                    files.join(", ")
                 };
                 return Some((vec![format!("kv-{kv}")], detail));
             }
@@ -395,7 +400,9 @@ impl<'c> Injector<'c> {
 
     /// Whether `f` would destroy the data of a kv node while too few other replicas of one
     /// of its shards hold theirs (a node is counted back once every replica on it answers
-    /// as a voter). Notes the fault as held back when so.
+    /// as a voter). A node whose disk holds corrupt sectors no read has caught yet does not
+    /// count either: once a replica reads one, it is rebuilt, so its data is as good as lost.
+    /// Notes the fault as held back when so.
     async fn would_lose_a_quorum(&mut self, f: &Fault) -> bool {
         let Some(kv) = f.loses_disk() else {
             return false;
@@ -411,18 +418,29 @@ impl<'c> Injector<'c> {
             }
         }
         let majority = self.placement.replicas as usize / 2 + 1;
+        let damaged: BTreeSet<u32> = self
+            .cluster
+            .disks
+            .iter()
+            .filter(|(_, d)| d.damaged_sectors() > 0)
+            .map(|(n, _)| *n)
+            .collect();
         for shard in self.placement.shards_on(kv) {
             let holders: Vec<u32> = self
                 .placement
                 .replicas_of(shard)
                 .into_iter()
-                .filter(|n| *n != kv && !self.rejoining.contains(n))
+                .filter(|n| *n != kv && !self.rejoining.contains(n) && !damaged.contains(n))
                 .collect();
             if holders.len() < majority {
-                let back: Vec<String> = self.rejoining.iter().map(|n| format!("kv-{n}")).collect();
+                let back: Vec<String> = self
+                    .rejoining
+                    .union(&damaged)
+                    .map(|n| format!("kv-{n}"))
+                    .collect();
                 self.notes.push(format!(
                     "held back: {} {} at {:.1} s: shard {shard} would keep {} of {} replicas \
-                     holding its data ({} not rejoined yet)",
+                     holding its data ({} not rejoined yet, or holding corrupt sectors)",
                     f.kind(),
                     Target::Node(Role::Kv, kv),
                     self.recorder.now_s(),

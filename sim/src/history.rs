@@ -118,7 +118,8 @@ pub enum Event {
         members: u32,
     },
     /// A fault was applied. `kind`: partition, disconnect, tunnel, crash, clock_step, pause,
-    /// latency, loss. `targets`: node names (`chat-0`, `device-17` where 17 is the device's
+    /// latency, loss, and the kv storage and replication kinds (disk_loss, leader_partition,
+    /// torn_write, corruption, slow_disk, force_recover). `targets`: node names (`chat-0`, `device-17` where 17 is the device's
     /// workload index, see `device`); a partition lists side `a` then side `b`. `detail`: the
     /// parameters (partition sides, clock delta, latency range, loss rate).
     Fault {

@@ -293,8 +293,9 @@ impl SimDisk {
         d.files.clear();
     }
 
-    /// Bit rot: flips one bit in each of `count` places drawn by `rng` in one file drawn by
-    /// `rng`, without updating the sectors' checksums. Returns the file and the sectors.
+    /// Bit rot: flips one bit in each of `count` places drawn by `rng` in every non-empty
+    /// file of the node (each shard replica's), without updating the sectors' checksums.
+    /// Returns each file and the sectors hit in it.
     ///
     /// Three flips in four land in message text (a run of the simulated texts' ASCII letters),
     /// and turn a letter into another (bit 2: `a` into `e`, a space into `$`): that is most of
@@ -302,37 +303,44 @@ impl SimDisk {
     /// serve. The rest land anywhere (page headers, B-tree structure, free space). Under the
     /// `skip-checksum` canary every flip lands in text: served, a flip in redb's own
     /// structures makes redb panic, which proves nothing about the checkers.
-    pub fn corrupt(&self, rng: &mut StdRng, count: usize) -> Option<(String, Vec<usize>)> {
+    pub fn corrupt(&self, rng: &mut StdRng, count: usize) -> Vec<(String, Vec<usize>)> {
         let mut d = self.lock();
-        let names: Vec<String> = d
-            .files
-            .iter()
-            .filter(|(_, f)| !f.bytes.is_empty())
-            .map(|(n, _)| n.clone())
-            .collect();
-        if names.is_empty() {
-            return None;
-        }
-        let name = names[rng.gen_range(0..names.len())].clone();
-        let text = text_bytes(&d.files[&name].bytes);
         let text_share = if d.skip_verify { 1.0 } else { 0.75 };
-        let f = d.files.get_mut(&name).expect("drawn from the files");
-        let mut hit = Vec::new();
-        for _ in 0..count {
-            let byte = if !text.is_empty() && rng.gen_bool(text_share) {
-                let b = text[rng.gen_range(0..text.len())];
-                f.bytes[b] ^= 0x04;
-                b
-            } else {
-                let b = rng.gen_range(0..f.bytes.len());
-                f.bytes[b] ^= 1 << rng.gen_range(0..8);
-                b
-            };
-            hit.push(byte / SECTOR_BYTES);
+        let mut out = Vec::new();
+        for (name, f) in d.files.iter_mut().filter(|(_, f)| !f.bytes.is_empty()) {
+            let text = text_bytes(&f.bytes);
+            let mut hit = Vec::new();
+            for _ in 0..count {
+                let byte = if !text.is_empty() && rng.gen_bool(text_share) {
+                    let b = text[rng.gen_range(0..text.len())];
+                    f.bytes[b] ^= 0x04;
+                    b
+                } else {
+                    let b = rng.gen_range(0..f.bytes.len());
+                    f.bytes[b] ^= 1 << rng.gen_range(0..8);
+                    b
+                };
+                hit.push(byte / SECTOR_BYTES);
+            }
+            hit.sort_unstable();
+            hit.dedup();
+            out.push((name.clone(), hit));
         }
-        hit.sort_unstable();
-        hit.dedup();
-        Some((name, hit))
+        out
+    }
+
+    /// Sectors of the node's files whose bytes fail their checksum now: corruption nobody
+    /// has read (and so detected) yet, or overwritten.
+    pub fn damaged_sectors(&self) -> usize {
+        let d = self.lock();
+        d.files
+            .values()
+            .map(|f| {
+                (0..f.sums.len())
+                    .filter(|&s| sector_sum(&f.bytes, s) != f.sums[s])
+                    .count()
+            })
+            .sum()
     }
 
     /// Reads serve whatever bytes are there, checksum or not (the `skip-checksum` canary).
@@ -545,8 +553,10 @@ mod tests {
         b.sync_data().unwrap();
         disk.complete_syncs();
         let mut rng = StdRng::seed_from_u64(3);
-        let (name, sectors) = disk.corrupt(&mut rng, 1).unwrap();
+        assert_eq!(disk.damaged_sectors(), 0);
+        let (name, sectors) = disk.corrupt(&mut rng, 1).pop().unwrap();
         assert_eq!(name, "f");
+        assert_eq!(disk.damaged_sectors(), 1);
         let mut out = vec![0u8; SECTOR_BYTES];
         let bad = sectors[0] as u64 * SECTOR_BYTES as u64;
         let e = b.read(bad, &mut out).unwrap_err();

@@ -302,8 +302,15 @@ impl FaultWindows {
     /// A heal closes the oldest open fault with the same kind and targets; if there is none, it
     /// closes every open fault of that kind. Device targets (`device-INDEX`) are mapped to ids
     /// through the `device` events' `index`; an unknown one makes the fault system-wide.
+    ///
+    /// kv faults are benign one at a time: a shard keeps a quorum of healthy replicas. Where
+    /// two kv nodes are hurt at once (crashed, disk lost or slow, leader cut off; each until
+    /// `KV_SETTLE_AFTER_HEAL_US` after its heal), a shard may have lost its quorum and waits
+    /// for the slower one: those stretches are disruptive, system-wide.
     pub fn build(history: &[Record]) -> Self {
-        Self::build_with(history, |kind, _| !BENIGN_FAULT_KINDS.contains(&kind), 0)
+        let mut w = Self::build_with(history, |kind, _| !BENIGN_FAULT_KINDS.contains(&kind), 0);
+        w.windows.extend(kv_quorum_windows(history));
+        w
     }
 
     /// Windows of the faults `select` picks (by kind and targets), each extended by `grace_us`
@@ -378,6 +385,95 @@ impl FaultWindows {
                     .is_none_or(|set| devices.iter().any(|d| set.contains(d)))
         })
     }
+}
+
+/// How long a kv node counts as hurt after its fault healed: a restarted replica catches up,
+/// a cut-off leader's group settles.
+pub(crate) const KV_SETTLE_AFTER_HEAL_US: u64 = 10 * super::SECOND_US;
+
+/// The kv node a fault hurts, if it hurts one: kv storage faults and crashes of `kv-N` hit
+/// their target; a leader partition hits the leader (its first target). Instant faults
+/// (corruption, a forced recovery) hurt nobody for long.
+fn hurt_kv_node(kind: &str, targets: &[String]) -> Option<String> {
+    let first = targets.first().filter(|t| t.starts_with("kv-"))?;
+    match kind {
+        "crash" | "pause" | "disk_loss" | "torn_write" | "slow_disk" | "leader_partition" => {
+            Some(first.clone())
+        }
+        _ => None,
+    }
+}
+
+/// Stretches in which two or more kv nodes were hurt at once (see `FaultWindows::build`).
+fn kv_quorum_windows(history: &[Record]) -> Vec<Window> {
+    // Per node, its hurt intervals; a fault's heal closes the oldest open one of the same
+    // kind and targets.
+    let mut open: Vec<(String, Vec<String>, String, u64)> = Vec::new();
+    let mut spans: Vec<(u64, u64, String)> = Vec::new();
+    for r in history {
+        match &r.ev {
+            Event::Fault { kind, targets, .. } => {
+                if let Some(node) = hurt_kv_node(kind, targets) {
+                    open.push((kind.clone(), targets.clone(), node, r.t_us));
+                }
+            }
+            Event::Heal { kind, targets, .. } => {
+                if let Some(i) = open
+                    .iter()
+                    .position(|(k, tg, _, _)| k == kind && tg == targets)
+                {
+                    let (_, _, node, start) = open.remove(i);
+                    spans.push((start, r.t_us + KV_SETTLE_AFTER_HEAL_US, node));
+                }
+            }
+            _ => {}
+        }
+    }
+    spans.extend(
+        open.into_iter()
+            .map(|(_, _, node, start)| (start, u64::MAX, node)),
+    );
+    // Sweep: (time, +1/-1 as 1/0 with ends first at a tie, node).
+    let mut edges: Vec<(u64, u8, String)> = Vec::new();
+    for (a, b, node) in spans {
+        edges.push((a, 1, node.clone()));
+        edges.push((b, 0, node));
+    }
+    edges.sort();
+    let mut hurt: BTreeMap<String, u32> = BTreeMap::new();
+    let mut out = Vec::new();
+    let mut since: Option<u64> = None;
+    for (t, up, node) in edges {
+        let n = hurt.entry(node.clone()).or_default();
+        if up == 1 {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                hurt.remove(&node);
+            }
+        }
+        match (hurt.len() >= 2, since) {
+            (true, None) => since = Some(t),
+            (false, Some(s)) => {
+                out.push(Window {
+                    start: s,
+                    end: (t != u64::MAX).then_some(t),
+                    devices: None,
+                });
+                since = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = since {
+        out.push(Window {
+            start: s,
+            end: None,
+            devices: None,
+        });
+    }
+    out
 }
 
 /// An acknowledged message, from its first `ack` (and its `send`, if recorded).
@@ -602,5 +698,31 @@ mod tests {
             fw.overlaps_for(1_000 * S, 2_000 * S, &[]),
             "unknown target: system-wide"
         );
+    }
+
+    // Proves one kv fault at a time is benign, and two kv nodes hurt at once (until 10 s
+    // after the first heal) disturb every judgment; other roles' crashes do not count.
+    #[test]
+    fn two_kv_nodes_hurt_at_once_are_disruptive() {
+        use crate::checkers::testutil::{H, S};
+        let h = H::new()
+            .fault(10 * S, "crash", "kv-0")
+            .heal(12 * S, "crash", "kv-0")
+            .fault(30 * S, "slow_disk", "kv-1")
+            .fault(35 * S, "crash", "chat-0")
+            .fault(40 * S, "crash", "kv-2")
+            .heal(45 * S, "crash", "kv-2")
+            .heal(50 * S, "slow_disk", "kv-1")
+            .heal(52 * S, "crash", "chat-0")
+            .build();
+        let w = FaultWindows::build(&h);
+        // kv-0 alone (and its 10 s settle) overlaps nothing else.
+        assert!(!w.overlaps_for(10 * S, 29 * S, &[1]));
+        // chat-0's crash is benign and kv-1 alone is too.
+        assert!(!w.overlaps_for(31 * S, 39 * S, &[1]));
+        // kv-1 slow and kv-2 crashed: from 40 s to kv-2's heal + 10 s.
+        assert!(w.overlaps_for(40 * S, 40 * S, &[1]));
+        assert!(w.overlaps_for(54 * S, 54 * S, &[1]));
+        assert!(!w.overlaps_for(56 * S, 90 * S, &[1]));
     }
 }

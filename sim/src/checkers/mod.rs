@@ -38,7 +38,8 @@ pub const MAX_STORED_VIOLATIONS: usize = 100;
 /// idgen's clock; the kv storage and replication faults touch only kv nodes, whose shards
 /// elect a new leader within two seconds). Every other fault kind (partition, tunnel,
 /// latency, loss, pause, ...) excuses the timing-sensitive presence and push checks while it
-/// is active.
+/// is active. Two kv nodes hurt at once are not benign either (see `index::FaultWindows`):
+/// a shard may have lost its quorum of healthy replicas.
 pub const BENIGN_FAULT_KINDS: &[&str] = &[
     "crash",
     "disconnect",
