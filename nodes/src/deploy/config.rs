@@ -5,6 +5,8 @@
 //! ```toml
 //! data = "chatsim-data"              # redb files and the token secret live here
 //! # token_secret = "hex..."          # or: token_secret_file = "path"; default <data>/token.secret
+//! kv_shards = 2                      # Raft groups (default: one per [[kv]] node); fixed
+//! kv_replicas = 1                    # copies of each shard on distinct kv nodes (default 1)
 //!
 //! [discovery]
 //! listen = "127.0.0.1:7100"
@@ -22,9 +24,6 @@
 //! key_id = "ABC123DEFG"
 //! team_id = "DEF123GHIJ"
 //! topic = "com.example.chat"
-//!
-//! kv_shards = 2                      # Raft groups (default: one per [[kv]] node); fixed
-//! kv_replicas = 1                    # copies of each shard on distinct kv nodes (default 1)
 //!
 //! [[kv]]
 //! listen = "127.0.0.1:7109"
