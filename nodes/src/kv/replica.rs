@@ -311,6 +311,13 @@ impl Replica {
         if !self.reads.is_empty() || self.queued_reads.is_empty() {
             return;
         }
+        // raft-rs silently drops a read index asked of a leader that has not committed an
+        // entry of its own term yet (its empty entry commits within a round trip): asked now,
+        // the round would never end, and every read of the shard would wait out
+        // READ_WAIT_TICKS. The reads wait for that commit instead (each Ready retries).
+        if self.is_leader() && !self.node.raft.commit_to_current_term() {
+            return;
+        }
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
         self.reads.insert(
@@ -1173,6 +1180,62 @@ mod tests {
                 .unwrap(),
             Response::Channel(Some(_))
         ));
+    }
+
+    // Proves a read asked of a new leader before its term's first entry commits is served
+    // once it commits (within a tick), not dropped: raft-rs ignores a read index asked that
+    // early, and the round used to block every read of the shard for READ_WAIT_TICKS.
+    #[test]
+    fn a_new_leader_serves_reads_asked_before_its_first_commit() {
+        let mut net = Net::new(3);
+        net.ticks(20);
+        assert_eq!(net.call(0, create(7)), Response::Members(vec![1]));
+        net.cut.insert(0);
+        // Tick without settling: step messages one at a time until a new leader exists that
+        // has not committed in its term.
+        let mut asked = None;
+        'outer: for _ in 0..40 {
+            for r in net.replicas.values_mut() {
+                r.tick(false).unwrap();
+            }
+            for _ in 0..1000 {
+                let mut moved = false;
+                for (slot, r) in net.replicas.iter_mut() {
+                    if *slot != 0 && r.is_leader() && !r.node.raft.commit_to_current_term() {
+                        let (tx, rx) = oneshot::channel();
+                        r.submit(vec![(Request::GetChannel { channel: 7 }, tx)])
+                            .unwrap();
+                        asked = Some((*slot, rx));
+                        break 'outer;
+                    }
+                    if let Some((early, mut p)) = r.persist().unwrap() {
+                        net.queue.extend(early);
+                        if p.needs_sync() {
+                            r.store().commit_durably(p.take_txn()).unwrap();
+                        }
+                        net.queue.extend(r.finish(p).unwrap());
+                        moved = true;
+                    }
+                }
+                if let Some(m) = net.queue.pop_front() {
+                    moved = true;
+                    let (from, to) = (slot_of(m.from), slot_of(m.to));
+                    if !net.cut.contains(&from) && !net.cut.contains(&to) {
+                        net.replicas.get_mut(&to).unwrap().step(vec![m]);
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        let (leader, mut rx) = asked.expect("a new leader was caught before its first commit");
+        net.settle();
+        net.ticks(1);
+        match rx.try_recv() {
+            Ok(Response::Channel(Some(_))) => {}
+            other => panic!("the read asked of new leader {leader} was not served: {other:?}"),
+        }
     }
 
     // Proves a replica whose disk is wiped rejoins with a new id, catches up from a snapshot
