@@ -37,6 +37,11 @@ pub struct KvAvailability {
     /// The longest a shard's writes stalled around it, and which shard; none if unprobed.
     pub write_stall_s: Option<f64>,
     pub shard: Option<u32>,
+    /// The same for linearizable reads.
+    #[serde(default)]
+    pub read_stall_s: Option<f64>,
+    #[serde(default)]
+    pub read_shard: Option<u32>,
     /// Sends started inside it by devices that stayed connected until their ack.
     pub sends: u64,
     pub unacked: u64,
@@ -326,17 +331,19 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
         s += &format!("![{p}]({p})\n\n");
     }
     if !r.kv_availability.is_empty() {
-        s += "## kv faults: availability\n\nWrites stalled: the longest a shard went without a successful write of the prober (one tiny write per shard every 100 ms, from 5 s before the fault to 20 s after its heal). Sends: first attempts started inside the fault by devices that stayed connected until their ack.\n\n| kind | targets | at s | for s | writes stalled s | shard | sends | never acked | ack p50 ms | ack p99 ms | ack p99.9 ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+        s += "## kv faults: availability\n\nWrites (reads) stalled: the longest a shard went without a successful write (linearizable read) of the prober (one tiny write and one read per shard every 100 ms, from 5 s before the fault to 20 s after its heal). Sends: first attempts started inside the fault by devices that stayed connected until their ack.\n\n| kind | targets | at s | for s | writes stalled s | shard | reads stalled s | shard | sends | never acked | ack p50 ms | ack p99 ms | ack p99.9 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
         let opt = |v: Option<f64>| v.map_or("-".to_string(), fmt_n);
         for a in &r.kv_availability {
             s += &format!(
-                "| {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 a.kind,
                 a.targets,
                 a.start_s,
                 a.duration_s,
                 opt(a.write_stall_s),
                 a.shard.map_or("-".to_string(), |s| s.to_string()),
+                opt(a.read_stall_s),
+                a.read_shard.map_or("-".to_string(), |s| s.to_string()),
                 a.sends,
                 a.unacked,
                 opt(a.ack_p50_ms),
@@ -429,6 +436,8 @@ pub(crate) mod tests {
                 duration_s: 5.0,
                 write_stall_s: Some(1.1),
                 shard: Some(1),
+                read_stall_s: Some(1.3),
+                read_shard: Some(1),
                 sends: 12,
                 unacked: 0,
                 ack_p50_ms: Some(20.0),

@@ -1,10 +1,13 @@
-//! Availability around kv faults: for each fault that touched kv, how long writes to a shard
+//! Availability around faults: for each fault that touched kv, how long writes to a shard
 //! were refused or stalled (from the prober), and how long the sends devices started inside
-//! it waited for their acks (from the history).
+//! it waited for their acks (from the history); for each crash or pause of another server
+//! node, the same send->ack figures (a role of N >= 2 nodes should hide one node's loss).
 //!
-//! A shard's stall in a window is the longest stretch between two successful probe writes
-//! (or from the fault's start to the first success), minus the probe's own pause: zero when
-//! every write went through at once. A send counts for a fault when its first attempt fell
+//! A shard's stall in a window is the longest stretch between two successful probes of one
+//! kind, writes or linearizable reads (or from the fault's start to the first success),
+//! minus the probe's own pause: zero when every probe went through at once. Reads and writes
+//! are timed apart: a shard may take writes and still not confirm reads (a read index waits
+//! on things a write does not). A send counts for a fault when its first attempt fell
 //! between the fault and its heal and its device stayed connected until the ack (an ack after
 //! a reconnect measures the device's absence); one never acked is counted apart.
 
@@ -12,15 +15,42 @@ use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 
+use nodes::proto::internal::{Request, Response};
+use nodes::rpc::RpcError;
+
 use crate::history::{Event, Id, Record};
 
-/// A probe write, as the prober records it (see `prober`).
+/// A probe of one shard, as the prober records it (see `prober`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProbeWrite {
+pub struct Probe {
     pub shard: u32,
+    /// A linearizable read, else a write.
+    pub read: bool,
     pub start_us: u64,
     pub end_us: u64,
     pub ok: bool,
+}
+
+impl Probe {
+    /// What a probe asks of a shard: a tiny write (a counter the system never reads), or a
+    /// linearizable read (of a user that does not exist).
+    pub fn request(read: bool) -> Request {
+        if read {
+            Request::GetUser { user: 0 }
+        } else {
+            Request::AllocId {
+                kind: "probe".into(),
+            }
+        }
+    }
+
+    /// Whether the shard answered the probe as it should.
+    pub fn answered(read: bool, r: &Result<Response, RpcError>) -> bool {
+        matches!(
+            (read, r),
+            (false, Ok(Response::Id(_))) | (true, Ok(Response::User(_)))
+        )
+    }
 }
 
 /// One kv fault's availability figures.
@@ -32,6 +62,8 @@ pub struct KvFaultAvailability {
     pub end_us: u64,
     /// The worst shard and how long its writes stalled, if the prober watched.
     pub stall: Option<(u32, u64)>,
+    /// The same for linearizable reads.
+    pub read_stall: Option<(u32, u64)>,
     pub sends: u64,
     pub unacked: u64,
     /// Send->ack of the acked ones: p50, p99, p99.9, in microseconds.
@@ -44,21 +76,52 @@ fn is_kv_fault(kind: &str, targets: &[String]) -> bool {
         || (kind == "crash" && targets.iter().any(|t| t.starts_with("kv-")))
 }
 
+/// Whether a fault event is a crash or pause of a server node other than kv.
+fn is_node_fault(kind: &str, targets: &[String]) -> bool {
+    matches!(kind, "crash" | "pause")
+        && !targets.is_empty()
+        && targets
+            .iter()
+            .all(|t| !t.starts_with("kv-") && !t.starts_with("device-"))
+}
+
 /// The figures of every kv fault in the history. `probe_every_us`: the prober's pause.
 pub fn kv_faults(
     history: &[Record],
-    probes: &[ProbeWrite],
+    probes: &[Probe],
     probe_every_us: u64,
+) -> Vec<KvFaultAvailability> {
+    faults_where(history, is_kv_fault, |start, end| {
+        let of = |read: bool| {
+            let ps: Vec<Probe> = probes.iter().filter(|p| p.read == read).copied().collect();
+            stall(&ps, start, end, probe_every_us)
+        };
+        (of(false), of(true))
+    })
+}
+
+/// The send->ack figures of every crash or pause of a server node other than kv (no probe:
+/// `stall` is `None`).
+pub fn node_faults(history: &[Record]) -> Vec<KvFaultAvailability> {
+    faults_where(history, is_node_fault, |_, _| (None, None))
+}
+
+type Stall = Option<(u32, u64)>;
+
+fn faults_where(
+    history: &[Record],
+    pick: fn(&str, &[String]) -> bool,
+    stalls_of: impl Fn(u64, u64) -> (Stall, Stall),
 ) -> Vec<KvFaultAvailability> {
     let mut open: BTreeMap<(String, Vec<String>), Vec<u64>> = BTreeMap::new();
     let mut spans = Vec::new();
     for r in history {
         match &r.ev {
-            Event::Fault { kind, targets, .. } if is_kv_fault(kind, targets) => open
+            Event::Fault { kind, targets, .. } if pick(kind, targets) => open
                 .entry((kind.clone(), targets.clone()))
                 .or_default()
                 .push(r.t_us),
-            Event::Heal { kind, targets, .. } if is_kv_fault(kind, targets) => {
+            Event::Heal { kind, targets, .. } if pick(kind, targets) => {
                 let key = (kind.clone(), targets.clone());
                 if let Some(start) = open
                     .get_mut(&key)
@@ -128,8 +191,10 @@ pub fn kv_faults(
                     h.value_at_quantile(0.999),
                 )
             });
+            let (stall, read_stall) = stalls_of(start, end);
             KvFaultAvailability {
-                stall: stall(probes, start, end, probe_every_us),
+                stall,
+                read_stall,
                 kind,
                 targets,
                 start_us: start,
@@ -143,9 +208,9 @@ pub fn kv_faults(
 }
 
 /// The longest stall of any shard over [start, end + 10 s], if probes cover it.
-fn stall(probes: &[ProbeWrite], start: u64, end: u64, every: u64) -> Option<(u32, u64)> {
+fn stall(probes: &[Probe], start: u64, end: u64, every: u64) -> Stall {
     let until = end + 10_000_000;
-    let mut by_shard: BTreeMap<u32, Vec<&ProbeWrite>> = BTreeMap::new();
+    let mut by_shard: BTreeMap<u32, Vec<&Probe>> = BTreeMap::new();
     for p in probes
         .iter()
         .filter(|p| p.end_us >= start && p.start_us <= until)
@@ -172,9 +237,16 @@ fn stall(probes: &[ProbeWrite], start: u64, end: u64, every: u64) -> Option<(u32
 pub fn describe(a: &KvFaultAvailability) -> String {
     let secs = |us: u64| us as f64 / 1e6;
     let ms = |us: u64| us as f64 / 1e3;
-    let stall = match a.stall {
-        Some((shard, us)) => format!("writes stalled up to {:.2} s (shard {shard})", secs(us)),
-        None => "no probe".into(),
+    let stall = match (a.stall, a.read_stall) {
+        (Some((shard, us)), Some((rshard, rus))) => format!(
+            "writes stalled up to {:.2} s (shard {shard}), reads {:.2} s (shard {rshard}); ",
+            secs(us),
+            secs(rus)
+        ),
+        (Some((shard, us)), None) => {
+            format!("writes stalled up to {:.2} s (shard {shard}); ", secs(us))
+        }
+        _ => String::new(),
     };
     let acks = match a.ack_us {
         Some((p50, p99, p999)) => format!(
@@ -186,7 +258,7 @@ pub fn describe(a: &KvFaultAvailability) -> String {
         None => "no send acked".into(),
     };
     format!(
-        "{} {} at {:.1} s for {:.1} s: {stall}; {} sends started inside ({} never acked), {acks}",
+        "{} {} at {:.1} s for {:.1} s: {stall}{} sends started inside ({} never acked), {acks}",
         a.kind,
         a.targets.join(","),
         secs(a.start_us),
@@ -194,4 +266,84 @@ pub fn describe(a: &KvFaultAvailability) -> String {
         a.sends,
         a.unacked
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkers::testutil::{H, S};
+
+    // Proves a crash or pause of a non-kv server node gets its send->ack figures (a send
+    // inside it, acked 2 s later, counts; one before it does not), and kv faults and device
+    // faults are left to the kv report and to nobody.
+    #[test]
+    fn node_faults_measure_sends_inside_a_crash() {
+        let h = H::new()
+            .device(0, 1, 11)
+            .up(S, 1, 11)
+            .send(5 * S, 11, 100, 1)
+            .ack(5 * S + 50_000, 11, 100, 1, 1)
+            .fault(10 * S, "crash", "idgen-0")
+            .fault(10 * S, "crash", "kv-1")
+            .fault(10 * S, "tunnel", "device-0")
+            .send(11 * S, 11, 100, 2)
+            .ack(13 * S, 11, 100, 2, 2)
+            .heal(15 * S, "crash", "idgen-0")
+            .heal(15 * S, "crash", "kv-1")
+            .heal(15 * S, "tunnel", "device-0")
+            .build();
+        let got = node_faults(&h);
+        assert_eq!(got.len(), 1, "{got:?}");
+        let a = &got[0];
+        assert_eq!(
+            (a.kind.as_str(), a.targets.clone()),
+            ("crash", vec!["idgen-0".to_string()])
+        );
+        assert_eq!(
+            (a.sends, a.unacked, a.stall, a.read_stall),
+            (1, 0, None, None)
+        );
+        let (p50, _, _) = a.ack_us.expect("one send acked");
+        assert!((1_990_000..=2_010_000).contains(&p50), "{p50}");
+        assert!(describe(a).contains("1 sends started inside (0 never acked)"));
+        assert_eq!(kv_faults(&h, &[], 100_000).len(), 1);
+    }
+
+    // Proves reads and writes stall apart: writes every 100 ms all through, reads failing
+    // for 3 s after the fault, give a write stall of 0 and a read stall of 3 s less the
+    // probe's own 100 ms pause.
+    #[test]
+    fn read_and_write_stalls_are_timed_apart() {
+        let h = H::new()
+            .fault(10 * S, "crash", "kv-2")
+            .heal(12 * S, "crash", "kv-2")
+            .build();
+        let every = 100_000;
+        let mut probes = Vec::new();
+        let mut t = 5 * S;
+        while t < 25 * S {
+            for read in [false, true] {
+                let ok = !(read && (10 * S..13 * S).contains(&t));
+                probes.push(Probe {
+                    shard: 0,
+                    read,
+                    start_us: t,
+                    end_us: t + 1_000,
+                    ok,
+                });
+            }
+            t += every;
+        }
+        let got = kv_faults(&h, &probes, every);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].stall, Some((0, 0)));
+        let (shard, us) = got[0].read_stall.expect("reads probed");
+        assert_eq!(shard, 0);
+        assert!((2_850_000..=2_950_000).contains(&us), "{us}");
+        assert!(
+            describe(&got[0]).contains("reads 2.90 s (shard 0)"),
+            "{}",
+            describe(&got[0])
+        );
+    }
 }

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | setup client | 10.0.0.1 | - |
 //! | counter scraper | 10.0.0.2 | - |
-//! | kv write prober (`prober.rs`) | 10.0.0.3 | - |
+//! | kv prober (`prober.rs`) | 10.0.0.3 | - |
 //! | api | 10.0.1.1 .. | 8080 (HTTP) |
 //! | discovery | 10.0.2.1 | 7000 (RPC) |
 //! | chat | 10.0.3.1 .. | 9000 (WebSocket), 7000 (RPC) |

@@ -146,7 +146,7 @@ pub struct Stats {
     /// What the fault injector says in words: quorums lost, forced recoveries.
     pub notes: Vec<String>,
     /// The kv prober's writes around kv faults (see `prober`).
-    pub kv_probes: Vec<crate::availability::ProbeWrite>,
+    pub kv_probes: Vec<crate::availability::Probe>,
     pub faults: usize,
     pub wall_secs: f64,
     pub history_hash: String,

@@ -144,6 +144,9 @@ pub fn print_outcome(opts: &Opts, o: &Outcome) -> i32 {
     for a in crate::availability::kv_faults(&o.history, &s.kv_probes, every) {
         println!("kv availability: {}", crate::availability::describe(&a));
     }
+    for a in crate::availability::node_faults(&o.history) {
+        println!("availability: {}", crate::availability::describe(&a));
+    }
     println!(
         "time: simulated {:.1} s, wall {:.2} s, {:.1} simulated s per wall s; network {} messages, {:.0} per wall s; history {} events, hash {}",
         s.sim_secs,

@@ -1,13 +1,13 @@
-//! A blackbox write probe on every kv shard around kv faults: how long did each shard refuse
-//! or stall writes? The answer the devices' view cannot give precisely (they retry, and most
-//! sends touch several shards).
+//! A blackbox probe of every kv shard around kv faults: how long did each shard refuse or
+//! stall writes, and linearizable reads? The answer the devices' view cannot give precisely
+//! (they retry, and most sends touch several shards).
 //!
 //! From its own node (10.0.0.3), through the same shard client every node uses, the prober
-//! writes one tiny counter (`AllocId { kind: "probe" }`) to each shard in turn, one write in
-//! flight per shard, every [`PROBE_EVERY`], from shortly before each kv fault until well after
-//! its heal. Outside those windows it stays quiet, so runs without kv faults are not changed
-//! by it. It records each write's start, end and outcome; `availability` turns them into
-//! stall times.
+//! writes one tiny counter to each shard and reads one absent user from it ([`Probe::request`]),
+//! one write and one read in flight per shard, every [`PROBE_EVERY`], from shortly before each
+//! kv fault until well after its heal. Outside those windows it stays quiet, so runs without
+//! kv faults are not changed by it. It records each probe's start, end and outcome;
+//! `availability` turns them into stall times.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
@@ -15,14 +15,13 @@ use std::time::Duration;
 
 use nodes::canary::Canaries;
 use nodes::cluster::{ClusterMap, Peers};
-use nodes::proto::internal::{Request, Response};
 use tokio::time::Instant;
 
-use crate::availability::ProbeWrite;
+use crate::availability::Probe;
 
 /// The prober's address.
 pub const PROBER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
-/// Pause between two writes to one shard.
+/// Pause between two probes of one kind of one shard.
 pub const PROBE_EVERY: Duration = Duration::from_millis(100);
 /// Probing starts this long before a kv fault and ends this long after its heal.
 pub const BEFORE: Duration = Duration::from_secs(5);
@@ -34,7 +33,7 @@ pub fn start(
     map: ClusterMap,
     windows: Vec<(Duration, Duration)>,
     run_start: Instant,
-) -> Arc<Mutex<Vec<ProbeWrite>>> {
+) -> Arc<Mutex<Vec<Probe>>> {
     let out = Arc::new(Mutex::new(Vec::new()));
     if windows.is_empty() {
         return out;
@@ -46,29 +45,25 @@ pub fn start(
         .build();
     let peers = Peers::new(map, Canaries::none());
     let shards = peers.kv_shards() as u32;
-    for shard in 0..shards {
+    for (shard, read) in (0..shards).flat_map(|s| [(s, false), (s, true)]) {
         let (peers, windows, out) = (peers.clone(), windows.clone(), out.clone());
         node.spawn(async move {
             for (from, to) in windows {
                 tokio::time::sleep_until(run_start + from).await;
                 while Instant::now() < run_start + to {
                     let start = Instant::now();
-                    let req = Request::AllocId {
-                        kind: "probe".into(),
-                    };
-                    let ok = matches!(
-                        peers.kv_shard(shard as usize).call(req).await,
-                        Ok(Response::Id(_))
-                    );
+                    let r = peers
+                        .kv_shard(shard as usize)
+                        .call(Probe::request(read))
+                        .await;
                     let us = |t: Instant| t.duration_since(run_start).as_micros() as u64;
-                    out.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(ProbeWrite {
-                            shard,
-                            start_us: us(start),
-                            end_us: us(Instant::now()),
-                            ok,
-                        });
+                    out.lock().unwrap_or_else(|p| p.into_inner()).push(Probe {
+                        shard,
+                        read,
+                        start_us: us(start),
+                        end_us: us(Instant::now()),
+                        ok: Probe::answered(read, &r),
+                    });
                     tokio::time::sleep(PROBE_EVERY).await;
                 }
             }

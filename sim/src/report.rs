@@ -119,6 +119,8 @@ fn kv_availability(o: &Outcome) -> Vec<reports::run::KvAvailability> {
                 duration_s: a.end_us.saturating_sub(a.start_us) as f64 / 1e6,
                 write_stall_s: a.stall.map(|(_, us)| us as f64 / 1e6),
                 shard: a.stall.map(|(s, _)| s),
+                read_stall_s: a.read_stall.map(|(_, us)| us as f64 / 1e6),
+                read_shard: a.read_stall.map(|(s, _)| s),
                 sends: a.sends,
                 unacked: a.unacked,
                 ack_p50_ms: a.ack_us.map(|(p, _, _)| ms(p)),

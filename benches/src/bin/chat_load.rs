@@ -80,7 +80,7 @@ struct RunArgs {
     #[arg(long, default_value = "load-out")]
     out: PathBuf,
     /// A `chatd local-cluster` data directory (pid files, config): enables --kill, --wipe
-    /// and the kv write prober (stall times per kv fault).
+    /// and the kv prober (write and read stall times per kv fault).
     #[arg(long)]
     cluster: Option<PathBuf>,
     /// `NODE@SECONDS`: kill -9 the node that many seconds into the traffic (repeatable).

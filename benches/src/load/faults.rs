@@ -1,5 +1,5 @@
 //! Faults the driver injects into a `chatd local-cluster` (its data directory holds the
-//! supervisor's pid files and `cluster.toml`), and the kv write prober that times what they
+//! supervisor's pid files and `cluster.toml`), and the kv prober that times what they
 //! cost.
 //!
 //! - `--kill NODE@S`: `kill -9` of a node; the supervisor restarts it. `NODE` may be
@@ -25,7 +25,7 @@ use nodes::deploy::supervisor::read_pid;
 use nodes::deploy::Config;
 use nodes::proto::internal::{Request, Response, ShardStatus};
 use nodes::rpc::RpcClient;
-use sim::availability::ProbeWrite;
+use sim::availability::Probe;
 use sim::history::Event;
 
 use super::{unix_us, Recorder};
@@ -201,29 +201,29 @@ impl Cluster {
         sim::kv_view::settled(&self.cfg.cluster_map(), Vec::new()).await
     }
 
-    /// Starts the kv write prober: one tiny write (`AllocId "probe"`) per shard every
-    /// [`PROBE_EVERY`], one in flight per shard, through the shard client every node uses,
-    /// until `until_unix_us`. Times are on the history's clock (`t0_unix_us`).
-    pub fn start_prober(&self, t0_unix_us: u64, until_unix_us: u64) -> Arc<Mutex<Vec<ProbeWrite>>> {
+    /// Starts the kv prober: one tiny write and one linearizable read ([`Probe::request`]) per
+    /// shard every [`PROBE_EVERY`], one of each in flight per shard, through the shard client
+    /// every node uses, until `until_unix_us`. Times are on the history's clock
+    /// (`t0_unix_us`).
+    pub fn start_prober(&self, t0_unix_us: u64, until_unix_us: u64) -> Arc<Mutex<Vec<Probe>>> {
         let out = Arc::new(Mutex::new(Vec::new()));
         let peers = Peers::new(self.cfg.cluster_map(), Canaries::none());
-        for shard in 0..peers.kv_shards() as u32 {
+        let shards = peers.kv_shards() as u32;
+        for (shard, read) in (0..shards).flat_map(|s| [(s, false), (s, true)]) {
             let (peers, out) = (peers.clone(), out.clone());
             tokio::spawn(async move {
                 while unix_us() < until_unix_us {
                     let start = unix_us();
-                    let req = Request::AllocId {
-                        kind: "probe".into(),
-                    };
-                    let ok = matches!(
-                        peers.kv_shard(shard as usize).call(req).await,
-                        Ok(Response::Id(_))
-                    );
-                    let p = ProbeWrite {
+                    let r = peers
+                        .kv_shard(shard as usize)
+                        .call(Probe::request(read))
+                        .await;
+                    let p = Probe {
                         shard,
+                        read,
                         start_us: start.saturating_sub(t0_unix_us),
                         end_us: unix_us().saturating_sub(t0_unix_us),
-                        ok,
+                        ok: Probe::answered(read, &r),
                     };
                     out.lock().unwrap_or_else(|p| p.into_inner()).push(p);
                     tokio::time::sleep(PROBE_EVERY).await;

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use sim::availability::{self, ProbeWrite};
+use sim::availability::{self, Probe};
 use sim::checkers::{self, CheckReport, Params};
 use sim::history::{Event, Id, Record};
 
@@ -85,6 +85,9 @@ pub struct KvFault {
     /// The worst shard's longest write stall, if the prober ran.
     pub stall_shard: Option<u32>,
     pub stall_ms: Option<f64>,
+    /// The same for linearizable reads.
+    pub read_stall_shard: Option<u32>,
+    pub read_stall_ms: Option<f64>,
     pub sends: u64,
     pub unacked: u64,
     pub ack_p50_ms: Option<f64>,
@@ -109,7 +112,7 @@ pub struct Verdict {
     /// Send due -> deliver, every first delivery to a recipient device.
     pub send_to_deliver: Percentiles,
     pub recoveries: Vec<Recovery>,
-    /// Per kv fault (a kv node crashed or wiped): write stall from the prober, and the
+    /// Per kv fault (a kv node crashed or wiped): write and read stalls from the prober, and the
     /// send->ack of sends started inside it.
     pub kv_faults: Vec<KvFault>,
     pub checks: Vec<(String, u64, u64)>,
@@ -118,11 +121,11 @@ pub struct Verdict {
 }
 
 /// Judges a merged history. `traffic` is the [start, end) of the send window (µs);
-/// `probes` the kv prober's writes (may be empty), `probe_every_us` its pause.
+/// `probes` the kv prober's writes and reads (may be empty), `probe_every_us` its pause.
 pub fn judge(
     history: &[Record],
     traffic: (u64, u64),
-    probes: &[ProbeWrite],
+    probes: &[Probe],
     probe_every_us: u64,
 ) -> Verdict {
     let reports: Vec<CheckReport> = checkers::run_all(history, &Params::default());
@@ -260,6 +263,8 @@ pub fn judge(
             healed_after_s: f.end_us.saturating_sub(f.start_us) as f64 / 1e6,
             stall_shard: f.stall.map(|s| s.0),
             stall_ms: f.stall.map(|s| ms(s.1)),
+            read_stall_shard: f.read_stall.map(|s| s.0),
+            read_stall_ms: f.read_stall.map(|s| ms(s.1)),
             sends: f.sends,
             unacked: f.unacked,
             ack_p50_ms: f.ack_us.map(|a| ms(a.0)),

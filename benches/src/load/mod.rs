@@ -13,7 +13,7 @@
 //! With `--cluster DIR` (a `chatd local-cluster` data directory) it can also hurt nodes in
 //! the middle of traffic (`--kill chat-0@20`, `--kill kv-leader@30`, `--wipe kv-1@40`, see
 //! `faults`); the supervisor restarts them and the history records each as a `crash` or
-//! `disk_loss` fault and its heal. A kv write prober then times each shard's write stall.
+//! `disk_loss` fault and its heal. A kv prober then times each shard's write and read stalls.
 
 pub mod device;
 pub mod faults;
