@@ -10,12 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::canary::{Canaries, Canary};
+use crate::health::PeerHealth;
 use crate::kv::client::ShardClient;
 use crate::kv::placement::Placement;
 use crate::proto::internal::{ChatServerInfo, Request, Response};
@@ -70,11 +70,11 @@ pub struct Peers {
     /// One client per kv node, by slot (node-level requests: counters, status).
     kv_nodes: Vec<RpcClient>,
     idgen: Vec<RpcClient>,
+    /// Which idgen nodes failed lately (calls go to the others first).
+    pub idgen_health: PeerHealth,
     pub presence: RpcClient,
     pub push: RpcClient,
     pub discovery: RpcClient,
-    /// Round robin over idgen nodes.
-    next_idgen: AtomicUsize,
     /// Chat servers by index, as last listed by discovery. A std mutex: never held across await.
     chat: Mutex<BTreeMap<u32, RpcClient>>,
     pub canaries: Canaries,
@@ -112,10 +112,10 @@ impl Peers {
             kv,
             kv_nodes,
             idgen: map.idgen.iter().copied().map(RpcClient::new).collect(),
+            idgen_health: PeerHealth::new(map.idgen.len()),
             presence: RpcClient::new(map.presence),
             push: RpcClient::new(map.push),
             discovery: RpcClient::new(map.discovery),
-            next_idgen: AtomicUsize::new(0),
             chat: Mutex::new(BTreeMap::new()),
             canaries,
             map,
@@ -162,10 +162,9 @@ impl Peers {
         &self.kv[shard]
     }
 
-    /// The next idgen node, round robin; `attempt` moves past a failed one.
-    pub fn idgen(&self, attempt: usize) -> &RpcClient {
-        let i = self.next_idgen.fetch_add(1, Ordering::Relaxed) + attempt;
-        &self.idgen[i % self.idgen.len()]
+    /// idgen node `i` (in the order of `idgen_health.order`).
+    pub fn idgen(&self, i: usize) -> &RpcClient {
+        &self.idgen[i]
     }
 
     /// Replaces the known chat servers with discovery's list.

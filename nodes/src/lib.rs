@@ -26,6 +26,7 @@ pub mod cluster;
 #[cfg(not(madsim))]
 pub mod deploy;
 pub mod discovery;
+pub mod health;
 pub mod idgen;
 pub mod kv;
 pub mod limits;

@@ -48,23 +48,44 @@ pub struct SendRequest {
     pub text: String,
 }
 
-/// Asks idgen for an id above `after`, trying each idgen node, a few rounds.
 /// Rounds over all idgen nodes before a send is refused `unavailable`, 100 ms apart (covers an
 /// idgen that is starting and has not taken its time lease yet).
 const IDGEN_ROUNDS: u32 = 3;
+/// Deadline of one attempt in the first round. An id is one in-memory step away, so a node
+/// that has not answered by then is down, paused or cut off: the next node is tried, and the
+/// silent one ejected (`health`). Later rounds wait the whole RPC deadline, for when every
+/// node is merely slow (a latency fault).
+pub const IDGEN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Asks idgen for an id above `after`: the healthy nodes first, round robin, a few rounds.
+/// A node that fails or stays silent is ejected for a while, so the sends after it go
+/// straight to a live node instead of each waiting out a deadline on the dead one.
 pub async fn next_id(peers: &Peers, after: Option<Id>) -> Result<Id, RpcError> {
     let mut last_err = None;
     for round in 0..IDGEN_ROUNDS {
         if round > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        for attempt in 0..peers.map.idgen.len() {
-            match peers.idgen(attempt).call(Request::NextId { after }).await {
-                Ok(Response::Id(id)) => return Ok(id),
+        let deadline = if round == 0 {
+            IDGEN_ATTEMPT_TIMEOUT
+        } else {
+            crate::rpc::CALL_TIMEOUT
+        };
+        let now = tokio::time::Instant::now();
+        for i in peers.idgen_health.order(now) {
+            let r = peers
+                .idgen(i)
+                .call_timeout(Request::NextId { after }, deadline)
+                .await;
+            match r {
+                Ok(Response::Id(id)) => {
+                    peers.idgen_health.succeeded(i);
+                    return Ok(id);
+                }
                 Ok(other) => last_err = Some(RpcError::Unexpected(format!("{other:?}"))),
                 Err(e) => last_err = Some(e),
             }
+            peers.idgen_health.failed(i, tokio::time::Instant::now());
         }
     }
     Err(last_err.expect("at least one idgen node was tried"))
