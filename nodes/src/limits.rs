@@ -10,11 +10,12 @@ pub const GROUP_MEMBERS_MAX: usize = 100;
 pub const MESSAGE_CHARS_MAX: usize = 100_000;
 
 /// Largest WebSocket frame a chat server accepts (and the device library reads): 100,000
-/// characters of up to 6 bytes each as JSON writes them (a control character is escaped as
-/// `\u0001`) plus the frame's other fields. Every legal message therefore fits, both in the
-/// device's `send` and in the server's `message` frame. Larger frames close the connection
-/// (`frame_too_large`).
-pub const WS_FRAME_BYTES_MAX: usize = 6 * MESSAGE_CHARS_MAX + 4096;
+/// characters of up to 12 bytes each as JSON may write them (a character outside the Basic
+/// Multilingual Plane escaped as a UTF-16 surrogate pair, `\uD83D\uDE00`, as JSON libraries
+/// that escape non-ASCII do; a control character is 6, `\u0001`) plus the frame's other
+/// fields. Every legal message therefore fits, both in the device's `send` and in the
+/// server's `message` frame. Larger frames close the connection (`frame_too_large`).
+pub const WS_FRAME_BYTES_MAX: usize = 12 * MESSAGE_CHARS_MAX + 4096;
 
 /// Longest a chat server waits for the kernel to take one WebSocket frame (the device's
 /// socket is full: it has not read for that long). When it fires the device is treated as a
@@ -35,6 +36,17 @@ pub const SESSION_OUTBOX_MAX: usize = 1024;
 /// is a few KB). Larger bodies are refused with 413 `body_too_large`. Enforced by the api's
 /// body extractor.
 pub const API_BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Longest the api waits for a request body once the headers are in (a client that sends
+/// headers and then nothing would hold a connection forever): after it the request is
+/// answered 408 `body_timeout` and the connection closed. A body announced larger than
+/// [`API_BODY_BYTES_MAX`] (`Content-Length`) is refused 413 at once, before any is read.
+/// Enforced by the api's body extractor.
+pub const API_BODY_READ_TIMEOUT_MS: u64 = 10_000;
+
+/// Longest group name, in characters; control characters are refused. Enforced by the api
+/// (`POST /v1/groups`, `bad_request`).
+pub const GROUP_NAME_CHARS_MAX: usize = 100;
 
 /// Messages per sync page read from kv and sent to a device.
 pub const SYNC_PAGE_MAX: usize = 100;

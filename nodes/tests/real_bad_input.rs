@@ -29,7 +29,7 @@ use nodes::client::http::HttpClient;
 use nodes::client::ws::{Incoming, WsConn};
 use nodes::client::ClientError;
 use nodes::limits::{
-    API_BODY_BYTES_MAX, MESSAGE_CHARS_MAX, SENDS_PER_SECOND_MAX, SESSION_OUTBOX_MAX,
+    API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS, GROUP_NAME_CHARS_MAX, MESSAGE_CHARS_MAX, SENDS_PER_SECOND_MAX, SESSION_OUTBOX_MAX,
     WS_FRAME_BYTES_MAX, WS_WRITE_TIMEOUT_MS,
 };
 use nodes::proto::client::*;
@@ -165,6 +165,26 @@ impl RawResponse {
             )
         })
     }
+}
+
+/// Writes `head` (a request's line and headers, and whatever of a body) on a fresh connection
+/// and returns what comes back within `wait`, and how long the answer took.
+async fn raw_http_head(addr: SocketAddr, head: &str, wait: Duration) -> (String, Duration) {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect api");
+    let t0 = Instant::now();
+    tcp.write_all(head.as_bytes()).await.expect("write head");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(wait, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    (String::from_utf8_lossy(&answer).to_string(), t0.elapsed())
 }
 
 /// One HTTP/1.1 request on its own connection, written and read by hand, so any header and
@@ -551,8 +571,9 @@ async fn raw_authed(url: &str, token: &str) -> RawWs {
 
 // Proves: a text of MESSAGE_CHARS_MAX + 1 characters in a legal frame is refused with
 // `message_too_long` and the connection stays usable; texts of exactly MESSAGE_CHARS_MAX
-// characters of 1- to 4-byte UTF-8 and of JSON-escaped control characters are accepted and
-// delivered intact; a frame over WS_FRAME_BYTES_MAX, and a message fragmented into legal
+// characters of 1- to 4-byte UTF-8, of JSON-escaped control characters, and of emoji written
+// as escaped UTF-16 surrogate pairs (12 bytes each) are accepted and delivered intact; a frame
+// over WS_FRAME_BYTES_MAX, and a message fragmented into legal
 // frames that adds up to more, get `frame_too_large` and are closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_frames_and_texts() {
@@ -620,8 +641,25 @@ async fn oversize_frames_and_texts() {
         assert!(got.text == *text, "text {i} delivered intact");
     }
 
-    // A frame over the limit: `frame_too_large`, then the connection is closed.
+    // The emoji text again, as JSON libraries that escape non-ASCII write it: every
+    // character a surrogate pair, `\uD83D\uDE00`, 12 bytes (1.2 MB in all).
     let url = chat_url(&alice_http).await;
+    let escaped = format!(
+        "{{\"type\":\"send\",\"client_msg_id\":50,\"channel\":{channel},\"text\":\"{}\"}}",
+        "\\uD83D\\uDE00".repeat(MESSAGE_CHARS_MAX)
+    );
+    assert!(escaped.len() > 12 * MESSAGE_CHARS_MAX, "{}", escaped.len());
+    let (_, alice4) = login(http, "alice").await;
+    let mut raw = raw_authed(&url, &alice4.token).await;
+    raw.send(Message::text(escaped)).await.expect("send");
+    let got = next_message(&mut b).await;
+    assert_eq!(got.client_msg_id, 50);
+    assert!(
+        got.text == "😀".repeat(MESSAGE_CHARS_MAX),
+        "escaped emoji delivered intact"
+    );
+
+    // A frame over the limit: `frame_too_large`, then the connection is closed.
     let (_, alice2) = login(http, "alice").await;
     let mut raw = raw_authed(&url, &alice2.token).await;
     let _ = raw
@@ -1038,11 +1076,21 @@ async fn refused_hello(url: &str, token: &str) -> Ending {
 // hello gets `not_authenticated` and is closed after the hello timeout, and one that never
 // finishes the WebSocket handshake is dropped. On HTTP, missing, garbage, foreign and expired
 // bearer tokens are 401 with a JSON error body, malformed bodies are 400 `malformed_json`,
-// and a body over API_BODY_BYTES_MAX is 413 `body_too_large`.
+// and a body over API_BODY_BYTES_MAX is 413 `body_too_large` (at once when Content-Length
+// announces it, even 10 GB), a body that never arrives is 408 `body_timeout` after
+// API_BODY_READ_TIMEOUT_MS, and a group name over GROUP_NAME_CHARS_MAX characters or with a
+// control character is 400 `bad_request`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_and_bad_requests_are_refused() {
     let server = Server::start().await;
     let http = server.http;
+    // Headers complete, the body never sent: answered once the body timeout is up (run
+    // alongside the rest).
+    let stalled_body = tokio::spawn(raw_http_head(
+        http,
+        "POST /v1/signup HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{",
+        Duration::from_millis(API_BODY_READ_TIMEOUT_MS + 5_000),
+    ));
     let alice_user = signup(http, "alice").await;
     let (alice_http, alice) = login(http, "alice").await;
     let url = chat_url(&alice_http).await;
@@ -1218,6 +1266,42 @@ async fn bad_tokens_and_bad_requests_are_refused() {
     assert_eq!(r.status, 400, "a body at the limit is parsed");
     assert_eq!(r.error().error, ErrorCode::MalformedJson, "no password");
     http_malformed += 1;
+
+    // A body announced far over the limit: refused before any of it is read.
+    let (answer, took) = raw_http_head(
+        http,
+        "POST /v1/signup HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000000\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+    assert!(took < Duration::from_secs(5), "answered at once, not after the body");
+    http_too_large += 1;
+    let (answer, took) = stalled_body.await.expect("stalled body");
+    eprintln!("a body that never arrives: answered after {took:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(took >= Duration::from_millis(API_BODY_READ_TIMEOUT_MS - 100), "{took:?}");
+
+    // Group names: at most GROUP_NAME_CHARS_MAX characters, none a control character.
+    for (name, ok) in [
+        ("é".repeat(GROUP_NAME_CHARS_MAX), true),
+        ("é".repeat(GROUP_NAME_CHARS_MAX + 1), false),
+        ("tab\there".to_string(), false),
+        ("bell\u{7}".to_string(), false),
+        (String::new(), false),
+    ] {
+        let body = serde_json::to_vec(&serde_json::json!({ "name": name, "members": [] }))
+            .expect("json");
+        let r = raw_http(http, "POST", "/v1/groups", &authed, &body).await;
+        if ok {
+            assert_eq!(r.status, 200, "group name {name:?}");
+        } else {
+            assert_eq!(r.status, 400, "group name {name:?}");
+            assert_eq!(r.error().error, ErrorCode::BadRequest, "{name:?}");
+        }
+    }
 
     // The silent connections.
     let (end, after) = silent_hello.await.expect("silent hello");

@@ -16,7 +16,10 @@ use serde::Deserialize;
 use crate::auth::{hash_password, Claims, TokenKey};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
-use crate::limits::{API_BODY_BYTES_MAX, GROUP_MEMBERS_MAX, SYNC_PAGE_MAX, TOKEN_TTL_MS};
+use crate::limits::{
+    API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS, GROUP_MEMBERS_MAX, GROUP_NAME_CHARS_MAX,
+    SYNC_PAGE_MAX, TOKEN_TTL_MS,
+};
 use crate::metrics::Metrics;
 use crate::proto::client::*;
 use crate::proto::internal::{ChannelKind, ChannelRecord, Request, Response, UserRecord};
@@ -69,6 +72,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Unavailable | ErrorCode::NoChatServer => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         _ => StatusCode::BAD_REQUEST,
     }
 }
@@ -113,29 +117,47 @@ pub fn router(state: Arc<ApiState>) -> Router {
         }))
 }
 
-/// A request body of at most [`API_BODY_BYTES_MAX`] bytes. axum's own `Bytes` extractor
-/// would refuse a larger one with a plain-text 413; this one answers `body_too_large` in our
-/// JSON error body (and any other failure to read the body as `bad_request`).
+/// A request body of at most [`API_BODY_BYTES_MAX`] bytes, read within
+/// [`API_BODY_READ_TIMEOUT_MS`]. axum's own `Bytes` extractor would refuse a larger one with a
+/// plain-text 413; this one answers `body_too_large` in our JSON error body, at once when
+/// `Content-Length` announces it, `body_timeout` (408) when the body does not arrive in time,
+/// and any other failure to read the body as `bad_request`.
 struct Body(Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = ApiError;
 
     async fn from_request(mut req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let announced = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if announced.is_some_and(|n| n > API_BODY_BYTES_MAX as u64) {
+            return Err(refuse(
+                ErrorCode::BodyTooLarge,
+                format!("request body over {API_BODY_BYTES_MAX} bytes"),
+            ));
+        }
         DefaultBodyLimit::max(API_BODY_BYTES_MAX).apply(&mut req);
-        Bytes::from_request(req, state)
-            .await
-            .map(Body)
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    refuse(
-                        ErrorCode::BodyTooLarge,
-                        format!("request body over {API_BODY_BYTES_MAX} bytes"),
-                    )
-                } else {
-                    refuse(ErrorCode::BadRequest, e.body_text())
-                }
-            })
+        let read = Bytes::from_request(req, state);
+        let wait = std::time::Duration::from_millis(API_BODY_READ_TIMEOUT_MS);
+        let Ok(read) = tokio::time::timeout(wait, read).await else {
+            return Err(refuse(
+                ErrorCode::BodyTimeout,
+                format!("request body not received within {API_BODY_READ_TIMEOUT_MS} ms"),
+            ));
+        };
+        read.map(Body).map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                refuse(
+                    ErrorCode::BodyTooLarge,
+                    format!("request body over {API_BODY_BYTES_MAX} bytes"),
+                )
+            } else {
+                refuse(ErrorCode::BadRequest, e.body_text())
+            }
+        })
     }
 }
 
@@ -364,6 +386,13 @@ const MEMBER_CALLS_IN_FLIGHT: usize = 16;
 async fn create_group(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<GroupResponse> {
     let c = auth(&st, &headers)?;
     let req: CreateGroupRequest = parse(&body)?;
+    let chars = req.name.chars().count();
+    if chars == 0 || chars > GROUP_NAME_CHARS_MAX || req.name.chars().any(char::is_control) {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            format!("name: 1 to {GROUP_NAME_CHARS_MAX} characters, no control characters"),
+        ));
+    }
     let mut members: Vec<Id> = vec![c.user];
     let mut seen = BTreeSet::from([c.user]);
     for m in req.members {

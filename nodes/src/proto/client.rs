@@ -40,6 +40,8 @@ pub enum ErrorCode {
     UnknownDevice,
     /// An HTTP request body over `API_BODY_BYTES_MAX` (HTTP 413).
     BodyTooLarge,
+    /// An HTTP request body that did not arrive within `API_BODY_READ_TIMEOUT_MS` (HTTP 408).
+    BodyTimeout,
 }
 
 impl ErrorCode {
@@ -66,6 +68,7 @@ impl ErrorCode {
             ErrorCode::NoChatServer => "no_chat_server",
             ErrorCode::UnknownDevice => "unknown_device",
             ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::BodyTimeout => "body_timeout",
         }
     }
 
