@@ -196,6 +196,24 @@ fn device(c: &mut Criterion) {
     });
 }
 
+/// One login's password check (what signup's hash costs too), at both costs.
+fn passwords(c: &mut Criterion) {
+    use nodes::auth::{PasswordCost, Passwords};
+    use rand::SeedableRng;
+    let mut g = c.benchmark_group("password_verify");
+    g.sample_size(20);
+    for (name, cost) in [
+        ("standard", PasswordCost::Standard),
+        ("minimal", PasswordCost::Minimal),
+    ] {
+        let p = Passwords::new(cost, rand::rngs::StdRng::seed_from_u64(1));
+        let stored = p.hash("correct horse battery staple");
+        g.bench_function(name, |b| {
+            b.iter(|| p.verify("alice", black_box("correct horse battery staple"), &stored))
+        });
+    }
+}
+
 criterion_group!(
     benches,
     codec,
@@ -203,6 +221,7 @@ criterion_group!(
     kv_append,
     kv_group_commit,
     fanout,
-    device
+    device,
+    passwords
 );
 criterion_main!(benches);

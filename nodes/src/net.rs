@@ -57,6 +57,27 @@ pub fn sim_wire_bytes() -> u64 {
     SIM_WIRE_BYTES.with(|b| b.get())
 }
 
+/// A random number generator for a node's secrets (password salts): seeded by the simulation
+/// under `cfg(madsim)` (same seed, same run), from the operating system otherwise.
+pub fn node_rng() -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    #[cfg(madsim)]
+    return rand::rngs::StdRng::seed_from_u64(madsim::rand::random());
+    #[cfg(not(madsim))]
+    rand::rngs::StdRng::from_entropy()
+}
+
+/// Runs CPU-heavy `f` (a password hash) off the async workers: on a blocking thread for
+/// real, inline in the simulation (madsim has no threads; simulated time does not pass).
+pub async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    #[cfg(madsim)]
+    return f();
+    #[cfg(not(madsim))]
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("a blocking task does not panic")
+}
+
 /// Connects to `addr`.
 pub async fn connect(addr: SocketAddr) -> io::Result<Stream> {
     Ok(Stream::new(TcpStream::connect(addr).await?))

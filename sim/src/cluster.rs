@@ -224,6 +224,8 @@ impl Cluster {
                     listen,
                     peers: pf(),
                     token_key: token_key(),
+                    // Hundreds of logins per run: the same argon2id code at its minimum cost.
+                    password_cost: nodes::auth::PasswordCost::Minimal,
                     metrics: nodes::metrics::Metrics::new(),
                 })
             });

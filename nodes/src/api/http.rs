@@ -8,7 +8,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 
 use super::routes::{router, ApiState};
-use crate::auth::TokenKey;
+use crate::auth::{PasswordCost, Passwords, TokenKey};
 use crate::cluster::Peers;
 use crate::metrics::{self, Metrics};
 use crate::net::{self, SimTimer, Stream};
@@ -18,6 +18,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     pub peers: Arc<Peers>,
     pub token_key: TokenKey,
+    /// The work one password hash costs (`Minimal` only in the simulation).
+    pub password_cost: PasswordCost,
     /// Served at `/metrics` beside the api (all-in-one passes the process's shared one).
     pub metrics: Arc<Metrics>,
 }
@@ -30,6 +32,7 @@ pub async fn run(cfg: ApiConfig) -> anyhow::Result<()> {
     let app = router(Arc::new(ApiState {
         peers: cfg.peers.clone(),
         token_key: cfg.token_key.clone(),
+        passwords: Arc::new(Passwords::new(cfg.password_cost, crate::net::node_rng())),
         metrics: cfg.metrics.clone(),
     }))
     .merge(metrics::routes(cfg.metrics.clone(), metrics::alive()));

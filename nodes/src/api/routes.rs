@@ -13,7 +13,7 @@ use futures::{stream, StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::auth::{hash_password, Claims, TokenKey};
+use crate::auth::{Claims, Passwords, TokenKey};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
 use crate::limits::{
@@ -29,6 +29,7 @@ use crate::rpc::RpcError;
 pub struct ApiState {
     pub peers: Arc<Peers>,
     pub token_key: TokenKey,
+    pub passwords: Arc<Passwords>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -239,10 +240,13 @@ async fn signup(State(st): S, body: Body) -> ApiResult<SignupResponse> {
         } if fresh || holder == user => {}
         _ => return Err(refuse(ErrorCode::NameTaken, req.name)),
     }
+    let passwords = st.passwords.clone();
+    let password = req.password.clone();
+    let password_hash = crate::net::run_blocking(move || passwords.hash(&password)).await;
     let record = UserRecord {
         user,
         name: req.name.clone(),
-        password_hash: hash_password(&req.name, &req.password),
+        password_hash,
         ..UserRecord::default()
     };
     call(st.peers.kv_for_user(user), Request::PutUser { record }).await?;
@@ -255,11 +259,18 @@ async fn login(State(st): S, body: Body) -> ApiResult<LoginResponse> {
         name: req.name.clone(),
     };
     let bad = || refuse(ErrorCode::BadCredentials, "unknown name or wrong password");
+    let passwords = st.passwords.clone();
     let Response::MaybeId(Some(user)) = call(st.peers.kv_for_name(&req.name), lookup).await? else {
+        // As long as a wrong password takes: the answer's time does not tell names apart.
+        let password = req.password.clone();
+        crate::net::run_blocking(move || passwords.waste(&password)).await;
         return Err(bad());
     };
     let rec = get_user(&st, user).await?;
-    if rec.password_hash != hash_password(&req.name, &req.password) {
+    let (name, password) = (req.name.clone(), req.password.clone());
+    let stored = rec.password_hash.clone();
+    let good = crate::net::run_blocking(move || passwords.verify(&name, &password, &stored)).await;
+    if !good {
         return Err(bad());
     }
     let device = match req.device {

@@ -153,6 +153,7 @@ pub fn start(
                 listen: cfg.api[index].listen,
                 peers: peers(),
                 token_key: shared.token_key.clone(),
+                password_cost: crate::auth::PasswordCost::Standard,
                 metrics: m,
             })));
             None
