@@ -29,8 +29,8 @@ use nodes::client::http::HttpClient;
 use nodes::client::ws::{Incoming, WsConn};
 use nodes::client::ClientError;
 use nodes::limits::{
-    API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS, GROUP_NAME_CHARS_MAX, MESSAGE_CHARS_MAX, SENDS_PER_SECOND_MAX, SESSION_OUTBOX_MAX,
-    WS_FRAME_BYTES_MAX, WS_WRITE_TIMEOUT_MS,
+    API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS, GROUP_NAME_CHARS_MAX, MESSAGE_CHARS_MAX,
+    SENDS_PER_SECOND_MAX, SESSION_OUTBOX_MAX, WS_FRAME_BYTES_MAX, WS_WRITE_TIMEOUT_MS,
 };
 use nodes::proto::client::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1276,13 +1276,19 @@ async fn bad_tokens_and_bad_requests_are_refused() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("body_too_large"), "{answer}");
-    assert!(took < Duration::from_secs(5), "answered at once, not after the body");
+    assert!(
+        took < Duration::from_secs(5),
+        "answered at once, not after the body"
+    );
     http_too_large += 1;
     let (answer, took) = stalled_body.await.expect("stalled body");
     eprintln!("a body that never arrives: answered after {took:?}");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("body_timeout"), "{answer}");
-    assert!(took >= Duration::from_millis(API_BODY_READ_TIMEOUT_MS - 100), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(API_BODY_READ_TIMEOUT_MS - 100),
+        "{took:?}"
+    );
 
     // Group names: at most GROUP_NAME_CHARS_MAX characters, none a control character.
     for (name, ok) in [
@@ -1292,8 +1298,8 @@ async fn bad_tokens_and_bad_requests_are_refused() {
         ("bell\u{7}".to_string(), false),
         (String::new(), false),
     ] {
-        let body = serde_json::to_vec(&serde_json::json!({ "name": name, "members": [] }))
-            .expect("json");
+        let body =
+            serde_json::to_vec(&serde_json::json!({ "name": name, "members": [] })).expect("json");
         let r = raw_http(http, "POST", "/v1/groups", &authed, &body).await;
         if ok {
             assert_eq!(r.status, 200, "group name {name:?}");
