@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
+use nodes::api::throttle::LOGIN_FAILURES_MAX;
 use nodes::auth::TokenKey;
 use nodes::client::http::HttpClient;
 use nodes::client::ws::{Incoming, WsConn};
@@ -1079,7 +1080,8 @@ async fn refused_hello(url: &str, token: &str) -> Ending {
 // and a body over API_BODY_BYTES_MAX is 413 `body_too_large` (at once when Content-Length
 // announces it, even 10 GB), a body that never arrives is 408 `body_timeout` after
 // API_BODY_READ_TIMEOUT_MS, and a group name over GROUP_NAME_CHARS_MAX characters or with a
-// control character is 400 `bad_request`.
+// control character is 400 `bad_request`, and after LOGIN_FAILURES_MAX wrong passwords a
+// name is refused 429 `rate_limited`, with its right password too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_and_bad_requests_are_refused() {
     let server = Server::start().await;
@@ -1308,6 +1310,46 @@ async fn bad_tokens_and_bad_requests_are_refused() {
             assert_eq!(r.error().error, ErrorCode::BadRequest, "{name:?}");
         }
     }
+
+    // Password guessing: LOGIN_FAILURES_MAX wrong passwords are 401, then the name is locked
+    // (429 `rate_limited`, the right password too); other names are not.
+    signup(http, "mallory-target").await;
+    let login_body = |name: &str, password: &str| {
+        serde_json::to_vec(&serde_json::json!({ "name": name, "password": password }))
+            .expect("json")
+    };
+    for k in 0..LOGIN_FAILURES_MAX {
+        let r = raw_http(
+            http,
+            "POST",
+            "/v1/login",
+            &[],
+            &login_body("mallory-target", "guess"),
+        )
+        .await;
+        assert_eq!(r.status, 401, "wrong password {k}");
+    }
+    for password in ["guess", "mallory-target-pw"] {
+        let r = raw_http(
+            http,
+            "POST",
+            "/v1/login",
+            &[],
+            &login_body("mallory-target", password),
+        )
+        .await;
+        assert_eq!(r.status, 429, "locked name, password {password:?}");
+        assert_eq!(r.error().error, ErrorCode::RateLimited);
+    }
+    let r = raw_http(
+        http,
+        "POST",
+        "/v1/login",
+        &[],
+        &login_body("alice", "alice-pw"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "another name logs in");
 
     // The silent connections.
     let (end, after) = silent_hello.await.expect("silent hello");

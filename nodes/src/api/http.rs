@@ -33,6 +33,7 @@ pub async fn run(cfg: ApiConfig) -> anyhow::Result<()> {
         peers: cfg.peers.clone(),
         token_key: cfg.token_key.clone(),
         passwords: Arc::new(Passwords::new(cfg.password_cost, crate::net::node_rng())),
+        login_throttle: Default::default(),
         metrics: cfg.metrics.clone(),
     }))
     .merge(metrics::routes(cfg.metrics.clone(), metrics::alive()));

@@ -9,6 +9,7 @@
 
 pub mod http;
 pub mod routes;
+pub mod throttle;
 pub mod web;
 
 pub use http::{run, ApiConfig};

@@ -13,6 +13,7 @@ use futures::{stream, StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use super::throttle::LoginThrottle;
 use crate::auth::{Claims, Passwords, TokenKey};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
@@ -30,6 +31,7 @@ pub struct ApiState {
     pub peers: Arc<Peers>,
     pub token_key: TokenKey,
     pub passwords: Arc<Passwords>,
+    pub login_throttle: LoginThrottle,
     pub metrics: Arc<Metrics>,
 }
 
@@ -259,11 +261,21 @@ async fn login(State(st): S, body: Body) -> ApiResult<LoginResponse> {
         name: req.name.clone(),
     };
     let bad = || refuse(ErrorCode::BadCredentials, "unknown name or wrong password");
+    if let Err(ms) = st.login_throttle.check(&req.name, unix_ms()) {
+        return Err(refuse(
+            ErrorCode::RateLimited,
+            format!(
+                "too many failed logins for this name; retry after {} s",
+                ms.div_ceil(1000)
+            ),
+        ));
+    }
     let passwords = st.passwords.clone();
     let Response::MaybeId(Some(user)) = call(st.peers.kv_for_name(&req.name), lookup).await? else {
         // As long as a wrong password takes: the answer's time does not tell names apart.
         let password = req.password.clone();
         crate::net::run_blocking(move || passwords.waste(&password)).await;
+        st.login_throttle.failed(&req.name, unix_ms());
         return Err(bad());
     };
     let rec = get_user(&st, user).await?;
@@ -271,8 +283,10 @@ async fn login(State(st): S, body: Body) -> ApiResult<LoginResponse> {
     let stored = rec.password_hash.clone();
     let good = crate::net::run_blocking(move || passwords.verify(&name, &password, &stored)).await;
     if !good {
+        st.login_throttle.failed(&req.name, unix_ms());
         return Err(bad());
     }
+    st.login_throttle.succeeded(&req.name);
     let device = match req.device {
         Some(d) if rec.devices.contains(&d) => d,
         _ => {
