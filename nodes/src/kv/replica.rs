@@ -77,6 +77,10 @@ const TRANSFER_BACKOFF_MAX_TICKS: u64 = 600;
 /// heartbeats; every write to its shard waits for it.
 pub const SLOW_SYNC: Duration = Duration::from_millis(400);
 const SLOW_FOR_TICKS: u64 = 150;
+/// A follower left waiting this long (ticks; 20 s) for a snapshot that was sent is reported
+/// failed (see `Replica::unstick_snapshots`). Longer than any snapshot takes to send and
+/// install, even on a slow disk.
+const SNAPSHOT_STUCK_TICKS: u64 = 100;
 /// A learner this close to the leader's last index is caught up and may become a voter.
 const CATCH_UP_LAG: u64 = 10;
 /// The log is compacted once this many applied entries sit in it, keeping the newest
@@ -156,6 +160,8 @@ pub struct Replica {
     last_transfer_tick: u64,
     /// Ticks between two hand-backs to the preferred replica (doubles while they fail).
     transfer_every: u64,
+    /// Followers in raft-rs's snapshot state, and the tick each was first seen there.
+    snapshot_since: BTreeMap<u64, u64>,
     /// A hand-back was asked for and not seen to take yet.
     transfer_pending: bool,
     /// The disk was slow recently: until this tick the replica keeps away from leadership.
@@ -237,6 +243,7 @@ impl Replica {
             ticks: 0,
             last_transfer_tick: 0,
             transfer_every: TRANSFER_EVERY_TICKS,
+            snapshot_since: BTreeMap::new(),
             transfer_pending: false,
             slow_until_tick: 0,
             was_leader: false,
@@ -377,6 +384,36 @@ impl Replica {
         self.node.report_snapshot(to, status);
     }
 
+    /// A follower the leader sent a snapshot waits in raft-rs's snapshot state, paused (no
+    /// appends, and heartbeats do not resume it), until the send is reported or the follower
+    /// answers. Either can be lost: the report when the replica's inbox is full, the answer
+    /// when a peer queue is. A follower in that state for [`SNAPSHOT_STUCK_TICKS`] is reported
+    /// failed, so the leader probes it and sends again if it must.
+    fn unstick_snapshots(&mut self) {
+        let now = self.ticks;
+        let waiting: Vec<u64> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, pr)| pr.state == raft::ProgressState::Snapshot)
+            .map(|(id, _)| *id)
+            .collect();
+        self.snapshot_since.retain(|id, _| waiting.contains(id));
+        for id in sorted(waiting.iter().copied()) {
+            let since = *self.snapshot_since.entry(id).or_insert(now);
+            if now - since >= SNAPSHOT_STUCK_TICKS {
+                tracing::info!(
+                    shard = self.shard,
+                    to = id,
+                    "snapshot unanswered; trying again"
+                );
+                self.node.report_snapshot(id, SnapshotStatus::Failure);
+                self.snapshot_since.remove(&id);
+            }
+        }
+    }
+
     /// `to` could not be reached: the leader probes it instead of streaming to it.
     pub fn report_unreachable(&mut self, to: u64) {
         self.node.report_unreachable(to);
@@ -438,8 +475,11 @@ impl Replica {
         }
         self.start_read_round();
         if self.is_leader() {
+            self.unstick_snapshots();
             self.replace_caught_up_learners();
             self.place_leadership();
+        } else {
+            self.snapshot_since.clear();
         }
         if !syncing {
             self.compact()?;
@@ -1004,6 +1044,8 @@ mod tests {
         queue: VecDeque<Message>,
         /// Slots whose messages are dropped both ways.
         cut: BTreeSet<u32>,
+        /// The first message this matches is lost.
+        lose_once: Option<fn(&Message) -> bool>,
     }
 
     fn open(disk: &Arc<SimDisk>, slot: u32, p: Placement, boot: bool, inc: u64) -> Replica {
@@ -1023,6 +1065,7 @@ mod tests {
                 replicas: BTreeMap::new(),
                 queue: VecDeque::new(),
                 cut: BTreeSet::new(),
+                lose_once: None,
             };
             for slot in 0..n {
                 let disk = SimDisk::new();
@@ -1052,6 +1095,10 @@ mod tests {
                     moved = true;
                     let (from, to) = (slot_of(m.from), slot_of(m.to));
                     if self.cut.contains(&from) || self.cut.contains(&to) {
+                        continue;
+                    }
+                    if self.lose_once.is_some_and(|lose| lose(&m)) {
+                        self.lose_once = None;
                         continue;
                     }
                     if let Some(r) = self.replicas.get_mut(&to) {
@@ -1242,6 +1289,23 @@ mod tests {
     // after the log was compacted, and replaces its old self in the membership.
     #[test]
     fn a_wiped_replica_rejoins_from_a_snapshot() {
+        rejoin_from_a_snapshot(None);
+    }
+
+    // Proves a rejoining replica whose answer to the snapshot is lost (and no report of the
+    // send comes) still catches up: the leader gives up waiting after SNAPSHOT_STUCK_TICKS
+    // and probes it again. Without that, raft-rs keeps it paused for good.
+    #[test]
+    fn a_lost_answer_to_a_snapshot_does_not_stall_the_rejoin() {
+        rejoin_from_a_snapshot(Some(|m: &Message| {
+            slot_of(m.from) == 2
+                && m.get_msg_type() == MessageType::MsgAppendResponse
+                && !m.reject
+                && m.index > 1_000
+        }));
+    }
+
+    fn rejoin_from_a_snapshot(lose_once: Option<fn(&Message) -> bool>) {
         let mut net = Net::new(3);
         net.ticks(20);
         for c in 0..(COMPACT_AT + 100) {
@@ -1256,13 +1320,18 @@ mod tests {
         let new_id = r.id();
         assert_eq!(new_id, raft_id(2, 77));
         net.replicas.insert(2, r);
-        for _ in 0..20 {
+        net.lose_once = lose_once;
+        for _ in 0..30 {
             for slot in net.ticks(10) {
                 let id = net.replicas[&slot].id();
                 let leader = net.leader().unwrap();
                 let _ = net.replicas.get_mut(&leader).unwrap().join(id);
             }
         }
+        assert!(
+            net.lose_once.is_none(),
+            "the answer to the snapshot was lost"
+        );
         let s = net.replicas[&0].status();
         assert!(s.voters.contains(&new_id), "promoted: {s:?}");
         assert!(
