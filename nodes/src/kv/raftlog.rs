@@ -311,8 +311,12 @@ impl Storage for LogStore {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // The cached snapshot serves while it reaches the log: once the log is compacted past
+        // it, a follower it brings up to date still misses entries the log no longer has, is
+        // sent the same snapshot again, and never catches up (raft-rs asks with
+        // `request_index` 0).
         if let Some(s) = self.snap_cache.borrow().as_ref() {
-            if s.get_metadata().index >= request_index {
+            if s.get_metadata().index >= request_index.max(self.truncated.0) {
                 return Ok(s.clone());
             }
         }

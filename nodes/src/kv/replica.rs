@@ -1305,6 +1305,41 @@ mod tests {
         }));
     }
 
+    // Proves a follower cut off twice, each time past a compaction, catches up both times:
+    // the second snapshot is made anew, not the leader's cached first one, which no longer
+    // reaches its compacted log (the follower would be sent it forever).
+    #[test]
+    fn a_follower_behind_a_second_compaction_catches_up() {
+        let mut net = Net::new(3);
+        net.ticks(20);
+        for round in 1..=2u64 {
+            net.cut.insert(2);
+            for c in 0..(COMPACT_AT + 100) {
+                let r = net.call(0, create(round * 100_000 + c));
+                assert!(matches!(r, Response::Members(_)), "{r:?}");
+            }
+            net.ticks(20);
+            let compacted = net.replicas[&0].node.store().first();
+            assert!(
+                compacted > net.replicas[&2].applied + 1,
+                "round {round}: compacted past it"
+            );
+            net.cut.clear();
+            net.ticks(60);
+            let last = round * 100_000 + COMPACT_AT + 99;
+            assert!(
+                matches!(
+                    net.replicas[&2]
+                        .store
+                        .read(Request::GetChannel { channel: last })
+                        .unwrap(),
+                    Response::Channel(Some(_))
+                ),
+                "round {round}: the follower caught up"
+            );
+        }
+    }
+
     fn rejoin_from_a_snapshot(lose_once: Option<fn(&Message) -> bool>) {
         let mut net = Net::new(3);
         net.ticks(20);
