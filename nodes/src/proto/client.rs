@@ -303,9 +303,14 @@ impl PushTarget {
     }
 }
 
-/// An endpoint is an absolute http(s) URL with a host and no whitespace. (Plain http passes
-/// here so that test push services can run on loopback; the Web Push provider refuses it
-/// unless configured to allow it.)
+/// An endpoint is an absolute http(s) URL with a host and no whitespace, and the host is not
+/// one of our own network's: no `localhost`, no single-label name, no loopback, private,
+/// link-local, unspecified, shared (CGNAT), multicast or broadcast address, in IPv4 or IPv6
+/// (IPv4-mapped included). Push services are on the public internet; an endpoint inside
+/// ours would let any user make the push node send requests to internal services. (A public
+/// name that resolves to a private address is not caught here: that needs a check at connect
+/// time.) Plain http passes here; the Web Push provider refuses it unless configured to allow
+/// it (tests against a local push service reach the provider directly).
 fn validate_endpoint(endpoint: &str) -> Result<(), String> {
     use crate::limits::WEBPUSH_ENDPOINT_BYTES_MAX;
     if endpoint.len() > WEBPUSH_ENDPOINT_BYTES_MAX {
@@ -317,11 +322,53 @@ fn validate_endpoint(endpoint: &str) -> Result<(), String> {
         .strip_prefix("https://")
         .or_else(|| endpoint.strip_prefix("http://"))
         .ok_or("endpoint: an https:// URL")?;
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if host.is_empty() || !endpoint.bytes().all(|b| b.is_ascii_graphic()) {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || !endpoint.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("endpoint: an https:// URL with a host, printable ASCII only".into());
     }
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    if internal_host(host) {
+        return Err(format!(
+            "endpoint: {host} is not a public push service (a local, private or internal address)"
+        ));
+    }
     Ok(())
+}
+
+/// Whether `host` (a name, an IPv4 address, or an IPv6 address without brackets) names our
+/// own network rather than the public internet (see `validate_endpoint`).
+fn internal_host(host: &str) -> bool {
+    use std::net::{IpAddr, Ipv4Addr};
+    let v4_internal = |a: Ipv4Addr| {
+        let [o1, o2, ..] = a.octets();
+        a.is_loopback()
+            || a.is_private()
+            || a.is_link_local()
+            || a.is_unspecified()
+            || a.is_broadcast()
+            || a.is_multicast()
+            || o1 == 0
+            || (o1 == 100 && (64..128).contains(&o2))
+    };
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => v4_internal(a),
+        Ok(IpAddr::V6(a)) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || a.is_unique_local()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some_and(v4_internal)
+        }
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost") || !name.contains('.')
+        }
+    }
 }
 
 /// Decoded length of unpadded base64url text, if it is valid base64url.
@@ -489,6 +536,44 @@ mod tests {
             let e = t.validate().expect_err("refused");
             assert!(e.starts_with(field), "{e} names {field}");
         };
+        // Endpoints inside our own network are refused (server-side request forgery).
+        let with_endpoint = |endpoint: &str| match &web {
+            PushTarget::WebPush { p256dh, auth, .. } => PushTarget::WebPush {
+                endpoint: endpoint.into(),
+                p256dh: p256dh.clone(),
+                auth: auth.clone(),
+            },
+            _ => unreachable!(),
+        };
+        for internal in [
+            "https://127.0.0.1/x",
+            "http://127.0.0.1:8080/x",
+            "https://[::1]/x",
+            "https://[::ffff:10.0.0.1]:443/x",
+            "https://[fd00::1]/x",
+            "https://[fe80::1]/x",
+            "https://localhost/x",
+            "https://LOCALHOST./x",
+            "https://api.localhost/x",
+            "https://kv-0:7000/x",
+            "https://10.0.0.1/x",
+            "https://172.16.3.4/x",
+            "https://192.168.1.1/x",
+            "https://169.254.169.254/latest/meta-data",
+            "https://100.64.0.1/x",
+            "https://0.0.0.0/x",
+            "https://user@127.0.0.1/x",
+        ] {
+            bad(with_endpoint(internal), "endpoint");
+        }
+        for public in [
+            "https://fcm.googleapis.com/fcm/send/abc",
+            "https://8.8.8.8/x",
+            "https://[2001:4860::8888]/x",
+            "https://push.example.net:8443/x",
+        ] {
+            assert_eq!(with_endpoint(public).validate(), Ok(()), "{public}");
+        }
         bad(
             PushTarget::Apns {
                 device_token: "xyz0".into(),
