@@ -51,7 +51,9 @@ pub const GROUP_NAME_CHARS_MAX: usize = 100;
 /// Messages per sync page read from kv and sent to a device.
 pub const SYNC_PAGE_MAX: usize = 100;
 
-/// Requests one internal RPC connection may have in flight; further calls wait.
+/// Requests one internal RPC connection may have in flight; further calls wait. Enforced on
+/// both ends: the caller's queue of frames to write, and the server, which handles at most
+/// this many requests of one connection at once and stops reading it until one finishes.
 pub const RPC_IN_FLIGHT_MAX: usize = 4096;
 
 /// Presence: a device heartbeats this often.

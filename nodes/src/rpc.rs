@@ -132,6 +132,10 @@ async fn serve_connection(stream: Stream, handler: Handler) {
     // Bounded: when the writer falls behind, request handling waits (backpressure on reads).
     let (tx, rx) = mpsc::channel::<Bytes>(RPC_IN_FLIGHT_MAX);
     let writer = tokio::spawn(write_frames(sink, rx));
+    // At most RPC_IN_FLIGHT_MAX requests of one connection are handled at once; past that the
+    // connection is not read until one finishes (the caller's writes back up: backpressure,
+    // not a task per frame without end).
+    let handling = Arc::new(tokio::sync::Semaphore::new(RPC_IN_FLIGHT_MAX));
     while let Some(Ok(frame)) = frames.next().await {
         let envelope: Envelope<Request> = match serde_json::from_slice(&frame) {
             Ok(e) => e,
@@ -140,9 +144,13 @@ async fn serve_connection(stream: Stream, handler: Handler) {
                 break;
             }
         };
+        let Ok(permit) = handling.clone().acquire_owned().await else {
+            break;
+        };
         let handler = handler.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let body = handler(envelope.body).await;
             let out = Envelope {
                 id: envelope.id,
