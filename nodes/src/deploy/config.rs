@@ -435,20 +435,30 @@ impl Config {
     }
 
     /// The token secret: inline, or read from its file (created with 32 random bytes, hex,
-    /// on first start).
+    /// on first start: readable by its owner only, and synced with its directory before any
+    /// token is signed with it). A secret shorter than [`TOKEN_SECRET_BYTES_MIN`] bytes (an
+    /// empty or truncated file) is refused: tokens signed with it could be forged.
     pub fn token_secret(&self) -> anyhow::Result<Vec<u8>> {
         self.cluster_map()
             .placement()
             .map_err(|e| anyhow::anyhow!("kv layout: {e}"))?;
+        let strong = |s: Vec<u8>, from: &str| {
+            anyhow::ensure!(
+                s.len() >= TOKEN_SECRET_BYTES_MIN,
+                "the token secret ({from}) has {} bytes, at least {TOKEN_SECRET_BYTES_MIN} needed",
+                s.len()
+            );
+            Ok(s)
+        };
         if let Some(s) = &self.token_secret {
-            return Ok(s.clone().into_bytes());
+            return strong(s.clone().into_bytes(), "token_secret");
         }
         let path = self
             .token_secret_file
             .clone()
             .unwrap_or_else(|| self.data.join("token.secret"));
         if let Ok(s) = std::fs::read(&path) {
-            return Ok(s);
+            return strong(s, &path.display().to_string());
         }
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -457,17 +467,40 @@ impl Config {
         let mut key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
         let hexed = hex::encode(key).into_bytes();
-        // Written to a temporary file and renamed, so two nodes starting at once agree.
+        // Written to a temporary file and linked into place, so two nodes starting at once
+        // agree; owner-only, and durable before it is used.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, &hexed).with_context(|| format!("write {}", tmp.display()))?;
+        write_private(&tmp, &hexed).with_context(|| format!("write {}", tmp.display()))?;
         if std::fs::hard_link(&tmp, &path).is_err() {
             // Someone else created it first: use theirs.
             let _ = std::fs::remove_file(&tmp);
-            return std::fs::read(&path).with_context(|| format!("read {}", path.display()));
+            let s = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+            return strong(s, &path.display().to_string());
         }
         let _ = std::fs::remove_file(&tmp);
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("sync {}", dir.display()))?;
+        }
         Ok(hexed)
     }
+}
+
+/// Shortest token secret accepted (HMAC-SHA256 wants at least its 32-byte output).
+pub const TOKEN_SECRET_BYTES_MIN: usize = 32;
+
+/// Creates `path` readable and writable by its owner only (0600 on Unix), writes `bytes` and
+/// syncs them.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// In a kv node's directory: bootstrap this node's shards (see `mark_kv_bootstrap`).
@@ -508,6 +541,34 @@ mod tests {
         assert_eq!(c.chat[2].ws_listen.to_string(), "127.0.6.3:7001");
         let one = Config::single_host("d".into(), "127.0.0.1:8080".parse().unwrap(), 7100, 2);
         one.validate().unwrap();
+    }
+
+    // Proves the token secret file is created owner-only with 64 hex characters, read back
+    // the same next time, and that an empty or short secret file is refused.
+    #[test]
+    fn token_secret_file_is_private_and_strong() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::single_host(
+            dir.path().into(),
+            "127.0.0.1:8080".parse().unwrap(),
+            7100,
+            2,
+        );
+        let s = cfg.token_secret().unwrap();
+        assert_eq!(s.len(), 64);
+        assert_eq!(cfg.token_secret().unwrap(), s, "read back");
+        let path = dir.path().join("token.secret");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "owner-only: {mode:o}");
+        }
+        for short in [&b""[..], b"0123456789"] {
+            std::fs::write(&path, short).unwrap();
+            let e = cfg.token_secret().unwrap_err().to_string();
+            assert!(e.contains("at least 32"), "{e}");
+        }
     }
 
     #[test]
