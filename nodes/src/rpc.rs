@@ -46,6 +46,15 @@ pub enum RpcError {
 }
 
 impl RpcError {
+    /// The words to show a client for this failure: the remote node's own words for a
+    /// refusal, else a generic one. Internal addresses stay in the logs.
+    pub fn public_detail(&self) -> String {
+        match self {
+            RpcError::Remote { detail, .. } => detail.clone(),
+            _ => "an internal service did not answer; retry".to_string(),
+        }
+    }
+
     /// The code to show a client for this failure.
     pub fn code(&self) -> ErrorCode {
         match self {

@@ -57,7 +57,8 @@ impl IntoResponse for ApiError {
 impl From<RpcError> for ApiError {
     fn from(e: RpcError) -> Self {
         let code = e.code();
-        ApiError(status_of(code), code, e.to_string())
+        tracing::debug!(error = %e, "refused for an internal failure");
+        ApiError(status_of(code), code, e.public_detail())
     }
 }
 

@@ -33,9 +33,10 @@ pub struct Refusal {
 
 impl From<RpcError> for Refusal {
     fn from(e: RpcError) -> Self {
+        tracing::debug!(error = %e, "refused for an internal failure");
         Refusal {
             code: e.code(),
-            detail: e.to_string(),
+            detail: e.public_detail(),
         }
     }
 }

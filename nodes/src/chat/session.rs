@@ -321,7 +321,7 @@ impl Session {
             }
             Err(e) => {
                 tracing::warn!(device = s.device, error = %e, "session registration failed; refusing");
-                let detail = format!("session registry unavailable: {e}");
+                let detail = format!("session registry unavailable: {}", e.public_detail());
                 s.closer.close(ErrorCode::Unavailable, detail);
                 s.state.detach(s.device, s.epoch);
                 return None;
@@ -507,9 +507,10 @@ impl Session {
                 self.send(ServerFrame::Synced { cursors }).await
             }
             Err(e) => {
+                tracing::debug!(device = self.device, error = %e, "sync failed");
                 self.send(ServerFrame::error(
                     ErrorCode::Unavailable,
-                    format!("sync: {e}"),
+                    format!("sync: {}", e.public_detail()),
                 ))
                 .await
             }
