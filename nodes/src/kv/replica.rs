@@ -81,6 +81,9 @@ const SLOW_FOR_TICKS: u64 = 150;
 /// failed (see `Replica::unstick_snapshots`). Longer than any snapshot takes to send and
 /// install, even on a slow disk.
 const SNAPSHOT_STUCK_TICKS: u64 = 100;
+/// A learner behind this long (ticks; 30 s) while its node's voter of the shard is alive and
+/// caught up is removed as stale (see `Replica::remove_stale_learner`).
+const STALE_LEARNER_TICKS: u64 = 150;
 /// A learner this close to the leader's last index is caught up and may become a voter.
 const CATCH_UP_LAG: u64 = 10;
 /// The log is compacted once this many applied entries sit in it, keeping the newest
@@ -162,6 +165,8 @@ pub struct Replica {
     transfer_every: u64,
     /// Followers in raft-rs's snapshot state, and the tick each was first seen there.
     snapshot_since: BTreeMap<u64, u64>,
+    /// Learners suspected stale, and the tick each was first suspected.
+    stale_learner_since: BTreeMap<u64, u64>,
     /// A hand-back was asked for and not seen to take yet.
     transfer_pending: bool,
     /// The disk was slow recently: until this tick the replica keeps away from leadership.
@@ -244,6 +249,7 @@ impl Replica {
             last_transfer_tick: 0,
             transfer_every: TRANSFER_EVERY_TICKS,
             snapshot_since: BTreeMap::new(),
+            stale_learner_since: BTreeMap::new(),
             transfer_pending: false,
             slow_until_tick: 0,
             was_leader: false,
@@ -511,15 +517,21 @@ impl Replica {
             }
             return;
         }
+        if self.remove_stale_learner() {
+            return;
+        }
+        let raft = &self.node.raft;
         let last = raft.raft_log.last_index();
         let conf = raft.prs().conf();
         let voters = sorted(conf.voters().ids().iter());
+        // Caught up, and heard from: in a young log, `matched` 0 is within the lag of the last
+        // index, and a learner no node runs would replace a live voter.
         let ready = sorted(conf.learners().iter().copied())
             .into_iter()
             .find(|l| {
-                raft.prs()
-                    .get(*l)
-                    .is_some_and(|p| p.matched + CATCH_UP_LAG >= last)
+                raft.prs().get(*l).is_some_and(|p| {
+                    p.matched > 0 && p.recent_active && p.matched + CATCH_UP_LAG >= last
+                })
             });
         let Some(learner) = ready else { return };
         let mut changes = vec![change(ConfChangeType::AddNode, learner)];
@@ -537,6 +549,49 @@ impl Replica {
         if let Err(e) = self.propose_conf(changes) {
             tracing::debug!(shard = self.shard, error = %e, "promotion not proposed");
         }
+    }
+
+    /// A learner that has been behind (or never heard from) for [`STALE_LEARNER_TICKS`] while
+    /// its node's voter of this shard is alive and caught up is not running anywhere: a node
+    /// runs one replica per shard, and that one is the voter (the learner's join arrived after
+    /// the node had come back with its old replica, or came from a rebuild that a crash
+    /// undid). Nothing else would remove it. Returns whether its removal was proposed.
+    fn remove_stale_learner(&mut self) -> bool {
+        let raft = &self.node.raft;
+        let last = raft.raft_log.last_index();
+        let conf = raft.prs().conf();
+        // Heard from lately and caught up (the leader counts as both).
+        let me = self.id;
+        let current = |id: u64| {
+            id == me
+                || raft.prs().get(id).is_some_and(|p| {
+                    p.matched > 0 && p.recent_active && p.matched + CATCH_UP_LAG >= last
+                })
+        };
+        let live_slots: BTreeSet<u32> = sorted(conf.voters().ids().iter())
+            .into_iter()
+            .filter(|v| current(*v))
+            .map(slot_of)
+            .collect();
+        // Learners behind or unheard of: timed from when first seen so (a momentary lapse of
+        // the voter's `recent_active`, reset every election timeout, does not restart it).
+        let behind: Vec<u64> = sorted(conf.learners().iter().copied())
+            .into_iter()
+            .filter(|l| !current(*l))
+            .collect();
+        self.stale_learner_since.retain(|l, _| behind.contains(l));
+        for l in behind {
+            let since = *self.stale_learner_since.entry(l).or_insert(self.ticks);
+            if self.ticks - since >= STALE_LEARNER_TICKS && live_slots.contains(&slot_of(l)) {
+                self.stale_learner_since.remove(&l);
+                tracing::info!(shard = self.shard, learner = l, "removing a stale learner");
+                if let Err(e) = self.propose_conf(vec![change(ConfChangeType::RemoveNode, l)]) {
+                    tracing::debug!(shard = self.shard, error = %e, "removal not proposed");
+                }
+                return true;
+            }
+        }
+        false
     }
 
     /// Hands leadership to the shard's preferred replica when it is a caught-up voter, so
@@ -1303,6 +1358,29 @@ mod tests {
                 && !m.reject
                 && m.index > 1_000
         }));
+    }
+
+    // Proves a learner that no node runs (its node's voter is alive and caught up) is never
+    // promoted over the live voter, even in a log shorter than CATCH_UP_LAG, and is removed
+    // after STALE_LEARNER_TICKS, not before.
+    #[test]
+    fn a_learner_no_node_runs_is_removed() {
+        let mut net = Net::new(3);
+        net.ticks(20);
+        let phantom = raft_id(2, 99);
+        assert_eq!(
+            net.replicas.get_mut(&0).unwrap().join(phantom),
+            Response::Ok
+        );
+        net.ticks(10);
+        let s = net.replicas[&0].status();
+        assert_eq!(s.learners, vec![phantom], "{s:?}");
+        net.ticks(STALE_LEARNER_TICKS as usize - 20);
+        assert_eq!(net.replicas[&0].status().learners, vec![phantom], "not yet");
+        net.ticks(40);
+        let s = net.replicas[&0].status();
+        assert!(s.learners.is_empty(), "removed: {s:?}");
+        assert_eq!(s.voters.len(), 3, "{s:?}");
     }
 
     // Proves a follower cut off twice, each time past a compaction, catches up both times:
