@@ -524,14 +524,14 @@ impl Replica {
         let last = raft.raft_log.last_index();
         let conf = raft.prs().conf();
         let voters = sorted(conf.voters().ids().iter());
-        // Caught up, and heard from: in a young log, `matched` 0 is within the lag of the last
-        // index, and a learner no node runs would replace a live voter.
+        // Caught up, and acknowledged something: in a young log, `matched` 0 is within the lag
+        // of the last index, and a learner no node runs would replace a live voter.
         let ready = sorted(conf.learners().iter().copied())
             .into_iter()
             .find(|l| {
-                raft.prs().get(*l).is_some_and(|p| {
-                    p.matched > 0 && p.recent_active && p.matched + CATCH_UP_LAG >= last
-                })
+                raft.prs()
+                    .get(*l)
+                    .is_some_and(|p| p.matched > 0 && p.matched + CATCH_UP_LAG >= last)
             });
         let Some(learner) = ready else { return };
         let mut changes = vec![change(ConfChangeType::AddNode, learner)];
