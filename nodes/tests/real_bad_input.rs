@@ -174,8 +174,14 @@ async fn raw_http_head(addr: SocketAddr, head: &str, wait: Duration) -> (String,
     let mut tcp = TcpStream::connect(addr).await.expect("connect api");
     let t0 = Instant::now();
     tcp.write_all(head.as_bytes()).await.expect("write head");
+    let (answer, _) = read_answer(&mut tcp, wait).await;
+    (String::from_utf8_lossy(&answer).to_string(), t0.elapsed())
+}
+
+/// Reads until the server closes or `wait` is up; whether it closed in time.
+async fn read_answer(tcp: &mut TcpStream, wait: Duration) -> (Vec<u8>, bool) {
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(wait, async {
+    let closed = tokio::time::timeout(wait, async {
         let mut buf = [0u8; 8192];
         loop {
             match tcp.read(&mut buf).await {
@@ -184,8 +190,9 @@ async fn raw_http_head(addr: SocketAddr, head: &str, wait: Duration) -> (String,
             }
         }
     })
-    .await;
-    (String::from_utf8_lossy(&answer).to_string(), t0.elapsed())
+    .await
+    .is_ok();
+    (answer, closed)
 }
 
 /// One HTTP/1.1 request on its own connection, written and read by hand, so any header and
@@ -211,18 +218,8 @@ async fn raw_http(
     // The server may answer (and close) before reading a body it refuses: a failed write is
     // fine as long as the answer can be read.
     let _ = tcp.write_all(&request).await;
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = [0u8; 8192];
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "{method} {path}: no answer within 10 s");
+    let (answer, closed) = read_answer(&mut tcp, Duration::from_secs(10)).await;
+    assert!(closed, "{method} {path}: no answer within 10 s");
     let split = answer
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
