@@ -28,6 +28,9 @@ pub enum Canary {
     StaleChatServer,
     /// idgen takes its clock's reading even when it stepped back below the last id issued.
     IdgenIgnoresClock,
+    /// Every idgen process takes the same worker id from etcd by a blind put, whoever holds
+    /// it: two generators share one worker id.
+    IdgenSharedWorker,
     /// kv commits without fsync and acknowledges at once; a background task fsyncs every
     /// second (a crash loses what was acknowledged since).
     KvAckBeforeSync,
@@ -46,7 +49,7 @@ pub enum Canary {
 }
 
 impl Canary {
-    pub const ALL: [Canary; 12] = [
+    pub const ALL: [Canary; 13] = [
         Canary::AckBeforePersist,
         Canary::CursorByMessageId,
         Canary::NoDedup,
@@ -54,6 +57,7 @@ impl Canary {
         Canary::PushToOnline,
         Canary::StaleChatServer,
         Canary::IdgenIgnoresClock,
+        Canary::IdgenSharedWorker,
         Canary::KvAckBeforeSync,
         Canary::AckBeforeQuorum,
         Canary::StaleRead,
@@ -70,6 +74,7 @@ impl Canary {
             Canary::PushToOnline => "push-to-online",
             Canary::StaleChatServer => "stale-chat-server",
             Canary::IdgenIgnoresClock => "idgen-ignores-clock",
+            Canary::IdgenSharedWorker => "idgen-shared-worker",
             Canary::KvAckBeforeSync => "kv-ack-before-sync",
             Canary::AckBeforeQuorum => "ack-before-quorum",
             Canary::StaleRead => "stale-read",

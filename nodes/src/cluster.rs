@@ -15,17 +15,19 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::canary::{Canaries, Canary};
+use crate::coord::{Coordination, Discovery};
 use crate::health::PeerHealth;
 use crate::kv::client::ShardClient;
 use crate::kv::placement::Placement;
-use crate::proto::internal::{ChatServerInfo, Request, Response};
+use crate::proto::internal::ChatServerInfo;
 use crate::proto::Id;
 use crate::rpc::{RpcClient, RpcError};
 
 /// Static addresses of the internal roles.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterMap {
-    pub discovery: SocketAddr,
+    /// Where chat servers register and idgen worker ids come from.
+    pub coordination: Coordination,
     /// kv nodes, by slot.
     pub kv: Vec<SocketAddr>,
     /// kv shards (Raft groups) and copies of each; 0 means one shard per kv node, each on
@@ -74,7 +76,7 @@ pub struct Peers {
     pub idgen_health: PeerHealth,
     pub presence: RpcClient,
     pub push: RpcClient,
-    pub discovery: RpcClient,
+    pub discovery: Discovery,
     /// Chat servers by index, as last listed by discovery. A std mutex: never held across await.
     chat: Mutex<BTreeMap<u32, RpcClient>>,
     pub canaries: Canaries,
@@ -115,7 +117,7 @@ impl Peers {
             idgen_health: PeerHealth::new(map.idgen.len()),
             presence: RpcClient::new(map.presence),
             push: RpcClient::new(map.push),
-            discovery: RpcClient::new(map.discovery),
+            discovery: Discovery::new(&map.coordination),
             chat: Mutex::new(BTreeMap::new()),
             canaries,
             map,
@@ -215,12 +217,17 @@ impl Peers {
 
     /// Asks discovery for the live chat servers and remembers them.
     pub async fn refresh_chat_servers(&self) -> Result<(), RpcError> {
-        match self.discovery.call(Request::ListChat).await? {
-            Response::ChatList(list) => {
-                self.set_chat_servers(&list);
-                Ok(())
-            }
-            other => Err(RpcError::Unexpected(format!("{other:?}"))),
+        let list = self.discovery.list().await?;
+        self.set_chat_servers(&list);
+        Ok(())
+    }
+
+    /// The etcd client, when the cluster coordinates on etcd.
+    #[cfg(feature = "etcd")]
+    pub fn etcd(&self) -> Option<Arc<crate::coord::etcd::Etcd>> {
+        match &self.discovery {
+            Discovery::Etcd(e) => Some(e.etcd.clone()),
+            Discovery::Node(_) => None,
         }
     }
 }

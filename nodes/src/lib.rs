@@ -23,6 +23,7 @@ pub mod chat;
 pub mod client;
 pub mod clock;
 pub mod cluster;
+pub mod coord;
 #[cfg(not(madsim))]
 pub mod deploy;
 pub mod discovery;

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub pushes: Family<OutcomeLabel, Counter>,
     /// Snowflake ids issued (idgen).
     pub ids_issued: Counter,
+    /// Times the idgen node lost its etcd worker lease and stopped issuing (idgen).
+    pub idgen_worker_losses: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -221,6 +223,12 @@ impl Metrics {
         );
         let ids_issued = Counter::default();
         r.register("ids_issued", "Snowflake ids issued", ids_issued.clone());
+        let idgen_worker_losses = Counter::default();
+        r.register(
+            "idgen_worker_losses",
+            "Times the etcd worker lease was lost and issuing stopped",
+            idgen_worker_losses.clone(),
+        );
         Arc::new(Self {
             registry: r,
             ws_connections,
@@ -242,6 +250,7 @@ impl Metrics {
             presence_changes,
             pushes,
             ids_issued,
+            idgen_worker_losses,
         })
     }
 

@@ -43,6 +43,9 @@ pub enum RpcError {
     Remote { code: ErrorCode, detail: String },
     #[error("unexpected response {0}")]
     Unexpected(String),
+    /// The coordination service (etcd) failed or did not answer in time.
+    #[error("coordination: {0}")]
+    Coordination(String),
 }
 
 impl RpcError {

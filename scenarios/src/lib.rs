@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Api,
-    Discovery,
+    /// The simulated etcd (one in-memory server): partitioned and paused, never crashed (a
+    /// restart would lose its whole state, which a real etcd cluster's quorum does not).
+    Etcd,
     Chat,
     Idgen,
     Kv,
@@ -33,7 +35,7 @@ pub enum Role {
 impl Role {
     pub const ALL: [Role; 7] = [
         Role::Api,
-        Role::Discovery,
+        Role::Etcd,
         Role::Chat,
         Role::Idgen,
         Role::Kv,
@@ -44,7 +46,7 @@ impl Role {
     pub fn name(self) -> &'static str {
         match self {
             Role::Api => "api",
-            Role::Discovery => "discovery",
+            Role::Etcd => "etcd",
             Role::Chat => "chat",
             Role::Idgen => "idgen",
             Role::Kv => "kv",
@@ -356,6 +358,15 @@ impl Schedule {
                     "fault `{f}`: devices do not crash (use tunnel or disconnect)"
                 ));
             }
+            if let Fault::Crash {
+                target: Target::Node(Role::Etcd, _),
+            } = f.fault
+            {
+                return Err(format!(
+                    "fault `{f}`: the simulated etcd keeps its state in memory and a crash would \
+                     lose it all (a real etcd cluster keeps it on a quorum); partition or pause it"
+                ));
+            }
             match f.fault {
                 Fault::Loss { per_mille } if per_mille > 1000 => {
                     return Err(format!("fault `{f}`: loss over 1000 per mille"));
@@ -407,7 +418,7 @@ impl Ctx {
             Role::Chat => self.chat,
             Role::Idgen => self.idgen,
             Role::Kv => self.kv,
-            Role::Discovery | Role::Presence | Role::Push => 1,
+            Role::Etcd | Role::Presence | Role::Push => 1,
         }
     }
 
@@ -453,7 +464,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("partition-halves", "split servers and devices into two halves for 30 s, then a one-way split"),
     ("tunnel-commute", "40 % of devices go through tunnels of 1 s to 3 min, some shorter than the presence timeout"),
     ("presence-partition", "cut presence from the chat servers (two-way, then one-way) and pause it"),
-    ("discovery-down", "crash discovery for 40 s, then cut it off for 30 s"),
+    ("etcd-down", "cut etcd off from every server for 40 s, then from half of them for 30 s, then pause it 10 s"),
     ("rolling-restart", "restart every server node in turn, 3 s down each"),
     ("kv-disk-loss", "two kv nodes lose their disks in turn and come back empty: their replicas catch up from peers"),
     ("kv-leader-partition", "cut two shards' leaders off from their followers (20 s, then 10 s)"),
@@ -474,7 +485,7 @@ pub fn scenario(name: &str, ctx: &Ctx) -> Result<Schedule, String> {
         "partition-halves" => partition_halves(ctx),
         "tunnel-commute" => tunnel_commute(ctx),
         "presence-partition" => presence_partition(ctx),
-        "discovery-down" => discovery_down(ctx),
+        "etcd-down" => etcd_down(ctx),
         "rolling-restart" => rolling_restart(ctx),
         "kv-disk-loss" => kv_disk_loss(ctx),
         "kv-leader-partition" => kv_leader_partition(ctx),
@@ -694,30 +705,53 @@ fn presence_partition(ctx: &Ctx) -> Vec<ScheduledFault> {
     ]
 }
 
-fn discovery_down(ctx: &Ctx) -> Vec<ScheduledFault> {
-    let mut rng = ctx.rng("discovery-down");
-    let discovery = Target::Node(Role::Discovery, 0);
-    let others: Vec<Target> = ctx
-        .servers()
-        .into_iter()
-        .filter(|t| *t != discovery)
+/// etcd unreachable for a window: existing sessions and committed traffic go on; new
+/// connections are handed out from the api's last list; idgen stops issuing once its worker
+/// lease can no longer be renewed (`coord::worker`), so sends wait.
+fn etcd_down(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("etcd-down");
+    let etcd = Target::Node(Role::Etcd, 0);
+    let others: Vec<Target> = ctx.servers().into_iter().filter(|t| *t != etcd).collect();
+    let half: Vec<Target> = others
+        .iter()
+        .copied()
+        .filter(|_| rng.gen_bool(0.5))
         .collect();
-    vec![
-        crash(ctx.at(&mut rng, 30, 40, 40_000), 40_000, Role::Discovery, 0),
-        ScheduledFault {
-            at_ms: ctx.at(&mut rng, 65, 75, 30_000),
+    let mut faults = vec![ScheduledFault {
+        at_ms: ctx.at(&mut rng, 25, 35, 40_000),
+        duration_ms: 40_000,
+        fault: Fault::Partition {
+            a: vec![etcd],
+            b: others,
+            two_way: true,
+        },
+    }];
+    if !half.is_empty() {
+        faults.push(ScheduledFault {
+            at_ms: ctx.at(&mut rng, 60, 70, 30_000),
             duration_ms: 30_000,
             fault: Fault::Partition {
-                a: vec![discovery],
-                b: others,
+                a: vec![etcd],
+                b: half,
                 two_way: true,
             },
-        },
-    ]
+        });
+    }
+    faults.push(ScheduledFault {
+        at_ms: ctx.at(&mut rng, 85, 92, 10_000),
+        duration_ms: 10_000,
+        fault: Fault::Pause { target: etcd },
+    });
+    faults
 }
 
 fn rolling_restart(ctx: &Ctx) -> Vec<ScheduledFault> {
-    let servers = ctx.servers();
+    // Not etcd: see `Role::Etcd`.
+    let servers: Vec<Target> = ctx
+        .servers()
+        .into_iter()
+        .filter(|t| !matches!(t, Target::Node(Role::Etcd, _)))
+        .collect();
     let step = (ctx.duration_ms * 8 / 10 / servers.len().max(1) as u64).clamp(3_000, 15_000);
     servers
         .into_iter()
@@ -836,7 +870,7 @@ fn everything(ctx: &Ctx) -> Vec<ScheduledFault> {
         partition_halves,
         tunnel_commute,
         presence_partition,
-        discovery_down,
+        etcd_down,
         rolling_restart,
         kv_disk_loss,
         kv_leader_partition,
@@ -1057,12 +1091,18 @@ fn swarm_fault(kind: &str, roles: &[Role], ctx: &Ctx, rng: &mut StdRng) -> Optio
             },
             tunnel_ms(rng),
         ),
-        "crash" => (
-            Fault::Crash {
-                target: pick_node(roles, ctx, rng)?,
-            },
-            rng.gen_range(1_000..20_000),
-        ),
+        "crash" => match pick_node(roles, ctx, rng)? {
+            // etcd is not crashed (see `Role::Etcd`): cut off from every server instead.
+            etcd @ Target::Node(Role::Etcd, _) => (
+                Fault::Partition {
+                    a: vec![etcd],
+                    b: ctx.servers().into_iter().filter(|t| *t != etcd).collect(),
+                    two_way: true,
+                },
+                rng.gen_range(1_000..20_000),
+            ),
+            target => (Fault::Crash { target }, rng.gen_range(1_000..20_000)),
+        },
         "clock_step" => {
             let size = rng.gen_range(100..30_000i64);
             (
@@ -1249,7 +1289,7 @@ mod tests {
     // Proves targets and schedules round-trip through their text forms.
     #[test]
     fn schedules_round_trip_as_json() {
-        for t in ["chat-0", "kv-2", "device-17", "discovery-0"] {
+        for t in ["chat-0", "kv-2", "device-17", "etcd-0"] {
             assert_eq!(t.parse::<Target>().unwrap().to_string(), t);
         }
         assert!("mars-1".parse::<Target>().is_err());

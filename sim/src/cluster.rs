@@ -8,7 +8,7 @@
 //! | counter scraper | 10.0.0.2 | - |
 //! | kv prober (`prober.rs`) | 10.0.0.3 | - |
 //! | api | 10.0.1.1 .. | 8080 (HTTP) |
-//! | discovery | 10.0.2.1 | 7000 (RPC) |
+//! | etcd (simulated, madsim's) | 10.0.2.1 | 2379 |
 //! | chat | 10.0.3.1 .. | 9000 (WebSocket), 7000 (RPC) |
 //! | idgen | 10.0.4.1 .. | 7000 |
 //! | kv | 10.0.5.1 .. | 7000 |
@@ -29,6 +29,7 @@ use nodes::auth::TokenKey;
 use nodes::canary::Canaries;
 use nodes::clock::SkewedClock;
 use nodes::cluster::{ClusterMap, Peers};
+use nodes::coord::Coordination;
 use nodes::kv::disk::SimDisk;
 use nodes::push::PushProvider;
 use rand::rngs::StdRng;
@@ -38,6 +39,7 @@ use scenarios::Role;
 pub const RPC_PORT: u16 = 7000;
 pub const HTTP_PORT: u16 = 8080;
 pub const WS_PORT: u16 = 9000;
+pub const ETCD_PORT: u16 = 2379;
 
 /// The token key every api and chat node shares (a config secret in the real build).
 pub fn token_key() -> TokenKey {
@@ -47,7 +49,7 @@ pub fn token_key() -> TokenKey {
 pub fn ip(role: Role, index: u32) -> Ipv4Addr {
     let third = match role {
         Role::Api => 1,
-        Role::Discovery => 2,
+        Role::Etcd => 2,
         Role::Chat => 3,
         Role::Idgen => 4,
         Role::Kv => 5,
@@ -101,7 +103,7 @@ impl Cluster {
     ) -> Cluster {
         let handle = Handle::current();
         let map = ClusterMap {
-            discovery: sa(ip(Role::Discovery, 0), RPC_PORT),
+            coordination: Coordination::Etcd(vec![sa(ip(Role::Etcd, 0), ETCD_PORT).to_string()]),
             kv: (0..sizes.kv)
                 .map(|i| sa(ip(Role::Kv, i), RPC_PORT))
                 .collect(),
@@ -123,9 +125,13 @@ impl Cluster {
             clocks: BTreeMap::new(),
         };
         let mut rng = StdRng::seed_from_u64(seed ^ 0x0043_4c55_5354_4552);
-        c.add(&handle, Role::Discovery, 0, {
-            let listen = c.map.discovery;
-            move || nodes::discovery::server::run(listen)
+        // Chat servers register and idgen workers lease their ids here. Never crashed: its
+        // state lives in memory only (see `scenarios::Role::Etcd`).
+        c.add(&handle, Role::Etcd, 0, move || async move {
+            etcd_client::SimServer::builder()
+                .serve(sa(ip(Role::Etcd, 0), ETCD_PORT))
+                .await?;
+            Ok(())
         });
         let placement = c
             .map

@@ -10,7 +10,7 @@ use crate::plan::Plan;
 pub fn print_header(opts: &Opts, canaries: &Canaries) {
     println!("seed={}", opts.seed);
     println!(
-        "options: workload={} users={} duration={}s liveness_budget={}s rate={}/user/min faults={} nodes: api={} chat={} idgen={} kv={} discovery=1 presence=1 push=1 kv_shards={} replicas={} canaries=[{}]",
+        "options: workload={} users={} duration={}s liveness_budget={}s rate={}/user/min faults={} nodes: api={} chat={} idgen={} kv={} etcd=1 presence=1 push=1 kv_shards={} replicas={} canaries=[{}]",
         opts.workload,
         opts.users,
         opts.duration,

@@ -47,7 +47,7 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
             safety_s: opts.duration as f64,
             liveness_s: opts.liveness_budget as f64,
             nodes: format!(
-                "api={} chat={} idgen={} kv={} discovery=1 presence=1 push=1",
+                "api={} chat={} idgen={} kv={} etcd=1 presence=1 push=1",
                 opts.api, opts.chat, opts.idgen, opts.kv
             ),
             faults: format!(

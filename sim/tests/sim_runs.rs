@@ -198,6 +198,7 @@ const CANARIES: [(&str, &[&str], &str, u32); 11] = [
     ("push-to-online", &["push"], "light", 3),
     ("stale-chat-server", &["no_loss"], "partition-halves", 3),
     ("idgen-ignores-clock", &["ids"], "idgen-clock-back", 3),
+    ("idgen-shared-worker", &["ids"], "light", 3),
     ("kv-ack-before-sync", &["no_loss", "order"], "kv-crash", 1),
     (
         "ack-before-quorum",

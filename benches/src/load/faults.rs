@@ -190,7 +190,8 @@ impl Cluster {
             "api" => cfg.api.get(i)?.listen,
             "presence" => cfg.presence.listen,
             "push" => cfg.push.listen,
-            "discovery" => cfg.discovery.listen,
+            "discovery" => cfg.discovery.as_ref()?.listen,
+            "etcd" => cfg.etcd.get(i)?.client.parse().ok()?,
             _ => return None,
         })
     }

@@ -563,16 +563,12 @@ async fn chat_server(
     Query(q): Query<ChatServerQuery>,
 ) -> ApiResult<ChatServerResponse> {
     let c = auth(&st, &headers)?;
-    let pick = Request::PickChat {
-        hint: c.device,
-        avoid: q.avoid,
-    };
-    match st.peers.discovery.call(pick).await? {
-        Response::Chat(Some(info)) => Ok(Json(ChatServerResponse {
+    match st.peers.discovery.pick(c.device, q.avoid).await? {
+        Some(info) => Ok(Json(ChatServerResponse {
             url: format!("ws://{}/ws", info.ws_addr),
             server: info.server,
         })),
-        _ => Err(refuse(ErrorCode::NoChatServer, "no live chat server")),
+        None => Err(refuse(ErrorCode::NoChatServer, "no live chat server")),
     }
 }
 

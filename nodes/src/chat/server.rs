@@ -501,12 +501,7 @@ async fn lease_loop(state: Arc<ChatState>) {
     loop {
         let info = info(&state);
         let started = tokio::time::Instant::now();
-        match state
-            .peers()
-            .discovery
-            .call(Request::RegisterChat { info })
-            .await
-        {
+        match state.peers().discovery.register(info).await {
             Ok(_) => {
                 // The lease runs from when the request left, not when the answer came.
                 *state.last_renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);

@@ -8,9 +8,14 @@
 //! kv_shards = 2                      # Raft groups (default: one per [[kv]] node); fixed
 //! kv_replicas = 1                    # copies of each shard on distinct kv nodes (default 1)
 //!
-//! [discovery]
+//! [discovery]                        # the home-made discovery node, or: [[etcd]] below
 //! listen = "127.0.0.1:7100"
 //! admin = "127.0.0.1:9100"           # /metrics and /healthz (optional on every node)
+//!
+//! # [[etcd]]                         # coordinate on etcd instead (one entry per member)
+//! # client = "127.0.8.1:2379"        # what the nodes dial
+//! # peer = "127.0.8.1:2380"          # with dir: `chatd local-cluster` runs this member
+//! # dir = "etcd-0"
 //!
 //! [presence]
 //! listen = "127.0.0.1:7102"
@@ -31,7 +36,8 @@
 //!
 //! [[idgen]]
 //! listen = "127.0.0.1:7101"
-//! worker = 1                         # distinct per idgen node, 1..=1023
+//! worker = 1                         # distinct per idgen node, 1..=1023 (with etcd: the
+//!                                    # id tried first; ids are leased from etcd)
 //!
 //! [[chat]]
 //! ws_listen = "127.0.0.1:7104"
@@ -52,6 +58,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterMap;
+use crate::coord::Coordination;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,7 +73,12 @@ pub struct Config {
     /// `<data>/token.secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret_file: Option<PathBuf>,
-    pub discovery: Node,
+    /// The home-made discovery node (absent when the cluster coordinates on etcd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<Node>,
+    /// etcd members: chat servers register there and idgen worker ids are leased there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etcd: Vec<EtcdMember>,
     pub presence: Node,
     pub push: Node,
     /// The push node's provider (APNs, FCM, Web Push; default: log). Not written by
@@ -95,6 +107,21 @@ pub struct Node {
     /// Where `/metrics` and `/healthz` are served; none if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
+}
+
+/// One etcd member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdMember {
+    /// The client address nodes dial (`host:port`).
+    pub client: String,
+    /// The member's peer address; with `dir`, `chatd local-cluster` runs the member itself
+    /// (Debian's `etcd`), else it is run elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
+    /// The member's data directory, relative to `data` unless absolute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -192,10 +219,11 @@ impl Config {
             data,
             token_secret: None,
             token_secret_file: None,
-            discovery: Node {
+            discovery: Some(Node {
                 listen: at(base),
                 admin: None,
-            },
+            }),
+            etcd: Vec::new(),
             presence: Node {
                 listen: at(base + 2),
                 admin: None,
@@ -232,7 +260,8 @@ impl Config {
 
     /// One loopback address per node (Linux routes all of 127.0.0.0/8 to `lo`): role r's node
     /// i is 127.0.r.(i+1), with RPC on 7000, WebSocket on 7001 and admin on 9000; the first
-    /// api node keeps `http` (default 127.0.0.1:8080), others are 127.0.7.(i+1):8080.
+    /// api node keeps `http` (default 127.0.0.1:8080), others are 127.0.7.(i+1):8080; etcd
+    /// member i is 127.0.8.(i+1), clients on 2379 and peers on 2380.
     pub fn loopback_cluster(
         data: PathBuf,
         http: SocketAddr,
@@ -240,6 +269,9 @@ impl Config {
     ) -> anyhow::Result<Config> {
         if sizes.kv == 0 || sizes.idgen == 0 || sizes.chat == 0 || sizes.api == 0 {
             bail!("a cluster needs at least one kv, idgen, chat and api node");
+        }
+        if sizes.etcd > 7 {
+            bail!("at most 7 etcd members (etcd's own advice: 3 or 5)");
         }
         if sizes.kv.max(sizes.idgen).max(sizes.chat).max(sizes.api) > 250 {
             bail!("at most 250 nodes of a role on loopback addresses");
@@ -250,10 +282,18 @@ impl Config {
             data,
             token_secret: None,
             token_secret_file: None,
-            discovery: Node {
+            // With etcd members, no discovery node: chat servers register in etcd.
+            discovery: (sizes.etcd == 0).then(|| Node {
                 listen: sa(1, 0, 7000),
                 admin: Some(sa(1, 0, 9000)),
-            },
+            }),
+            etcd: (0..sizes.etcd)
+                .map(|i| EtcdMember {
+                    client: sa(8, i, 2379).to_string(),
+                    peer: Some(sa(8, i, 2380)),
+                    dir: Some(PathBuf::from(format!("etcd-{i}"))),
+                })
+                .collect(),
             presence: Node {
                 listen: sa(2, 0, 7000),
                 admin: Some(sa(2, 0, 9000)),
@@ -325,6 +365,19 @@ impl Config {
                 bail!("{name} and {other} both listen on {addr}");
             }
         }
+        match (&self.discovery, self.etcd.is_empty()) {
+            (Some(_), false) => bail!("give either [discovery] or [[etcd]] members, not both"),
+            (None, true) => bail!("a cluster needs [discovery] or [[etcd]] members"),
+            _ => {}
+        }
+        if !self.etcd.is_empty() && !cfg!(feature = "etcd") {
+            bail!("this chatd was built without etcd support (cargo feature `etcd`)");
+        }
+        for (i, m) in self.etcd.iter().enumerate() {
+            if m.peer.is_some() != m.dir.is_some() {
+                bail!("etcd member {i}: give both peer and dir (a member this cluster runs) or neither");
+            }
+        }
         let mut workers = std::collections::BTreeSet::new();
         for n in &self.idgen {
             if n.worker == 0 || n.worker > crate::idgen::WORKER_MAX {
@@ -358,11 +411,17 @@ impl Config {
                 v.push((format!("{name} admin"), a));
             }
         };
-        node(
-            "discovery".into(),
-            self.discovery.listen,
-            self.discovery.admin,
-        );
+        if let Some(d) = &self.discovery {
+            node("discovery".into(), d.listen, d.admin);
+        }
+        for (i, m) in self.etcd.iter().enumerate() {
+            if let Some(peer) = m.peer {
+                node(format!("etcd-{i} peer"), peer, None);
+            }
+            if let Ok(client) = m.client.parse::<SocketAddr>() {
+                node(format!("etcd-{i}"), client, None);
+            }
+        }
         node("presence".into(), self.presence.listen, self.presence.admin);
         node("push".into(), self.push.listen, self.push.admin);
         for (i, n) in self.kv.iter().enumerate() {
@@ -384,7 +443,8 @@ impl Config {
     /// How many nodes of `role` the config has.
     pub fn count(&self, role: Role) -> usize {
         match role {
-            Role::Discovery | Role::Presence | Role::Push => 1,
+            Role::Discovery => usize::from(self.discovery.is_some()),
+            Role::Presence | Role::Push => 1,
             Role::Kv => self.kv.len(),
             Role::Idgen => self.idgen.len(),
             Role::Chat => self.chat.len(),
@@ -395,7 +455,10 @@ impl Config {
     /// The static addresses every node needs to reach the others.
     pub fn cluster_map(&self) -> ClusterMap {
         ClusterMap {
-            discovery: self.discovery.listen,
+            coordination: match &self.discovery {
+                Some(d) => Coordination::Discovery(d.listen),
+                None => Coordination::Etcd(self.etcd.iter().map(|m| m.client.clone()).collect()),
+            },
             kv: self.kv.iter().map(|n| n.listen).collect(),
             kv_shards: self.kv_shards,
             kv_replicas: self.kv_replicas,
@@ -509,6 +572,8 @@ pub const BOOTSTRAP_MARK: &str = "BOOTSTRAP";
 /// Node counts of a loopback cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClusterSizes {
+    /// etcd members `local-cluster` runs (0: the discovery node instead).
+    pub etcd: u16,
     pub kv: u16,
     /// kv shards (0: one per kv node) and copies of each.
     pub kv_shards: u16,
@@ -525,6 +590,7 @@ mod tests {
     #[test]
     fn generated_configs_round_trip_and_validate() {
         let sizes = ClusterSizes {
+            etcd: 3,
             kv: 3,
             kv_shards: 0,
             kv_replicas: 3,
@@ -539,6 +605,19 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(c.cluster_map().kv.len(), 3);
         assert_eq!(c.chat[2].ws_listen.to_string(), "127.0.6.3:7001");
+        assert_eq!(
+            c.count(Role::Discovery),
+            0,
+            "etcd replaces the discovery node"
+        );
+        assert_eq!(
+            c.cluster_map().coordination,
+            Coordination::Etcd(vec![
+                "127.0.8.1:2379".into(),
+                "127.0.8.2:2379".into(),
+                "127.0.8.3:2379".into()
+            ])
+        );
         let one = Config::single_host("d".into(), "127.0.0.1:8080".parse().unwrap(), 7100, 2);
         one.validate().unwrap();
     }
@@ -586,6 +665,14 @@ mod tests {
         c.idgen[1].listen = "127.0.0.1:7200".parse().unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("worker 1 is used twice"), "{e}");
+        let mut c = one.clone();
+        c.etcd.push(EtcdMember {
+            client: "127.0.8.1:2379".into(),
+            peer: None,
+            dir: None,
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("either [discovery] or [[etcd]]"), "{e}");
         let mut text = one.to_toml();
         text.push_str("\n[push_provider]\nprovider = \"webpush\"\nbogus = 1\n");
         let e = toml::from_str::<Config>(&text).unwrap_err().to_string();

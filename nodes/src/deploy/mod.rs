@@ -65,10 +65,11 @@ pub fn start(
     let mut tasks: Vec<Task> = Vec::new();
     let admin_addr = match role {
         Role::Discovery => {
-            tasks.push(tokio::spawn(crate::discovery::server::run(
-                cfg.discovery.listen,
-            )));
-            cfg.discovery.admin
+            let Some(d) = &cfg.discovery else {
+                anyhow::bail!("this cluster coordinates on etcd: it has no discovery node");
+            };
+            tasks.push(tokio::spawn(crate::discovery::server::run(d.listen)));
+            d.admin
         }
         Role::Kv => {
             let dir = cfg.kv_dir(index);

@@ -5,6 +5,9 @@
 //! [`Registry`] is the I/O-free core (time is passed in); `server` is the shell. It does not
 //! survive its own restart with state: after a restart it is empty until servers renew (every
 //! `DISCOVERY_RENEW_MS`), which is the lease model working as intended.
+//!
+//! It serves deployments without etcd (`all-in-one`); clusters that coordinate on etcd
+//! (the simulation, `local-cluster`) keep registrations there instead: see [`crate::coord`].
 
 pub mod server;
 
@@ -44,26 +47,9 @@ impl Registry {
             .collect()
     }
 
-    /// Power of two choices among live servers, seeded by `hint`: the less loaded of two.
-    /// Picking the single least-loaded server would send a whole reconnect storm to it before
-    /// its next load report. `avoid` (a server the client just failed to reach, perhaps dead
-    /// with its lease not yet lapsed) is left out unless it is the only one.
+    /// A live server for a device: [`crate::coord::pick_among`] the live ones.
     pub fn pick(&self, hint: u64, avoid: Option<u32>, now_ms: u64) -> Option<ChatServerInfo> {
-        let mut live = self.live(now_ms);
-        if live.len() > 1 {
-            live.retain(|s| Some(s.server) != avoid);
-        }
-        if live.is_empty() {
-            return None;
-        }
-        let n = live.len() as u64;
-        let a = &live[(hint % n) as usize];
-        let b = &live[((hint / n).wrapping_add(1).wrapping_add(hint % n) % n) as usize];
-        Some(if b.load < a.load {
-            b.clone()
-        } else {
-            a.clone()
-        })
+        crate::coord::pick_among(self.live(now_ms), hint, avoid)
     }
 
     /// Drops lapsed leases (bounded memory).

@@ -75,6 +75,10 @@ struct LocalCluster {
     http: SocketAddr,
     #[arg(long, default_value_t = 3)]
     chat: u16,
+    /// etcd members to run (Debian's `etcd`; chat servers register there and idgen worker
+    /// ids are leased there); 0: the home-made discovery node instead.
+    #[arg(long, default_value_t = 3)]
+    etcd: u16,
     /// kv nodes. Must not change for existing data.
     #[arg(long, default_value_t = 3)]
     kv: u16,
@@ -184,6 +188,7 @@ pub fn main() -> anyhow::Result<()> {
 
 fn default_sizes() -> ClusterSizes {
     ClusterSizes {
+        etcd: 3,
         kv: 3,
         kv_shards: 0,
         kv_replicas: 3,
@@ -337,6 +342,7 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
         Some(path) => (Config::load(&path)?, std::fs::canonicalize(path)?),
         None => {
             let sizes = ClusterSizes {
+                etcd: a.etcd,
                 kv: a.kv,
                 kv_shards: a.kv_shards,
                 kv_replicas: a.kv_replicas.min(a.kv),
