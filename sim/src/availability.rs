@@ -68,6 +68,10 @@ pub struct KvFaultAvailability {
     pub unacked: u64,
     /// Send->ack of the acked ones: p50, p99, p99.9, in microseconds.
     pub ack_us: Option<(u64, u64, u64)>,
+    /// Devices whose connection dropped inside and that connected again (at any later time).
+    pub reconnects: u64,
+    /// How long they waited, drop to connected: p50, p99, max, in microseconds.
+    pub reconnect_us: Option<(u64, u64, u64)>,
 }
 
 /// Whether a fault event is a kv fault.
@@ -76,13 +80,16 @@ fn is_kv_fault(kind: &str, targets: &[String]) -> bool {
         || (kind == "crash" && targets.iter().any(|t| t.starts_with("kv-")))
 }
 
-/// Whether a fault event is a crash or pause of a server node other than kv.
+/// Whether a fault event is a crash or pause of a server node other than kv, or cuts etcd
+/// off (a partition with etcd on one side).
 fn is_node_fault(kind: &str, targets: &[String]) -> bool {
-    matches!(kind, "crash" | "pause")
+    let etcd = targets.iter().any(|t| t.starts_with("etcd-"));
+    (matches!(kind, "crash" | "pause")
         && !targets.is_empty()
         && targets
             .iter()
-            .all(|t| !t.starts_with("kv-") && !t.starts_with("device-"))
+            .all(|t| !t.starts_with("kv-") && !t.starts_with("device-")))
+        || (kind == "partition" && etcd)
 }
 
 /// The figures of every kv fault in the history. `probe_every_us`: the prober's pause.
@@ -100,8 +107,8 @@ pub fn kv_faults(
     })
 }
 
-/// The send->ack figures of every crash or pause of a server node other than kv (no probe:
-/// `stall` is `None`).
+/// The send->ack and reconnect figures of every crash or pause of a server node other than
+/// kv, and of every partition that cuts etcd off (no probe: `stall` is `None`).
 pub fn node_faults(history: &[Record]) -> Vec<KvFaultAvailability> {
     faults_where(history, is_node_fault, |_, _| (None, None))
 }
@@ -140,7 +147,32 @@ fn faults_where(
     let mut acked: BTreeMap<(Id, Id), u64> = BTreeMap::new();
     let mut away: BTreeMap<(Id, Id), bool> = BTreeMap::new();
     let mut last_drop: BTreeMap<Id, u64> = BTreeMap::new();
+    // (dropped at, connected again at) per drop.
+    let mut drops: Vec<(u64, Option<u64>)> = Vec::new();
+    let mut open_drop: BTreeMap<Id, usize> = BTreeMap::new();
     for r in history {
+        match &r.ev {
+            Event::Connected { device, .. } => {
+                if let Some(i) = open_drop.remove(device) {
+                    drops[i].1 = Some(r.t_us);
+                }
+            }
+            Event::Disconnected { device, reason, .. }
+                if matches!(reason.as_str(), "logout" | "app closed") =>
+            {
+                // Closed while still reconnecting: no longer waiting.
+                open_drop.remove(device);
+            }
+            // Drops only: a device whose app closed does not try to connect.
+            Event::Disconnected { device, reason, .. }
+                if !open_drop.contains_key(device)
+                    && !matches!(reason.as_str(), "logout" | "app closed") =>
+            {
+                open_drop.insert(*device, drops.len());
+                drops.push((r.t_us, None));
+            }
+            _ => {}
+        }
         match &r.ev {
             Event::Send {
                 device,
@@ -191,8 +223,18 @@ fn faults_where(
                     h.value_at_quantile(0.999),
                 )
             });
+            let mut w = Histogram::<u64>::new_with_bounds(1, 86_400_000_000, 3)
+                .expect("valid histogram bounds");
+            for (t, back) in drops.iter().filter(|(t, _)| *t >= start && *t <= end) {
+                if let Some(b) = back {
+                    w.saturating_record(b.saturating_sub(*t).max(1));
+                }
+            }
             let (stall, read_stall) = stalls_of(start, end);
             KvFaultAvailability {
+                reconnects: w.len(),
+                reconnect_us: (!w.is_empty())
+                    .then(|| (w.value_at_quantile(0.5), w.value_at_quantile(0.99), w.max())),
                 stall,
                 read_stall,
                 kind,
@@ -257,10 +299,26 @@ pub fn describe(a: &KvFaultAvailability) -> String {
         ),
         None => "no send acked".into(),
     };
+    let reconnects = match a.reconnect_us {
+        Some((p50, p99, max)) => format!(
+            "; {} devices dropped inside reconnected after p50 {:.2} s p99 {:.2} s max {:.2} s",
+            a.reconnects,
+            secs(p50),
+            secs(p99),
+            secs(max)
+        ),
+        None => String::new(),
+    };
+    // A partition names every node on both sides: name the etcd side only.
+    let targets = if a.kind == "partition" {
+        format!("of {} nodes cutting etcd-0 off", a.targets.len())
+    } else {
+        a.targets.join(",")
+    };
     format!(
-        "{} {} at {:.1} s for {:.1} s: {stall}{} sends started inside ({} never acked), {acks}",
+        "{} {} at {:.1} s for {:.1} s: {stall}{} sends started inside ({} never acked), {acks}{reconnects}",
         a.kind,
-        a.targets.join(","),
+        targets,
         secs(a.start_us),
         secs(a.end_us.saturating_sub(a.start_us)),
         a.sends,

@@ -23,9 +23,11 @@ use super::etcd::Etcd;
 use crate::idgen::WORKER_MAX;
 use crate::rpc::RpcError;
 
-/// The worker lease's time to live, seconds. Longer than the simulated etcd's slowest answer
-/// (15 s), so a claim delayed that long still finds its lease alive.
-pub const WORKER_LEASE_TTL_S: i64 = 20;
+/// The worker lease's time to live, seconds. Long, so that ids keep flowing through an etcd
+/// outage of most of a minute (the id stays held meanwhile, so nobody else can take it); the
+/// cost is that a crashed process's id stays taken that long (of 1,023). Also longer than the
+/// simulated etcd's slowest answer (15 s), so a claim delayed that long finds its lease alive.
+pub const WORKER_LEASE_TTL_S: i64 = 60;
 /// How often the lease is renewed.
 pub const WORKER_RENEW: Duration = Duration::from_secs(1);
 /// Ids are issued for this long after the last successful renewal was sent.
