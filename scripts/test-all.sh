@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test in both worlds:
+# Every test in both worlds (first installs Debian's protobuf-compiler and etcd-server if
+# missing):
 # - the real build: unit tests and the tests that start chatd as a process (all-in-one,
 #   restart, CLI, bad input on real sockets, push adapters against stub servers);
 # - the web page in headless Chromium (installs Debian's chromium and one npm package if
@@ -11,6 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
+
+# protoc (the real build's etcd client) and etcd (the local cluster's members), if missing.
+./scripts/install-deps.sh
 
 echo "== real world: cargo test (workspace)"
 cargo test --workspace

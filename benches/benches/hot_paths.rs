@@ -139,7 +139,7 @@ fn fanout(c: &mut Criterion) {
     use nodes::chat::server::{ChatState, Closer, Outbound, SessionHandle};
     let local = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
     let map = nodes::cluster::ClusterMap {
-        discovery: local(1),
+        coordination: nodes::coord::Coordination::Discovery(local(1)),
         kv: vec![local(2)],
         kv_shards: 0,
         kv_replicas: 1,

@@ -47,6 +47,7 @@ impl Cluster {
     fn new(data: &Path) -> Cluster {
         let base = common::free_base(NODES as u16);
         let sizes = ClusterSizes {
+            etcd: 0,
             kv: NODES as u16,
             kv_shards: SHARDS as u16,
             kv_replicas: 3,

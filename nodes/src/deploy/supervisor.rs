@@ -5,9 +5,14 @@
 //! `kill -9`) is restarted after a backoff (1 s, doubling to 30 s, back to 1 s once it has
 //! stayed up a minute). Ctrl-C or SIGTERM stops every node (SIGTERM, then SIGKILL after 5 s).
 //! Children get SIGKILL if the supervisor itself dies (Linux `PR_SET_PDEATHSIG`).
+//!
+//! etcd members of the config that name a peer address and a directory are run here too,
+//! first, from Debian's `etcd` binary (`etcd-<i>`, same logs, pid files and restarts; a
+//! restarted member rejoins from its data directory).
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,9 +28,18 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// What a managed process runs.
+#[derive(Debug, Clone)]
+enum Proc {
+    /// `chatd <role> --index i`.
+    Node(Role),
+    /// An etcd member: its full command line.
+    Etcd(Vec<String>),
+}
+
 struct Managed {
     name: String,
-    role: Role,
+    proc: Proc,
     index: usize,
     child: Option<Child>,
     started: Instant,
@@ -55,11 +69,23 @@ impl Supervisor {
             Role::Api,
         ];
         let mut nodes = Vec::new();
+        for (index, args) in etcd_members(cfg) {
+            nodes.push(Managed {
+                name: format!("etcd-{index}"),
+                proc: Proc::Etcd(args),
+                index,
+                child: None,
+                started: Instant::now(),
+                backoff: BACKOFF_MIN,
+                restart_at: None,
+                restarts: 0,
+            });
+        }
         for role in order {
             for index in 0..cfg.count(role) {
                 nodes.push(Managed {
                     name: format!("{}-{index}", role.name()),
-                    role,
+                    proc: Proc::Node(role),
                     index,
                     child: None,
                     started: Instant::now(),
@@ -92,13 +118,23 @@ impl Supervisor {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("open {}", log_path.display()))?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg(m.role.name())
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--index")
-            .arg(m.index.to_string())
-            .stdin(Stdio::null())
+        let mut cmd = match &m.proc {
+            Proc::Node(role) => {
+                let mut cmd = Command::new(&self.exe);
+                cmd.arg(role.name())
+                    .arg("--config")
+                    .arg(&self.config_path)
+                    .arg("--index")
+                    .arg(m.index.to_string());
+                cmd
+            }
+            Proc::Etcd(args) => {
+                let mut cmd = Command::new(ETCD_BINARY);
+                cmd.args(args);
+                cmd
+            }
+        };
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
@@ -110,9 +146,14 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {} ({})", m.name, self.exe.display()))?;
+        let child = cmd.spawn().with_context(|| match &m.proc {
+            Proc::Node(_) => format!("start {} ({})", m.name, self.exe.display()),
+            Proc::Etcd(_) => format!(
+                "start {} (`{ETCD_BINARY}` not found? install Debian's etcd-server, or run \
+                 local-cluster with --etcd 0 for the discovery node)",
+                m.name
+            ),
+        })?;
         std::fs::write(self.pid_file(&m.name), format!("{}\n", child.id()))?;
         Ok(child)
     }
@@ -208,6 +249,64 @@ impl Supervisor {
             let _ = std::fs::remove_file(self.data.join("run").join(format!("{}.pid", m.name)));
         }
     }
+}
+
+/// The etcd binary (Debian's `etcd-server` package installs it on the PATH).
+const ETCD_BINARY: &str = "etcd";
+
+/// The command line of each etcd member this cluster runs (those with a peer address and a
+/// directory), by member index.
+fn etcd_members(cfg: &Config) -> Vec<(usize, Vec<String>)> {
+    let run: Vec<(usize, SocketAddr, PathBuf)> = cfg
+        .etcd
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            let dir = m.dir.as_ref()?;
+            let dir = if dir.is_absolute() {
+                dir.clone()
+            } else {
+                cfg.data.join(dir)
+            };
+            Some((i, m.peer?, dir))
+        })
+        .collect();
+    let initial = run
+        .iter()
+        .map(|(i, peer, _)| format!("etcd-{i}=http://{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    run.iter()
+        .map(|(i, peer, dir)| {
+            let client = &cfg.etcd[*i].client;
+            let args = [
+                "--name".to_string(),
+                format!("etcd-{i}"),
+                "--data-dir".into(),
+                dir.display().to_string(),
+                "--listen-client-urls".into(),
+                format!("http://{client}"),
+                "--advertise-client-urls".into(),
+                format!("http://{client}"),
+                "--listen-peer-urls".into(),
+                format!("http://{peer}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://{peer}"),
+                "--initial-cluster".into(),
+                initial.clone(),
+                "--initial-cluster-token".into(),
+                "chatsim".into(),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                // A loopback cluster: no metrics listener of its own, quiet logs.
+                "--log-level".into(),
+                "warn".into(),
+                "--logger".into(),
+                "zap".into(),
+            ];
+            (*i, args.to_vec())
+        })
+        .collect()
 }
 
 /// Reads a node's pid file (for tests and operators: `kill -9 $(cat data/run/chat-0.pid)`).
