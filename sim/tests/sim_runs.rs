@@ -190,7 +190,7 @@ fn same_swarm_seed_same_history() {
 /// (kv-ack-before-sync is the single-copy bug: with three copies a crash of one loses
 /// nothing acknowledged).
 #[cfg(feature = "canaries")]
-const CANARIES: [(&str, &[&str], &str, u32); 11] = [
+const CANARIES: [(&str, &[&str], &str, u32); 12] = [
     ("ack-before-persist", &["no_loss", "order"], "light", 3),
     ("cursor-by-message-id", &["no_loss", "order"], "light", 3),
     ("no-dedup", &["no_duplicates"], "light", 3),

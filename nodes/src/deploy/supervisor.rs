@@ -11,8 +11,8 @@
 //! restarted member rejoins from its data directory).
 
 use std::fs::OpenOptions;
-use std::os::unix::process::CommandExt;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
