@@ -233,13 +233,15 @@ fn caught_on(
     })
 }
 
-// Proves each canary bug is caught by the checker meant for it within seeds 1-4 of its
-// scenario at the default size (200 users, 5 minutes).
+// Proves each canary bug is caught by the checker meant for it within seeds 1-8 of its
+// scenario at the default size (200 users, 5 minutes). Most are caught on seed 1;
+// skip-checksum needs a sync to read back a rotten sector, which takes until seed 6 of
+// kv-storage-faults since the cluster coordinates on etcd (seeds 1-5 read none back).
 #[cfg(feature = "canaries")]
 #[test]
 fn canaries_are_caught() {
     for (name, checkers, scenario, replicas) in CANARIES {
-        let caught = caught_on(name, checkers, 1..=4, |seed| Opts {
+        let caught = caught_on(name, checkers, 1..=8, |seed| Opts {
             seed,
             scenario: scenario.to_string(),
             replicas,
@@ -247,7 +249,7 @@ fn canaries_are_caught() {
         });
         assert!(
             caught.is_some(),
-            "canary {name} was not caught by {checkers:?} on seeds 1-4 of {scenario}"
+            "canary {name} was not caught by {checkers:?} on seeds 1-8 of {scenario}"
         );
         eprintln!(
             "canary {name}: caught on seed {} of {scenario}",
