@@ -48,6 +48,21 @@ struct Managed {
     restarts: u64,
 }
 
+impl Managed {
+    fn new(name: String, proc: Proc, index: usize) -> Self {
+        Managed {
+            name,
+            proc,
+            index,
+            child: None,
+            started: Instant::now(),
+            backoff: BACKOFF_MIN,
+            restart_at: None,
+            restarts: 0,
+        }
+    }
+}
+
 pub struct Supervisor {
     exe: PathBuf,
     config_path: PathBuf,
@@ -68,31 +83,14 @@ impl Supervisor {
             Role::Chat,
             Role::Api,
         ];
-        let mut nodes = Vec::new();
-        for (index, args) in etcd_members(cfg) {
-            nodes.push(Managed {
-                name: format!("etcd-{index}"),
-                proc: Proc::Etcd(args),
-                index,
-                child: None,
-                started: Instant::now(),
-                backoff: BACKOFF_MIN,
-                restart_at: None,
-                restarts: 0,
-            });
-        }
+        let mut nodes: Vec<Managed> = etcd_members(cfg)
+            .into_iter()
+            .map(|(index, args)| Managed::new(format!("etcd-{index}"), Proc::Etcd(args), index))
+            .collect();
         for role in order {
             for index in 0..cfg.count(role) {
-                nodes.push(Managed {
-                    name: format!("{}-{index}", role.name()),
-                    proc: Proc::Node(role),
-                    index,
-                    child: None,
-                    started: Instant::now(),
-                    backoff: BACKOFF_MIN,
-                    restart_at: None,
-                    restarts: 0,
-                });
+                let name = format!("{}-{index}", role.name());
+                nodes.push(Managed::new(name, Proc::Node(role), index));
             }
         }
         Supervisor {
