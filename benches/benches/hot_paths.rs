@@ -144,7 +144,7 @@ fn fanout(c: &mut Criterion) {
         kv_shards: 0,
         kv_replicas: 1,
         idgen: vec![local(3)],
-        presence: local(4),
+        presence: vec![local(4)],
         push: local(5),
     };
     let state = ChatState::new(nodes::chat::ChatConfig {

@@ -6,7 +6,8 @@
 //! channel-keyed data (record, log, dedup) on `channel % n`; names on `fnv1a(name) % n`;
 //! counters on shard 0, where `n` is the number of shards (Raft groups), fixed when the
 //! cluster is created. Each shard's replicas sit on kv nodes as `kv::placement` says, and a
-//! [`ShardClient`] finds its leader.
+//! [`ShardClient`] finds its leader. A user's presence lives on presence node `user % p`, where
+//! `p` is the number of presence nodes.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +20,8 @@ use crate::coord::{Coordination, Discovery};
 use crate::health::PeerHealth;
 use crate::kv::client::ShardClient;
 use crate::kv::placement::Placement;
-use crate::proto::internal::ChatServerInfo;
+use crate::proto::client::PresenceStatus;
+use crate::proto::internal::{ChatServerInfo, Request, Response};
 use crate::proto::Id;
 use crate::rpc::{RpcClient, RpcError};
 
@@ -37,7 +39,8 @@ pub struct ClusterMap {
     #[serde(default)]
     pub kv_replicas: u32,
     pub idgen: Vec<SocketAddr>,
-    pub presence: SocketAddr,
+    /// Presence nodes: user `u`'s presence lives on node `u % n`.
+    pub presence: Vec<SocketAddr>,
     pub push: SocketAddr,
 }
 
@@ -74,7 +77,8 @@ pub struct Peers {
     idgen: Vec<RpcClient>,
     /// Which idgen nodes failed lately (calls go to the others first).
     pub idgen_health: PeerHealth,
-    pub presence: RpcClient,
+    /// Presence nodes, by index (user `u` on `u % n`: [`Peers::presence_for`]).
+    presence: Vec<RpcClient>,
     pub push: RpcClient,
     pub discovery: Discovery,
     /// Chat servers by index, as last listed by discovery. A std mutex: never held across await.
@@ -94,6 +98,10 @@ impl Peers {
         assert!(
             !map.idgen.is_empty(),
             "a cluster needs at least one idgen node"
+        );
+        assert!(
+            !map.presence.is_empty(),
+            "a cluster needs at least one presence node"
         );
         let placement = map
             .placement()
@@ -115,7 +123,7 @@ impl Peers {
             kv_nodes,
             idgen: map.idgen.iter().copied().map(RpcClient::new).collect(),
             idgen_health: PeerHealth::new(map.idgen.len()),
-            presence: RpcClient::new(map.presence),
+            presence: map.presence.iter().copied().map(RpcClient::new).collect(),
             push: RpcClient::new(map.push),
             discovery: Discovery::new(&map.coordination),
             chat: Mutex::new(BTreeMap::new()),
@@ -162,6 +170,47 @@ impl Peers {
 
     pub fn kv_shard(&self, shard: usize) -> &ShardClient {
         &self.kv[shard]
+    }
+
+    /// The presence node holding `user`'s presence.
+    pub fn presence_for(&self, user: Id) -> &RpcClient {
+        &self.presence[(user % self.presence.len() as u64) as usize]
+    }
+
+    /// Every presence node, by index.
+    pub fn presence_nodes(&self) -> &[RpcClient] {
+        &self.presence
+    }
+
+    /// Groups `users` by the index of the presence node that holds them.
+    pub fn users_by_presence_node(&self, users: &[Id]) -> BTreeMap<usize, Vec<Id>> {
+        let mut out: BTreeMap<usize, Vec<Id>> = BTreeMap::new();
+        for u in users {
+            out.entry((u % self.presence.len() as u64) as usize)
+                .or_default()
+                .push(*u);
+        }
+        out
+    }
+
+    /// The presence of `users`, asking each presence node that holds some of them at once;
+    /// an error if any of them did not answer.
+    pub async fn presence_of(
+        &self,
+        users: Vec<Id>,
+    ) -> Result<Vec<(Id, PresenceStatus, u64)>, RpcError> {
+        let calls = self
+            .users_by_presence_node(&users)
+            .into_iter()
+            .map(|(node, users)| self.presence[node].call(Request::PresenceOf { users }));
+        let mut out = Vec::with_capacity(users.len());
+        for r in futures::future::join_all(calls).await {
+            match r? {
+                Response::Presence(list) => out.extend(list),
+                other => return Err(RpcError::Unexpected(format!("{other:?}"))),
+            }
+        }
+        Ok(out)
     }
 
     /// idgen node `i` (in the order of `idgen_health.order`).

@@ -48,6 +48,7 @@ impl Cluster {
         let base = common::free_base(NODES as u16);
         let sizes = ClusterSizes {
             etcd: 0,
+            presence: 1,
             kv: NODES as u16,
             kv_shards: SHARDS as u16,
             kv_replicas: 3,

@@ -403,6 +403,7 @@ pub struct Ctx {
     pub api: u32,
     pub chat: u32,
     pub idgen: u32,
+    pub presence: u32,
     pub kv: u32,
     /// kv shards (Raft groups) and copies of each.
     pub kv_shards: u32,
@@ -418,7 +419,8 @@ impl Ctx {
             Role::Chat => self.chat,
             Role::Idgen => self.idgen,
             Role::Kv => self.kv,
-            Role::Etcd | Role::Presence | Role::Push => 1,
+            Role::Presence => self.presence,
+            Role::Etcd | Role::Push => 1,
         }
     }
 
@@ -674,7 +676,9 @@ fn tunnel_commute(ctx: &Ctx) -> Vec<ScheduledFault> {
 
 fn presence_partition(ctx: &Ctx) -> Vec<ScheduledFault> {
     let mut rng = ctx.rng("presence-partition");
-    let presence = vec![Target::Node(Role::Presence, 0)];
+    let presence: Vec<Target> = (0..ctx.presence.max(1))
+        .map(|i| Target::Node(Role::Presence, i))
+        .collect();
     let chats: Vec<Target> = (0..ctx.chat).map(|i| Target::Node(Role::Chat, i)).collect();
     vec![
         ScheduledFault {
@@ -1182,6 +1186,7 @@ mod tests {
             api: 2,
             chat: 3,
             idgen: 2,
+            presence: 2,
             kv: 3,
             kv_shards: 3,
             kv_replicas: 3,

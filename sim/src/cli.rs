@@ -110,6 +110,9 @@ pub struct Opts {
     /// idgen nodes (their clocks are skewed apart by up to 200 ms, drawn from the seed).
     #[arg(long, default_value_t = 2)]
     pub idgen: u32,
+    /// presence nodes (user u's presence on node u % n).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=250))]
+    pub presence: u32,
     /// kv nodes (`--kv` works too).
     #[arg(long = "kv-nodes", alias = "kv", default_value_t = 3)]
     pub kv: u32,
@@ -205,6 +208,7 @@ impl Opts {
             ("api", self.api, d.api),
             ("chat", self.chat, d.chat),
             ("idgen", self.idgen, d.idgen),
+            ("presence", self.presence, d.presence),
             ("kv-nodes", self.kv, d.kv),
             ("replicas", self.replicas, d.replicas),
             ("kv-shards", self.kv_shards, d.kv_shards),

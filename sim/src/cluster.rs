@@ -12,7 +12,7 @@
 //! | chat | 10.0.3.1 .. | 9000 (WebSocket), 7000 (RPC) |
 //! | idgen | 10.0.4.1 .. | 7000 |
 //! | kv | 10.0.5.1 .. | 7000 |
-//! | presence | 10.0.6.1 | 7000 |
+//! | presence | 10.0.6.1 .. | 7000 (user u on node u % n) |
 //! | push | 10.0.7.1 | 7000 |
 //! | devices | 10.1.0.1 .. 10.255.255.255 (device i: 10.1.0.0 + i + 1) | - |
 //!
@@ -72,6 +72,7 @@ pub struct Sizes {
     pub api: u32,
     pub chat: u32,
     pub idgen: u32,
+    pub presence: u32,
     pub kv: u32,
     /// kv shards (0: one per kv node) and copies of each.
     pub kv_shards: u32,
@@ -112,7 +113,9 @@ impl Cluster {
             idgen: (0..sizes.idgen)
                 .map(|i| sa(ip(Role::Idgen, i), RPC_PORT))
                 .collect(),
-            presence: sa(ip(Role::Presence, 0), RPC_PORT),
+            presence: (0..sizes.presence)
+                .map(|i| sa(ip(Role::Presence, i), RPC_PORT))
+                .collect(),
             push: sa(ip(Role::Push, 0), RPC_PORT),
         };
         let mut c = Cluster {
@@ -183,17 +186,17 @@ impl Cluster {
                 })
             });
         }
-        let pf = peers_for.clone();
-        c.add(&handle, Role::Presence, 0, {
-            let listen = c.map.presence;
-            move || {
+        for i in 0..sizes.presence {
+            let pf = peers_for.clone();
+            let listen = c.map.presence[i as usize];
+            c.add(&handle, Role::Presence, i, move || {
                 nodes::presence::server::run(nodes::presence::server::PresenceConfig {
                     listen,
                     peers: pf(),
                     metrics: nodes::metrics::Metrics::new(),
                 })
-            }
-        });
+            });
+        }
         let pf = peers_for.clone();
         c.add(&handle, Role::Push, 0, {
             let listen = c.map.push;

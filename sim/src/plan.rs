@@ -40,6 +40,7 @@ pub fn scenario_ctx(opts: &Opts, devices: u32) -> scenarios::Ctx {
         api: opts.api,
         chat: opts.chat,
         idgen: opts.idgen,
+        presence: opts.presence,
         kv: opts.kv,
         kv_shards: if opts.kv_shards == 0 {
             opts.kv

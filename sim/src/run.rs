@@ -82,6 +82,7 @@ async fn drive(
         api: opts.api,
         chat: opts.chat,
         idgen: opts.idgen,
+        presence: opts.presence,
         kv: opts.kv,
         kv_shards: opts.kv_shards,
         kv_replicas: opts.replicas,

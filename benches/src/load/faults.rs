@@ -188,7 +188,7 @@ impl Cluster {
             "chat" => cfg.chat.get(i)?.ws_listen,
             "idgen" => cfg.idgen.get(i)?.listen,
             "api" => cfg.api.get(i)?.listen,
-            "presence" => cfg.presence.listen,
+            "presence" => cfg.presence.get(i)?.listen,
             "push" => cfg.push.listen,
             "discovery" => cfg.discovery.as_ref()?.listen,
             "etcd" => cfg.etcd.get(i)?.client.parse().ok()?,

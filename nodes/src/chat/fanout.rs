@@ -170,12 +170,8 @@ async fn push_offline(state: &ChatState, c: &Committed) -> bool {
     let offline: Vec<Id> = if peers.canaries.is_on(Canary::PushToOnline) {
         recipients
     } else {
-        match peers
-            .presence
-            .call(Request::PresenceOf { users: recipients })
-            .await
-        {
-            Ok(Response::Presence(list)) => list
+        match peers.presence_of(recipients).await {
+            Ok(list) => list
                 .into_iter()
                 .filter(|(_, s, _)| *s == PresenceStatus::Offline)
                 .map(|(u, _, _)| u)

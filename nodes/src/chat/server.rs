@@ -126,8 +126,9 @@ pub struct ChatState {
     /// When the discovery lease was last renewed (answers `LeaseHeld`). A std mutex: short.
     /// None until the first renewal: a server just started holds no lease yet.
     last_renewed: Mutex<Option<tokio::time::Instant>>,
-    /// The presence node's boot time last seen, and whether it was seen warming up since.
-    presence_boot: Mutex<(Option<u64>, bool)>,
+    /// Per presence node (by index): its boot time last seen, and whether it was seen warming
+    /// up since.
+    presence_boot: Mutex<BTreeMap<usize, (Option<u64>, bool)>>,
     /// Errors sent to devices, by code (answered to `ChatStats`). A std mutex: short updates.
     errors: Mutex<BTreeMap<ErrorCode, u64>>,
 }
@@ -317,7 +318,7 @@ impl ChatState {
             next_epoch: AtomicU64::new(1),
             fenced: std::sync::atomic::AtomicBool::new(false),
             last_renewed: Mutex::new(None),
-            presence_boot: Mutex::new((None, false)),
+            presence_boot: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(BTreeMap::new()),
         }
     }
@@ -411,42 +412,47 @@ fn info(state: &ChatState) -> ChatServerInfo {
     }
 }
 
-/// Subscribes (or renews the subscription) to presence changes; true on success. When the
-/// presence node restarted (its boot time changed, or it was warming up) every session is
-/// told to ask for its friends' presence again: changes published before the restart, or
-/// lost with it, would otherwise leave views stale.
+/// Subscribes (or renews the subscription) to every presence node's changes. When a presence
+/// node restarted (its boot time changed, or it was warming up) every session is told to ask
+/// for its friends' presence again: changes published before the restart, or lost with it,
+/// would otherwise leave views stale. True if every node took the subscription.
 async fn subscribe_presence(state: &ChatState) -> bool {
-    let req = Request::SubscribePresence { info: info(state) };
-    match state.peers().presence.call(req).await {
-        Ok(answer) => {
-            let refresh = {
-                let mut seen = state
-                    .presence_boot
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                match answer {
-                    Response::Id(boot) => {
-                        let changed = seen.0.is_some_and(|b| b != boot) || seen.1;
-                        *seen = (Some(boot), false);
-                        changed
-                    }
-                    _ => {
-                        seen.1 = true;
-                        false
-                    }
-                }
-            };
-            if refresh {
-                let n = state.broadcast(&ServerFrame::PresenceRefresh);
-                tracing::info!(sessions = n, "presence restarted; sessions told to refresh");
+    let nodes = state.peers().presence_nodes().to_vec();
+    let calls = nodes.iter().enumerate().map(|(i, node)| {
+        let req = Request::SubscribePresence { info: info(state) };
+        async move { (i, node.call(req).await) }
+    });
+    let (mut refresh, mut all) = (false, true);
+    for (i, answer) in futures::future::join_all(calls).await {
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(presence = i, error = %e, "presence subscription failed");
+                all = false;
+                continue;
             }
-            true
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "presence subscription failed");
-            false
+        };
+        let mut boots = state
+            .presence_boot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let seen = boots.entry(i).or_insert((None, false));
+        match answer {
+            Response::Id(boot) => {
+                refresh |= seen.0.is_some_and(|b| b != boot) || seen.1;
+                *seen = (Some(boot), false);
+            }
+            _ => seen.1 = true,
         }
     }
+    if refresh {
+        let n = state.broadcast(&ServerFrame::PresenceRefresh);
+        tracing::info!(
+            sessions = n,
+            "a presence node restarted; sessions told to refresh"
+        );
+    }
+    all
 }
 
 /// A server that could not renew its lease for this long has lost it (two renewal periods,

@@ -444,7 +444,7 @@ impl Session {
                     user: self.user,
                     device: self.device,
                 };
-                let _ = self.state.peers().presence.call(req).await;
+                let _ = self.state.peers().presence_for(self.user).call(req).await;
                 return false;
             }
         }
@@ -600,7 +600,7 @@ impl Session {
     }
 
     fn on_heartbeat(&self) {
-        let presence = self.state.peers().presence.clone();
+        let presence = self.state.peers().presence_for(self.user).clone();
         let req = Request::Heartbeat {
             user: self.user,
             device: self.device,
@@ -645,46 +645,50 @@ impl Session {
                 .into_iter()
                 .filter(|u| friends.contains_key(u))
                 .collect();
-            if asked.is_empty() {
-                return;
-            }
-            // Presence may be unreachable (partitioned, restarting, warming up): keep asking,
-            // as the friend list above, rather than leave the device with stale views.
+            // One query per presence node holding some of them, answered as each node
+            // answers. A node may be unreachable (partitioned, restarting, warming up): keep
+            // asking it, as the friend list above, rather than leave the device with stale
+            // views.
+            let mut pending = peers.users_by_presence_node(&asked);
             for attempt in 1..=PRESENCE_QUERY_ATTEMPTS {
-                let req = Request::PresenceOf {
-                    users: asked.clone(),
-                };
-                let t0 = tokio::time::Instant::now();
-                let r = peers.presence.call(req).await;
-                tracing::debug!(
-                    user,
-                    attempt,
-                    elapsed_ms = t0.elapsed().as_millis() as u64,
-                    ok = r.is_ok(),
-                    "presence query"
-                );
-                match r {
-                    Ok(Response::Presence(list)) => {
-                        for (user, status, version) in list {
-                            let frame = ServerFrame::Presence {
-                                user,
-                                status,
-                                version,
-                            };
-                            if tx.send(Outbound::Frame(Arc::new(frame))).await.is_err() {
-                                return; // The session ended.
+                if pending.is_empty() {
+                    return;
+                }
+                let calls = pending.iter().map(|(node, users)| {
+                    let req = Request::PresenceOf {
+                        users: users.clone(),
+                    };
+                    let client = peers.presence_nodes()[*node].clone();
+                    async move { (*node, client.call(req).await) }
+                });
+                for (node, r) in futures::future::join_all(calls).await {
+                    match r {
+                        Ok(Response::Presence(list)) => {
+                            pending.remove(&node);
+                            for (user, status, version) in list {
+                                let frame = ServerFrame::Presence {
+                                    user,
+                                    status,
+                                    version,
+                                };
+                                if tx.send(Outbound::Frame(Arc::new(frame))).await.is_err() {
+                                    return; // The session ended.
+                                }
                             }
                         }
-                        return;
-                    }
-                    other => {
-                        tracing::debug!(user, ?other, "presence query unanswered; retrying");
-                        if tx.is_closed() {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        other => tracing::debug!(
+                            user,
+                            node,
+                            attempt,
+                            ?other,
+                            "presence query unanswered; retrying"
+                        ),
                     }
                 }
+                if pending.is_empty() || tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             tracing::warn!(user, "presence query unanswered; gave up");
         });

@@ -17,8 +17,8 @@
 //! # peer = "127.0.8.1:2380"          # with dir: `chatd local-cluster` runs this member
 //! # dir = "etcd-0"
 //!
-//! [presence]
-//! listen = "127.0.0.1:7102"
+//! [[presence]]                      # one or more; user u's presence on node u % n
+//! listen = "127.0.0.1:7102"          # (a single [presence] table is read as one node)
 //!
 //! [push]
 //! listen = "127.0.0.1:7103"
@@ -79,7 +79,10 @@ pub struct Config {
     /// etcd members: chat servers register there and idgen worker ids are leased there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub etcd: Vec<EtcdMember>,
-    pub presence: Node,
+    /// Presence nodes: user `u`'s presence lives on node `u % n`. A single `[presence]` table
+    /// (older configs) is one node.
+    #[serde(deserialize_with = "one_or_many")]
+    pub presence: Vec<Node>,
     pub push: Node,
     /// The push node's provider (APNs, FCM, Web Push; default: log). Not written by
     /// `to_toml` (it may hold secrets); add it by hand.
@@ -169,6 +172,20 @@ pub struct ApiNode {
     pub listen: SocketAddr,
 }
 
+/// One node (a table) or several (an array of tables).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Node>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Node),
+        Many(Vec<Node>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(n) => vec![n],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 fn default_data() -> PathBuf {
     PathBuf::from("chatsim-data")
 }
@@ -224,10 +241,10 @@ impl Config {
                 admin: None,
             }),
             etcd: Vec::new(),
-            presence: Node {
+            presence: vec![Node {
                 listen: at(base + 2),
                 admin: None,
-            },
+            }],
             push: Node {
                 listen: at(base + 3),
                 admin: None,
@@ -267,13 +284,19 @@ impl Config {
         http: SocketAddr,
         sizes: &ClusterSizes,
     ) -> anyhow::Result<Config> {
-        if sizes.kv == 0 || sizes.idgen == 0 || sizes.chat == 0 || sizes.api == 0 {
-            bail!("a cluster needs at least one kv, idgen, chat and api node");
+        if sizes.kv == 0
+            || sizes.presence == 0
+            || sizes.idgen == 0
+            || sizes.chat == 0
+            || sizes.api == 0
+        {
+            bail!("a cluster needs at least one kv, presence, idgen, chat and api node");
         }
         if sizes.etcd > 7 {
             bail!("at most 7 etcd members (etcd's own advice: 3 or 5)");
         }
-        if sizes.kv.max(sizes.idgen).max(sizes.chat).max(sizes.api) > 250 {
+        let most = [sizes.kv, sizes.presence, sizes.idgen, sizes.chat, sizes.api];
+        if most.into_iter().max().unwrap_or(0) > 250 {
             bail!("at most 250 nodes of a role on loopback addresses");
         }
         let ip = |role: u8, i: u16| [127, 0, role, i as u8 + 1];
@@ -294,10 +317,12 @@ impl Config {
                     dir: Some(PathBuf::from(format!("etcd-{i}"))),
                 })
                 .collect(),
-            presence: Node {
-                listen: sa(2, 0, 7000),
-                admin: Some(sa(2, 0, 9000)),
-            },
+            presence: (0..sizes.presence)
+                .map(|i| Node {
+                    listen: sa(2, i, 7000),
+                    admin: Some(sa(2, i, 9000)),
+                })
+                .collect(),
             push: Node {
                 listen: sa(3, 0, 7000),
                 admin: Some(sa(3, 0, 9000)),
@@ -353,11 +378,12 @@ impl Config {
     /// Refuses configs that cannot run: missing roles, duplicate addresses or worker ids.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.kv.is_empty()
+            || self.presence.is_empty()
             || self.idgen.is_empty()
             || self.chat.is_empty()
             || self.api.is_empty()
         {
-            bail!("a cluster needs at least one [[kv]], [[idgen]], [[chat]] and [[api]]");
+            bail!("a cluster needs at least one [[kv]], [[presence]], [[idgen]], [[chat]] and [[api]]");
         }
         let mut seen = std::collections::BTreeMap::new();
         for (name, addr) in self.listen_addrs() {
@@ -422,7 +448,9 @@ impl Config {
                 node(format!("etcd-{i}"), client, None);
             }
         }
-        node("presence".into(), self.presence.listen, self.presence.admin);
+        for (i, n) in self.presence.iter().enumerate() {
+            node(format!("presence-{i}"), n.listen, n.admin);
+        }
         node("push".into(), self.push.listen, self.push.admin);
         for (i, n) in self.kv.iter().enumerate() {
             node(format!("kv-{i}"), n.listen, n.admin);
@@ -444,7 +472,8 @@ impl Config {
     pub fn count(&self, role: Role) -> usize {
         match role {
             Role::Discovery => usize::from(self.discovery.is_some()),
-            Role::Presence | Role::Push => 1,
+            Role::Presence => self.presence.len(),
+            Role::Push => 1,
             Role::Kv => self.kv.len(),
             Role::Idgen => self.idgen.len(),
             Role::Chat => self.chat.len(),
@@ -463,7 +492,7 @@ impl Config {
             kv_shards: self.kv_shards,
             kv_replicas: self.kv_replicas,
             idgen: self.idgen.iter().map(|n| n.listen).collect(),
-            presence: self.presence.listen,
+            presence: self.presence.iter().map(|n| n.listen).collect(),
             push: self.push.listen,
         }
     }
@@ -574,6 +603,8 @@ pub const BOOTSTRAP_MARK: &str = "BOOTSTRAP";
 pub struct ClusterSizes {
     /// etcd members `local-cluster` runs (0: the discovery node instead).
     pub etcd: u16,
+    /// Presence nodes (user u on node u % n).
+    pub presence: u16,
     pub kv: u16,
     /// kv shards (0: one per kv node) and copies of each.
     pub kv_shards: u16,
@@ -591,6 +622,7 @@ mod tests {
     fn generated_configs_round_trip_and_validate() {
         let sizes = ClusterSizes {
             etcd: 3,
+            presence: 2,
             kv: 3,
             kv_shards: 0,
             kv_replicas: 3,
@@ -673,6 +705,10 @@ mod tests {
         });
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("either [discovery] or [[etcd]]"), "{e}");
+        // A single [presence] table (configs written before presence scaled out) is one node.
+        let old = one.to_toml().replace("[[presence]]", "[presence]");
+        let back: Config = toml::from_str(&old).unwrap();
+        assert_eq!(back.presence, one.presence);
         let mut text = one.to_toml();
         text.push_str("\n[push_provider]\nprovider = \"webpush\"\nbogus = 1\n");
         let e = toml::from_str::<Config>(&text).unwrap_err().to_string();

@@ -110,12 +110,12 @@ pub fn start(
         Role::Presence => {
             tasks.push(tokio::spawn(crate::presence::server::run(
                 crate::presence::server::PresenceConfig {
-                    listen: cfg.presence.listen,
+                    listen: cfg.presence[index].listen,
                     peers: peers(),
                     metrics: m,
                 },
             )));
-            cfg.presence.admin
+            cfg.presence[index].admin
         }
         Role::Push => {
             tasks.push(tokio::spawn(crate::push::server::run(

@@ -6,13 +6,24 @@
 //! [`Presence`] is the I/O-free core: `on_heartbeat`, `on_logout`, `on_tick` take `now_ms` and
 //! return the status changes to publish. The shell (`server`) relays them. State is in memory
 //! only: after a restart every user is offline until their devices' next heartbeat.
+//!
+//! **Settling.** For [`WARMUP_MS`] after a (re)start the node has not heard from every
+//! connected device yet, so it publishes no offline change: a user who logs out one device
+//! then, while two others are connected but have not heartbeated here yet, is not shown
+//! offline (swarm seed 500012). Online changes (a heartbeat is proof) still go out. The shell
+//! answers no status query while settling, and once settled chat servers tell their sessions
+//! to ask again (the boot time changed), which corrects any view the restart left stale.
 
 pub mod server;
 
 use std::collections::BTreeMap;
 
 use crate::canary::{Canaries, Canary};
-use crate::limits::PRESENCE_TIMEOUT_MS;
+use crate::limits::{HEARTBEAT_INTERVAL_MS, PRESENCE_TIMEOUT_MS};
+
+/// After a (re)start presence knows nobody: every live device has had time to heartbeat after
+/// two intervals. Until then it publishes no offline change and answers no query.
+pub const WARMUP_MS: u64 = 2 * HEARTBEAT_INTERVAL_MS;
 use crate::proto::client::PresenceStatus;
 use crate::proto::Id;
 
@@ -37,6 +48,8 @@ pub struct Presence {
     /// The version of "no change since this node started": above every version a previous
     /// incarnation handed out, so an answer after a restart replaces what devices showed.
     base_version: u64,
+    /// Until then no offline change is published (see "Settling" above).
+    settled_at_ms: u64,
     canaries: Canaries,
 }
 
@@ -48,6 +61,7 @@ impl Presence {
             versions: BTreeMap::new(),
             next_version: now_ms.saturating_mul(1000) + 1,
             base_version: now_ms.saturating_mul(1000),
+            settled_at_ms: now_ms.saturating_add(WARMUP_MS),
             canaries,
         }
     }
@@ -82,14 +96,21 @@ impl Presence {
         (!was_online).then(|| self.change(user, PresenceStatus::Online))
     }
 
-    pub fn on_logout(&mut self, user: Id, device: Id) -> Option<Change> {
+    /// A device logged out at `now_ms`: the user goes offline if it was their last device
+    /// (published only once settled).
+    pub fn on_logout(&mut self, user: Id, device: Id, now_ms: u64) -> Option<Change> {
         let devices = self.online.get_mut(&user)?;
         devices.remove(&device);
         if devices.is_empty() {
             self.online.remove(&user);
-            return Some(self.change(user, PresenceStatus::Offline));
+            return self.offline(user, now_ms);
         }
         None
+    }
+
+    /// The offline change of `user`, unless this node is still settling.
+    fn offline(&mut self, user: Id, now_ms: u64) -> Option<Change> {
+        (now_ms >= self.settled_at_ms).then(|| self.change(user, PresenceStatus::Offline))
     }
 
     /// Expires silent devices; returns users that went offline.
@@ -106,7 +127,7 @@ impl Presence {
             !devices.is_empty()
         });
         gone.into_iter()
-            .map(|u| self.change(u, PresenceStatus::Offline))
+            .filter_map(|u| self.offline(u, now_ms))
             .collect()
     }
 
@@ -142,11 +163,18 @@ mod tests {
     const ON: PresenceStatus = PresenceStatus::Online;
     const OFF: PresenceStatus = PresenceStatus::Offline;
 
+    /// A node settled long before time 0 (its own start is not under test).
+    fn settled() -> Presence {
+        let mut p = Presence::new(Canaries::none(), 0);
+        p.settled_at_ms = 0;
+        p
+    }
+
     // Proves a user stays online while any device heartbeats, goes offline exactly at the
     // timeout after the last device's last heartbeat, and a second device keeps them online.
     #[test]
     fn timeout_after_last_device() {
-        let mut p = Presence::new(Canaries::none(), 0);
+        let mut p = settled();
         assert_eq!(p.on_heartbeat(1, 10, 0, 0).map(|c| c.status), Some(ON));
         assert!(p.on_heartbeat(1, 11, 20_000, 20_000).is_none());
         assert!(p.on_tick(PRESENCE_TIMEOUT_MS - 1).is_empty());
@@ -163,18 +191,41 @@ mod tests {
     // Proves logout of the last device is immediate, logout of one of two is not.
     #[test]
     fn logout_is_immediate_for_last_device() {
-        let mut p = Presence::new(Canaries::none(), 0);
+        let mut p = settled();
         p.on_heartbeat(1, 10, 0, 0);
         p.on_heartbeat(1, 11, 0, 0);
-        assert!(p.on_logout(1, 10).is_none());
-        assert_eq!(p.on_logout(1, 11).map(|c| c.status), Some(OFF));
+        assert!(p.on_logout(1, 10, 1).is_none());
+        assert_eq!(p.on_logout(1, 11, 1).map(|c| c.status), Some(OFF));
         assert_eq!(p.status(1), OFF);
+    }
+
+    // Proves the seed-500012 class cannot happen: a node that just restarted and has heard
+    // from one of a user's devices publishes no offline change when that device logs out
+    // (the user's other devices have not heartbeated here yet); their next heartbeat shows
+    // the user online, and once settled a logout is published again.
+    #[test]
+    fn restarted_node_publishes_no_offline_while_settling() {
+        let boot = 100_000;
+        let mut p = Presence::new(Canaries::none(), boot);
+        assert!(p.on_heartbeat(1, 10, boot + 1, boot + 1).is_some());
+        assert!(
+            p.on_logout(1, 10, boot + 2).is_none(),
+            "device 11 may be connected"
+        );
+        assert_eq!(p.status(1), OFF);
+        assert!(p.on_tick(boot + WARMUP_MS - 1).is_empty());
+        assert_eq!(
+            p.on_heartbeat(1, 11, boot + 3, boot + 3).map(|c| c.status),
+            Some(ON)
+        );
+        let settled = boot + WARMUP_MS;
+        assert_eq!(p.on_logout(1, 11, settled).map(|c| c.status), Some(OFF));
     }
 
     // Proves heartbeats every 5 s never produce a flap.
     #[test]
     fn steady_heartbeats_never_flap() {
-        let mut p = Presence::new(Canaries::none(), 0);
+        let mut p = settled();
         for i in 0..100u64 {
             let now = i * 5_000;
             let c = p.on_heartbeat(1, 10, now, now);
@@ -188,7 +239,7 @@ mod tests {
     // and it never moves the last heartbeat backwards.
     #[test]
     fn late_heartbeats_count_from_when_they_were_seen() {
-        let mut p = Presence::new(Canaries::none(), 0);
+        let mut p = settled();
         assert!(p.on_heartbeat(1, 10, 0, PRESENCE_TIMEOUT_MS).is_none());
         assert_eq!(p.status(1), OFF);
         p.on_heartbeat(2, 20, 10_000, 10_000);

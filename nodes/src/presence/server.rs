@@ -37,10 +37,7 @@ const PUBLISH_QUEUE_MAX: usize = 65_536;
 /// Changes being published at once (each is a kv read and one call per chat server).
 const PUBLISH_IN_FLIGHT_MAX: usize = 256;
 
-/// After a (re)start presence knows nobody: it answers status queries only once every live
-/// device has had time to heartbeat (two intervals), so that a user is never reported offline
-/// merely because this node has not heard from them yet.
-pub const WARMUP_MS: u64 = 2 * crate::limits::HEARTBEAT_INTERVAL_MS;
+pub use super::WARMUP_MS;
 
 pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
     let boot_ms = unix_ms();
@@ -77,7 +74,7 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
                     Response::Ok
                 }
                 Request::Logout { user, device } => {
-                    change = p.on_logout(user, device);
+                    change = p.on_logout(user, device, now);
                     Response::Ok
                 }
                 Request::SubscribePresence { info } => {

@@ -35,7 +35,7 @@ enum Cmd {
     KvRecover(KvRecoverArgs),
     /// An id generator of a config.
     Idgen(RoleArgs),
-    /// The presence node of a config.
+    /// A presence node of a config.
     Presence(RoleArgs),
     /// The push node of a config.
     Push(RoleArgs),
@@ -79,6 +79,9 @@ struct LocalCluster {
     /// ids are leased there); 0: the home-made discovery node instead.
     #[arg(long, default_value_t = 3)]
     etcd: u16,
+    /// Presence nodes (user u's presence on node u % n).
+    #[arg(long, default_value_t = 2)]
+    presence: u16,
     /// kv nodes. Must not change for existing data.
     #[arg(long, default_value_t = 3)]
     kv: u16,
@@ -189,6 +192,7 @@ pub fn main() -> anyhow::Result<()> {
 fn default_sizes() -> ClusterSizes {
     ClusterSizes {
         etcd: 3,
+        presence: 2,
         kv: 3,
         kv_shards: 0,
         kv_replicas: 3,
@@ -343,6 +347,7 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
         None => {
             let sizes = ClusterSizes {
                 etcd: a.etcd,
+                presence: a.presence,
                 kv: a.kv,
                 kv_shards: a.kv_shards,
                 kv_replicas: a.kv_replicas.min(a.kv),
