@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The real-world fault test: `chatd local-cluster` (one process per node on 127.0.r.i: 3 chat,
-# 3 kv with 3 shards of 3 replicas, 2 idgen, api, presence, push, and a 3-member etcd cluster
+# 3 kv with 3 shards of 3 replicas, 2 idgen, api, 2 presence, push, and a 3-member etcd cluster
 # from Debian's etcd-server), 1,000 real WebSocket clients from two `chat-load` worker
 # processes, and in the middle of traffic: `kill -9` of a chat server, `kill -9` of the kv
-# node leading the most shards, `kill -9` of an etcd member, and a kv node
+# node leading the most shards, `kill -9` of a presence node and of an etcd member, and a kv node
 # losing its disk (its directory deleted; restarted empty, it rejoins from its peers). The
 # supervisor restarts them. The history is judged by the simulation's checkers: no acked
 # message lost, reordered, duplicated or altered, ids in order, every client reconnected;
@@ -38,7 +38,7 @@ done
 status=0
 ./target/release/chat-load run --api "127.0.0.1:$port" --users 1000 --group-size 10 \
   --rate 200 --duration 40 --settle 20 --procs 2 --out "$dir/load" \
-  --cluster "$dir/cluster" --kill chat-0@8 --kill kv-leader@18 --kill etcd-0@23 --wipe kv-2@28 "$@" \
+  --cluster "$dir/cluster" --kill chat-0@8 --kill presence-1@13 --kill kv-leader@18 --kill etcd-0@23 --wipe kv-2@28 "$@" \
   || status=$?
 if [ "$status" -ne 0 ]; then
   echo "real-world fault test FAILED (exit $status); files kept in $dir" >&2
