@@ -145,7 +145,7 @@ fn fanout(c: &mut Criterion) {
         kv_replicas: 1,
         idgen: vec![local(3)],
         presence: vec![local(4)],
-        push: local(5),
+        push: vec![local(5)],
     };
     let state = ChatState::new(nodes::chat::ChatConfig {
         server: 0,

@@ -41,7 +41,9 @@ pub struct ClusterMap {
     pub idgen: Vec<SocketAddr>,
     /// Presence nodes: user `u`'s presence lives on node `u % n`.
     pub presence: Vec<SocketAddr>,
-    pub push: SocketAddr,
+    /// Push nodes: any of them serves any request (claims in kv keep one notification per
+    /// (message, device)).
+    pub push: Vec<SocketAddr>,
 }
 
 /// FNV-1a: a stable hash (std's is randomized per process).
@@ -79,7 +81,9 @@ pub struct Peers {
     pub idgen_health: PeerHealth,
     /// Presence nodes, by index (user `u` on `u % n`: [`Peers::presence_for`]).
     presence: Vec<RpcClient>,
-    pub push: RpcClient,
+    push: Vec<RpcClient>,
+    /// Which push nodes failed lately (requests go to the others first).
+    pub push_health: PeerHealth,
     pub discovery: Discovery,
     /// Chat servers by index, as last listed by discovery. A std mutex: never held across await.
     chat: Mutex<BTreeMap<u32, RpcClient>>,
@@ -100,8 +104,8 @@ impl Peers {
             "a cluster needs at least one idgen node"
         );
         assert!(
-            !map.presence.is_empty(),
-            "a cluster needs at least one presence node"
+            !map.presence.is_empty() && !map.push.is_empty(),
+            "a cluster needs at least one presence and one push node"
         );
         let placement = map
             .placement()
@@ -124,7 +128,8 @@ impl Peers {
             idgen: map.idgen.iter().copied().map(RpcClient::new).collect(),
             idgen_health: PeerHealth::new(map.idgen.len()),
             presence: map.presence.iter().copied().map(RpcClient::new).collect(),
-            push: RpcClient::new(map.push),
+            push: map.push.iter().copied().map(RpcClient::new).collect(),
+            push_health: PeerHealth::new(map.push.len()),
             discovery: Discovery::new(&map.coordination),
             chat: Mutex::new(BTreeMap::new()),
             canaries,
@@ -211,6 +216,11 @@ impl Peers {
             }
         }
         Ok(out)
+    }
+
+    /// Push node `i` (in the order of `push_health.order`).
+    pub fn push(&self, i: usize) -> &RpcClient {
+        &self.push[i]
     }
 
     /// idgen node `i` (in the order of `idgen_health.order`).

@@ -49,6 +49,7 @@ impl Cluster {
         let sizes = ClusterSizes {
             etcd: 0,
             presence: 1,
+            push: 1,
             kv: NODES as u16,
             kv_shards: SHARDS as u16,
             kv_replicas: 3,

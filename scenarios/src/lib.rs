@@ -404,6 +404,7 @@ pub struct Ctx {
     pub chat: u32,
     pub idgen: u32,
     pub presence: u32,
+    pub push: u32,
     pub kv: u32,
     /// kv shards (Raft groups) and copies of each.
     pub kv_shards: u32,
@@ -420,7 +421,8 @@ impl Ctx {
             Role::Idgen => self.idgen,
             Role::Kv => self.kv,
             Role::Presence => self.presence,
-            Role::Etcd | Role::Push => 1,
+            Role::Push => self.push,
+            Role::Etcd => 1,
         }
     }
 
@@ -1187,6 +1189,7 @@ mod tests {
             chat: 3,
             idgen: 2,
             presence: 2,
+            push: 2,
             kv: 3,
             kv_shards: 3,
             kv_replicas: 3,

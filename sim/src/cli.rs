@@ -113,6 +113,9 @@ pub struct Opts {
     /// presence nodes (user u's presence on node u % n).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=250))]
     pub presence: u32,
+    /// push nodes (any serves any request; claims in kv keep one push per device).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=250))]
+    pub push: u32,
     /// kv nodes (`--kv` works too).
     #[arg(long = "kv-nodes", alias = "kv", default_value_t = 3)]
     pub kv: u32,
@@ -209,6 +212,7 @@ impl Opts {
             ("chat", self.chat, d.chat),
             ("idgen", self.idgen, d.idgen),
             ("presence", self.presence, d.presence),
+            ("push", self.push, d.push),
             ("kv-nodes", self.kv, d.kv),
             ("replicas", self.replicas, d.replicas),
             ("kv-shards", self.kv_shards, d.kv_shards),

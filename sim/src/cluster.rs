@@ -13,7 +13,7 @@
 //! | idgen | 10.0.4.1 .. | 7000 |
 //! | kv | 10.0.5.1 .. | 7000 |
 //! | presence | 10.0.6.1 .. | 7000 (user u on node u % n) |
-//! | push | 10.0.7.1 | 7000 |
+//! | push | 10.0.7.1 .. | 7000 (any serves any request) |
 //! | devices | 10.1.0.1 .. 10.255.255.255 (device i: 10.1.0.0 + i + 1) | - |
 //!
 //! A node's init closure captures only configuration and, for kv, its `SimDisk`: a restart
@@ -73,6 +73,7 @@ pub struct Sizes {
     pub chat: u32,
     pub idgen: u32,
     pub presence: u32,
+    pub push: u32,
     pub kv: u32,
     /// kv shards (0: one per kv node) and copies of each.
     pub kv_shards: u32,
@@ -116,7 +117,9 @@ impl Cluster {
             presence: (0..sizes.presence)
                 .map(|i| sa(ip(Role::Presence, i), RPC_PORT))
                 .collect(),
-            push: sa(ip(Role::Push, 0), RPC_PORT),
+            push: (0..sizes.push)
+                .map(|i| sa(ip(Role::Push, i), RPC_PORT))
+                .collect(),
         };
         let mut c = Cluster {
             nodes: BTreeMap::new(),
@@ -197,18 +200,19 @@ impl Cluster {
                 })
             });
         }
-        let pf = peers_for.clone();
-        c.add(&handle, Role::Push, 0, {
-            let listen = c.map.push;
-            move || {
+        for i in 0..sizes.push {
+            let pf = peers_for.clone();
+            let listen = c.map.push[i as usize];
+            let push = push.clone();
+            c.add(&handle, Role::Push, i, move || {
                 nodes::push::server::run(nodes::push::server::PushConfig {
                     listen,
                     peers: pf(),
                     provider: push.clone(),
                     metrics: nodes::metrics::Metrics::new(),
                 })
-            }
-        });
+            });
+        }
         for i in 0..sizes.chat {
             let pf = peers_for.clone();
             let chat_ip = ip(Role::Chat, i);

@@ -10,7 +10,7 @@ use crate::plan::Plan;
 pub fn print_header(opts: &Opts, canaries: &Canaries) {
     println!("seed={}", opts.seed);
     println!(
-        "options: workload={} users={} duration={}s liveness_budget={}s rate={}/user/min faults={} nodes: api={} chat={} idgen={} kv={} etcd=1 presence={} push=1 kv_shards={} replicas={} canaries=[{}]",
+        "options: workload={} users={} duration={}s liveness_budget={}s rate={}/user/min faults={} nodes: api={} chat={} idgen={} kv={} etcd=1 presence={} push={} kv_shards={} replicas={} canaries=[{}]",
         opts.workload,
         opts.users,
         opts.duration,
@@ -27,6 +27,7 @@ pub fn print_header(opts: &Opts, canaries: &Canaries) {
         opts.idgen,
         opts.kv,
         opts.presence,
+        opts.push,
         if opts.kv_shards == 0 {
             "one per kv node".to_string()
         } else {

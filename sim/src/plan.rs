@@ -41,6 +41,7 @@ pub fn scenario_ctx(opts: &Opts, devices: u32) -> scenarios::Ctx {
         chat: opts.chat,
         idgen: opts.idgen,
         presence: opts.presence,
+        push: opts.push,
         kv: opts.kv,
         kv_shards: if opts.kv_shards == 0 {
             opts.kv

@@ -47,8 +47,8 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
             safety_s: opts.duration as f64,
             liveness_s: opts.liveness_budget as f64,
             nodes: format!(
-                "api={} chat={} idgen={} kv={} etcd=1 presence={} push=1",
-                opts.api, opts.chat, opts.idgen, opts.kv, opts.presence
+                "api={} chat={} idgen={} kv={} etcd=1 presence={} push={}",
+                opts.api, opts.chat, opts.idgen, opts.kv, opts.presence, opts.push
             ),
             faults: format!(
                 "{} ({} faults; {device_faults} hit only devices and are not shaded)",

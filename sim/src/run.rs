@@ -83,6 +83,7 @@ async fn drive(
         chat: opts.chat,
         idgen: opts.idgen,
         presence: opts.presence,
+        push: opts.push,
         kv: opts.kv,
         kv_shards: opts.kv_shards,
         kv_replicas: opts.replicas,

@@ -189,7 +189,7 @@ impl Cluster {
             "idgen" => cfg.idgen.get(i)?.listen,
             "api" => cfg.api.get(i)?.listen,
             "presence" => cfg.presence.get(i)?.listen,
-            "push" => cfg.push.listen,
+            "push" => cfg.push.get(i)?.listen,
             "discovery" => cfg.discovery.as_ref()?.listen,
             "etcd" => cfg.etcd.get(i)?.client.parse().ok()?,
             _ => return None,

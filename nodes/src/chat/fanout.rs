@@ -201,8 +201,13 @@ async fn push_offline(state: &ChatState, c: &Committed) -> bool {
             message: c.message.clone(),
             users: offline.clone(),
         };
-        match peers.push.call(req).await {
-            Ok(Response::Ok) => return true,
+        // Any push node serves any request: the healthy ones first, round robin.
+        let node = peers.push_health.order(tokio::time::Instant::now())[0];
+        match peers.push(node).call(req).await {
+            Ok(Response::Ok) => {
+                peers.push_health.succeeded(node);
+                return true;
+            }
             Ok(other) => {
                 // The push node answered but not every device was handled (its kv shard
                 // down, a claim held elsewhere): not done; retry, then leave it to a sweep.
@@ -210,6 +215,8 @@ async fn push_offline(state: &ChatState, c: &Committed) -> bool {
                 tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
             }
             Err(e) => {
+                // Unreachable or silent: the next attempt goes to another node.
+                peers.push_health.failed(node, tokio::time::Instant::now());
                 tracing::debug!(attempt, error = %e, "push request failed; retrying");
                 tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
             }

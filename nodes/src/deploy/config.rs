@@ -20,7 +20,7 @@
 //! [[presence]]                      # one or more; user u's presence on node u % n
 //! listen = "127.0.0.1:7102"          # (a single [presence] table is read as one node)
 //!
-//! [push]
+//! [[push]]                          # one or more; any serves any request
 //! listen = "127.0.0.1:7103"
 //!
 //! [push_provider]                    # default: provider = "log" (logs each notification)
@@ -83,7 +83,9 @@ pub struct Config {
     /// (older configs) is one node.
     #[serde(deserialize_with = "one_or_many")]
     pub presence: Vec<Node>,
-    pub push: Node,
+    /// Push nodes (any of them serves any request). A single `[push]` table is one node.
+    #[serde(deserialize_with = "one_or_many")]
+    pub push: Vec<Node>,
     /// The push node's provider (APNs, FCM, Web Push; default: log). Not written by
     /// `to_toml` (it may hold secrets); add it by hand.
     #[serde(default, skip_serializing)]
@@ -245,10 +247,10 @@ impl Config {
                 listen: at(base + 2),
                 admin: None,
             }],
-            push: Node {
+            push: vec![Node {
                 listen: at(base + 3),
                 admin: None,
-            },
+            }],
             push_provider: Default::default(),
             kv_shards: 0,
             kv_replicas: 1,
@@ -286,16 +288,24 @@ impl Config {
     ) -> anyhow::Result<Config> {
         if sizes.kv == 0
             || sizes.presence == 0
+            || sizes.push == 0
             || sizes.idgen == 0
             || sizes.chat == 0
             || sizes.api == 0
         {
-            bail!("a cluster needs at least one kv, presence, idgen, chat and api node");
+            bail!("a cluster needs at least one kv, presence, push, idgen, chat and api node");
         }
         if sizes.etcd > 7 {
             bail!("at most 7 etcd members (etcd's own advice: 3 or 5)");
         }
-        let most = [sizes.kv, sizes.presence, sizes.idgen, sizes.chat, sizes.api];
+        let most = [
+            sizes.kv,
+            sizes.presence,
+            sizes.push,
+            sizes.idgen,
+            sizes.chat,
+            sizes.api,
+        ];
         if most.into_iter().max().unwrap_or(0) > 250 {
             bail!("at most 250 nodes of a role on loopback addresses");
         }
@@ -323,10 +333,12 @@ impl Config {
                     admin: Some(sa(2, i, 9000)),
                 })
                 .collect(),
-            push: Node {
-                listen: sa(3, 0, 7000),
-                admin: Some(sa(3, 0, 9000)),
-            },
+            push: (0..sizes.push)
+                .map(|i| Node {
+                    listen: sa(3, i, 7000),
+                    admin: Some(sa(3, i, 9000)),
+                })
+                .collect(),
             push_provider: Default::default(),
             kv_shards: u32::from(sizes.kv_shards),
             kv_replicas: u32::from(sizes.kv_replicas),
@@ -379,11 +391,12 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.kv.is_empty()
             || self.presence.is_empty()
+            || self.push.is_empty()
             || self.idgen.is_empty()
             || self.chat.is_empty()
             || self.api.is_empty()
         {
-            bail!("a cluster needs at least one [[kv]], [[presence]], [[idgen]], [[chat]] and [[api]]");
+            bail!("a cluster needs at least one [[kv]], [[presence]], [[push]], [[idgen]], [[chat]] and [[api]]");
         }
         let mut seen = std::collections::BTreeMap::new();
         for (name, addr) in self.listen_addrs() {
@@ -451,7 +464,9 @@ impl Config {
         for (i, n) in self.presence.iter().enumerate() {
             node(format!("presence-{i}"), n.listen, n.admin);
         }
-        node("push".into(), self.push.listen, self.push.admin);
+        for (i, n) in self.push.iter().enumerate() {
+            node(format!("push-{i}"), n.listen, n.admin);
+        }
         for (i, n) in self.kv.iter().enumerate() {
             node(format!("kv-{i}"), n.listen, n.admin);
         }
@@ -473,7 +488,7 @@ impl Config {
         match role {
             Role::Discovery => usize::from(self.discovery.is_some()),
             Role::Presence => self.presence.len(),
-            Role::Push => 1,
+            Role::Push => self.push.len(),
             Role::Kv => self.kv.len(),
             Role::Idgen => self.idgen.len(),
             Role::Chat => self.chat.len(),
@@ -493,7 +508,7 @@ impl Config {
             kv_replicas: self.kv_replicas,
             idgen: self.idgen.iter().map(|n| n.listen).collect(),
             presence: self.presence.iter().map(|n| n.listen).collect(),
-            push: self.push.listen,
+            push: self.push.iter().map(|n| n.listen).collect(),
         }
     }
 
@@ -605,6 +620,8 @@ pub struct ClusterSizes {
     pub etcd: u16,
     /// Presence nodes (user u on node u % n).
     pub presence: u16,
+    /// Push nodes.
+    pub push: u16,
     pub kv: u16,
     /// kv shards (0: one per kv node) and copies of each.
     pub kv_shards: u16,
@@ -623,6 +640,7 @@ mod tests {
         let sizes = ClusterSizes {
             etcd: 3,
             presence: 2,
+            push: 2,
             kv: 3,
             kv_shards: 0,
             kv_replicas: 3,
@@ -706,9 +724,12 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("either [discovery] or [[etcd]]"), "{e}");
         // A single [presence] table (configs written before presence scaled out) is one node.
-        let old = one.to_toml().replace("[[presence]]", "[presence]");
+        let old = one
+            .to_toml()
+            .replace("[[presence]]", "[presence]")
+            .replace("[[push]]", "[push]");
         let back: Config = toml::from_str(&old).unwrap();
-        assert_eq!(back.presence, one.presence);
+        assert_eq!((&back.presence, &back.push), (&one.presence, &one.push));
         let mut text = one.to_toml();
         text.push_str("\n[push_provider]\nprovider = \"webpush\"\nbogus = 1\n");
         let e = toml::from_str::<Config>(&text).unwrap_err().to_string();

@@ -120,13 +120,13 @@ pub fn start(
         Role::Push => {
             tasks.push(tokio::spawn(crate::push::server::run(
                 crate::push::server::PushConfig {
-                    listen: cfg.push.listen,
+                    listen: cfg.push[index].listen,
                     peers: peers(),
                     provider: shared.push.clone(),
                     metrics: m,
                 },
             )));
-            cfg.push.admin
+            cfg.push[index].admin
         }
         Role::Chat => {
             let node = &cfg.chat[index];

@@ -37,7 +37,7 @@ enum Cmd {
     Idgen(RoleArgs),
     /// A presence node of a config.
     Presence(RoleArgs),
-    /// The push node of a config.
+    /// A push node of a config.
     Push(RoleArgs),
     /// A WebSocket chat server of a config.
     Chat(RoleArgs),
@@ -82,6 +82,9 @@ struct LocalCluster {
     /// Presence nodes (user u's presence on node u % n).
     #[arg(long, default_value_t = 2)]
     presence: u16,
+    /// Push nodes (any serves any request; claims in kv keep one push per device).
+    #[arg(long, default_value_t = 2)]
+    push: u16,
     /// kv nodes. Must not change for existing data.
     #[arg(long, default_value_t = 3)]
     kv: u16,
@@ -193,6 +196,7 @@ fn default_sizes() -> ClusterSizes {
     ClusterSizes {
         etcd: 3,
         presence: 2,
+        push: 2,
         kv: 3,
         kv_shards: 0,
         kv_replicas: 3,
@@ -348,6 +352,7 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
             let sizes = ClusterSizes {
                 etcd: a.etcd,
                 presence: a.presence,
+                push: a.push,
                 kv: a.kv,
                 kv_shards: a.kv_shards,
                 kv_replicas: a.kv_replicas.min(a.kv),
