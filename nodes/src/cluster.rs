@@ -46,6 +46,15 @@ pub struct ClusterMap {
     pub push: Vec<SocketAddr>,
 }
 
+/// `users` grouped by `user % n`.
+fn by_modulus(users: &[Id], n: usize) -> BTreeMap<usize, Vec<Id>> {
+    let mut out: BTreeMap<usize, Vec<Id>> = BTreeMap::new();
+    for u in users {
+        out.entry((u % n as u64) as usize).or_default().push(*u);
+    }
+    out
+}
+
 /// FNV-1a: a stable hash (std's is randomized per process).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -164,13 +173,7 @@ impl Peers {
 
     /// Groups `users` by the kv shard that holds them.
     pub fn users_by_shard(&self, users: &[Id]) -> BTreeMap<usize, Vec<Id>> {
-        let mut out: BTreeMap<usize, Vec<Id>> = BTreeMap::new();
-        for u in users {
-            out.entry((u % self.kv.len() as u64) as usize)
-                .or_default()
-                .push(*u);
-        }
-        out
+        by_modulus(users, self.kv.len())
     }
 
     pub fn kv_shard(&self, shard: usize) -> &ShardClient {
@@ -189,13 +192,7 @@ impl Peers {
 
     /// Groups `users` by the index of the presence node that holds them.
     pub fn users_by_presence_node(&self, users: &[Id]) -> BTreeMap<usize, Vec<Id>> {
-        let mut out: BTreeMap<usize, Vec<Id>> = BTreeMap::new();
-        for u in users {
-            out.entry((u % self.presence.len() as u64) as usize)
-                .or_default()
-                .push(*u);
-        }
-        out
+        by_modulus(users, self.presence.len())
     }
 
     /// The presence of `users`, asking each presence node that holds some of them at once;

@@ -203,25 +203,29 @@ async fn notify_user(
     first_err.map_or(Ok(()), Err)
 }
 
-/// Claim ids of one push node process: its start time in ms above a counter, so they are
-/// unique across requests and restarts. One claim per `Notify` request: a retried claim call
-/// within the request is recognised as the same claimer.
+/// Claim ids of one push node process: a random base (its low 20 bits clear) above a counter,
+/// so they are unique across requests, restarts and push nodes. One claim per `Notify`
+/// request: a retried claim call within the request is recognised as the same claimer. (The
+/// base was the start time in ms: two push nodes started in the same millisecond shared
+/// their claim ids, each took the other's claims as its own, and both notified the same
+/// devices: swarm seed 80014.)
 struct ClaimIds {
-    boot_ms: u64,
+    base: u64,
     next: std::sync::atomic::AtomicU64,
 }
 
 impl ClaimIds {
     fn new() -> Self {
+        use rand::Rng;
         Self {
-            boot_ms: unix_ms(),
+            base: crate::net::node_rng().gen::<u64>() & !0xf_ffff,
             next: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     fn next(&self) -> u64 {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (self.boot_ms << 20) | (n & 0xf_ffff)
+        self.base | (n & 0xf_ffff)
     }
 }
 
