@@ -417,6 +417,22 @@ impl<'c> Injector<'c> {
                 }
             }
         }
+        // What each other node says of its replicas now: one rebuilding for a cause this
+        // injector did not pick (a tear it could not survive, say) holds no data either.
+        let mut not_voters: BTreeSet<(u32, u32)> = BTreeSet::new();
+        for node in 0..self.placement.nodes {
+            if node == kv {
+                continue;
+            }
+            if let Some(Response::KvStatus(list)) = self.call_kv(node, Request::KvStatus).await {
+                for s in list
+                    .iter()
+                    .filter(|s| !matches!(s.role.as_str(), "leader" | "follower"))
+                {
+                    not_voters.insert((node, s.shard));
+                }
+            }
+        }
         let majority = self.placement.replicas as usize / 2 + 1;
         let damaged: BTreeSet<u32> = self
             .cluster
@@ -430,12 +446,25 @@ impl<'c> Injector<'c> {
                 .placement
                 .replicas_of(shard)
                 .into_iter()
-                .filter(|n| *n != kv && !self.rejoining.contains(n) && !damaged.contains(n))
+                .filter(|n| {
+                    *n != kv
+                        && !self.rejoining.contains(n)
+                        && !damaged.contains(n)
+                        && !not_voters.contains(&(*n, shard))
+                })
                 .collect();
             if holders.len() < majority {
+                let rebuilding = not_voters
+                    .iter()
+                    .filter(|(_, s)| *s == shard)
+                    .map(|(n, _)| *n);
                 let back: Vec<String> = self
                     .rejoining
                     .union(&damaged)
+                    .copied()
+                    .chain(rebuilding)
+                    .collect::<BTreeSet<u32>>()
+                    .iter()
                     .map(|n| format!("kv-{n}"))
                     .collect();
                 self.notes.push(format!(
