@@ -21,6 +21,9 @@ pub enum Canary {
     PresenceNoTimeout,
     /// Push notifies every recipient, online or not.
     PushToOnline,
+    /// A push node notifies even when kv says another claimer holds (or has confirmed) the
+    /// (message, device) claim: every retried `Notify` notifies the device again.
+    PushIgnoresClaim,
     /// A chat server cut off by a partition keeps acting for sessions that moved: it does not
     /// fence itself when its discovery lease lapses (its devices stay on a server nobody
     /// delivers to), and when a session ends it clears the device's registry entry whatever
@@ -49,12 +52,13 @@ pub enum Canary {
 }
 
 impl Canary {
-    pub const ALL: [Canary; 13] = [
+    pub const ALL: [Canary; 14] = [
         Canary::AckBeforePersist,
         Canary::CursorByMessageId,
         Canary::NoDedup,
         Canary::PresenceNoTimeout,
         Canary::PushToOnline,
+        Canary::PushIgnoresClaim,
         Canary::StaleChatServer,
         Canary::IdgenIgnoresClock,
         Canary::IdgenSharedWorker,
@@ -72,6 +76,7 @@ impl Canary {
             Canary::NoDedup => "no-dedup",
             Canary::PresenceNoTimeout => "presence-no-timeout",
             Canary::PushToOnline => "push-to-online",
+            Canary::PushIgnoresClaim => "push-ignores-claim",
             Canary::StaleChatServer => "stale-chat-server",
             Canary::IdgenIgnoresClock => "idgen-ignores-clock",
             Canary::IdgenSharedWorker => "idgen-shared-worker",

@@ -295,6 +295,8 @@ async fn apns_sends_signed_http2_alerts() {
     assert_eq!(r.header("apns-topic"), "com.example.chat");
     assert_eq!(r.header("apns-push-type"), "alert");
     assert_eq!(r.header("apns-priority"), "10");
+    // The idempotency key: the same message sent again replaces the first notification.
+    assert_eq!(r.header("apns-collapse-id"), "9007199254740993");
     let expiration: u64 = r.header("apns-expiration").parse().expect("seconds");
     assert!((before_s + 3_600..=now_s() + 3_600).contains(&expiration));
     let bearer = r.header("authorization");
@@ -485,6 +487,10 @@ async fn fcm_exchanges_a_signed_assertion_and_caches_the_token() {
     assert_eq!(m["notification"]["body"], "hello from the test");
     assert_eq!(m["data"]["message_id"], "9007199254740993");
     assert_eq!(m["android"]["ttl"], "600s");
+    assert_eq!(m["android"]["collapse_key"], "9007199254740993");
+    assert_eq!(m["android"]["notification"]["tag"], "9007199254740993");
+    assert_eq!(m["apns"]["headers"]["apns-collapse-id"], "9007199254740993");
+    assert_eq!(m["webpush"]["headers"]["Topic"], "9007199254740993");
 }
 
 // ---------------------------------------------------------------- Web Push
@@ -638,6 +644,7 @@ async fn webpush_encrypts_for_the_subscriber_and_signs_vapid() {
     assert_eq!(r.path, "/push/sub-1");
     assert_eq!(r.header("ttl"), "900");
     assert_eq!(r.header("urgency"), "high");
+    assert_eq!(r.header("topic"), "9007199254740993");
     assert_eq!(r.header("content-encoding"), "aes128gcm");
     let auth = r.header("authorization");
     let rest = auth.strip_prefix("vapid t=").expect("vapid scheme");
@@ -653,6 +660,7 @@ async fn webpush_encrypts_for_the_subscriber_and_signs_vapid() {
     assert_eq!(plaintext["body"], "hello from the test");
     assert_eq!(plaintext["message_id"], "9007199254740993");
     assert_eq!(plaintext["channel"], "42");
+    assert_eq!(plaintext["tag"], "9007199254740993");
 }
 
 // Proves Web Push error mapping: 410 and 404 are Refused as a gone subscription, 503 and a

@@ -109,6 +109,12 @@ pub enum Event {
         user: Id,
         device: Id,
         message_id: Id,
+        /// The platform's idempotency key the notification carried (APNs
+        /// `apns-collapse-id`, FCM `collapse_key`/`tag`, Web Push `Topic`): a later
+        /// notification to the device with the same key replaces this one instead of alerting
+        /// again. Absent: none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        collapse_id: Option<String>,
     },
     /// Channel membership changed (1:1 channels included); `members` is the count after.
     Membership {

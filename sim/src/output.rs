@@ -84,6 +84,11 @@ pub fn print_outcome(opts: &Opts, o: &Outcome) -> i32 {
     for r in &o.reports {
         println!("{:<16} {:>10} {:>11}", r.name, r.checks, r.violation_count);
     }
+    for r in &o.reports {
+        for note in &r.notes {
+            println!("{}: {note}", r.name);
+        }
+    }
     println!();
     println!(
         "workload: {} users, {} devices, {} groups (largest {} members)",

@@ -208,6 +208,7 @@ impl PushProvider for HistoryPush {
             user: n.user,
             device: n.device,
             message_id: n.message_id,
+            collapse_id: Some(n.collapse_id()),
         });
         Box::pin(async { Ok(()) })
     }

@@ -190,12 +190,13 @@ fn same_swarm_seed_same_history() {
 /// (kv-ack-before-sync is the single-copy bug: with three copies a crash of one loses
 /// nothing acknowledged).
 #[cfg(feature = "canaries")]
-const CANARIES: [(&str, &[&str], &str, u32); 12] = [
+const CANARIES: [(&str, &[&str], &str, u32); 13] = [
     ("ack-before-persist", &["no_loss", "order"], "light", 3),
     ("cursor-by-message-id", &["no_loss", "order"], "light", 3),
     ("no-dedup", &["no_duplicates"], "light", 3),
     ("presence-no-timeout", &["presence"], "light", 3),
     ("push-to-online", &["push"], "light", 3),
+    ("push-ignores-claim", &["push"], "light", 3),
     ("stale-chat-server", &["no_loss"], "partition-halves", 3),
     ("idgen-ignores-clock", &["ids"], "idgen-clock-back", 3),
     ("idgen-shared-worker", &["ids"], "light", 3),

@@ -106,6 +106,8 @@ impl Apns {
             .header("apns-push-type", "alert")
             .header("apns-priority", "10")
             .header("apns-expiration", (now_s + self.ttl_s).to_string())
+            // A second notification for the same message replaces the first on the device.
+            .header("apns-collapse-id", n.collapse_id())
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(payload(n).to_string())))
             .map_err(|e| PushError::Refused(format!("apns: request: {e}")))?;

@@ -144,7 +144,20 @@ impl Fcm {
                     "message_id": n.message_id.to_string(),
                     "sender": n.sender.to_string(),
                 },
-                "android": { "priority": "high", "ttl": format!("{}s", self.ttl_s) },
+                // One notification per message on the device, even if it is sent again:
+                // `collapse_key` while FCM holds it, `tag` once shown (a later one with the
+                // same tag replaces it); the same for iOS and web targets reached through FCM.
+                "android": {
+                    "priority": "high",
+                    "ttl": format!("{}s", self.ttl_s),
+                    "collapse_key": n.collapse_id(),
+                    "notification": { "tag": n.collapse_id() },
+                },
+                "apns": { "headers": { "apns-collapse-id": n.collapse_id() } },
+                "webpush": {
+                    "headers": { "Topic": n.collapse_id() },
+                    "notification": { "tag": n.collapse_id() },
+                },
             }
         });
         let req = Request::builder()

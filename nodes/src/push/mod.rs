@@ -56,6 +56,18 @@ pub struct Notification {
     pub target: Option<PushTarget>,
 }
 
+impl Notification {
+    /// The platform's idempotency key for this notification: the message id. Every adapter
+    /// sends it (APNs `apns-collapse-id`, FCM `collapse_key` and the Android and web
+    /// notification `tag`, Web Push `Topic` and the payload's `tag`), so a notification sent
+    /// again for the same message (after a lapsed claim: the first sender died between
+    /// notifying and confirming) replaces the first on the device instead of alerting
+    /// twice. Digits only: fits APNs' 64 bytes and Web Push's 32 URL-safe characters.
+    pub fn collapse_id(&self) -> String {
+        self.message_id.to_string()
+    }
+}
+
 /// Characters of message text carried in a notification.
 pub const PREVIEW_CHARS_MAX: usize = 120;
 

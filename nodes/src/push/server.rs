@@ -6,6 +6,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 
 use super::{Notification, PushError, PushProvider, PREVIEW_CHARS_MAX};
+use crate::canary::Canary;
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
 use crate::metrics::{Metrics, OutcomeLabel};
@@ -141,6 +142,7 @@ async fn notify_user(
         // only `PUSH_CLAIM_TTL_MS`; the caller's retry (or a sweep) then takes it over.
         match call_with_retries(peers, user, req).await {
             Ok(Response::Bool(true)) => {}
+            Ok(Response::Bool(false)) if peers.canaries.is_on(Canary::PushIgnoresClaim) => {}
             Ok(Response::Bool(false)) => continue,
             Ok(other) => {
                 tracing::warn!(?other, "unexpected claim answer");

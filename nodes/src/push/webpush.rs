@@ -9,7 +9,11 @@
 //! `allow_http_endpoints` is set.
 //!
 //! Does not: pad payloads (their length shows the preview's length), send several records
-//! (the payload is one record of at most [`RECORD_BYTES`]), or use the `Topic` header.
+//! (the payload is one record of at most [`RECORD_BYTES`]).
+//!
+//! Each notification carries its [`Notification::collapse_id`] as the `Topic` header (the
+//! push service keeps one pending message per topic) and as `tag` in the payload, for the
+//! service worker to pass to `showNotification`.
 
 use std::sync::Arc;
 
@@ -129,6 +133,9 @@ impl WebPush {
             "channel": n.channel.to_string(),
             "message_id": n.message_id.to_string(),
             "sender": n.sender.to_string(),
+            // For the service worker's `showNotification(title, { tag })`: a notification
+            // sent again for the same message replaces the shown one.
+            "tag": n.collapse_id(),
         })
         .to_string();
         let body = encrypt(plaintext.as_bytes(), &ua_public, &auth_secret, &self.rng)?;
@@ -149,6 +156,9 @@ impl WebPush {
             )
             .header("ttl", self.ttl_s.to_string())
             .header("urgency", "high")
+            // The push service keeps one pending message per topic: a notification sent
+            // again for the same message replaces the first while it waits (RFC 8030 5.4).
+            .header("topic", n.collapse_id())
             .header("content-encoding", "aes128gcm")
             .header("content-type", "application/octet-stream")
             .body(Full::new(Bytes::from(body)))

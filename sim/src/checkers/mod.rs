@@ -85,6 +85,9 @@ pub struct Params {
     /// redoes them after 10 s, every 5 s). One who comes back sooner may get the message by
     /// sync instead.
     pub push_bound_us: u64,
+    /// How long a push node's claim on (message, device) holds while it notifies and
+    /// confirms (60 s): only after it lapses may another notify the device again.
+    pub push_claim_ttl_us: u64,
 }
 
 impl Default for Params {
@@ -96,6 +99,7 @@ impl Default for Params {
             max_group_members: 100,
             max_message_chars: 100_000,
             push_bound_us: 30 * SECOND_US,
+            push_claim_ttl_us: nodes::kv::store::PUSH_CLAIM_TTL_MS * 1000,
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct CheckReport {
     pub violations: Vec<String>,
     /// Every violation found, stored or not.
     pub violation_count: u64,
+    /// What the checker allowed and wants known (printed under the table).
+    pub notes: Vec<String>,
 }
 
 impl CheckReport {
@@ -126,6 +132,7 @@ impl CheckReport {
             checks: 0,
             violations: Vec::new(),
             violation_count: 0,
+            notes: Vec::new(),
         }
     }
 

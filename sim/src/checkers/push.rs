@@ -6,7 +6,12 @@
 //! `heartbeat_stop`, `connected` / `disconnected`, disruptive `fault` / `heal` windows and the
 //! `end` phase (E). W = presence_timeout + presence_bound.
 //!
-//! - (a) no (message_id, device) is pushed twice (one check per push);
+//! - (a) no device is alerted twice for one message (one check per push). A second push of
+//!   (message_id, device) is allowed only when both carry the same `collapse_id` (the
+//!   platform replaces the first: one notification on the device) and it comes at least
+//!   the claim's lifetime (`push_claim_ttl_us`, 60 s) after the one before: only a lapsed
+//!   claim (its holder notified, then died or lost kv before confirming) lets another push
+//!   node notify again. Such re-sends are counted in the report's notes;
 //! - (b) a push at t for message m to device d is a violation if d heartbeat and stayed
 //!   connected over all of [ts - W, t], ts being m's send time (its `send`, else its first ack,
 //!   else t), unless a disruptive fault was active in that window (one check per judged push);
@@ -33,13 +38,14 @@ use super::index::{
 use super::{CheckReport, Params};
 use crate::history::{Event, Id, Record};
 
-/// A push: time, message, device, user.
-#[derive(Debug, Clone, Copy)]
+/// A push: time, message, device, user, the platform's idempotency key.
+#[derive(Debug, Clone)]
 struct Push {
     t: u64,
     message_id: Id,
     device: Id,
     user: Id,
+    collapse_id: Option<String>,
 }
 
 pub fn check(history: &[Record], params: &Params) -> CheckReport {
@@ -51,11 +57,13 @@ pub fn check(history: &[Record], params: &Params) -> CheckReport {
                 user,
                 device,
                 message_id,
+                collapse_id,
             } => Some(Push {
                 t: r.t_us,
                 message_id: *message_id,
                 device: *device,
                 user: *user,
+                collapse_id: collapse_id.clone(),
             }),
             _ => None,
         })
@@ -66,27 +74,53 @@ pub fn check(history: &[Record], params: &Params) -> CheckReport {
         by_id.entry(m.message_id).or_insert(m);
     }
     let mut report = CheckReport::new("push");
-    pushed_once(&pushes, &mut report);
+    pushed_once(&pushes, params, &mut report);
     none_to_online(&history, params, &pushes, &by_id, &mut report);
     offline_get_one(&history, params, &pushes, &by_id, &mut report);
     report
 }
 
-/// (a): each (message_id, device) pushed at most once.
-fn pushed_once(pushes: &[Push], report: &mut CheckReport) {
-    let mut first: BTreeMap<(Id, Id), u64> = BTreeMap::new();
+/// (a): each (message_id, device) alerts at most once: a second push must carry the first's
+/// collapse id and come after the claim it raced could have lapsed.
+fn pushed_once(pushes: &[Push], params: &Params, report: &mut CheckReport) {
+    let mut last: BTreeMap<(Id, Id), &Push> = BTreeMap::new();
+    let mut resends = 0u64;
     for p in pushes {
-        let prev = first.insert((p.message_id, p.device), p.t);
-        report.assert(prev.is_none(), || {
+        let Some(prev) = last.insert((p.message_id, p.device), p) else {
+            report.assert(true, String::new);
+            continue;
+        };
+        let same_key = p.collapse_id.is_some() && p.collapse_id == prev.collapse_id;
+        let lapsed = p.t >= prev.t + params.push_claim_ttl_us;
+        if same_key && lapsed {
+            report.assert(true, String::new);
+            resends += 1;
+            continue;
+        }
+        report.assert(false, || {
+            let why = if same_key {
+                format!(
+                    "{} ms after it, before its claim could lapse",
+                    (p.t - prev.t) / 1000
+                )
+            } else {
+                format!(
+                    "collapse ids {:?} then {:?}: the device alerts twice",
+                    prev.collapse_id, p.collapse_id
+                )
+            };
             format!(
-                "message {} pushed to device {} (user {}) again at t_us {}, first at t_us {}",
-                p.message_id,
-                p.device,
-                p.user,
-                p.t,
-                prev.unwrap_or_default()
+                "message {} pushed to device {} (user {}) again at t_us {}, first at t_us {} ({why})",
+                p.message_id, p.device, p.user, p.t, prev.t
             )
         });
+    }
+    if resends > 0 {
+        report.notes.push(format!(
+            "{resends} notifications sent again {} s or more after the first (a lapsed claim), \
+             under its collapse id (the platform replaces it: one notification on the device)",
+            params.push_claim_ttl_us / 1_000_000
+        ));
     }
 }
 
@@ -214,6 +248,33 @@ mod tests {
         let r = run(check, &h);
         assert_eq!(r.violation_count, 1, "{:?}", r.violations);
         assert!(r.violations[0].contains("message 1000 pushed to device 31 (user 3) again"));
+        assert!(r.violations[0].contains("before its claim could lapse"));
+    }
+
+    #[test]
+    fn resend_after_a_lapsed_claim_under_the_same_key_passes() {
+        // Proves (a) allows one re-send of (message, device) 60 s or more after the first
+        // when it carries the same collapse id (the device shows one notification), and says
+        // so in a note.
+        let h = healthy_builder().push(70 * S, 31, 1000).build();
+        let r = run(check, &h);
+        assert!(r.passed(), "{:?}", r.violations);
+        assert_eq!(r.notes.len(), 1, "{:?}", r.notes);
+        assert!(r.notes[0].starts_with("1 notifications sent again"));
+    }
+
+    #[test]
+    fn resend_without_the_same_key_fails() {
+        // Proves (a) catches a late re-send whose collapse id differs or is missing: the
+        // device would alert twice.
+        for key in [None, Some("other".to_string())] {
+            let h = healthy_builder()
+                .push_keyed(70 * S, 31, 1000, key.clone())
+                .build();
+            let r = run(check, &h);
+            assert_eq!(r.violation_count, 1, "{key:?}: {:?}", r.violations);
+            assert!(r.violations[0].contains("the device alerts twice"));
+        }
     }
 
     #[test]

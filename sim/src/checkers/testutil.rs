@@ -235,7 +235,12 @@ impl H {
         )
     }
 
+    /// A push carrying the message id as its collapse id, as the push node sends it.
     pub fn push(self, t: u64, device: Id, mid: Id) -> Self {
+        self.push_keyed(t, device, mid, Some(mid.to_string()))
+    }
+
+    pub fn push_keyed(self, t: u64, device: Id, mid: Id, collapse_id: Option<String>) -> Self {
         let user = self.user(device);
         self.ev(
             t,
@@ -243,6 +248,7 @@ impl H {
                 user,
                 device,
                 message_id: mid,
+                collapse_id,
             },
         )
     }
