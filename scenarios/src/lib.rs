@@ -323,6 +323,12 @@ pub struct Schedule {
     /// loss by definition, which only `quorum-loss` sets out to cause. Default true.
     #[serde(default = "yes")]
     pub keep_quorums: bool,
+    /// `etcd-slow`: the share of etcd requests (0 to 1) the simulated etcd holds 5-15 s and
+    /// then fails as timed out (madsim's `timeout_rate`), for the whole run: the simulator
+    /// fixes it when the server starts, and the server cannot restart without losing its
+    /// state. Default 0.
+    #[serde(default)]
+    pub etcd_timeout_rate: f64,
 }
 
 fn yes() -> bool {
@@ -469,6 +475,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("tunnel-commute", "40 % of devices go through tunnels of 1 s to 3 min, some shorter than the presence timeout"),
     ("presence-partition", "cut presence from the chat servers (two-way, then one-way) and pause it"),
     ("etcd-down", "cut etcd off from every server for 40 s, then from half of them for 30 s, then pause it 10 s"),
+    ("etcd-slow", "light faults while etcd holds 10 % of requests 5-15 s and then fails them (the whole run)"),
     ("rolling-restart", "restart every server node in turn, 3 s down each"),
     ("kv-disk-loss", "two kv nodes lose their disks in turn and come back empty: their replicas catch up from peers"),
     ("kv-leader-partition", "cut two shards' leaders off from their followers (20 s, then 10 s)"),
@@ -477,6 +484,9 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("everything", "all of the above but quorum-loss, overlapping"),
     ("swarm", "fault kinds, rates and targets drawn from the seed (also: --faults swarm)"),
 ];
+
+/// The `etcd-slow` scenario's share of etcd requests held 5-15 s and then failed.
+pub const ETCD_SLOW_RATE: f64 = 0.10;
 
 /// The schedule of a named scenario.
 pub fn scenario(name: &str, ctx: &Ctx) -> Result<Schedule, String> {
@@ -490,6 +500,7 @@ pub fn scenario(name: &str, ctx: &Ctx) -> Result<Schedule, String> {
         "tunnel-commute" => tunnel_commute(ctx),
         "presence-partition" => presence_partition(ctx),
         "etcd-down" => etcd_down(ctx),
+        "etcd-slow" => light(ctx),
         "rolling-restart" => rolling_restart(ctx),
         "kv-disk-loss" => kv_disk_loss(ctx),
         "kv-leader-partition" => kv_leader_partition(ctx),
@@ -518,6 +529,11 @@ pub fn scenario(name: &str, ctx: &Ctx) -> Result<Schedule, String> {
         name: name.to_string(),
         faults,
         keep_quorums: name != "quorum-loss",
+        etcd_timeout_rate: if name == "etcd-slow" {
+            ETCD_SLOW_RATE
+        } else {
+            0.0
+        },
     }
     .sorted();
     s.validate(ctx)?;
@@ -994,6 +1010,16 @@ pub fn swarm(ctx: &Ctx) -> Swarm {
             (*k, rng.gen_range(lo..hi))
         })
         .collect();
+    // A run in three has a slow etcd throughout (its own stream: the draws above and below
+    // stay as they were).
+    let etcd_timeout_rate = {
+        let mut r = ctx.rng("etcd-slow");
+        if r.gen_bool(1.0 / 3.0) {
+            (r.gen_range(0.01..0.15f64) * 1000.0).round() / 1000.0
+        } else {
+            0.0
+        }
+    };
     let mut faults = Vec::new();
     for (kind, mean_s) in &rates {
         let mut t = 2_000.0;
@@ -1024,6 +1050,7 @@ pub fn swarm(ctx: &Ctx) -> Swarm {
             name: "swarm".into(),
             faults: keep_quorums(faults),
             keep_quorums: true,
+            etcd_timeout_rate,
         }
         .sorted(),
     }
@@ -1314,6 +1341,7 @@ mod tests {
             name: "t".into(),
             faults: vec![crash(1_000, 1_000, Role::Chat, 9)],
             keep_quorums: true,
+            etcd_timeout_rate: 0.0,
         };
         assert!(s.validate(&ctx(1)).unwrap_err().contains("no node chat-9"));
         s.faults = vec![crash(299_000, 5_000, Role::Chat, 0)];

@@ -102,6 +102,7 @@ impl Cluster {
         seed: u64,
         canaries: &Canaries,
         push: Arc<dyn PushProvider>,
+        etcd_timeout_rate: f64,
     ) -> Cluster {
         let handle = Handle::current();
         let map = ClusterMap {
@@ -135,6 +136,7 @@ impl Cluster {
         // state lives in memory only (see `scenarios::Role::Etcd`).
         c.add(&handle, Role::Etcd, 0, move || async move {
             etcd_client::SimServer::builder()
+                .timeout_rate(etcd_timeout_rate as f32)
                 .serve(sa(ip(Role::Etcd, 0), ETCD_PORT))
                 .await?;
             Ok(())

@@ -55,13 +55,21 @@ pub fn print_schedule(opts: &Opts, plan: &Plan) {
     }
     let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}={n}")).collect();
     println!(
-        "schedule: {} ({} faults: {})",
+        "schedule: {} ({} faults: {}){}",
         schedule.name,
         schedule.faults.len(),
         if kinds.is_empty() {
             "none".to_string()
         } else {
             kinds.join(" ")
+        },
+        if schedule.etcd_timeout_rate > 0.0 {
+            format!(
+                "; etcd-slow: {:.1} % of etcd requests held 5-15 s and failed",
+                schedule.etcd_timeout_rate * 100.0
+            )
+        } else {
+            String::new()
         }
     );
     if opts.print_schedule {

@@ -95,7 +95,13 @@ async fn drive(
     recorder.record(Event::Phase {
         name: "safety".into(),
     });
-    let cluster = Cluster::start(&sizes, opts.seed, &canaries, provider);
+    let cluster = Cluster::start(
+        &sizes,
+        opts.seed,
+        &canaries,
+        provider,
+        schedule.etcd_timeout_rate,
+    );
     let scraper = madsim::runtime::Handle::current()
         .create_node()
         .name("scraper")

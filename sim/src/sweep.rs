@@ -224,6 +224,7 @@ pub fn shrink(opts: &Opts, _canaries: &Canaries, schedule: &Schedule, failing: &
             name: "shrinking".into(),
             faults: subset.iter().map(|&i| all[i].clone()).collect(),
             keep_quorums: schedule.keep_quorums,
+            etcd_timeout_rate: schedule.etcd_timeout_rate,
         };
         let text = serde_json::to_string(&candidate).expect("schedules serialize");
         if let Err(e) = std::fs::write(&scratch, text) {
@@ -297,6 +298,7 @@ pub fn shrink(opts: &Opts, _canaries: &Canaries, schedule: &Schedule, failing: &
         ),
         faults: current.iter().map(|&i| all[i].clone()).collect(),
         keep_quorums: schedule.keep_quorums,
+        etcd_timeout_rate: schedule.etcd_timeout_rate,
     };
     let path = opts
         .shrink_out

@@ -339,6 +339,7 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::spawn(lease_loop(state.clone()));
+    tokio::spawn(peers_loop(state.clone()));
     tokio::spawn(presence_loop(state.clone()));
     tokio::spawn(sweep_loop(state.clone()));
     tracing::info!(server = cfg.server, ws = %cfg.ws_listen, "chat server up");
@@ -462,6 +463,11 @@ async fn subscribe_presence(state: &ChatState) -> bool {
 /// peer answers and none holds a lease, discovery itself is down: fencing would turn that
 /// into a total outage, so the server keeps serving (peers keep their last map meanwhile, and
 /// fanouts a peer could not deliver stay pending until they can).
+///
+/// Slow versus cut off: a renewal etcd does not answer within its 1 s deadline keeps the
+/// lease and is tried again after `RENEW_RETRY_MS`, so about three tries fit before the
+/// fence; only "lease not found" takes a new lease. A slow etcd (one that answers some
+/// requests late) costs a server its lease only if every one of those tries fails.
 const FENCE_AFTER_MS: u64 = DISCOVERY_LEASE_MS - DISCOVERY_RENEW_MS;
 
 /// Whether a server that lost its lease is cut off (true: some peer still renews, or no peer
@@ -517,6 +523,11 @@ async fn lease_loop(state: Arc<ChatState>) {
             }
             Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
         }
+        let renewed_now = state
+            .last_renewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t >= started);
         let unrenewed = state
             .last_renewed
             .lock()
@@ -538,7 +549,27 @@ async fn lease_loop(state: Arc<ChatState>) {
                 "no discovery lease; closed every session"
             );
         }
-        let _ = state.peers().refresh_chat_servers().await;
-        tokio::time::sleep(Duration::from_millis(DISCOVERY_RENEW_MS)).await;
+        // The next renewal is due a period after this one started, however long its
+        // answer took. A failed one is tried again soon: several tries fit before the fence,
+        // so one slow answer from etcd does not cost the lease.
+        let next = if renewed_now {
+            started + Duration::from_millis(DISCOVERY_RENEW_MS)
+        } else {
+            tokio::time::Instant::now() + Duration::from_millis(RENEW_RETRY_MS)
+        };
+        tokio::time::sleep_until(next).await;
     }
 }
+
+/// Re-reads the other chat servers every renewal period, apart from the lease so a slow
+/// list never delays a renewal.
+async fn peers_loop(state: Arc<ChatState>) {
+    loop {
+        let started = tokio::time::Instant::now();
+        let _ = state.peers().refresh_chat_servers().await;
+        tokio::time::sleep_until(started + Duration::from_millis(DISCOVERY_RENEW_MS)).await;
+    }
+}
+
+/// Pause before trying a failed lease renewal again.
+const RENEW_RETRY_MS: u64 = 250;
