@@ -65,8 +65,7 @@ mod real {
     const SILENCE_MAX: Duration = Duration::from_millis(3 * HEARTBEAT_INTERVAL_MS);
     /// How long `presence` waits for its answers: a presence node that just started answers
     /// only after its warm-up (the session keeps asking meanwhile), then some slack.
-    const PRESENCE_WAIT: Duration =
-        Duration::from_millis(nodes::presence::server::WARMUP_MS + 10_000);
+    const PRESENCE_WAIT: Duration = Duration::from_millis(nodes::presence::WARMUP_MS + 10_000);
 
     #[derive(Debug, Parser)]
     #[command(name = "chat", version, about = "A chatsim device on the command line")]

@@ -112,6 +112,9 @@ pub struct SessionHandle {
     pub tx: mpsc::Sender<Outbound>,
     /// Ends the session from outside (slow consumer, replaced by a newer connection).
     pub closer: Arc<Closer>,
+    /// When the device last heartbeated here (Unix ms; 0: not yet), re-asserted to a
+    /// presence node that restarted.
+    pub last_heartbeat_ms: Arc<AtomicU64>,
 }
 
 /// State shared by all tasks of one chat server.
@@ -224,6 +227,19 @@ impl ChatState {
             h.closer.close(code, detail);
         }
         all.len()
+    }
+
+    /// (user, device, last heartbeat ms) of every session here whose user presence node
+    /// `node` (of `nodes`) holds and which has heartbeated.
+    pub fn heartbeats_for_presence_node(&self, node: usize, nodes: usize) -> Vec<(Id, Id, u64)> {
+        let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        s.iter()
+            .filter(|(_, h)| (h.user % nodes.max(1) as u64) as usize == node)
+            .filter_map(|(device, h)| {
+                let at = h.last_heartbeat_ms.load(Ordering::Relaxed);
+                (at > 0).then_some((h.user, *device, at))
+            })
+            .collect()
     }
 
     /// Sends `frame` to every session here; returns how many took it.
@@ -424,6 +440,7 @@ async fn subscribe_presence(state: &ChatState) -> bool {
         async move { (i, node.call(req).await) }
     });
     let (mut refresh, mut all) = (false, true);
+    let mut settling = Vec::new();
     for (i, answer) in futures::future::join_all(calls).await {
         let answer = match answer {
             Ok(a) => a,
@@ -443,8 +460,16 @@ async fn subscribe_presence(state: &ChatState) -> bool {
                 refresh |= seen.0.is_some_and(|b| b != boot) || seen.1;
                 *seen = (Some(boot), false);
             }
-            _ => seen.1 = true,
+            _ => {
+                seen.1 = true;
+                settling.push(i);
+            }
         }
+    }
+    // Settling nodes hear at once which devices heartbeat here, instead of waiting for each
+    // device's next heartbeat.
+    for i in settling {
+        reassert(state, i).await;
     }
     if refresh {
         let n = state.broadcast(&ServerFrame::PresenceRefresh);
@@ -498,6 +523,33 @@ async fn cut_off_alone(state: &ChatState) -> bool {
     // Every peer unreachable: this server is isolated. Some peer reachable and none renewing:
     // discovery is down for them too (an unreachable peer may be down for its own reasons).
     reached == 0
+}
+
+/// Tells settling presence node `i` which of this server's devices heartbeat and when each
+/// last did, in batches, the last one marked done.
+async fn reassert(state: &ChatState, i: usize) {
+    let nodes = state.peers().presence_nodes();
+    let node = &nodes[i];
+    let all = state.heartbeats_for_presence_node(i, nodes.len());
+    let batches: Vec<Vec<(Id, Id, u64)>> = if all.is_empty() {
+        vec![Vec::new()]
+    } else {
+        all.chunks(crate::presence::REASSERT_BATCH_MAX)
+            .map(<[_]>::to_vec)
+            .collect()
+    };
+    let last = batches.len() - 1;
+    for (b, heartbeats) in batches.into_iter().enumerate() {
+        let req = Request::PresenceReassert {
+            server: state.cfg.server,
+            heartbeats,
+            done: b == last,
+        };
+        if let Err(e) = node.call(req).await {
+            tracing::debug!(presence = i, error = %e, "re-assertion failed; again next period");
+            return;
+        }
+    }
 }
 
 /// Renews the presence subscription every renewal period, apart from the discovery lease so

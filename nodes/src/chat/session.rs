@@ -259,6 +259,8 @@ struct Session {
     rate: RateLimit,
     /// Cursors reported by `read` and not yet written (channel -> seq).
     reads: BTreeMap<Id, u64>,
+    /// Shared with this session's handle (see `SessionHandle::last_heartbeat_ms`).
+    last_heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Session {
@@ -280,12 +282,14 @@ impl Session {
             return None;
         }
         let epoch = state.next_epoch();
+        let last_heartbeat_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let handle = SessionHandle {
             user: claims.user,
             epoch,
             connection,
             tx: tx.clone(),
             closer: closer.clone(),
+            last_heartbeat_ms: last_heartbeat_ms.clone(),
         };
         if !state.attach(claims.device, handle) {
             closer.close(
@@ -304,6 +308,7 @@ impl Session {
             closer,
             rate: RateLimit::new(unix_ms()),
             reads: BTreeMap::new(),
+            last_heartbeat_ms,
             state,
         };
         // Register before welcoming: the device syncs after `welcome`, and every message
@@ -601,10 +606,13 @@ impl Session {
 
     fn on_heartbeat(&self) {
         let presence = self.state.peers().presence_for(self.user).clone();
+        let at_ms = unix_ms();
+        self.last_heartbeat_ms
+            .store(at_ms, std::sync::atomic::Ordering::Relaxed);
         let req = Request::Heartbeat {
             user: self.user,
             device: self.device,
-            at_ms: unix_ms(),
+            at_ms,
         };
         tokio::spawn(async move {
             if let Err(e) = presence.call(req).await {

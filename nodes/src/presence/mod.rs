@@ -7,12 +7,16 @@
 //! return the status changes to publish. The shell (`server`) relays them. State is in memory
 //! only: after a restart every user is offline until their devices' next heartbeat.
 //!
-//! **Settling.** For [`WARMUP_MS`] after a (re)start the node has not heard from every
-//! connected device yet, so it publishes no offline change: a user who logs out one device
-//! then, while two others are connected but have not heartbeated here yet, is not shown
-//! offline (swarm seed 500012). Online changes (a heartbeat is proof) still go out. The shell
-//! answers no status query while settling, and once settled chat servers tell their sessions
-//! to ask again (the boot time changed), which corrects any view the restart left stale.
+//! **Settling.** Until a (re)started node has heard of every connected device it publishes
+//! no offline change: a user who logs out one device then, while two others are connected
+//! but have not heartbeated here yet, is not shown offline (swarm seed 500012). Online
+//! changes (a heartbeat is proof) still go out. Chat servers re-assert their devices' last
+//! heartbeats as soon as they see the node settling (`PresenceReassert`, within one
+//! subscription period, 2 s); the node settles once every chat server registered when it
+//! started has done so, and after [`WARMUP_MS`] (two heartbeat intervals: every live device
+//! has heartbeated) at the latest. The shell answers no status query while settling, and
+//! once settled chat servers tell their sessions to ask again (the boot time changed),
+//! which corrects any view the restart left stale.
 
 pub mod server;
 
@@ -22,8 +26,12 @@ use crate::canary::{Canaries, Canary};
 use crate::limits::{HEARTBEAT_INTERVAL_MS, PRESENCE_TIMEOUT_MS};
 
 /// After a (re)start presence knows nobody: every live device has had time to heartbeat after
-/// two intervals. Until then it publishes no offline change and answers no query.
+/// two intervals. Until then (or until every chat server re-asserted its devices) it
+/// publishes no offline change and answers no query.
 pub const WARMUP_MS: u64 = 2 * HEARTBEAT_INTERVAL_MS;
+
+/// Heartbeats per `PresenceReassert` batch (about 40 bytes each as JSON: 400 KB).
+pub const REASSERT_BATCH_MAX: usize = 10_000;
 use crate::proto::client::PresenceStatus;
 use crate::proto::Id;
 
@@ -108,9 +116,21 @@ impl Presence {
         None
     }
 
+    /// Every device connected anywhere has been heard of (each chat server re-asserted its
+    /// own): settled from `now_ms` on.
+    pub fn settle(&mut self, now_ms: u64) {
+        self.settled_at_ms = self.settled_at_ms.min(now_ms);
+    }
+
+    /// Whether offline changes are published and queries answered.
+    pub fn is_settled(&self, now_ms: u64) -> bool {
+        now_ms >= self.settled_at_ms
+    }
+
     /// The offline change of `user`, unless this node is still settling.
     fn offline(&mut self, user: Id, now_ms: u64) -> Option<Change> {
-        (now_ms >= self.settled_at_ms).then(|| self.change(user, PresenceStatus::Offline))
+        self.is_settled(now_ms)
+            .then(|| self.change(user, PresenceStatus::Offline))
     }
 
     /// Expires silent devices; returns users that went offline.
@@ -220,6 +240,26 @@ mod tests {
         );
         let settled = boot + WARMUP_MS;
         assert_eq!(p.on_logout(1, 11, settled).map(|c| c.status), Some(OFF));
+    }
+
+    // Proves a node whose chat servers all re-asserted their devices settles at once: it
+    // publishes offline changes and counts as settled from then on, long before the warm-up
+    // ends; settling never moves later.
+    #[test]
+    fn reassertion_settles_early() {
+        let boot = 100_000;
+        let mut p = Presence::new(Canaries::none(), boot);
+        assert!(!p.is_settled(boot + 1_000));
+        // Re-asserted by its chat server: device 10 last heartbeated 3 s before the restart.
+        assert!(p.on_heartbeat(1, 10, boot - 3_000, boot + 1_500).is_some());
+        p.settle(boot + 2_000);
+        assert!(p.is_settled(boot + 2_000));
+        assert_eq!(
+            p.on_logout(1, 10, boot + 2_500).map(|c| c.status),
+            Some(OFF)
+        );
+        p.settle(boot + 50_000);
+        assert!(p.is_settled(boot + 2_000), "settling never moves later");
     }
 
     // Proves heartbeats every 5 s never produce a flap.

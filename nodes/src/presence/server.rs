@@ -3,14 +3,14 @@
 //! devices (every live chat server gets the change with the observer list and delivers to the
 //! devices it holds).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
 
-use super::{Change, Presence};
+use super::{Change, Presence, WARMUP_MS};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
 use crate::limits::DISCOVERY_LEASE_MS;
@@ -37,8 +37,6 @@ const PUBLISH_QUEUE_MAX: usize = 65_536;
 /// Changes being published at once (each is a kv read and one call per chat server).
 const PUBLISH_IN_FLIGHT_MAX: usize = 256;
 
-pub use super::WARMUP_MS;
-
 pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
     let boot_ms = unix_ms();
     // A std mutex: the state machine is synchronous.
@@ -56,11 +54,18 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
         subs.clone(),
         tx.clone(),
     ));
+    let heard: Heard = Arc::default();
+    tokio::spawn(read_expected(
+        state.clone(),
+        peers.clone(),
+        heard.clone(),
+        boot_ms,
+    ));
     tracing::info!(listen = %cfg.listen, "presence node up");
     let handler: rpc::Handler = Arc::new(move |req| {
         let subs = &subs;
         let now = unix_ms();
-        let mut change = None;
+        let mut changes = Vec::new();
         let resp = {
             let mut p = state.lock().unwrap_or_else(|e| e.into_inner());
             match req {
@@ -70,24 +75,39 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
                     at_ms,
                 } => {
                     let seen = if at_ms == 0 { now } else { at_ms.min(now) };
-                    change = p.on_heartbeat(user, device, seen, now);
+                    changes.extend(p.on_heartbeat(user, device, seen, now));
                     Response::Ok
                 }
                 Request::Logout { user, device } => {
-                    change = p.on_logout(user, device, now);
+                    changes.extend(p.on_logout(user, device, now));
+                    Response::Ok
+                }
+                Request::PresenceReassert {
+                    server,
+                    heartbeats,
+                    done,
+                } => {
+                    for (user, device, at_ms) in heartbeats {
+                        changes.extend(p.on_heartbeat(user, device, at_ms.min(now), now));
+                    }
+                    if done {
+                        let mut h = heard.lock().unwrap_or_else(|e| e.into_inner());
+                        h.heard.insert(server);
+                        settle_if_heard(&mut p, &h, boot_ms, now);
+                    }
                     Response::Ok
                 }
                 Request::SubscribePresence { info } => {
                     subscribers_renew(subs, &peers, &info, now);
                     // Once warm, the boot time: a subscriber that sees it change knows this
                     // node restarted and its devices' views may be stale.
-                    if now >= boot_ms + WARMUP_MS {
+                    if p.is_settled(now) {
                         Response::Id(boot_ms)
                     } else {
                         Response::Ok
                     }
                 }
-                Request::PresenceOf { .. } if now < boot_ms + WARMUP_MS => Response::Error {
+                Request::PresenceOf { .. } if !p.is_settled(now) => Response::Error {
                     code: ErrorCode::Unavailable,
                     detail: "presence restarted and is still hearing from devices".into(),
                 },
@@ -107,7 +127,7 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
                 },
             }
         };
-        if let Some(c) = change {
+        for c in changes {
             enqueue(&tx, c);
         }
         async move { resp }.boxed()
@@ -119,6 +139,53 @@ pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
 fn enqueue(tx: &tokio::sync::mpsc::Sender<Change>, c: Change) {
     if tx.try_send(c).is_err() {
         tracing::warn!(user = c.user, "presence publish queue full; change dropped");
+    }
+}
+
+/// Which chat servers a settling node waits for, and which re-asserted their devices. A std
+/// mutex: short synchronous updates.
+type Heard = Arc<Mutex<Settling>>;
+
+#[derive(Debug, Default)]
+struct Settling {
+    /// The chat servers registered when this node started (`None` until read).
+    expected: Option<BTreeSet<u32>>,
+    /// Those that re-asserted every device they hold (users of this node).
+    heard: BTreeSet<u32>,
+}
+
+/// Settles the node if every expected chat server re-asserted its devices.
+fn settle_if_heard(p: &mut Presence, s: &Settling, boot_ms: u64, now_ms: u64) {
+    if p.is_settled(now_ms) {
+        return;
+    }
+    if s.expected.as_ref().is_some_and(|e| e.is_subset(&s.heard)) {
+        p.settle(now_ms);
+        tracing::info!(
+            servers = s.heard.len(),
+            after_ms = now_ms.saturating_sub(boot_ms),
+            "presence settled: every chat server re-asserted its devices"
+        );
+    }
+}
+
+/// Reads which chat servers are registered (they hold every connected device), retrying
+/// until it is known or the warm-up is over, then settles if they were all heard already.
+async fn read_expected(state: Arc<Mutex<Presence>>, peers: Arc<Peers>, heard: Heard, boot_ms: u64) {
+    while unix_ms() < boot_ms + WARMUP_MS {
+        match peers.discovery.list().await {
+            Ok(list) => {
+                let mut h = heard.lock().unwrap_or_else(|e| e.into_inner());
+                h.expected = Some(list.iter().map(|s| s.server).collect());
+                let mut p = state.lock().unwrap_or_else(|e| e.into_inner());
+                settle_if_heard(&mut p, &h, boot_ms, unix_ms());
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "presence: chat server list not read yet");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
     }
 }
 

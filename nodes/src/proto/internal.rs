@@ -267,6 +267,16 @@ pub enum Request {
         user: Id,
         device: Id,
     },
+    /// A chat server tells a presence node that is settling after a (re)start which of its
+    /// devices heartbeat there, and when each last did (Unix ms; only users this node
+    /// holds), in batches of at most `REASSERT_BATCH_MAX`. `done` marks the last batch: the
+    /// node then counts this server as heard, and once every registered chat server is, it
+    /// has settled.
+    PresenceReassert {
+        server: u32,
+        heartbeats: Vec<(Id, Id, u64)>,
+        done: bool,
+    },
     PresenceOf {
         users: Vec<Id>,
     },
