@@ -306,6 +306,7 @@ async fn real_chat_survives_restart() {
     server.kill();
 
     let mut server = Server::start(data.path(), base);
+    let restarted = std::time::Instant::now();
     wait_ready(server.http).await;
     let (bob_http, bob2) = login(server.http, "bob", Some(bob.device)).await;
     assert_eq!(bob2.device, bob.device, "the device is remembered");
@@ -331,5 +332,38 @@ async fn real_chat_survives_restart() {
     };
     assert_eq!(resent, 0, "cursors survived the restart");
     assert!(cursors.iter().all(|c| c.seq == 1), "{cursors:?}");
+    // Presence answers right after the restart: the restarted presence node settles as soon
+    // as the chat server re-asserted its devices, not after its 10 s warm-up. The query is
+    // repeated as a client does when presence is still settling (it answers nothing then).
+    let alice_id = ids[0];
+    let answered = loop {
+        b.send(&ClientFrame::PresenceQuery {
+            users: vec![alice_id],
+        })
+        .await
+        .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                if let ServerFrame::Presence { user, status, .. } = next(&mut b).await {
+                    if user == alice_id {
+                        break status;
+                    }
+                }
+            }
+        })
+        .await;
+        if let Ok(status) = got {
+            break status;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "no presence answer 30 s after the restart"
+        );
+    };
+    assert_eq!(answered, PresenceStatus::Offline, "alice closed her apps");
+    eprintln!(
+        "presence answered {:.1} s after the restart began",
+        restarted.elapsed().as_secs_f64()
+    );
     server.kill();
 }
