@@ -83,7 +83,17 @@ pub struct Bench {
     pub idgen_ids_per_s: f64,
     /// Client frames (parse a send + serialize a message) per second on one core.
     pub codec_frames_per_s: f64,
+    /// Heartbeats per second a real presence node absorbs over loopback RPC, the driver on
+    /// the same machine (0 in files measured before it was).
+    #[serde(default)]
+    pub presence_heartbeats_per_s: f64,
 }
+
+/// etcd requests per second of one chat server: a lease keep-alive and a load put every
+/// 2 s, and the peer list (two range reads) every 2 s.
+const ETCD_PER_CHAT_SERVER: f64 = 2.0;
+/// etcd requests per second of one idgen node: its worker lease's keep-alive every second.
+const ETCD_PER_IDGEN_NODE: f64 = 1.0;
 
 /// The benchmark file checked into the repository.
 pub const BENCH_FILE: &str = "benches/results/node-capacity.json";
@@ -322,17 +332,27 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
             (kv_writes * hr / bench.kv_durable_writes_per_s).ceil()
         )),
     );
+    // Measured when the benchmark file has it; the assumption otherwise.
+    let (hb_per_node, hb_how) = if bench.presence_heartbeats_per_s > 0.0 {
+        (
+            bench.presence_heartbeats_per_s,
+            "measured: a presence node on loopback RPC, the driver on the same cores",
+        )
+    } else {
+        (a.heartbeats_per_presence_node, "assumption")
+    };
+    let presence_nodes = (conn / hb_interval * hr / hb_per_node).ceil().max(2.0);
+    let presence_how = format!(
+        "heartbeats/s x headroom {hr} / {hb_per_node:.0} heartbeats/s per node [{hb_how}]; at least 2"
+    );
     put(
         "presence_nodes",
-        (conn / hb_interval * hr / a.heartbeats_per_presence_node)
-            .ceil()
-            .max(2.0),
+        presence_nodes,
         "nodes",
-        Provenance::Assumption {
-            how: format!(
-                "heartbeats/s x headroom {hr} / {:.0} heartbeats/s per node [assumption]; at least 2",
-                a.heartbeats_per_presence_node
-            ),
+        if bench.presence_heartbeats_per_s > 0.0 {
+            bench_p(&presence_how)
+        } else {
+            Provenance::Assumption { how: presence_how }
         },
     );
     // A Snowflake worker issues at most 4,096 ids per millisecond (12-bit sequence).
@@ -345,6 +365,28 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
             "messages/s x headroom {hr} / {ids_per_node:.0} ids/s per node (the benchmark's {:.0}/s, capped by Snowflake's 4,096 per ms); at least 2 for availability [assumption]",
             bench.idgen_ids_per_s
         )),
+    );
+    // etcd carries coordination only (registrations, loads, worker ids), never traffic: its
+    // load is set by the node counts and the code's renewal periods.
+    let chat_servers = (conn * hr / a.connections_per_chat_server).ceil().max(2.0);
+    let idgen_nodes = (msgs * hr / ids_per_node).ceil().max(2.0);
+    put(
+        "etcd_requests_per_s",
+        chat_servers * ETCD_PER_CHAT_SERVER + idgen_nodes * ETCD_PER_IDGEN_NODE,
+        "requests/s",
+        Provenance::Derived {
+            how: format!(
+                "chat_servers x {ETCD_PER_CHAT_SERVER}/s (a lease keep-alive and a load put every 2 s, the peer list's two range reads every 2 s) + idgen_nodes x {ETCD_PER_IDGEN_NODE}/s (a worker lease keep-alive every second); each api node adds at most 2/s (its list, re-read at most once a second) and each presence node 2 reads at start. Measured on `chatd local-cluster` at idle: 8/s for 3 chat servers and 2 idgen nodes"
+            ),
+        },
+    );
+    put(
+        "etcd_members",
+        3.0,
+        "members",
+        Provenance::Assumption {
+            how: "a quorum survives one member's loss (5 would survive two); the load above is a few hundred small requests a second, far below what one etcd cluster serves (etcd's own benchmarks: tens of thousands of writes/s on 8-core members) [assumption]".into(),
+        },
     );
     put(
         "connection_memory_bytes",
@@ -608,6 +650,8 @@ mod tests {
             "kv_nodes",
             "presence_nodes",
             "idgen_nodes",
+            "etcd_requests_per_s",
+            "etcd_members",
         ] {
             let f = &j["figures"][name];
             assert!(f["value"].as_f64().is_some(), "{name}: {f}");

@@ -1,7 +1,8 @@
 //! Per-node capacities for the capacity plan (`reports::capacity`), measured on this machine
 //! with the real build: durable kv writes per second on a redb file (one fsync per write, and
 //! 64 writes per fsync, as the kv node group-commits under load), Snowflake ids
-//! per second, and client frames per second (parse a send, serialize a message).
+//! per second, client frames per second (parse a send, serialize a message), and heartbeats
+//! per second a real presence node absorbs over loopback RPC (the driver on the same cores).
 //!
 //! `cargo run --release -p benches --bin node-capacity -- --out benches/results/node-capacity.json`
 //!
@@ -117,6 +118,86 @@ fn codec() -> f64 {
     })
 }
 
+/// Heartbeats per second one presence node absorbs: the real node (`presence::server::run`)
+/// on loopback, 10,240 devices of 256 users heartbeating again and again through 4 RPC
+/// connections with 256 calls in flight (the chat servers' relays), driver and node sharing
+/// this machine's cores. The first round brings the users online (256 changes, whose
+/// publishing finds no kv and gives up in the background); the timed rounds are refreshes,
+/// as nearly every heartbeat at the peak is.
+fn presence() -> f64 {
+    use nodes::canary::Canaries;
+    use nodes::cluster::{ClusterMap, Peers};
+    use nodes::coord::Coordination;
+    use nodes::rpc::RpcClient;
+    const USERS: u64 = 256;
+    const DEVICES_PER_USER: u64 = 40;
+    const CLIENTS: usize = 4;
+    const IN_FLIGHT: usize = 256;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    rt.block_on(async {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+        };
+        let (listen, nowhere) = (free(), free());
+        let map = ClusterMap {
+            coordination: Coordination::Discovery(nowhere),
+            kv: vec![nowhere],
+            kv_shards: 0,
+            kv_replicas: 0,
+            // Never called by a presence node; the map wants one of each.
+            idgen: vec![nowhere],
+            presence: vec![listen],
+            push: vec![nowhere],
+        };
+        let peers = Peers::new(map, Canaries::none());
+        tokio::spawn(nodes::presence::server::run(
+            nodes::presence::server::PresenceConfig {
+                listen,
+                peers,
+                metrics: nodes::metrics::Metrics::new(),
+            },
+        ));
+        let clients: Vec<RpcClient> = (0..CLIENTS).map(|_| RpcClient::new(listen)).collect();
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let round = |clients: Vec<RpcClient>| async move {
+            use futures::StreamExt;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let calls = (0..USERS * DEVICES_PER_USER).map(|i| {
+                let c = clients[i as usize % CLIENTS].clone();
+                async move {
+                    let req = nodes::proto::internal::Request::Heartbeat {
+                        user: i % USERS,
+                        device: i,
+                        at_ms: now,
+                    };
+                    c.call(req).await.expect("the presence node answers")
+                }
+            });
+            futures::stream::iter(calls)
+                .buffer_unordered(IN_FLIGHT)
+                .count()
+                .await as u64
+        };
+        round(clients.clone()).await;
+        let mut best_rate = 0.0f64;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let n = round(clients.clone()).await;
+            best_rate = best_rate.max(n as f64 / t.elapsed().as_secs_f64());
+        }
+        best_rate
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let out = args
@@ -138,6 +219,7 @@ fn main() {
         kv_group_commit_writes_per_s: kv_group_commit(dir.path()),
         idgen_ids_per_s: idgen(),
         codec_frames_per_s: codec(),
+        presence_heartbeats_per_s: presence(),
     };
     let json = serde_json::to_string_pretty(&bench).expect("serialize");
     println!("{json}");
