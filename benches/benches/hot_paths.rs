@@ -170,6 +170,7 @@ fn fanout(c: &mut Criterion) {
                 connection: 1,
                 tx,
                 closer: Closer::new(),
+                last_heartbeat_ms: Default::default(),
             },
         );
     }
