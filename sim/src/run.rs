@@ -54,7 +54,13 @@ fn simulate(opts: &Opts, canaries: &Canaries, plan: &Plan) -> Outcome {
         rt.block_on(drive(opts.clone(), canaries.clone(), plan.clone()));
     stats.wall_secs = wall.elapsed().as_secs_f64();
     stats.history_hash = history_hash(&history);
-    let reports = checkers::run_all(&history, &Params::default());
+    let reports = checkers::run_all(
+        &history,
+        &Params {
+            presence_nodes: u64::from(opts.presence),
+            ..Params::default()
+        },
+    );
     stats.peak_rss_bytes = peak_rss_bytes();
     Outcome {
         convergence: analysis::convergence(&history),

@@ -88,6 +88,10 @@ pub struct Params {
     /// How long a push node's claim on (message, device) holds while it notifies and
     /// confirms (60 s): only after it lapses may another notify the device again.
     pub push_claim_ttl_us: u64,
+    /// Presence nodes of the run (user `u` lives on node `u % n`): a presence node's crash
+    /// excuses timing judgments about its own users only. 0: unknown (any presence crash
+    /// excuses every user).
+    pub presence_nodes: u64,
 }
 
 impl Default for Params {
@@ -100,6 +104,7 @@ impl Default for Params {
             max_message_chars: 100_000,
             push_bound_us: 30 * SECOND_US,
             push_claim_ttl_us: nodes::kv::store::PUSH_CLAIM_TTL_MS * 1000,
+            presence_nodes: 0,
         }
     }
 }

@@ -14,8 +14,9 @@
 //!   again by D = T + W (D <= E, no disruptive fault active in [T, D]), every observer device
 //!   that showed anything about s at or before D and was connected over [D - heartbeat
 //!   interval, D] must show s offline at D. One check per (T, observer). Not judged when the
-//!   presence node itself crashed in [T, D] (or healed less than `PRESENCE_RESTART_GRACE_US`
-//!   before): its memory of who was online is gone.
+//!   presence node holding s (`s % presence_nodes`; any, if the count is unknown) crashed
+//!   in [T, D] (or healed less than `PRESENCE_RESTART_GRACE_US` before): its memory of who
+//!   was online is gone. A crash of another presence node excuses nothing about s.
 //! - (c) convergence at E: for every (observer device, subject) pair with a presence event,
 //!   whose observer was connected over [E - presence_bound, E], the last status shown must be
 //!   the settled truth: online if s was online over all of [E - presence_bound, E], offline if
@@ -48,6 +49,19 @@ pub const RECONNECT_GAP_US: u64 = 15 * SECOND_US;
 /// so (b) is not judged over a presence crash and this long after it heals.
 pub const PRESENCE_RESTART_GRACE_US: u64 = 15 * SECOND_US;
 
+/// Indices of the presence nodes some `crash` fault hit (`presence-{i}` targets).
+fn presence_crash_indices(history: &[Record]) -> BTreeSet<u64> {
+    history
+        .iter()
+        .filter_map(|r| match &r.ev {
+            Event::Fault { kind, targets, .. } if kind == "crash" => Some(targets),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|t| t.strip_prefix("presence-")?.parse().ok())
+        .collect()
+}
+
 pub fn check(history: &[Record], params: &Params) -> CheckReport {
     let history = super::index::sorted(history);
     let ctx = Ctx::build(&history, params);
@@ -66,8 +80,8 @@ struct Ctx<'p> {
     conn: BTreeMap<Id, Timeline>,
     user_hb: BTreeMap<Id, Timeline>,
     faults: FaultWindows,
-    /// Crashes of the presence node, extended by `PRESENCE_RESTART_GRACE_US`.
-    presence_outages: FaultWindows,
+    /// Crashes of each presence node (by index), extended by `PRESENCE_RESTART_GRACE_US`.
+    presence_outages: Vec<(u64, FaultWindows)>,
     /// (observer device, subject) -> statuses shown, in time order.
     views: BTreeMap<(Id, Id), Vec<(u64, Status)>>,
 }
@@ -95,15 +109,29 @@ impl<'p> Ctx<'p> {
             conn: connections(history),
             user_hb: user_heartbeats(history),
             faults: FaultWindows::build(history),
-            presence_outages: FaultWindows::build_with(
-                history,
-                |kind, targets| {
-                    kind == "crash" && targets.iter().any(|t| t.starts_with("presence-"))
-                },
-                PRESENCE_RESTART_GRACE_US,
-            ),
+            presence_outages: presence_crash_indices(history)
+                .into_iter()
+                .map(|i| {
+                    let name = format!("presence-{i}");
+                    let w = FaultWindows::build_with(
+                        history,
+                        |kind, targets| kind == "crash" && targets.iter().any(|t| *t == name),
+                        PRESENCE_RESTART_GRACE_US,
+                    );
+                    (i, w)
+                })
+                .collect(),
             views,
         }
+    }
+
+    /// Whether the presence node holding `subject` (any, when the node count is unknown)
+    /// crashed in [a, b] or restarted less than the grace before.
+    fn presence_node_down(&self, subject: Id, a: u64, b: u64) -> bool {
+        let n = self.params.presence_nodes;
+        self.presence_outages
+            .iter()
+            .any(|(i, w)| (n == 0 || subject % n == *i) && w.overlaps_for(a, b, &[]))
     }
 
     /// The status `observer` showed for `subject` at `t` (its latest at or before `t`).
@@ -176,7 +204,7 @@ fn offline_in_time(ctx: &Ctx, report: &mut CheckReport) {
             if back.is_some_and(|tb| tb <= d)
                 || d > ctx.end
                 || ctx.faults.overlaps_for(t_off, d, &subject_devices)
-                || ctx.presence_outages.overlaps_for(t_off, d, &[])
+                || ctx.presence_node_down(subject, t_off, d)
             {
                 continue;
             }
@@ -352,6 +380,33 @@ mod tests {
         let r = run(check, &h);
         assert_eq!(r.violation_count, 1, "{:?}", r.violations);
         assert!(r.violations[0].contains("at t_us 160000000"));
+    }
+
+    #[test]
+    fn only_the_subjects_own_presence_node_excuses_lateness() {
+        // Proves (b) is excused by a crash of the presence node holding the subject (user 2 on
+        // node 2 % 2 = 0) and not by another's: offline shown late at 170 s, with presence-1
+        // or presence-0 crashed over 130-135 s, in a run of two presence nodes; and that with
+        // the node count unknown any presence crash excuses it, as before.
+        let late = |target: &str| {
+            let mut h = healthy_builder()
+                .fault(130 * S, "crash", target)
+                .heal(135 * S, "crash", target)
+                .presence(170 * S, 11, 2, Offline)
+                .build();
+            h.retain(|r| r.t_us != 150 * S);
+            h
+        };
+        let two = crate::checkers::Params {
+            presence_nodes: 2,
+            ..crate::checkers::Params::default()
+        };
+        let r = check(&late("presence-1"), &two);
+        assert_eq!(r.violation_count, 1, "{:?}", r.violations);
+        let r = check(&late("presence-0"), &two);
+        assert_eq!(r.violation_count, 0, "{:?}", r.violations);
+        let r = run(check, &late("presence-1"));
+        assert_eq!(r.violation_count, 0, "{:?}", r.violations);
     }
 
     #[test]
