@@ -14,6 +14,7 @@
 //! | [`presence`] | heartbeats, timeouts, fanout to friends |
 //! | [`push`] | notifications through a `PushProvider` |
 //! | [`client`] | what a device runs |
+//! | [`decoders`] | every decoder of outside or stored bytes, for the fuzz command and tests |
 //! | `deploy` | the real deployment: config file, roles from it, the local-cluster supervisor |
 
 pub mod api;
@@ -24,6 +25,7 @@ pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod coord;
+pub mod decoders;
 #[cfg(not(madsim))]
 pub mod deploy;
 pub mod discovery;

@@ -68,9 +68,19 @@ impl RpcError {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Envelope<T> {
-    id: u64,
-    body: T,
+pub struct Envelope<T> {
+    pub id: u64,
+    pub body: T,
+}
+
+/// Decodes one request frame (after the length prefix) as a node's RPC server does.
+pub fn decode_request(frame: &[u8]) -> Result<Envelope<Request>, serde_json::Error> {
+    serde_json::from_slice(frame)
+}
+
+/// Decodes one answer frame as an RPC client does.
+pub fn decode_response(frame: &[u8]) -> Result<Envelope<Response>, serde_json::Error> {
+    serde_json::from_slice(frame)
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -149,7 +159,7 @@ async fn serve_connection(stream: Stream, handler: Handler) {
     // not a task per frame without end).
     let handling = Arc::new(tokio::sync::Semaphore::new(RPC_IN_FLIGHT_MAX));
     while let Some(Ok(frame)) = frames.next().await {
-        let envelope: Envelope<Request> = match serde_json::from_slice(&frame) {
+        let envelope = match decode_request(&frame) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "malformed rpc frame; closing connection");
@@ -326,7 +336,7 @@ fn start(stream: Stream) -> Arc<Conn> {
                 f = frames.next() => f,
             };
             let Some(Ok(frame)) = frame else { break };
-            let Ok(env) = serde_json::from_slice::<Envelope<Response>>(&frame) else {
+            let Ok(env) = decode_response(&frame) else {
                 tracing::warn!("malformed rpc response; closing connection");
                 break;
             };

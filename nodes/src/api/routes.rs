@@ -167,7 +167,12 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 
 /// Parses a JSON body with our own error code (axum's rejection is plain text).
 fn parse<T: DeserializeOwned>(body: &Body) -> Result<T, ApiError> {
-    serde_json::from_slice(&body.0).map_err(|e| refuse(ErrorCode::MalformedJson, e.to_string()))
+    decode_body(&body.0).map_err(|e| refuse(ErrorCode::MalformedJson, e.to_string()))
+}
+
+/// Decodes a request body as every route does.
+pub fn decode_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(bytes)
 }
 
 fn auth(st: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiError> {

@@ -803,13 +803,7 @@ impl Replica {
             }
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
-                    let reqs: Vec<Request> = if e.data.is_empty() {
-                        Vec::new()
-                    } else {
-                        serde_json::from_slice(&e.data).map_err(|err| {
-                            StoreError::Corrupt(format!("entry {}: {err}", e.index))
-                        })?
-                    };
+                    let reqs = entry_requests(&e.data, e.index)?;
                     let leader = self.is_leader();
                     let resps = if reqs.is_empty() {
                         self.store.set_applied(e.index, e.term)?;
@@ -838,17 +832,12 @@ impl Replica {
     }
 
     fn apply_conf_change(&mut self, e: &Entry) -> Result<(), StoreError> {
-        let bad = |err: &dyn std::fmt::Display| {
-            StoreError::Corrupt(format!("conf change at {}: {err}", e.index))
-        };
         let cs = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
-            let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| bad(&x))?;
-            self.node.apply_conf_change(&cc)
+            self.node.apply_conf_change(&conf_change_v2(e)?)
         } else {
-            let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| bad(&x))?;
-            self.node.apply_conf_change(&cc)
+            self.node.apply_conf_change(&conf_change(e)?)
         };
-        let cs = cs.map_err(|x| bad(&x))?;
+        let cs = cs.map_err(|x| StoreError::Corrupt(format!("conf change at {}: {x}", e.index)))?;
         tracing::info!(shard = self.shard, voters = ?cs.voters, learners = ?cs.learners,
             outgoing = ?cs.voters_outgoing, "membership changed");
         self.node.mut_store().set_conf_state(cs)
@@ -1078,6 +1067,36 @@ fn deliver(answers: Answers) {
         for (r, resp) in replies.into_iter().zip(resps) {
             let _ = r.send(resp);
         }
+    }
+}
+
+/// The requests of a normal log entry's payload (none when empty).
+pub fn entry_requests(data: &[u8], index: u64) -> Result<Vec<Request>, StoreError> {
+    if data.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_slice(data).map_err(|err| StoreError::Corrupt(format!("entry {index}: {err}")))
+}
+
+fn conf_change(e: &Entry) -> Result<ConfChange, StoreError> {
+    ConfChange::parse_from_bytes(&e.data)
+        .map_err(|x| StoreError::Corrupt(format!("conf change at {}: {x}", e.index)))
+}
+
+fn conf_change_v2(e: &Entry) -> Result<ConfChangeV2, StoreError> {
+    ConfChangeV2::parse_from_bytes(&e.data)
+        .map_err(|x| StoreError::Corrupt(format!("conf change at {}: {x}", e.index)))
+}
+
+/// Decodes a stored (or received) Raft log entry down to what applying it reads: the entry,
+/// then its requests or its membership change.
+pub fn decode_log_entry(bytes: &[u8]) -> Result<(), StoreError> {
+    let e = Entry::parse_from_bytes(bytes)
+        .map_err(|x| StoreError::Corrupt(format!("log entry: {x}")))?;
+    match e.get_entry_type() {
+        EntryType::EntryNormal => entry_requests(&e.data, e.index).map(drop),
+        EntryType::EntryConfChange => conf_change(&e).map(drop),
+        EntryType::EntryConfChangeV2 => conf_change_v2(&e).map(drop),
     }
 }
 

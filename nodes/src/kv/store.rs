@@ -118,6 +118,11 @@ fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
 /// Decodes a stored record. A record that does not decode is corrupt storage (bit rot that
 /// got past the disk's checks, or a bug): an error that fails the replica, never a panic.
 fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> R<T> {
+    decode_record(b)
+}
+
+/// Decodes a stored record (a user, channel, message or session row).
+pub fn decode_record<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, redb::Error> {
     serde_json::from_slice(b)
         .map_err(|e| redb::Error::Corrupted(format!("a stored record does not decode: {e}")))
 }

@@ -115,7 +115,7 @@ impl<'p> Ctx<'p> {
                     let name = format!("presence-{i}");
                     let w = FaultWindows::build_with(
                         history,
-                        |kind, targets| kind == "crash" && targets.iter().any(|t| *t == name),
+                        |kind, targets| kind == "crash" && targets.contains(&name),
                         PRESENCE_RESTART_GRACE_US,
                     );
                     (i, w)
