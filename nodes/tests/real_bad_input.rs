@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use nodes::api::throttle::LOGIN_FAILURES_MAX;
+use nodes::api::throttle::{ADDR_FAILURES_MAX, LOGIN_FAILURES_MAX};
 use nodes::auth::TokenKey;
 use nodes::client::http::HttpClient;
 use nodes::client::ws::{Incoming, WsConn};
@@ -145,6 +145,8 @@ fn tcp_queues(local_port: u16, remote_port: u16) -> Option<(u64, u64)> {
 struct RawResponse {
     status: u16,
     content_type: String,
+    /// The `Retry-After` header, in seconds.
+    retry_after: Option<u64>,
     body: Vec<u8>,
 }
 
@@ -204,7 +206,28 @@ async fn raw_http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> RawResponse {
-    let mut tcp = TcpStream::connect(addr).await.expect("connect api");
+    raw_http_from(None, addr, method, path, headers, body).await
+}
+
+/// [`raw_http`] from source address `from` (another loopback address: throttles per address
+/// must not lock out the other tests sharing the server).
+async fn raw_http_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
+    let mut tcp = match from {
+        None => TcpStream::connect(addr).await.expect("connect api"),
+        Some(ip) => {
+            let s = tokio::net::TcpSocket::new_v4().expect("a socket");
+            s.bind(SocketAddr::new(ip, 0))
+                .expect("bind the source address");
+            s.connect(addr).await.expect("connect api")
+        }
+    };
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
@@ -243,6 +266,12 @@ async fn raw_http(
                 .then(|| v.trim().to_string())
         })
         .unwrap_or_default();
+    let retry_after = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("retry-after")
+            .then(|| v.trim().parse().ok())
+            .flatten()
+    });
     let mut body = answer[split + 4..].to_vec();
     if head
         .to_ascii_lowercase()
@@ -253,6 +282,7 @@ async fn raw_http(
     RawResponse {
         status,
         content_type,
+        retry_after,
         body,
     }
 }
@@ -1337,6 +1367,11 @@ async fn bad_tokens_and_bad_requests_are_refused() {
         .await;
         assert_eq!(r.status, 429, "locked name, password {password:?}");
         assert_eq!(r.error().error, ErrorCode::RateLimited);
+        assert!(
+            r.retry_after.is_some_and(|s| (1..=60).contains(&s)),
+            "429 carries Retry-After: {:?}",
+            r.retry_after
+        );
     }
     let r = raw_http(
         http,
@@ -1347,6 +1382,64 @@ async fn bad_tokens_and_bad_requests_are_refused() {
     )
     .await;
     assert_eq!(r.status, 200, "another name logs in");
+
+    // Credential stuffing: one address (127.0.0.77, used by nothing else) guessing many names
+    // is locked after ADDR_FAILURES_MAX failures, whatever the name, the right password too;
+    // a name with characters no name may have counts against the address and never reaches
+    // the table as a name. Other addresses still log in.
+    let stuffer: std::net::IpAddr = [127, 0, 0, 77].into();
+    let mut guesses = 0;
+    let locked = loop {
+        let name = if guesses % 2 == 0 {
+            format!("nobody-{guesses}")
+        } else {
+            format!("addr:127.0.0.{guesses}")
+        };
+        let r = raw_http_from(
+            Some(stuffer),
+            http,
+            "POST",
+            "/v1/login",
+            &[],
+            &login_body(&name, "guess"),
+        )
+        .await;
+        if r.status == 429 {
+            break r;
+        }
+        assert_eq!(r.status, 401, "guess {guesses}");
+        guesses += 1;
+        assert!(guesses <= ADDR_FAILURES_MAX, "the address is never locked");
+    };
+    assert!(
+        locked.error().detail.contains("this address"),
+        "{:?}",
+        locked.error()
+    );
+    assert!(locked.retry_after.is_some_and(|s| (1..=60).contains(&s)));
+    assert_eq!(
+        guesses, ADDR_FAILURES_MAX,
+        "locked after exactly its failures"
+    );
+    let r = raw_http_from(
+        Some(stuffer),
+        http,
+        "POST",
+        "/v1/login",
+        &[],
+        &login_body("alice", "alice-pw"),
+    )
+    .await;
+    assert_eq!(r.status, 429, "the address is locked for every name");
+    let r = raw_http(
+        http,
+        "POST",
+        "/v1/login",
+        &[],
+        &login_body("alice", "alice-pw"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "other addresses still log in");
 
     // The silent connections.
     let (end, after) = silent_hello.await.expect("silent hello");

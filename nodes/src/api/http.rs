@@ -24,6 +24,10 @@ pub struct ApiConfig {
     pub metrics: Arc<Metrics>,
 }
 
+/// The source address of a request's connection (set by [`serve_router`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 /// A client that has not sent its request headers within this time is disconnected.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,7 +52,7 @@ pub async fn serve_router(
     header_read_timeout: Duration,
 ) -> anyhow::Result<()> {
     loop {
-        let (tcp, _) = match listener.accept().await {
+        let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "api accept failed");
@@ -56,7 +60,14 @@ pub async fn serve_router(
                 continue;
             }
         };
-        let svc = TowerToHyperService::new(app.clone());
+        // Every request of the connection carries its source address (login throttling).
+        let svc = TowerToHyperService::new(tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ClientAddr(peer.ip()));
+                req
+            },
+        ));
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(SimTimer)

@@ -39,7 +39,15 @@ type S = State<Arc<ApiState>>;
 
 /// A refusal: HTTP status, code, words.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, ErrorCode, String);
+pub struct ApiError(StatusCode, ErrorCode, String, Option<u64>);
+
+impl ApiError {
+    /// Adds `Retry-After: secs` to the answer (a 429 or 503 the client should wait out).
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.3 = Some(secs);
+        self
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> HttpResponse {
@@ -48,6 +56,10 @@ impl IntoResponse for ApiError {
             detail: self.2,
         };
         let mut resp = (self.0, Json(body)).into_response();
+        if let Some(secs) = self.3 {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
         // Read back by the error-counting layer of `router`.
         resp.extensions_mut().insert(self.1);
         resp
@@ -58,7 +70,7 @@ impl From<RpcError> for ApiError {
     fn from(e: RpcError) -> Self {
         let code = e.code();
         tracing::debug!(error = %e, "refused for an internal failure");
-        ApiError(status_of(code), code, e.public_detail())
+        ApiError(status_of(code), code, e.public_detail(), None)
     }
 }
 
@@ -82,7 +94,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
 }
 
 fn refuse(code: ErrorCode, detail: impl Into<String>) -> ApiError {
-    ApiError(status_of(code), code, detail.into())
+    ApiError(status_of(code), code, detail.into(), None)
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -261,27 +273,51 @@ async fn signup(State(st): S, body: Body) -> ApiResult<SignupResponse> {
     Ok(Json(SignupResponse { user }))
 }
 
-async fn login(State(st): S, body: Body) -> ApiResult<LoginResponse> {
+async fn login(
+    State(st): S,
+    addr: Option<axum::Extension<super::http::ClientAddr>>,
+    body: Body,
+) -> ApiResult<LoginResponse> {
     let req: LoginRequest = parse(&body)?;
     let lookup = Request::LookupName {
         name: req.name.clone(),
     };
     let bad = || refuse(ErrorCode::BadCredentials, "unknown name or wrong password");
-    if let Err(ms) = st.login_throttle.check(&req.name, unix_ms()) {
-        return Err(refuse(
-            ErrorCode::RateLimited,
-            format!(
-                "too many failed logins for this name; retry after {} s",
-                ms.div_ceil(1000)
-            ),
-        ));
+    let addr_key = addr.map(|a| super::throttle::addr_key(a.0 .0));
+    let now = unix_ms();
+    for (key, what) in [
+        (Some(req.name.as_str()), "this name"),
+        (addr_key.as_deref(), "this address"),
+    ] {
+        if let Some(Err(ms)) = key.map(|k| st.login_throttle.check(k, now)) {
+            let secs = ms.div_ceil(1000);
+            return Err(refuse(
+                ErrorCode::RateLimited,
+                format!("too many failed logins for {what}; retry after {secs} s"),
+            )
+            .retry_after(secs));
+        }
+    }
+    let failed = |st: &ApiState| {
+        let now = unix_ms();
+        if valid_name(&req.name) {
+            st.login_throttle.failed(&req.name, now);
+        }
+        if let Some(k) = &addr_key {
+            st.login_throttle.failed(k, now);
+        }
+    };
+    if !valid_name(&req.name) {
+        // No such name can exist (and it must not reach the table: `addr:` keys live there).
+        failed(&st);
+        return Err(bad());
     }
     let passwords = st.passwords.clone();
     let Response::MaybeId(Some(user)) = call(st.peers.kv_for_name(&req.name), lookup).await? else {
         // As long as a wrong password takes: the answer's time does not tell names apart.
         let password = req.password.clone();
         crate::net::run_blocking(move || passwords.waste(&password)).await;
-        st.login_throttle.failed(&req.name, unix_ms());
+        failed(&st);
         return Err(bad());
     };
     let rec = get_user(&st, user).await?;
@@ -289,7 +325,7 @@ async fn login(State(st): S, body: Body) -> ApiResult<LoginResponse> {
     let stored = rec.password_hash.clone();
     let good = crate::net::run_blocking(move || passwords.verify(&name, &password, &stored)).await;
     if !good {
-        st.login_throttle.failed(&req.name, unix_ms());
+        failed(&st);
         return Err(bad());
     }
     st.login_throttle.succeeded(&req.name);

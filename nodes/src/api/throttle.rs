@@ -1,7 +1,10 @@
 //! Login throttling: each name may fail [`LOGIN_FAILURES_MAX`] times per
 //! [`LOGIN_WINDOW_MS`]; after that every login of the name, right password or not, is refused
 //! `rate_limited` (HTTP 429, with `Retry-After`) until the window ends. Password guessing
-//! against one account is then held to a few guesses a minute per api node.
+//! against one account is then held to a few guesses a minute per api node. The same table
+//! keyed by source address (`addr:` keys, [`ADDR_FAILURES_MAX`] failures per window, across
+//! names) holds one address guessing many accounts (credential stuffing) to a few dozen
+//! guesses a minute; a successful login does not clear an address's failures.
 //!
 //! The table is this api node's own memory (nodes behind a load balancer each allow as
 //! much), bounded by [`LOGIN_THROTTLE_NAMES_MAX`] names: when full, windows that ended are
@@ -12,6 +15,13 @@ use std::sync::Mutex;
 
 /// Failed logins of one name per window before the name is locked for the rest of it.
 pub const LOGIN_FAILURES_MAX: u32 = 5;
+/// Failed logins from one source address per window (any names) before it is locked.
+pub const ADDR_FAILURES_MAX: u32 = 30;
+
+/// The throttle key of a source address.
+pub fn addr_key(ip: std::net::IpAddr) -> String {
+    format!("addr:{ip}")
+}
 /// The throttle's window.
 pub const LOGIN_WINDOW_MS: u64 = 60_000;
 /// Names the throttle remembers at once.
@@ -33,11 +43,16 @@ pub struct LoginThrottle {
 }
 
 impl LoginThrottle {
-    /// `Err(ms)`: `name` is locked for `ms` more.
+    /// `Err(ms)`: `name` (or an `addr:` key) is locked for `ms` more.
     pub fn check(&self, name: &str, now_ms: u64) -> Result<(), u64> {
+        let max = if name.starts_with("addr:") {
+            ADDR_FAILURES_MAX
+        } else {
+            LOGIN_FAILURES_MAX
+        };
         let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         match t.names.get(name) {
-            Some(&(start, n)) if n >= LOGIN_FAILURES_MAX && now_ms < start + LOGIN_WINDOW_MS => {
+            Some(&(start, n)) if n >= max && now_ms < start + LOGIN_WINDOW_MS => {
                 Err(start + LOGIN_WINDOW_MS - now_ms)
             }
             _ => Ok(()),
