@@ -78,6 +78,24 @@ pub const COMMIT_ID_RETRIES_MAX: usize = 8;
 /// Per-connection send rate limit: sends per second (a token bucket of this depth).
 pub const SENDS_PER_SECOND_MAX: u32 = 50;
 
+/// Frames other than sends and reads (heartbeats, presence queries, syncs, logout) one device
+/// may send per second, bursts of twice as many: a client sends one heartbeat every 5 s and a
+/// presence query or sync now and then. Past it a frame is refused `rate_limited` and
+/// dropped; the connection stays. Reads only update a bounded map and are not counted.
+pub const CONTROL_FRAMES_PER_SECOND_MAX: u32 = 20;
+
+/// Syncs one device may ask for per second, bursts of `SYNC_BURST_MAX` (each reads and sends
+/// up to a page per channel). Past it a sync is refused `rate_limited`; the client asks
+/// again at its next heartbeat tick.
+pub const SYNCS_PER_SECOND_MAX: u32 = 1;
+pub const SYNC_BURST_MAX: u32 = 5;
+
+/// How long a chat server keeps a device's rate buckets after its connection closed, so that
+/// reconnecting does not refill them; and how many devices' buckets it keeps at most (past
+/// that the oldest closed ones go).
+pub const BUCKETS_KEPT_MS: u64 = 60_000;
+pub const BUCKETS_KEPT_MAX: usize = 100_000;
+
 /// Users one device may ask the presence of in one `presence_query` (its friends list is
 /// far smaller); a longer list is refused with `bad_request`. Enforced by the chat session.
 pub const PRESENCE_QUERY_USERS_MAX: usize = 1000;

@@ -30,8 +30,9 @@ use nodes::client::http::HttpClient;
 use nodes::client::ws::{Incoming, WsConn};
 use nodes::client::ClientError;
 use nodes::limits::{
-    API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS, GROUP_NAME_CHARS_MAX, MESSAGE_CHARS_MAX,
-    SENDS_PER_SECOND_MAX, SESSION_OUTBOX_MAX, WS_FRAME_BYTES_MAX, WS_WRITE_TIMEOUT_MS,
+    API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS, CONTROL_FRAMES_PER_SECOND_MAX,
+    GROUP_NAME_CHARS_MAX, MESSAGE_CHARS_MAX, SENDS_PER_SECOND_MAX, SESSION_OUTBOX_MAX,
+    SYNC_BURST_MAX, WS_FRAME_BYTES_MAX, WS_WRITE_TIMEOUT_MS,
 };
 use nodes::proto::client::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1087,6 +1088,123 @@ async fn floods_are_refused_and_the_connection_stays_open() {
         BINARY as u64
     );
     well_behaved_pair_chats(http, "flood").await;
+}
+
+/// Writes `frames` at once and reads until each got its answer; answers how many were
+/// refused `rate_limited` (with the refusals' details) and how many answered otherwise
+/// (`answered` says which frames count).
+async fn flood(
+    ws: &mut WsConn,
+    frames: &[ClientFrame],
+    mut answered: impl FnMut(&ServerFrame) -> bool,
+) -> (usize, usize, BTreeSet<String>) {
+    for f in frames {
+        ws.send(f).await.expect("flood frame");
+    }
+    let (mut limited, mut ok, mut details) = (0, 0, BTreeSet::new());
+    while limited + ok < frames.len() {
+        let f = next(ws).await;
+        match &f {
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                detail,
+                ..
+            } => {
+                limited += 1;
+                details.insert(detail.clone());
+            }
+            other if answered(other) => ok += 1,
+            _ => {}
+        }
+    }
+    (limited, ok, details)
+}
+
+// Proves: heartbeats beyond CONTROL_FRAMES_PER_SECOND_MAX x 2 written at once are refused
+// `rate_limited` (each answered once, by an ack or the refusal), syncs beyond SYNC_BURST_MAX
+// too, and the connection stays open and sends; and that reconnecting does not refill the
+// send bucket: a second connection right after a flood gets far fewer than a fresh burst of
+// sends acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_frame_kind_is_throttled_and_reconnecting_refills_nothing() {
+    let server = Server::start().await;
+    let http = server.http;
+    signup(http, "alice").await;
+    let bob_user = signup(http, "bob").await;
+    let (alice_http, alice) = login(http, "alice").await;
+    let channel = befriend(&alice_http, bob_user).await;
+    let mut a = connect(&alice_http, &alice.token).await;
+
+    let beats = vec![ClientFrame::Heartbeat; 4 * CONTROL_FRAMES_PER_SECOND_MAX as usize];
+    let (limited, acked, details) =
+        flood(&mut a, &beats, |f| matches!(f, ServerFrame::HeartbeatAck)).await;
+    eprintln!(
+        "{} heartbeats: {acked} acked, {limited} rate_limited",
+        beats.len()
+    );
+    assert!(limited > 0, "a heartbeat flood is throttled");
+    assert!(
+        acked >= 2 * CONTROL_FRAMES_PER_SECOND_MAX as usize,
+        "the burst passes"
+    );
+    assert!(
+        details
+            .iter()
+            .all(|d| d.contains("frames other than sends")),
+        "{details:?}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(3)).await; // the control bucket refills
+    let syncs = vec![
+        ClientFrame::Sync {
+            cursors: Vec::new(),
+            max_message_id: None,
+        };
+        4 * SYNC_BURST_MAX as usize
+    ];
+    let (limited, synced, details) =
+        flood(&mut a, &syncs, |f| matches!(f, ServerFrame::Synced { .. })).await;
+    eprintln!(
+        "{} syncs: {synced} answered, {limited} rate_limited",
+        syncs.len()
+    );
+    assert!(
+        limited > 0 && synced >= SYNC_BURST_MAX as usize,
+        "{synced} / {limited}"
+    );
+    assert!(details.iter().all(|d| d.contains("syncs")), "{details:?}");
+    send_acked(&mut a, 1, channel, "still open").await;
+
+    // A send flood, then a new connection at once: the bucket is the device's, not the
+    // connection's.
+    let sends = |from: u64| -> Vec<ClientFrame> {
+        (from..from + 2 * SENDS_PER_SECOND_MAX as u64)
+            .map(|id| ClientFrame::Send {
+                client_msg_id: id,
+                channel,
+                text: format!("flood {id}"),
+            })
+            .collect()
+    };
+    flood(&mut a, &sends(100), |f| {
+        matches!(f, ServerFrame::Ack { .. })
+    })
+    .await;
+    drop(a);
+    let t = Instant::now();
+    let mut b = connect(&alice_http, &alice.token).await;
+    let (_, acked, _) = flood(&mut b, &sends(1000), |f| {
+        matches!(f, ServerFrame::Ack { .. })
+    })
+    .await;
+    let waited = t.elapsed().as_secs_f64();
+    eprintln!("after reconnecting ({waited:.2} s): {acked} acked");
+    let refilled = (SENDS_PER_SECOND_MAX as f64 * waited).ceil() as usize + 1;
+    assert!(
+        acked <= refilled,
+        "{acked} acked right after a reconnect; the bucket refills {refilled} in {waited:.2} s"
+    );
+    well_behaved_pair_chats(http, "throttle").await;
 }
 
 // ------------------------------------------------------------------ 4. bad tokens

@@ -10,10 +10,17 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::mpsc;
 
+use super::validate::Buckets;
 use crate::auth::TokenKey;
 use crate::canary::Canary;
 use crate::cluster::Peers;
-use crate::limits::{DISCOVERY_LEASE_MS, DISCOVERY_RENEW_MS, SESSION_OUTBOX_MAX};
+
+/// A device's rate buckets, shared by its connections on this server. A std mutex: a few
+/// arithmetic operations, never held across an await.
+pub type SharedBuckets = Arc<Mutex<Buckets>>;
+use crate::limits::{
+    BUCKETS_KEPT_MAX, BUCKETS_KEPT_MS, DISCOVERY_LEASE_MS, DISCOVERY_RENEW_MS, SESSION_OUTBOX_MAX,
+};
 use crate::metrics::Metrics;
 use crate::net::{self, Stream};
 use crate::proto::client::{ErrorCode, PresenceStatus, ServerFrame};
@@ -134,6 +141,11 @@ pub struct ChatState {
     presence_boot: Mutex<BTreeMap<usize, (Option<u64>, bool)>>,
     /// Errors sent to devices, by code (answered to `ChatStats`). A std mutex: short updates.
     errors: Mutex<BTreeMap<ErrorCode, u64>>,
+    /// Each device's rate buckets, shared by all its connections here, and when its last
+    /// connection closed (None while one is open): kept `BUCKETS_KEPT_MS` after that, so
+    /// that reconnecting (or opening a second connection) does not refill them. A std mutex:
+    /// short updates.
+    buckets: Mutex<BTreeMap<Id, (SharedBuckets, Option<u64>)>>,
 }
 
 impl ChatState {
@@ -173,6 +185,46 @@ impl ChatState {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if s.get(&device).is_some_and(|h| h.epoch == epoch) {
             s.remove(&device);
+        }
+    }
+
+    /// The device's buckets: those its open or recently closed connections here use, else
+    /// full ones. The caller must `release_buckets` when its connection ends.
+    pub fn take_buckets(&self, device: Id, now_ms: u64) -> SharedBuckets {
+        let live = self.load() as usize;
+        let mut all = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((b, closed)) = all.get_mut(&device) {
+            if closed.is_none_or(|at| now_ms < at + BUCKETS_KEPT_MS) {
+                *closed = None;
+                return b.clone();
+            }
+        }
+        // Live connections' entries stay; closed ones are bounded by `BUCKETS_KEPT_MAX`.
+        if all.len() >= BUCKETS_KEPT_MAX + live {
+            // Full of closed ones: those past their time go, else the oldest.
+            all.retain(|_, (_, c)| c.is_none_or(|at| now_ms < at + BUCKETS_KEPT_MS));
+            let oldest = all
+                .iter()
+                .filter_map(|(d, (_, c))| c.map(|at| (at, *d)))
+                .min();
+            if let Some((_, d)) = oldest {
+                all.remove(&d);
+            }
+        }
+        let b: SharedBuckets = Arc::new(Mutex::new(Buckets::new(now_ms)));
+        all.insert(device, (b.clone(), None));
+        b
+    }
+
+    /// A connection of the device ended: once none is left, its buckets are kept only
+    /// `BUCKETS_KEPT_MS` more.
+    pub fn release_buckets(&self, device: Id, now_ms: u64) {
+        let mut all = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((b, closed)) = all.get_mut(&device) {
+            // This map's handle and the ending connection's: no other connection holds it.
+            if Arc::strong_count(b) <= 2 {
+                *closed = Some(now_ms);
+            }
         }
     }
 
@@ -336,6 +388,7 @@ impl ChatState {
             last_renewed: Mutex::new(None),
             presence_boot: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(BTreeMap::new()),
+            buckets: Mutex::new(BTreeMap::new()),
         }
     }
 }

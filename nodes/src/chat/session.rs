@@ -19,7 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::fanout::fanout;
 use super::send::{commit, commit_write_behind, SendRequest};
 use super::server::{ChatState, Closer, Outbound, SessionHandle};
-use super::validate::{check_text, parse_frame, RateLimit};
+use super::validate::{check_text, parse_frame};
 use crate::auth::Claims;
 use crate::canary::Canary;
 use crate::clock::unix_ms;
@@ -256,7 +256,9 @@ struct Session {
     closer: Arc<Closer>,
     /// Sees the closer's reason: the reader stops when it is set.
     closed: tokio::sync::watch::Receiver<Option<(ErrorCode, String)>>,
-    rate: RateLimit,
+    /// This device's rate buckets (shared with its other connections here, and kept by the
+    /// server across its reconnections).
+    rate: super::server::SharedBuckets,
     /// Cursors reported by `read` and not yet written (channel -> seq).
     reads: BTreeMap<Id, u64>,
     /// Shared with this session's handle (see `SessionHandle::last_heartbeat_ms`).
@@ -306,7 +308,7 @@ impl Session {
             tx,
             closed: closer.subscribe(),
             closer,
-            rate: RateLimit::new(unix_ms()),
+            rate: state.take_buckets(claims.device, unix_ms()),
             reads: BTreeMap::new(),
             last_heartbeat_ms,
             state,
@@ -322,6 +324,7 @@ impl Session {
                     "a newer connection of this device is open",
                 );
                 s.state.detach(s.device, s.epoch);
+                s.state.release_buckets(s.device, unix_ms());
                 return None;
             }
             Err(e) => {
@@ -329,6 +332,7 @@ impl Session {
                 let detail = format!("session registry unavailable: {}", e.public_detail());
                 s.closer.close(ErrorCode::Unavailable, detail);
                 s.state.detach(s.device, s.epoch);
+                s.state.release_buckets(s.device, unix_ms());
                 return None;
             }
         }
@@ -420,6 +424,25 @@ impl Session {
                 return true;
             }
         };
+        // Every frame but a send or a read takes a control token, a sync a sync token too:
+        // past them the frame is refused and dropped (its work never starts), the connection
+        // stays. Reads only update a bounded map (flushed at heartbeats), and a client reports
+        // one per moved channel at each tick, so they are not counted.
+        if !matches!(frame, ClientFrame::Send { .. } | ClientFrame::Read { .. }) {
+            let now = unix_ms();
+            let limited = {
+                let mut b = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+                let mut limited = b.control.take(now);
+                if limited.is_ok() && matches!(frame, ClientFrame::Sync { .. }) {
+                    limited = b.syncs.take(now);
+                }
+                limited
+            };
+            if let Err((code, detail)) = limited {
+                self.send(ServerFrame::error(code, detail)).await;
+                return true;
+            }
+        }
         match frame {
             ClientFrame::Hello { .. } => {
                 self.send(ServerFrame::error(
@@ -463,7 +486,11 @@ impl Session {
             client_msg_id: Some(client_msg_id),
             channel: Some(channel),
         };
-        if let Err((code, detail)) = check_text(&text).and(self.rate.take(unix_ms())) {
+        let taken = check_text(&text).and_then(|()| {
+            let mut b = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+            b.sends.take(unix_ms())
+        });
+        if let Err((code, detail)) = taken {
             self.send(refuse(code, detail)).await;
             return;
         }
@@ -705,6 +732,7 @@ impl Session {
     async fn close(mut self) {
         self.flush_reads();
         self.state.detach(self.device, self.epoch);
+        self.state.release_buckets(self.device, unix_ms());
         let mut entry = self.entry();
         let kv = self.state.peers().kv_for_user(self.user).clone();
         if self.state.peers().canaries.is_on(Canary::StaleChatServer) {
