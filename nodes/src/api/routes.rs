@@ -191,11 +191,19 @@ fn auth(st: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiError> {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .ok_or_else(|| refuse(ErrorCode::NotAuthenticated, "missing Bearer token"))?;
     st.token_key
         .verify(token, unix_ms())
         .map_err(|code| refuse(code, "token refused"))
+}
+
+/// The token of an `Authorization` value: the scheme `Bearer` in any case (RFC 9110 11.1:
+/// schemes are case-insensitive), then one or more spaces.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 async fn call(kv: &crate::kv::client::ShardClient, req: Request) -> Result<Response, ApiError> {
@@ -657,5 +665,22 @@ async fn store_push_target(
     match call(st.peers.kv_for_user(user), req).await? {
         Response::Ok => Ok(Json(PushTargetResponse { device, kind })),
         other => Err(refuse(ErrorCode::Unavailable, format!("{other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    // Proves the Bearer scheme is matched in any case and takes the rest as the token, and
+    // other schemes or an empty token are not a bearer token.
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer abc.def", "bearer abc.def", "BEARER  abc.def"] {
+            assert_eq!(bearer_token(v), Some("abc.def"), "{v:?}");
+        }
+        for v in ["Basic abc", "Bearer", "Bearer ", "Bearerabc", "abc.def"] {
+            assert_eq!(bearer_token(v), None, "{v:?}");
+        }
     }
 }
