@@ -308,8 +308,9 @@ impl PushTarget {
 /// link-local, unspecified, shared (CGNAT), multicast or broadcast address, in IPv4 or IPv6
 /// (IPv4-mapped included). Push services are on the public internet; an endpoint inside
 /// ours would let any user make the push node send requests to internal services. (A public
-/// name that resolves to a private address is not caught here: that needs a check at connect
-/// time.) Plain http passes here; the Web Push provider refuses it unless configured to allow
+/// name that resolves to a private address is caught at connect time: the Web Push
+/// provider's resolver keeps only public addresses, `push::http::PublicResolver`.) Plain
+/// http passes here; the Web Push provider refuses it unless configured to allow
 /// it (tests against a local push service reach the provider directly).
 fn validate_endpoint(endpoint: &str) -> Result<(), String> {
     use crate::limits::WEBPUSH_ENDPOINT_BYTES_MAX;
@@ -342,6 +343,20 @@ fn validate_endpoint(endpoint: &str) -> Result<(), String> {
 /// Whether `host` (a name, an IPv4 address, or an IPv6 address without brackets) names our
 /// own network rather than the public internet (see `validate_endpoint`).
 fn internal_host(host: &str) -> bool {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => internal_ip(ip),
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost") || !name.contains('.')
+        }
+    }
+}
+
+/// Whether `ip` is one of our own network's addresses rather than the public internet's:
+/// loopback, private, link-local, unspecified, shared (CGNAT), multicast or broadcast, in
+/// IPv4 or IPv6 (IPv4-mapped included). The Web Push provider refuses to connect to a name
+/// that resolves only to such addresses.
+pub fn internal_ip(ip: std::net::IpAddr) -> bool {
     use std::net::{IpAddr, Ipv4Addr};
     let v4_internal = |a: Ipv4Addr| {
         let [o1, o2, ..] = a.octets();
@@ -354,19 +369,15 @@ fn internal_host(host: &str) -> bool {
             || o1 == 0
             || (o1 == 100 && (64..128).contains(&o2))
     };
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) => v4_internal(a),
-        Ok(IpAddr::V6(a)) => {
+    match ip {
+        IpAddr::V4(a) => v4_internal(a),
+        IpAddr::V6(a) => {
             a.is_loopback()
                 || a.is_unspecified()
                 || a.is_multicast()
                 || a.is_unique_local()
                 || a.is_unicast_link_local()
                 || a.to_ipv4_mapped().is_some_and(v4_internal)
-        }
-        Err(_) => {
-            let name = host.trim_end_matches('.').to_ascii_lowercase();
-            name == "localhost" || name.ends_with(".localhost") || !name.contains('.')
         }
     }
 }

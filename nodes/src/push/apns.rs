@@ -60,6 +60,8 @@ impl ApnsProvider {
                     Versions::Http2Only,
                     limits.in_flight_max,
                     limits.timeout,
+                    // The endpoint is the operator's (config): may be a local relay.
+                    false,
                 )?,
                 url_prefix: format!("{}/3/device/", s.endpoint.trim_end_matches('/')),
                 topic: s.topic.clone(),

@@ -98,7 +98,14 @@ impl FcmProvider {
             .unwrap_or_else(|| DEFAULT_TOKEN_URI.into());
         Ok(Self {
             inner: Arc::new(Fcm {
-                http: HttpSender::new("fcm", Versions::Any, limits.in_flight_max, limits.timeout)?,
+                // The endpoints are the operator's (config): may be a local relay.
+                http: HttpSender::new(
+                    "fcm",
+                    Versions::Any,
+                    limits.in_flight_max,
+                    limits.timeout,
+                    false,
+                )?,
                 send_url: format!(
                     "{}/v1/projects/{project_id}/messages:send",
                     s.endpoint.trim_end_matches('/')

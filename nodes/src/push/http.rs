@@ -6,6 +6,10 @@
 //!
 //! Does not retry and does not read statuses beyond [`classify`]: each adapter maps its
 //! platform's answers.
+//!
+//! Names are resolved by [`PublicResolver`]: for a provider whose endpoints users supply (Web
+//! Push) it keeps only public addresses, so a subscription whose public-looking name
+//! resolves to a private address (which registration cannot see) is never connected to.
 
 use std::error::Error as StdError;
 use std::time::Duration;
@@ -34,6 +38,60 @@ pub(crate) enum Versions {
     Any,
 }
 
+/// Resolves names with the system's resolver (on a blocking thread, as hyper's own does);
+/// with `public_only`, drops every internal address (`proto::client::internal_ip`) and
+/// fails a name that has none left. An IP literal never reaches a resolver: Web Push
+/// registration refuses internal ones.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PublicResolver {
+    public_only: bool,
+}
+
+impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for PublicResolver {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = std::io::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        let public_only = self.public_only;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            public_addrs(&host, addrs, public_only).map(Vec::into_iter)
+        })
+    }
+}
+
+/// `addrs` without internal ones when `public_only`; an error if none is left.
+fn public_addrs(
+    host: &str,
+    addrs: Vec<std::net::SocketAddr>,
+    public_only: bool,
+) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    if !public_only {
+        return Ok(addrs);
+    }
+    let kept: Vec<_> = addrs
+        .into_iter()
+        .filter(|a| !crate::proto::client::internal_ip(a.ip()))
+        .collect();
+    if kept.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{host} resolves only to internal addresses: not a public push service"),
+        ));
+    }
+    Ok(kept)
+}
+
 /// A platform's answer: status and (bounded) body.
 pub(crate) struct Answer {
     pub status: StatusCode,
@@ -44,7 +102,7 @@ pub(crate) struct Answer {
 pub(crate) struct HttpSender {
     /// For messages: `apns`, `fcm`, `webpush`.
     name: &'static str,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector<PublicResolver>>, Full<Bytes>>,
     /// Requests in flight. When all permits are out, further callers wait in line (tokio's
     /// semaphore is fair) and their request timeout starts only once they hold a permit; the
     /// push server's own caller times out and retries meanwhile, which the push claims in kv
@@ -55,18 +113,20 @@ pub(crate) struct HttpSender {
 }
 
 impl HttpSender {
+    /// `public_only`: connect only to public addresses (see [`PublicResolver`]).
     pub(crate) fn new(
         name: &'static str,
         versions: Versions,
         in_flight_max: usize,
         timeout: Duration,
+        public_only: bool,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             in_flight_max > 0,
             "{name}: in_flight_max must be at least 1"
         );
         anyhow::ensure!(!timeout.is_zero(), "{name}: timeout_ms must be at least 1");
-        let mut tcp = HttpConnector::new();
+        let mut tcp = HttpConnector::new_with_resolver(PublicResolver { public_only });
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(timeout));
@@ -159,4 +219,40 @@ pub(crate) fn body_excerpt(body: &[u8]) -> String {
         .collect::<String>()
         .trim()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Proves the resolver keeps public addresses, drops internal ones, and fails a name with
+    // only internal addresses; and that `localhost` (really resolved) is refused to a
+    // public-only sender and allowed to another.
+    #[tokio::test]
+    async fn public_only_resolution() {
+        let a = |s: &str| -> std::net::SocketAddr { s.parse().unwrap() };
+        let mixed = vec![a("10.0.0.7:0"), a("93.184.216.34:0"), a("[fd00::1]:0")];
+        assert_eq!(
+            public_addrs("push.example", mixed.clone(), true).unwrap(),
+            vec![a("93.184.216.34:0")]
+        );
+        assert_eq!(public_addrs("push.example", mixed, false).unwrap().len(), 3);
+        let err = public_addrs("evil.example", vec![a("127.0.0.1:0")], true).unwrap_err();
+        assert!(
+            err.to_string().contains("only to internal addresses"),
+            "{err}"
+        );
+
+        use tower::Service;
+        let name: hyper_util::client::legacy::connect::dns::Name = "localhost".parse().unwrap();
+        let refused = PublicResolver { public_only: true }
+            .call(name.clone())
+            .await;
+        assert!(refused.is_err(), "localhost is internal");
+        let allowed = PublicResolver { public_only: false }
+            .call(name)
+            .await
+            .unwrap();
+        assert!(allowed.count() > 0);
+    }
 }

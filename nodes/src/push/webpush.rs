@@ -74,6 +74,8 @@ impl WebPushProvider {
                     Versions::Any,
                     limits.in_flight_max,
                     limits.timeout,
+                    // Users supply the endpoints: only public addresses are connected to.
+                    true,
                 )?,
                 vapid_public_key: b64url(signer.public_key()),
                 signer,
