@@ -113,3 +113,13 @@ pub const FCM_TOKEN_CHARS_MAX: usize = 1024;
 
 /// Longest Web Push subscription endpoint URL accepted. Enforced by `PushTarget::validate`.
 pub const WEBPUSH_ENDPOINT_BYTES_MAX: usize = 2048;
+
+/// Devices one account may have. A login past it (without one of them) is refused
+/// `limit_reached`; `DELETE /v1/devices/{device}` frees a place.
+pub const DEVICES_PER_USER_MAX: usize = 20;
+
+/// Friends one user may have (each friendship is a 1:1 channel); past it `limit_reached`.
+pub const FRIENDS_PER_USER_MAX: usize = 5_000;
+
+/// Channels (1:1 and groups) one user may be in; past it `limit_reached`.
+pub const CHANNELS_PER_USER_MAX: usize = 6_000;

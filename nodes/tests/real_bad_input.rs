@@ -31,8 +31,8 @@ use nodes::client::ws::{Incoming, WsConn};
 use nodes::client::ClientError;
 use nodes::limits::{
     API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS, CONTROL_FRAMES_PER_SECOND_MAX,
-    GROUP_NAME_CHARS_MAX, MESSAGE_CHARS_MAX, SENDS_PER_SECOND_MAX, SESSION_OUTBOX_MAX,
-    SYNC_BURST_MAX, WS_FRAME_BYTES_MAX, WS_WRITE_TIMEOUT_MS,
+    DEVICES_PER_USER_MAX, GROUP_NAME_CHARS_MAX, MESSAGE_CHARS_MAX, SENDS_PER_SECOND_MAX,
+    SESSION_OUTBOX_MAX, SYNC_BURST_MAX, WS_FRAME_BYTES_MAX, WS_WRITE_TIMEOUT_MS,
 };
 use nodes::proto::client::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1205,6 +1205,83 @@ async fn every_frame_kind_is_throttled_and_reconnecting_refills_nothing() {
         "{acked} acked right after a reconnect; the bucket refills {refilled} in {waited:.2} s"
     );
     well_behaved_pair_chats(http, "throttle").await;
+}
+
+// Proves an account holds at most DEVICES_PER_USER_MAX devices: the next login without a
+// device id is refused 409 `limit_reached` with the way out in its detail, a login with one
+// of them still works, and `DELETE /v1/devices/{device}` frees a place (a stranger's device
+// is `unknown_device`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_per_account_are_capped() {
+    let server = Server::start().await;
+    let http = server.http;
+    signup(http, "dave").await;
+    let mut devices = Vec::new();
+    for _ in 0..DEVICES_PER_USER_MAX {
+        devices.push(login(http, "dave").await.1.device);
+    }
+    let body = serde_json::to_vec(&serde_json::json!({ "name": "dave", "password": "dave-pw" }))
+        .expect("json");
+    let r = raw_http(http, "POST", "/v1/login", &[], &body).await;
+    assert_eq!(
+        r.status,
+        409,
+        "device {} of one account",
+        DEVICES_PER_USER_MAX + 1
+    );
+    assert_eq!(r.error().error, ErrorCode::LimitReached);
+    assert!(
+        r.error().detail.contains("DELETE /v1/devices"),
+        "{:?}",
+        r.error()
+    );
+    let (dave, _) = login_device(http, "dave", devices[3]).await;
+    let bearer = format!("Bearer {}", dave.token.clone().expect("a token"));
+    signup(http, "erin").await;
+    let erin_device = login(http, "erin").await.1.device;
+    let r = raw_http(
+        http,
+        "DELETE",
+        &format!("/v1/devices/{erin_device}"),
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 404, "another account's device");
+    assert_eq!(r.error().error, ErrorCode::UnknownDevice);
+    let r = raw_http(
+        http,
+        "DELETE",
+        &format!("/v1/devices/{}", devices[0]),
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "removing one of dave's devices");
+    let fresh = login(http, "dave").await.1.device;
+    assert!(
+        !devices.contains(&fresh),
+        "a new device took the freed place"
+    );
+}
+
+/// Logs in as one of the account's existing devices.
+async fn login_device(http: SocketAddr, name: &str, device: u64) -> (HttpClient, LoginResponse) {
+    let r: LoginResponse = HttpClient::new(http)
+        .post(
+            "/v1/login",
+            &LoginRequest {
+                name: name.into(),
+                password: format!("{name}-pw"),
+                device: Some(device),
+            },
+        )
+        .await
+        .expect("login with a known device");
+    assert_eq!(r.device, device, "the device is kept");
+    let mut authed = HttpClient::new(http);
+    authed.token = Some(r.token.clone());
+    (authed, r)
 }
 
 // ------------------------------------------------------------------ 4. bad tokens

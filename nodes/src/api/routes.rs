@@ -18,8 +18,8 @@ use crate::auth::{Claims, Passwords, TokenKey};
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
 use crate::limits::{
-    API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS, GROUP_MEMBERS_MAX, GROUP_NAME_CHARS_MAX,
-    SYNC_PAGE_MAX, TOKEN_TTL_MS,
+    API_BODY_BYTES_MAX, API_BODY_READ_TIMEOUT_MS, CHANNELS_PER_USER_MAX, FRIENDS_PER_USER_MAX,
+    GROUP_MEMBERS_MAX, GROUP_NAME_CHARS_MAX, SYNC_PAGE_MAX, TOKEN_TTL_MS,
 };
 use crate::metrics::Metrics;
 use crate::proto::client::*;
@@ -84,7 +84,9 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::UnknownChannel | ErrorCode::UnknownUser | ErrorCode::UnknownDevice => {
             StatusCode::NOT_FOUND
         }
-        ErrorCode::NameTaken | ErrorCode::GroupFull => StatusCode::CONFLICT,
+        ErrorCode::NameTaken | ErrorCode::GroupFull | ErrorCode::LimitReached => {
+            StatusCode::CONFLICT
+        }
         ErrorCode::Unavailable | ErrorCode::NoChatServer => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -121,6 +123,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/devices/{device}/push",
             put(set_push_target).delete(clear_push_target),
         )
+        .route("/v1/devices/{device}", delete(remove_device))
         .with_state(state)
         .layer(axum::middleware::map_response(move |resp: HttpResponse| {
             let metrics = metrics.clone();
@@ -426,9 +429,24 @@ async fn add_friend(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<A
         return Err(refuse(ErrorCode::BadRequest, "cannot befriend yourself"));
     }
     let me = get_user(&st, c.user).await?;
-    get_user(&st, req.user).await?;
+    let them = get_user(&st, req.user).await?;
     if let Some(ch) = me.friends.get(&req.user) {
         return Ok(Json(AddFriendResponse { channel: *ch }));
+    }
+    // Checked on both sides before anything is written, so that a cap does not leave a
+    // friendship on one side only (kv enforces the caps too, for a race between two adds).
+    for (who, u) in [("you", &me), ("they", &them)] {
+        if u.friends.len() >= FRIENDS_PER_USER_MAX || u.channels.len() >= CHANNELS_PER_USER_MAX {
+            return Err(refuse(
+                ErrorCode::LimitReached,
+                format!(
+                    "{who} already have {} friends and {} channels: at most \
+                     {FRIENDS_PER_USER_MAX} and {CHANNELS_PER_USER_MAX}",
+                    u.friends.len(),
+                    u.channels.len()
+                ),
+            ));
+        }
     }
     let channel = alloc(&st, "channel").await?;
     let record = ChannelRecord {
@@ -484,11 +502,23 @@ async fn create_group(State(st): S, headers: HeaderMap, body: Body) -> ApiResult
     // Up to 100 members: look them up, and later add the channel to each, a few at a time
     // rather than one after another (a replicated write costs a quorum round trip).
     let st_ref = &st;
-    stream::iter(members[1..].to_vec())
+    let records = stream::iter(members.clone())
         .map(|m| get_user(st_ref, m))
         .buffered(MEMBER_CALLS_IN_FLIGHT)
         .try_collect::<Vec<_>>()
         .await?;
+    if let Some(full) = records
+        .iter()
+        .find(|u| u.channels.len() >= CHANNELS_PER_USER_MAX)
+    {
+        return Err(refuse(
+            ErrorCode::LimitReached,
+            format!(
+                "user {} is in {CHANNELS_PER_USER_MAX} channels already, the most one may be",
+                full.user
+            ),
+        ));
+    }
     let channel = alloc(&st, "channel").await?;
     let record = ChannelRecord {
         channel,
@@ -538,7 +568,16 @@ async fn add_member(
     if !ch.members.contains(&c.user) {
         return Err(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
     }
-    get_user(&st, req.user).await?;
+    let joining = get_user(&st, req.user).await?;
+    if !ch.members.contains(&req.user) && joining.channels.len() >= CHANNELS_PER_USER_MAX {
+        return Err(refuse(
+            ErrorCode::LimitReached,
+            format!(
+                "user {} is in {CHANNELS_PER_USER_MAX} channels already, the most one may be",
+                req.user
+            ),
+        ));
+    }
     let add = Request::AddMember {
         channel,
         user: req.user,
@@ -639,6 +678,36 @@ async fn set_push_target(
 }
 
 /// `DELETE /v1/devices/{device}/push`: the device gets no more push notifications.
+/// Removes one of the caller's devices (freeing a place under `DEVICES_PER_USER_MAX`).
+/// Its token keeps working until it expires (tokens are not revoked yet).
+async fn remove_device(
+    State(st): S,
+    headers: HeaderMap,
+    Path(device): Path<Id>,
+) -> ApiResult<Profile> {
+    let c = auth(&st, &headers)?;
+    let u = get_user(&st, c.user).await?;
+    if !u.devices.contains(&device) {
+        return Err(refuse(
+            ErrorCode::UnknownDevice,
+            format!("device {device} is not one of yours"),
+        ));
+    }
+    let req = Request::RemoveDevice {
+        user: c.user,
+        device,
+    };
+    call(st.peers.kv_for_user(c.user), req).await?;
+    let u = get_user(&st, c.user).await?;
+    Ok(Json(Profile {
+        user: u.user,
+        name: u.name,
+        devices: u.devices,
+        friends: u.friends,
+        channels: u.channels,
+    }))
+}
+
 async fn clear_push_target(
     State(st): S,
     headers: HeaderMap,

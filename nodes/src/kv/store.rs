@@ -33,7 +33,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::limits::{GROUP_MEMBERS_MAX, MESSAGE_CHARS_MAX};
+use crate::limits::{
+    CHANNELS_PER_USER_MAX, DEVICES_PER_USER_MAX, FRIENDS_PER_USER_MAX, GROUP_MEMBERS_MAX,
+    MESSAGE_CHARS_MAX,
+};
 use crate::proto::client::{ChatMessage, ErrorCode, PushTarget};
 use crate::proto::internal::{
     AppendOutcome, AppendRequest, ChannelKind, ChannelRecord, Request, Response, SessionEntry,
@@ -125,6 +128,13 @@ fn dec<T: serde::de::DeserializeOwned>(b: &[u8]) -> R<T> {
 pub fn decode_record<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, redb::Error> {
     serde_json::from_slice(b)
         .map_err(|e| redb::Error::Corrupted(format!("a stored record does not decode: {e}")))
+}
+
+fn channels_full() -> (ErrorCode, String) {
+    (
+        ErrorCode::LimitReached,
+        format!("at most {CHANNELS_PER_USER_MAX} channels (1:1 and groups) per user"),
+    )
 }
 
 fn refuse(code: ErrorCode, detail: impl Into<String>) -> Response {
@@ -566,10 +576,24 @@ impl Store {
                 }
                 Ok(Response::Users(out))
             }
-            Request::AddDevice { user, device } => self.write_user(user, |u| {
+            Request::AddDevice { user, device } => self.write_user_checked(user, |u| {
                 if !u.devices.contains(&device) {
+                    if u.devices.len() >= DEVICES_PER_USER_MAX {
+                        return Err((
+                            ErrorCode::LimitReached,
+                            format!(
+                                "at most {DEVICES_PER_USER_MAX} devices per account: log in with \
+                                 one of yours, or remove one (DELETE /v1/devices/{{device}})"
+                            ),
+                        ));
+                    }
                     u.devices.push(device);
                 }
+                Ok(())
+            }),
+            Request::RemoveDevice { user, device } => self.write_user(user, |u| {
+                u.devices.retain(|d| *d != device);
+                u.push_targets.remove(&device);
             }),
             Request::SetPushTarget {
                 user,
@@ -580,21 +604,36 @@ impl Store {
                 user,
                 friend,
                 channel,
-            } => self.write_user(user, |u| {
+            } => self.write_user_checked(user, |u| {
+                if !u.friends.contains_key(&friend) && u.friends.len() >= FRIENDS_PER_USER_MAX {
+                    return Err((
+                        ErrorCode::LimitReached,
+                        format!("at most {FRIENDS_PER_USER_MAX} friends per user"),
+                    ));
+                }
+                if !u.channels.contains(&channel) && u.channels.len() >= CHANNELS_PER_USER_MAX {
+                    return Err(channels_full());
+                }
                 u.friends.insert(friend, channel);
                 if !u.channels.contains(&channel) {
                     u.channels.push(channel);
                 }
+                Ok(())
             }),
             Request::SetUserChannel {
                 user,
                 channel,
                 member,
-            } => self.write_user(user, |u| {
+            } => self.write_user_checked(user, |u| {
+                let had = u.channels.contains(&channel);
+                if member && !had && u.channels.len() >= CHANNELS_PER_USER_MAX {
+                    return Err(channels_full());
+                }
                 u.channels.retain(|c| *c != channel);
                 if member {
                     u.channels.push(channel);
                 }
+                Ok(())
             }),
             Request::CreateChannel { record } => self.create_channel(record),
             Request::GetChannel { channel } => Ok(Response::Channel(self.read_channel(channel)?)),
@@ -717,13 +756,27 @@ impl Store {
 
     /// Read-modify-write of a user record; `unknown_user` if absent (except `PutUser`).
     fn write_user(&self, user: Id, f: impl FnOnce(&mut UserRecord)) -> R<Response> {
+        self.write_user_checked(user, |u| {
+            f(u);
+            Ok(())
+        })
+    }
+
+    /// [`Self::write_user`] where `f` may refuse (its answer is returned, nothing written).
+    fn write_user_checked(
+        &self,
+        user: Id,
+        f: impl FnOnce(&mut UserRecord) -> Result<(), (ErrorCode, String)>,
+    ) -> R<Response> {
         let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(USERS)?;
             let current: Option<UserRecord> = t.get(user)?.map(|v| dec(v.value())).transpose()?;
             let mut rec = current.unwrap_or_default();
             let existed = rec.user == user;
-            f(&mut rec);
+            if let Err((code, detail)) = f(&mut rec) {
+                return Ok(refuse(code, detail));
+            }
             if !existed && rec.user != user {
                 return Ok(refuse(ErrorCode::UnknownUser, format!("user {user}")));
             }
@@ -1152,6 +1205,60 @@ mod tests {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .expect("in-memory database");
         Store::open(db).expect("tables")
+    }
+
+    // Proves an account holds at most DEVICES_PER_USER_MAX devices: one more is refused
+    // `limit_reached` and not added, a device already there is still accepted, and removing
+    // one (with its push target) frees a place.
+    #[test]
+    fn devices_per_user_are_capped() {
+        let s = store();
+        let record = UserRecord {
+            user: 5,
+            name: "eve".into(),
+            ..UserRecord::default()
+        };
+        assert_eq!(s.apply(Request::PutUser { record }), Response::Ok);
+        for d in 0..DEVICES_PER_USER_MAX as u64 {
+            let add = Request::AddDevice {
+                user: 5,
+                device: 100 + d,
+            };
+            assert_eq!(s.apply(add), Response::Ok);
+        }
+        let more = Request::AddDevice {
+            user: 5,
+            device: 999,
+        };
+        match s.apply(more.clone()) {
+            Response::Error { code, detail } => {
+                assert_eq!(code, ErrorCode::LimitReached);
+                assert!(detail.contains("DELETE /v1/devices"), "{detail}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(
+            s.apply(Request::AddDevice {
+                user: 5,
+                device: 100
+            }),
+            Response::Ok
+        );
+        let devices = |s: &Store| match s.apply(Request::GetUser { user: 5 }) {
+            Response::User(Some(u)) => u.devices,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(devices(&s).len(), DEVICES_PER_USER_MAX);
+        assert_eq!(
+            s.apply(Request::RemoveDevice {
+                user: 5,
+                device: 100
+            }),
+            Response::Ok
+        );
+        assert_eq!(s.apply(more), Response::Ok);
+        let now = devices(&s);
+        assert!(now.contains(&999) && !now.contains(&100), "{now:?}");
     }
 
     fn group(s: &Store, channel: Id, members: Vec<Id>) {

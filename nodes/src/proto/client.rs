@@ -42,6 +42,9 @@ pub enum ErrorCode {
     BodyTooLarge,
     /// An HTTP request body that did not arrive within `API_BODY_READ_TIMEOUT_MS` (HTTP 408).
     BodyTimeout,
+    /// A per-user cap is reached: devices (`DEVICES_PER_USER_MAX`), friends
+    /// (`FRIENDS_PER_USER_MAX`) or channels (`CHANNELS_PER_USER_MAX`) (HTTP 409).
+    LimitReached,
 }
 
 impl ErrorCode {
@@ -69,6 +72,7 @@ impl ErrorCode {
             ErrorCode::UnknownDevice => "unknown_device",
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::BodyTimeout => "body_timeout",
+            ErrorCode::LimitReached => "limit_reached",
         }
     }
 

@@ -108,6 +108,11 @@ pub enum Request {
         user: Id,
         device: Id,
     },
+    /// Removes a device from its user (and its push target).
+    RemoveDevice {
+        user: Id,
+        device: Id,
+    },
     /// Sets (or with `None` clears) the push target of one of `user`'s devices; refused with
     /// `unknown_device` if `device` is not the user's.
     SetPushTarget {
