@@ -143,7 +143,7 @@ fn enqueue(tx: &tokio::sync::mpsc::Sender<Change>, c: Change) {
 }
 
 /// Which chat servers a settling node waits for, and which re-asserted their devices. A std
-/// mutex: short synchronous updates.
+/// mutex: short synchronous updates, always taken after the presence state's lock.
 type Heard = Arc<Mutex<Settling>>;
 
 #[derive(Debug, Default)]
@@ -175,9 +175,10 @@ async fn read_expected(state: Arc<Mutex<Presence>>, peers: Arc<Peers>, heard: He
     while unix_ms() < boot_ms + WARMUP_MS {
         match peers.discovery.list().await {
             Ok(list) => {
+                // The handler's order: the state, then the settling record.
+                let mut p = state.lock().unwrap_or_else(|e| e.into_inner());
                 let mut h = heard.lock().unwrap_or_else(|e| e.into_inner());
                 h.expected = Some(list.iter().map(|s| s.server).collect());
-                let mut p = state.lock().unwrap_or_else(|e| e.into_inner());
                 settle_if_heard(&mut p, &h, boot_ms, unix_ms());
                 return;
             }
