@@ -417,8 +417,9 @@ impl<'c> Injector<'c> {
                 }
             }
         }
-        // What each other node says of its replicas now: one rebuilding for a cause this
-        // injector did not pick (a tear it could not survive, say) holds no data either.
+        // What each other node says of its replicas now: one rebuilding (joining, or a
+        // learner catching up) for a cause this injector did not pick holds no data either.
+        // A candidate holds its data: an election is not a rebuild.
         let mut not_voters: BTreeSet<(u32, u32)> = BTreeSet::new();
         for node in 0..self.placement.nodes {
             if node == kv {
@@ -427,7 +428,7 @@ impl<'c> Injector<'c> {
             if let Some(Response::KvStatus(list)) = self.call_kv(node, Request::KvStatus).await {
                 for s in list
                     .iter()
-                    .filter(|s| !matches!(s.role.as_str(), "leader" | "follower"))
+                    .filter(|s| matches!(s.role.as_str(), "joining" | "learner"))
                 {
                     not_voters.insert((node, s.shard));
                 }
