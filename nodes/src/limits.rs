@@ -78,7 +78,7 @@ pub const COMMIT_ID_RETRIES_MAX: usize = 8;
 /// Per-connection send rate limit: sends per second (a token bucket of this depth).
 pub const SENDS_PER_SECOND_MAX: u32 = 50;
 
-/// Frames other than sends and reads (heartbeats, presence queries, syncs, logout) one device
+/// Frames other than sends, reads and logout (heartbeats, presence queries, syncs) one device
 /// may send per second, bursts of twice as many: a client sends one heartbeat every 5 s and a
 /// presence query or sync now and then. Past it a frame is refused `rate_limited` and
 /// dropped; the connection stays. Reads only update a bounded map and are not counted.

@@ -424,11 +424,15 @@ impl Session {
                 return true;
             }
         };
-        // Every frame but a send or a read takes a control token, a sync a sync token too:
-        // past them the frame is refused and dropped (its work never starts), the connection
-        // stays. Reads only update a bounded map (flushed at heartbeats), and a client reports
-        // one per moved channel at each tick, so they are not counted.
-        if !matches!(frame, ClientFrame::Send { .. } | ClientFrame::Read { .. }) {
+        // Every frame but a send, a read or a logout takes a control token, a sync a sync
+        // token too: past them the frame is refused and dropped (its work never starts), the
+        // connection stays. Reads only update a bounded map (flushed at heartbeats), and a
+        // client reports one per moved channel at each tick; a logout ends the session (a
+        // refused one would leave the user online until the presence timeout).
+        if !matches!(
+            frame,
+            ClientFrame::Send { .. } | ClientFrame::Read { .. } | ClientFrame::Logout
+        ) {
             let now = unix_ms();
             let limited = {
                 let mut b = self.rate.lock().unwrap_or_else(|p| p.into_inner());

@@ -76,7 +76,7 @@ impl RateLimit {
 #[derive(Debug, Clone)]
 pub struct Buckets {
     pub sends: RateLimit,
-    /// Heartbeats, presence queries, syncs and logout (not sends, not reads).
+    /// Heartbeats, presence queries and syncs (not sends, reads or logout).
     pub control: RateLimit,
     /// Syncs, on top of `control`: each reads and sends up to a page per channel.
     pub syncs: RateLimit,
@@ -90,7 +90,7 @@ impl Buckets {
                 now_ms,
                 CONTROL_FRAMES_PER_SECOND_MAX,
                 2 * CONTROL_FRAMES_PER_SECOND_MAX,
-                "frames other than sends and reads",
+                "frames other than sends, reads and logout",
             ),
             syncs: RateLimit::with(now_ms, SYNCS_PER_SECOND_MAX, SYNC_BURST_MAX, "syncs"),
         }
