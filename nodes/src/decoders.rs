@@ -244,13 +244,16 @@ fn rpc_requests() -> Vec<Vec<u8>> {
     ]
     .into_iter()
     .enumerate()
-    .map(|(i, body)| {
-        json(&crate::rpc::Envelope {
-            id: i as u64 + 1,
-            body,
-        })
-    })
+    .map(enveloped)
     .collect()
+}
+
+/// The `i`th body as the RPC layer frames it (ids from 1).
+fn enveloped<T: serde::Serialize>((i, body): (usize, T)) -> Vec<u8> {
+    json(&crate::rpc::Envelope {
+        id: i as u64 + 1,
+        body,
+    })
 }
 
 fn rpc_responses() -> Vec<Vec<u8>> {
@@ -267,12 +270,7 @@ fn rpc_responses() -> Vec<Vec<u8>> {
     ]
     .into_iter()
     .enumerate()
-    .map(|(i, body)| {
-        json(&crate::rpc::Envelope {
-            id: i as u64 + 1,
-            body,
-        })
-    })
+    .map(enveloped)
     .collect()
 }
 

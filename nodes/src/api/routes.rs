@@ -358,16 +358,21 @@ async fn login(
     }))
 }
 
-async fn me(State(st): S, headers: HeaderMap) -> ApiResult<Profile> {
-    let c = auth(&st, &headers)?;
-    let u = get_user(&st, c.user).await?;
-    Ok(Json(Profile {
+/// What `GET /v1/me` shows of a user record.
+fn profile(u: UserRecord) -> Profile {
+    Profile {
         user: u.user,
         name: u.name,
         devices: u.devices,
         friends: u.friends,
         channels: u.channels,
-    }))
+    }
+}
+
+async fn me(State(st): S, headers: HeaderMap) -> ApiResult<Profile> {
+    let c = auth(&st, &headers)?;
+    let u = get_user(&st, c.user).await?;
+    Ok(Json(profile(u)))
 }
 
 /// Finds a user by name (to befriend them or add them to a group). Signed-in users only.
@@ -699,13 +704,7 @@ async fn remove_device(
     };
     call(st.peers.kv_for_user(c.user), req).await?;
     let u = get_user(&st, c.user).await?;
-    Ok(Json(Profile {
-        user: u.user,
-        name: u.name,
-        devices: u.devices,
-        friends: u.friends,
-        channels: u.channels,
-    }))
+    Ok(Json(profile(u)))
 }
 
 async fn clear_push_target(

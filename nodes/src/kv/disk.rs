@@ -186,36 +186,8 @@ impl File {
         } else {
             self.synced_len
         };
-        // Grow to cover every sector to restore, put them back, then cut to the length.
-        self.bytes.resize(self.bytes.len().max(self.synced_len), 0);
-        self.sums.resize(self.bytes.len().div_ceil(SECTOR_BYTES), 0);
-        for (sector, (old, sum)) in dirty {
-            if torn && keep() {
-                continue;
-            }
-            let start = sector * SECTOR_BYTES;
-            let end = (start + SECTOR_BYTES).min(self.bytes.len());
-            if start >= end {
-                continue;
-            }
-            // Its bytes at the last sync; zeros where it was past the synced length.
-            let mut restored = vec![0u8; end - start];
-            let n = old.len().min(restored.len());
-            restored[..n].copy_from_slice(&old[..n]);
-            self.bytes[start..end].copy_from_slice(&restored);
-            self.sums[sector] = if old.is_empty() {
-                crc32fast::hash(&restored)
-            } else {
-                sum
-            };
-            undone += 1;
-        }
-        self.bytes.resize(len, 0);
-        self.sums.resize(len.div_ceil(SECTOR_BYTES), 0);
-        if let Some(last) = len.checked_sub(1).map(|l| l / SECTOR_BYTES) {
-            // The last sector's checksum covers only the bytes that remain.
-            self.sums[last] = sector_sum(&self.bytes, last);
-        }
+        let grown = self.bytes.len().max(self.synced_len);
+        undone += self.restore(dirty, grown, len, |_| !(torn && keep()));
         undone
     }
 
@@ -227,10 +199,28 @@ impl File {
             return 0;
         }
         let len = self.len_at_sync;
-        self.bytes.resize(self.bytes.len().max(len), 0);
-        self.sums.resize(self.bytes.len().div_ceil(SECTOR_BYTES), 0);
-        let undone = after.len() as u64;
-        for (sector, (old, sum)) in after {
+        let grown = self.bytes.len().max(len);
+        self.restore(after, grown, len, |_| true)
+    }
+
+    /// Grows the file to `grown`, puts back each saved sector `undo` picks (its saved bytes,
+    /// zeros where it was shorter), then cuts the file to `len`. A sector saved whole keeps
+    /// its saved checksum (bit rot stays rot); a shorter one, and the last sector, get the
+    /// checksum of what they hold now. Returns how many sectors were put back.
+    fn restore(
+        &mut self,
+        saved: BTreeMap<usize, (Vec<u8>, u32)>,
+        grown: usize,
+        len: usize,
+        mut undo: impl FnMut(usize) -> bool,
+    ) -> u64 {
+        self.bytes.resize(grown, 0);
+        self.sums.resize(grown.div_ceil(SECTOR_BYTES), 0);
+        let mut undone = 0;
+        for (sector, (old, sum)) in saved {
+            if !undo(sector) {
+                continue;
+            }
             let start = sector * SECTOR_BYTES;
             let end = (start + SECTOR_BYTES).min(self.bytes.len());
             if start >= end {
@@ -245,10 +235,12 @@ impl File {
             } else {
                 crc32fast::hash(&restored)
             };
+            undone += 1;
         }
         self.bytes.resize(len, 0);
         self.sums.resize(len.div_ceil(SECTOR_BYTES), 0);
         if let Some(last) = len.checked_sub(1).map(|l| l / SECTOR_BYTES) {
+            // The last sector's checksum covers only the bytes that remain.
             self.sums[last] = sector_sum(&self.bytes, last);
         }
         undone
