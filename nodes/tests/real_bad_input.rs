@@ -351,13 +351,22 @@ async fn signup(http: SocketAddr, name: &str) -> u64 {
 
 /// Logs in as a new device; answers an authenticated api client and the login.
 async fn login(http: SocketAddr, name: &str) -> (HttpClient, LoginResponse) {
+    login_as(http, name, None).await
+}
+
+/// Logs in as `device` (None: a new device); answers an authenticated api client and the login.
+async fn login_as(
+    http: SocketAddr,
+    name: &str,
+    device: Option<u64>,
+) -> (HttpClient, LoginResponse) {
     let r: LoginResponse = HttpClient::new(http)
         .post(
             "/v1/login",
             &LoginRequest {
                 name: name.into(),
                 password: format!("{name}-pw"),
-                device: None,
+                device,
             },
         )
         .await
@@ -1235,7 +1244,8 @@ async fn devices_per_account_are_capped() {
         "{:?}",
         r.error()
     );
-    let (dave, _) = login_device(http, "dave", devices[3]).await;
+    let (dave, again) = login_as(http, "dave", Some(devices[3])).await;
+    assert_eq!(again.device, devices[3], "the device is kept");
     let bearer = format!("Bearer {}", dave.token.clone().expect("a token"));
     signup(http, "erin").await;
     let erin_device = login(http, "erin").await.1.device;
@@ -1263,25 +1273,6 @@ async fn devices_per_account_are_capped() {
         !devices.contains(&fresh),
         "a new device took the freed place"
     );
-}
-
-/// Logs in as one of the account's existing devices.
-async fn login_device(http: SocketAddr, name: &str, device: u64) -> (HttpClient, LoginResponse) {
-    let r: LoginResponse = HttpClient::new(http)
-        .post(
-            "/v1/login",
-            &LoginRequest {
-                name: name.into(),
-                password: format!("{name}-pw"),
-                device: Some(device),
-            },
-        )
-        .await
-        .expect("login with a known device");
-    assert_eq!(r.device, device, "the device is kept");
-    let mut authed = HttpClient::new(http);
-    authed.token = Some(r.token.clone());
-    (authed, r)
 }
 
 // ------------------------------------------------------------------ 4. bad tokens
