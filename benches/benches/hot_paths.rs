@@ -153,7 +153,14 @@ fn fanout(c: &mut Criterion) {
         rpc_listen: local(7),
         ws_advertise: String::new(),
         rpc_advertise: String::new(),
-        peers: nodes::cluster::Peers::new(map, nodes::canary::Canaries::none()),
+        peers: nodes::cluster::Peers::new(
+            map,
+            nodes::canary::Canaries::none(),
+            nodes::tls::TestCa::new(1).node(
+                nodes::tls::Principal::Node(nodes::cluster::Role::Chat, 0),
+                false,
+            ),
+        ),
         token_key: nodes::auth::TokenKey::new(1, b"0123456789abcdef0123456789abcdef".to_vec()),
         metrics: nodes::metrics::Metrics::new(),
     });

@@ -49,10 +49,13 @@ pub enum Canary {
     /// second time in it, and two leaders of one term can commit different entries at one
     /// index.
     VolatileVote,
+    /// Nodes accept internal RPC callers that present no certificate (and answer them): a
+    /// rogue on the network reads and writes as a node.
+    UnauthenticatedRpc,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 14] = [
+    pub const ALL: [Canary; 15] = [
         Canary::AckBeforePersist,
         Canary::CursorByMessageId,
         Canary::NoDedup,
@@ -67,6 +70,7 @@ impl Canary {
         Canary::StaleRead,
         Canary::SkipChecksum,
         Canary::VolatileVote,
+        Canary::UnauthenticatedRpc,
     ];
 
     pub fn name(self) -> &'static str {
@@ -85,6 +89,7 @@ impl Canary {
             Canary::StaleRead => "stale-read",
             Canary::SkipChecksum => "skip-checksum",
             Canary::VolatileVote => "volatile-vote",
+            Canary::UnauthenticatedRpc => "unauthenticated-rpc",
         }
     }
 

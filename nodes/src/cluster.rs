@@ -24,6 +24,48 @@ use crate::proto::client::PresenceStatus;
 use crate::proto::internal::{ChatServerInfo, Request, Response};
 use crate::proto::Id;
 use crate::rpc::{RpcClient, RpcError};
+use crate::tls::NodeTls;
+
+/// The internal roles: what a process runs (`chatd <role> --index i`) and what a node's
+/// certificate names (`tls::Principal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Discovery,
+    Kv,
+    Idgen,
+    Presence,
+    Push,
+    Chat,
+    Api,
+}
+
+impl Role {
+    pub const ALL: [Role; 7] = [
+        Role::Discovery,
+        Role::Kv,
+        Role::Idgen,
+        Role::Presence,
+        Role::Push,
+        Role::Chat,
+        Role::Api,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Discovery => "discovery",
+            Role::Kv => "kv",
+            Role::Idgen => "idgen",
+            Role::Presence => "presence",
+            Role::Push => "push",
+            Role::Chat => "chat",
+            Role::Api => "api",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == name)
+    }
+}
 
 /// Static addresses of the internal roles.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +139,9 @@ pub struct Peers {
     /// Chat servers by index, as last listed by discovery. A std mutex: never held across await.
     chat: Mutex<BTreeMap<u32, RpcClient>>,
     pub canaries: Canaries,
+    /// This node's certificate: every client above dials with it, and its RPC server accepts
+    /// callers with it.
+    pub tls: NodeTls,
 }
 
 impl std::fmt::Debug for Peers {
@@ -106,7 +151,7 @@ impl std::fmt::Debug for Peers {
 }
 
 impl Peers {
-    pub fn new(map: ClusterMap, canaries: Canaries) -> Arc<Self> {
+    pub fn new(map: ClusterMap, canaries: Canaries, tls: NodeTls) -> Arc<Self> {
         assert!(!map.kv.is_empty(), "a cluster needs at least one kv node");
         assert!(
             !map.idgen.is_empty(),
@@ -119,7 +164,11 @@ impl Peers {
         let placement = map
             .placement()
             .expect("a valid kv placement (checked by the config)");
-        let kv_nodes: Vec<RpcClient> = map.kv.iter().copied().map(RpcClient::new).collect();
+        let kv_nodes: Vec<RpcClient> = map
+            .kv
+            .iter()
+            .map(|a| RpcClient::new(*a, tls.clone()))
+            .collect();
         let stale = canaries.is_on(Canary::StaleRead);
         let kv = (0..placement.shards)
             .map(|shard| {
@@ -134,15 +183,28 @@ impl Peers {
         Arc::new(Self {
             kv,
             kv_nodes,
-            idgen: map.idgen.iter().copied().map(RpcClient::new).collect(),
+            idgen: map
+                .idgen
+                .iter()
+                .map(|a| RpcClient::new(*a, tls.clone()))
+                .collect(),
             idgen_health: PeerHealth::new(map.idgen.len()),
-            presence: map.presence.iter().copied().map(RpcClient::new).collect(),
-            push: map.push.iter().copied().map(RpcClient::new).collect(),
+            presence: map
+                .presence
+                .iter()
+                .map(|a| RpcClient::new(*a, tls.clone()))
+                .collect(),
+            push: map
+                .push
+                .iter()
+                .map(|a| RpcClient::new(*a, tls.clone()))
+                .collect(),
             push_health: PeerHealth::new(map.push.len()),
-            discovery: Discovery::new(&map.coordination),
+            discovery: Discovery::new(&map.coordination, tls.clone()),
             chat: Mutex::new(BTreeMap::new()),
             canaries,
             map,
+            tls,
         })
     }
 
@@ -243,7 +305,7 @@ impl Peers {
         };
         let mut chat = self.chat.lock().unwrap_or_else(|p| p.into_inner());
         if chat.get(&info.server).is_none_or(|c| c.addr() != addr) {
-            chat.insert(info.server, RpcClient::new(addr));
+            chat.insert(info.server, RpcClient::new(addr, self.tls.clone()));
         }
     }
 

@@ -14,6 +14,7 @@
 //! | [`presence`] | heartbeats, timeouts, fanout to friends |
 //! | [`push`] | notifications through a `PushProvider` |
 //! | [`client`] | what a device runs |
+//! | [`tls`] | mutual TLS between nodes: the cluster CA, node certificates, who may ask what |
 //! | [`decoders`] | every decoder of outside or stored bytes, for the fuzz command and tests |
 //! | `deploy` | the real deployment: config file, roles from it, the local-cluster supervisor |
 
@@ -39,3 +40,4 @@ pub mod presence;
 pub mod proto;
 pub mod push;
 pub mod rpc;
+pub mod tls;

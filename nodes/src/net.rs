@@ -144,6 +144,28 @@ impl AsyncWrite for Stream {
         Poll::Ready(Ok(n))
     }
 
+    /// All of `bufs` in one write: TLS writes its records vectored. In the simulation the
+    /// default would send one record per message.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        #[cfg(madsim)]
+        {
+            let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.as_mut().poll_write(cx, &joined)
+        }
+        #[cfg(not(madsim))]
+        {
+            Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         #[cfg(madsim)]
         {

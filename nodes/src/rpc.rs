@@ -1,5 +1,7 @@
-//! Internal RPC: JSON requests and responses in length-delimited frames over TCP, many calls
-//! in flight per connection, matched by a call id.
+//! Internal RPC: JSON requests and responses in length-delimited frames over mutual TLS
+//! (`tls`), many calls in flight per connection, matched by a call id. A node answers only
+//! callers holding a certificate of the cluster's CA, and each request only if `tls::authorize`
+//! allows it to that caller.
 //!
 //! A simulated partition neither errors nor times out a TCP stream (MADSIM_NOTES.md), so every
 //! call has a deadline; a call that misses it drops the connection, and the next call dials
@@ -19,14 +21,18 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::limits::{RPC_FRAME_BYTES_MAX, RPC_IN_FLIGHT_MAX};
-use crate::net::{self, Stream};
+use crate::net;
 use crate::proto::client::ErrorCode;
 use crate::proto::internal::{Request, Response};
+use crate::tls::{self, NodeTls, Principal, SecureStream};
 
 /// Default deadline of one call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Deadline of a connect.
+/// Deadline of a connect, TLS handshake included.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a node waits for a caller's TLS handshake before closing the connection (a
+/// caller that connects and says nothing holds a descriptor only this long).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
@@ -53,14 +59,23 @@ impl RpcError {
     /// refusal, else a generic one. Internal addresses stay in the logs.
     pub fn public_detail(&self) -> String {
         match self {
+            RpcError::Remote {
+                code: ErrorCode::Forbidden,
+                ..
+            } => "an internal service refused the call; retry".to_string(),
             RpcError::Remote { detail, .. } => detail.clone(),
             _ => "an internal service did not answer; retry".to_string(),
         }
     }
 
-    /// The code to show a client for this failure.
+    /// The code to show a client for this failure. A node refused as a caller is a
+    /// misconfigured cluster, not the client's doing: shown as unavailable.
     pub fn code(&self) -> ErrorCode {
         match self {
+            RpcError::Remote {
+                code: ErrorCode::Forbidden,
+                ..
+            } => ErrorCode::Unavailable,
             RpcError::Remote { code, .. } => *code,
             _ => ErrorCode::Unavailable,
         }
@@ -89,10 +104,28 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// One call on a stream the caller set up, without authentication of its own (a plain TCP
+/// stream, an anonymous TLS one): what an outsider speaking the RPC protocol gets. `Some`
+/// answer if the node answered within `timeout`; `None` if it closed the connection or said
+/// nothing.
+pub async fn call_on_stream<S>(stream: S, req: Request, timeout: Duration) -> Option<Response>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut framed = Framed::new(stream, codec());
+    let bytes = serde_json::to_vec(&Envelope { id: 1, body: req }).expect("requests serialize");
+    let exchange = async {
+        framed.send(Bytes::from(bytes)).await.ok()?;
+        let frame = framed.next().await?.ok()?;
+        decode_response(&frame).ok().map(|e| e.body)
+    };
+    tokio::time::timeout(timeout, exchange).await.ok().flatten()
+}
+
 /// Frames coalesced into one flush at most (bounds the write buffer to about this many frames).
 const FRAMES_PER_FLUSH_MAX: usize = 256;
 
-type FrameSink = futures::stream::SplitSink<Framed<Stream, LengthDelimitedCodec>, Bytes>;
+type FrameSink = futures::stream::SplitSink<Framed<SecureStream, LengthDelimitedCodec>, Bytes>;
 
 /// Writes queued frames, coalescing what is queued into one flush, as TCP's send buffer does:
 /// flushes are at least [`net::MIN_FLUSH_INTERVAL`] apart, and each carries every frame queued
@@ -127,17 +160,22 @@ async fn write_frames(mut sink: FrameSink, mut rx: mpsc::Receiver<Bytes>) {
 /// Handles one request; called concurrently.
 pub type Handler = Arc<dyn Fn(Request) -> BoxFuture<'static, Response> + Send + Sync>;
 
-/// Accepts connections on `addr` forever, answering each request with `handler`.
-pub async fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<()> {
-    serve_on(net::bind(addr).await?, handler).await
+/// Accepts connections on `addr` forever, answering each request with `handler`; callers
+/// authenticate with `tls`.
+pub async fn serve(addr: SocketAddr, handler: Handler, tls: NodeTls) -> std::io::Result<()> {
+    serve_on(net::bind(addr).await?, handler, tls).await
 }
 
 /// Like [`serve`], on a listener bound by the caller (who may need it bound before telling
 /// others where to call).
-pub async fn serve_on(listener: tokio::net::TcpListener, handler: Handler) -> std::io::Result<()> {
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    handler: Handler,
+    tls: NodeTls,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     loop {
-        let (tcp, _peer) = match listener.accept().await {
+        let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(%addr, error = %e, "rpc accept failed");
@@ -145,11 +183,23 @@ pub async fn serve_on(listener: tokio::net::TcpListener, handler: Handler) -> st
                 continue;
             }
         };
-        tokio::spawn(serve_connection(Stream::new(tcp), handler.clone()));
+        let (handler, tls) = (handler.clone(), tls.clone());
+        tokio::spawn(async move {
+            let stream = net::Stream::new(tcp);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok((stream, who))) => serve_connection(stream, who, handler).await,
+                Ok(Err(e)) => {
+                    tracing::warn!(%addr, %peer, error = %e, "rpc caller refused at the handshake")
+                }
+                Err(_) => tracing::warn!(%addr, %peer, "rpc caller's handshake timed out"),
+            }
+        });
     }
 }
 
-async fn serve_connection(stream: Stream, handler: Handler) {
+/// Serves one authenticated connection. `who`: the caller, `None` only under the
+/// `unauthenticated-rpc` canary (every request is then allowed).
+async fn serve_connection(stream: SecureStream, who: Option<Principal>, handler: Handler) {
     let (sink, mut frames) = Framed::new(stream, codec()).split();
     // Bounded: when the writer falls behind, request handling waits (backpressure on reads).
     let (tx, rx) = mpsc::channel::<Bytes>(RPC_IN_FLIGHT_MAX);
@@ -166,6 +216,23 @@ async fn serve_connection(stream: Stream, handler: Handler) {
                 break;
             }
         };
+        if let Some(who) = &who {
+            if let Err(why) = tls::authorize(who, &envelope.body) {
+                tracing::warn!(caller = %who, %why, "rpc request refused");
+                let out = Envelope {
+                    id: envelope.id,
+                    body: Response::Error {
+                        code: ErrorCode::Forbidden,
+                        detail: why,
+                    },
+                };
+                let bytes = serde_json::to_vec(&out).expect("responses always serialize");
+                if tx.send(Bytes::from(bytes)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        }
         let Ok(permit) = handling.clone().acquire_owned().await else {
             break;
         };
@@ -220,6 +287,8 @@ impl Conn {
 #[derive(Clone)]
 pub struct RpcClient {
     addr: SocketAddr,
+    /// This node's certificate: how the remote node knows who calls.
+    tls: NodeTls,
     /// A tokio mutex: held across the connect so concurrent callers dial once.
     slot: Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>,
 }
@@ -231,9 +300,10 @@ impl std::fmt::Debug for RpcClient {
 }
 
 impl RpcClient {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: SocketAddr, tls: NodeTls) -> Self {
         Self {
             addr,
+            tls,
             slot: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
@@ -299,7 +369,11 @@ impl RpcClient {
                 return Ok(c.clone());
             }
         }
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, net::connect(self.addr)).await {
+        let dial = async {
+            let tcp = net::connect(self.addr).await?;
+            self.tls.connect(tcp).await
+        };
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => {
                 return Err(RpcError::Connect {
@@ -313,9 +387,14 @@ impl RpcClient {
         *slot = Some(conn.clone());
         Ok(conn)
     }
+
+    /// The certificate this client dials with.
+    pub fn tls(&self) -> &NodeTls {
+        &self.tls
+    }
 }
 
-fn start(stream: Stream) -> Arc<Conn> {
+fn start(stream: SecureStream) -> Arc<Conn> {
     let (sink, mut frames) = Framed::new(stream, codec()).split();
     let (out, rx) = mpsc::channel::<Bytes>(RPC_IN_FLIGHT_MAX);
     let conn = Arc::new(Conn {

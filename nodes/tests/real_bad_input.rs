@@ -1662,3 +1662,65 @@ async fn bad_tokens_and_bad_requests_are_refused() {
     );
     well_behaved_pair_chats(http, "tokens").await;
 }
+
+// ------------------------------------------------------------------ node ports
+
+/// The review's critical finding: anyone who reached a kv port could replace a password hash
+/// with `put_user` and take the account over. The node ports now speak mutual TLS only: an
+/// outsider with the old JSON frames, or with TLS but no certificate of the cluster's CA, is
+/// not answered and changes nothing; the operator's certificate (created by chatd in
+/// `<data>/tls`) is answered.
+#[tokio::test]
+async fn an_outsider_on_a_node_port_takes_nothing_over() {
+    use nodes::proto::internal::{Request, Response, UserRecord};
+    use nodes::rpc::{call_on_stream, RpcClient};
+    use nodes::tls::{connect_anonymous, NodeCert, NodeTls, Principal};
+    let server = Server::start().await;
+    // `chatd all-in-one`'s layout: kv node 0 at base + 9 (the api at base + 20).
+    let kv = SocketAddr::from(([127, 0, 0, 1], server.http.port() - 20 + 9));
+    let user = signup(server.http, "victim").await;
+    let takeover = |shard| Request::Shard {
+        shard,
+        req: Box::new(Request::PutUser {
+            record: UserRecord {
+                user,
+                name: "victim".into(),
+                password_hash: "attacker-chosen".into(),
+                devices: Vec::new(),
+                friends: BTreeMap::new(),
+                channels: Vec::new(),
+                push_targets: BTreeMap::new(),
+            },
+        }),
+    };
+    let wait = Duration::from_secs(3);
+    let tcp = nodes::net::connect(kv).await.expect("the kv port is open");
+    assert_eq!(call_on_stream(tcp, takeover(0), wait).await, None, "plain");
+    let tls_dir = server.data().join("tls");
+    let read =
+        |f: &str| std::fs::read_to_string(tls_dir.join(f)).expect("chatd wrote its certificates");
+    let ca = NodeCert::from_pem(
+        &read("ca.crt"),
+        &read("operator.crt"),
+        &read("operator.key"),
+    )
+    .expect("the operator's certificate");
+    let tcp = nodes::net::connect(kv).await.expect("the kv port is open");
+    if let Ok(tls) = connect_anonymous(&ca.ca, tcp).await {
+        assert_eq!(
+            call_on_stream(tls, takeover(0), wait).await,
+            None,
+            "anonymous"
+        );
+    }
+    // The account is still the victim's.
+    let (_, r) = login(server.http, "victim").await;
+    assert_eq!(r.user, user);
+    // The operator's certificate is answered.
+    let operator = NodeTls::new(ca, false).expect("a TLS config");
+    assert_eq!(operator.principal(), Principal::Operator);
+    match RpcClient::new(kv, operator).call(Request::KvStatus).await {
+        Ok(Response::KvStatus(list)) => assert!(!list.is_empty()),
+        other => panic!("the operator was not answered: {other:?}"),
+    }
+}

@@ -98,12 +98,18 @@ impl Cluster {
         std::fs::remove_dir_all(&dir).expect("delete the kv directory");
     }
 
+    /// The operator's certificate (created with the cluster's at first start).
+    fn operator(&self) -> nodes::tls::NodeTls {
+        nodes::deploy::certs::node_tls(&self.cfg, nodes::tls::Principal::Operator)
+            .expect("the operator's certificate")
+    }
+
     fn peers(&self) -> std::sync::Arc<Peers> {
-        Peers::new(self.cfg.cluster_map(), Canaries::none())
+        Peers::new(self.cfg.cluster_map(), Canaries::none(), self.operator())
     }
 
     async fn status(&self, i: usize) -> Option<Vec<ShardStatus>> {
-        let client = RpcClient::new(self.cfg.kv[i].listen);
+        let client = RpcClient::new(self.cfg.kv[i].listen, self.operator());
         match tokio::time::timeout(Duration::from_secs(2), client.call(Request::KvStatus)).await {
             Ok(Ok(Response::KvStatus(list))) => Some(list),
             _ => None,

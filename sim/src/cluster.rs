@@ -18,6 +18,10 @@
 //!
 //! A node's init closure captures only configuration and, for kv, its `SimDisk`: a restart
 //! re-runs the closure, so in-memory state is lost and the disk is kept.
+//!
+//! Internal RPC is mutual TLS as in a real deployment: a cluster CA made from the seed signs a
+//! certificate for every node and one for the harness (the operator: prober, scraper, fault
+//! injector), so the same seed makes the same certificates.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -26,12 +30,14 @@ use std::sync::Arc;
 use madsim::runtime::{Handle, NodeHandle};
 use madsim::task::NodeId;
 use nodes::auth::TokenKey;
-use nodes::canary::Canaries;
+use nodes::canary::{Canaries, Canary};
 use nodes::clock::SkewedClock;
 use nodes::cluster::{ClusterMap, Peers};
 use nodes::coord::Coordination;
 use nodes::kv::disk::SimDisk;
 use nodes::push::PushProvider;
+use nodes::tls::CertificateDer;
+use nodes::tls::{NodeTls, Principal, TestCa};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use scenarios::Role;
@@ -90,6 +96,21 @@ pub struct Cluster {
     /// Each idgen node's wall clock: the machine's, so it outlives a process restart and can
     /// be stepped by a fault.
     pub clocks: BTreeMap<u32, Arc<SkewedClock>>,
+    /// The harness's certificate (the operator's): what the prober, the scraper and the fault
+    /// injector dial with.
+    pub operator: NodeTls,
+    /// The cluster CA's certificate: public, so the rogue knows it too.
+    pub ca_cert: CertificateDer<'static>,
+}
+
+/// The certificate of node `index` of `role`.
+fn node_tls(ca: &mut TestCa, role: Role, index: u32, canaries: &Canaries) -> NodeTls {
+    let role = nodes::cluster::Role::from_name(role.name())
+        .expect("every simulated node role is a node role");
+    ca.node(
+        Principal::Node(role, index),
+        canaries.is_on(Canary::UnauthenticatedRpc),
+    )
 }
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
@@ -122,6 +143,7 @@ impl Cluster {
                 .map(|i| sa(ip(Role::Push, i), RPC_PORT))
                 .collect(),
         };
+        let mut ca = TestCa::new(seed ^ 0x0054_4c53_4341);
         let mut c = Cluster {
             nodes: BTreeMap::new(),
             api_addrs: (0..sizes.api)
@@ -130,6 +152,8 @@ impl Cluster {
             map,
             disks: BTreeMap::new(),
             clocks: BTreeMap::new(),
+            operator: ca.node(Principal::Operator, false),
+            ca_cert: ca.ca().cert_der(),
         };
         let mut rng = StdRng::seed_from_u64(seed ^ 0x0043_4c55_5354_4552);
         // Chat servers register and idgen workers lease their ids here. Never crashed: its
@@ -154,6 +178,7 @@ impl Cluster {
             // The cluster is created at the first start: then, and only then, blank replicas
             // bootstrap their shards. Restarted empty (a lost disk), they join instead.
             let first_start = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let tls = node_tls(&mut ca, Role::Kv, i, &canaries);
             c.add(&handle, Role::Kv, i, move || {
                 let bootstrap = first_start.swap(false, std::sync::atomic::Ordering::Relaxed);
                 nodes::kv::server::run(nodes::kv::server::KvConfig {
@@ -166,13 +191,14 @@ impl Cluster {
                     seed: seed ^ 0x6b76_0000 ^ u64::from(i),
                     canaries: canaries.clone(),
                     metrics: nodes::metrics::Metrics::new(),
+                    tls: tls.clone(),
                 })
             });
         }
         let peers_for = {
             let map = c.map.clone();
             let canaries = canaries.clone();
-            move || Peers::new(map.clone(), canaries.clone())
+            move |tls: &NodeTls| Peers::new(map.clone(), canaries.clone(), tls.clone())
         };
         for i in 0..sizes.idgen {
             // Clock skew between idgen workers: the first is exact, others up to 200 ms off.
@@ -181,35 +207,38 @@ impl Cluster {
             c.clocks.insert(i, clock.clone());
             let listen = c.map.idgen[i as usize];
             let pf = peers_for.clone();
+            let tls = node_tls(&mut ca, Role::Idgen, i, canaries);
             c.add(&handle, Role::Idgen, i, move || {
                 nodes::idgen::server::run(nodes::idgen::server::IdgenConfig {
                     listen,
                     worker: i as u16 + 1,
                     clock: clock.clone(),
-                    peers: pf(),
+                    peers: pf(&tls),
                     metrics: nodes::metrics::Metrics::new(),
                 })
             });
         }
         for i in 0..sizes.presence {
             let pf = peers_for.clone();
+            let tls = node_tls(&mut ca, Role::Presence, i, canaries);
             let listen = c.map.presence[i as usize];
             c.add(&handle, Role::Presence, i, move || {
                 nodes::presence::server::run(nodes::presence::server::PresenceConfig {
                     listen,
-                    peers: pf(),
+                    peers: pf(&tls),
                     metrics: nodes::metrics::Metrics::new(),
                 })
             });
         }
         for i in 0..sizes.push {
             let pf = peers_for.clone();
+            let tls = node_tls(&mut ca, Role::Push, i, canaries);
             let listen = c.map.push[i as usize];
             let push = push.clone();
             c.add(&handle, Role::Push, i, move || {
                 nodes::push::server::run(nodes::push::server::PushConfig {
                     listen,
-                    peers: pf(),
+                    peers: pf(&tls),
                     provider: push.clone(),
                     metrics: nodes::metrics::Metrics::new(),
                 })
@@ -217,6 +246,7 @@ impl Cluster {
         }
         for i in 0..sizes.chat {
             let pf = peers_for.clone();
+            let tls = node_tls(&mut ca, Role::Chat, i, canaries);
             let chat_ip = ip(Role::Chat, i);
             c.add(&handle, Role::Chat, i, move || {
                 nodes::chat::run(nodes::chat::ChatConfig {
@@ -225,7 +255,7 @@ impl Cluster {
                     rpc_listen: sa(chat_ip, RPC_PORT),
                     ws_advertise: sa(chat_ip, WS_PORT).to_string(),
                     rpc_advertise: sa(chat_ip, RPC_PORT).to_string(),
-                    peers: pf(),
+                    peers: pf(&tls),
                     token_key: token_key(),
                     metrics: nodes::metrics::Metrics::new(),
                 })
@@ -233,11 +263,12 @@ impl Cluster {
         }
         for i in 0..sizes.api {
             let pf = peers_for.clone();
+            let tls = node_tls(&mut ca, Role::Api, i, canaries);
             let listen = c.api_addrs[i as usize];
             c.add(&handle, Role::Api, i, move || {
                 nodes::api::run(nodes::api::ApiConfig {
                     listen,
-                    peers: pf(),
+                    peers: pf(&tls),
                     token_key: token_key(),
                     // Hundreds of logins per run: the same argon2id code at its minimum cost.
                     password_cost: nodes::auth::PasswordCost::Minimal,

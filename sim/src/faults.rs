@@ -515,9 +515,10 @@ impl<'c> Injector<'c> {
     /// Calls a kv node from the control node.
     async fn call_kv(&self, slot: u32, req: Request) -> Option<Response> {
         let addr = self.cluster.map.kv[slot as usize];
+        let operator = self.cluster.operator.clone();
         self.control
             .spawn(async move {
-                nodes::rpc::RpcClient::new(addr)
+                nodes::rpc::RpcClient::new(addr, operator)
                     .call_timeout(req, Duration::from_secs(1))
                     .await
                     .ok()

@@ -177,6 +177,20 @@ pub enum Event {
         /// The nodes that answered.
         nodes: Vec<KvNodeStatus>,
     },
+    /// The rogue (a host on the cluster's network without a certificate of its CA) tried an
+    /// internal request on a node. Judged by `security`: `answered` must stay empty.
+    Intrusion {
+        /// The node attacked (`kv-0`, `chat-1`, ...).
+        target: String,
+        /// How: `plain` (JSON frames on TCP, the old protocol), `anonymous` (TLS without a
+        /// certificate) or `foreign_ca` (a certificate of another CA naming a cluster node).
+        how: String,
+        /// The request tried (its variant name).
+        request: String,
+        /// What the node answered, if it did (`None`: refused or silent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        answered: Option<String>,
+    },
 }
 
 /// One kv node's answer to `KvStatus`.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use nodes::cluster::ClusterMap;
 use nodes::proto::internal::{Request, Response};
 use nodes::rpc::RpcClient;
+use nodes::tls::NodeTls;
 
 use crate::checkers::kv_health;
 use crate::history::{Event, KvNodeStatus};
@@ -20,10 +21,11 @@ const RETRY_EVERY: Duration = Duration::from_millis(500);
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Every kv node's replicas, from the nodes that answered, in node order.
-pub async fn view(map: &ClusterMap) -> Vec<KvNodeStatus> {
+/// `operator`: the certificate the harness dials with.
+pub async fn view(map: &ClusterMap, operator: &NodeTls) -> Vec<KvNodeStatus> {
     let mut out = Vec::new();
     for (slot, addr) in map.kv.iter().enumerate() {
-        let client = RpcClient::new(*addr);
+        let client = RpcClient::new(*addr, operator.clone());
         if let Ok(Response::KvStatus(shards)) =
             client.call_timeout(Request::KvStatus, ASK_TIMEOUT).await
         {
@@ -38,14 +40,14 @@ pub async fn view(map: &ClusterMap) -> Vec<KvNodeStatus> {
 
 /// The `kv_status` event: the first healthy view within [`SETTLE_WITHIN`], else the last
 /// one taken. `quorum_lost`: shards the faults left without a quorum of disks.
-pub async fn settled(map: &ClusterMap, quorum_lost: Vec<u32>) -> Event {
+pub async fn settled(map: &ClusterMap, operator: &NodeTls, quorum_lost: Vec<u32>) -> Event {
     let placement = match map.placement() {
         Ok(p) => (0..p.shards).map(|s| p.replicas_of(s)).collect(),
         Err(_) => Vec::new(),
     };
     let deadline = tokio::time::Instant::now() + SETTLE_WITHIN;
     loop {
-        let nodes = view(map).await;
+        let nodes = view(map, operator).await;
         let healthy = kv_health::problems(&placement, &quorum_lost, &nodes).is_empty();
         if healthy || tokio::time::Instant::now() >= deadline {
             return Event::KvStatus {

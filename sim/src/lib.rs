@@ -41,6 +41,8 @@ pub mod recorder;
 #[cfg(madsim)]
 pub mod report;
 #[cfg(madsim)]
+pub mod rogue;
+#[cfg(madsim)]
 pub mod run;
 #[cfg(madsim)]
 pub mod setup;

@@ -31,6 +31,7 @@ pub const AFTER: Duration = Duration::from_secs(20);
 /// and appends its probes to the returned list as they finish.
 pub fn start(
     map: ClusterMap,
+    operator: nodes::tls::NodeTls,
     windows: Vec<(Duration, Duration)>,
     run_start: Instant,
 ) -> Arc<Mutex<Vec<Probe>>> {
@@ -43,7 +44,7 @@ pub fn start(
         .name("prober")
         .ip(IpAddr::V4(PROBER_IP))
         .build();
-    let peers = Peers::new(map, Canaries::none());
+    let peers = Peers::new(map, Canaries::none(), operator);
     let shards = peers.kv_shards() as u32;
     for (shard, read) in (0..shards).flat_map(|s| [(s, false), (s, true)]) {
         let (peers, windows, out) = (peers.clone(), windows.clone(), out.clone());

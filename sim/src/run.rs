@@ -148,11 +148,13 @@ async fn drive(
     let snap = {
         let (counters, scraper) = (counters.clone(), scraper.clone());
         let (kv, chat) = (opts.kv, opts.chat);
+        let operator = cluster.operator.clone();
         move || {
             let (counters, scraper, disks) = (counters.clone(), scraper.clone(), disks.clone());
+            let operator = operator.clone();
             async move {
                 let t_s = Instant::now().duration_since(traffic_start).as_secs_f64();
-                let s = scrape(&scraper, chat, kv).await;
+                let s = scrape(&scraper, &operator, chat, kv).await;
                 let c = counters.totals();
                 Snapshot {
                     t_s,
@@ -191,10 +193,18 @@ async fn drive(
             .collect();
         crate::prober::start(
             cluster.map.clone(),
+            cluster.operator.clone(),
             crate::prober::windows(&kv_faults),
             start,
         )
     };
+    crate::rogue::start(
+        &cluster,
+        recorder.clone(),
+        opts.seed,
+        traffic_start + Duration::from_secs(5),
+        traffic_start + liveness_at,
+    );
     let mut injector = crate::faults::Injector::new(
         &cluster,
         device_nodes,
@@ -219,8 +229,9 @@ async fn drive(
     // The operator's view of the kv groups: healed, or how not (judged by `kv_health`).
     let kv_status = {
         let (map, lost) = (cluster.map.clone(), injector.quorum_lost());
+        let operator = cluster.operator.clone();
         scraper
-            .spawn(async move { crate::kv_view::settled(&map, lost).await })
+            .spawn(async move { crate::kv_view::settled(&map, &operator, lost).await })
             .await
             .expect("the kv view does not panic")
     };
@@ -231,7 +242,9 @@ async fn drive(
     if let Some(p) = &progress {
         p.finish();
     }
-    let server_errors = scrape(&scraper, opts.chat, 0).await.chat_errors;
+    let server_errors = scrape(&scraper, &cluster.operator, opts.chat, 0)
+        .await
+        .chat_errors;
     let sim_secs = Instant::now().duration_since(start).as_secs_f64();
     let net_messages = madsim::net::NetSim::current().stat().msg_count;
     let history = recorder.take();
@@ -299,12 +312,18 @@ struct Scrape {
 /// Asks the first `chat` chat servers and `kv` kv nodes for their counters, over the
 /// simulated network from the scraper node (as a metrics scraper would). A node that does not
 /// answer is left out.
-async fn scrape(node: &madsim::runtime::NodeHandle, chat: u32, kv: u32) -> Scrape {
+async fn scrape(
+    node: &madsim::runtime::NodeHandle,
+    operator: &nodes::tls::NodeTls,
+    chat: u32,
+    kv: u32,
+) -> Scrape {
+    let operator = operator.clone();
     node.spawn(async move {
         let mut out = Scrape::default();
         for i in 0..chat {
             let addr = SocketAddr::new(IpAddr::V4(cluster::ip(Role::Chat, i)), cluster::RPC_PORT);
-            let client = nodes::rpc::RpcClient::new(addr);
+            let client = nodes::rpc::RpcClient::new(addr, operator.clone());
             if let Ok(nodes::proto::internal::Response::ErrorCounts(counts)) = client
                 .call(nodes::proto::internal::Request::ChatStats)
                 .await
@@ -318,7 +337,7 @@ async fn scrape(node: &madsim::runtime::NodeHandle, chat: u32, kv: u32) -> Scrap
         }
         for i in 0..kv {
             let addr = SocketAddr::new(IpAddr::V4(cluster::ip(Role::Kv, i)), cluster::RPC_PORT);
-            let client = nodes::rpc::RpcClient::new(addr);
+            let client = nodes::rpc::RpcClient::new(addr, operator.clone());
             if let Ok(nodes::proto::internal::Response::KvStats {
                 requests,
                 writes,

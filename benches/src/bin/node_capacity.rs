@@ -154,7 +154,17 @@ fn presence() -> f64 {
             presence: vec![listen],
             push: vec![nowhere],
         };
-        let peers = Peers::new(map, Canaries::none());
+        // Mutual TLS as in a deployment: the presence node's and the chat servers' certificates.
+        let mut ca = nodes::tls::TestCa::new(1);
+        let chat = ca.node(
+            nodes::tls::Principal::Node(nodes::cluster::Role::Chat, 0),
+            false,
+        );
+        let node = ca.node(
+            nodes::tls::Principal::Node(nodes::cluster::Role::Presence, 0),
+            false,
+        );
+        let peers = Peers::new(map, Canaries::none(), node);
         tokio::spawn(nodes::presence::server::run(
             nodes::presence::server::PresenceConfig {
                 listen,
@@ -162,7 +172,9 @@ fn presence() -> f64 {
                 metrics: nodes::metrics::Metrics::new(),
             },
         ));
-        let clients: Vec<RpcClient> = (0..CLIENTS).map(|_| RpcClient::new(listen)).collect();
+        let clients: Vec<RpcClient> = (0..CLIENTS)
+            .map(|_| RpcClient::new(listen, chat.clone()))
+            .collect();
         while tokio::net::TcpStream::connect(listen).await.is_err() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

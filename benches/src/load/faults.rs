@@ -12,6 +12,7 @@
 //! Each fault is a `fault`/`heal` pair in the driver's history, kinds `crash` and
 //! `disk_loss` as in the simulation, so the same checkers and availability figures apply.
 
+use nodes::tls::{NodeTls, Principal};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,15 +72,19 @@ impl Fault {
 pub struct Cluster {
     dir: PathBuf,
     cfg: Config,
+    /// The cluster's operator certificate (internal RPC is mutual TLS).
+    operator: NodeTls,
 }
 
 impl Cluster {
     pub fn open(dir: &Path) -> anyhow::Result<Cluster> {
         let cfg = Config::load(&dir.join("cluster.toml"))
             .with_context(|| format!("{} is not a local-cluster directory", dir.display()))?;
+        let operator = nodes::deploy::certs::node_tls(&cfg, Principal::Operator)?;
         Ok(Cluster {
             dir: dir.to_path_buf(),
             cfg,
+            operator,
         })
     }
 
@@ -130,7 +135,7 @@ impl Cluster {
                 continue;
             }
             let back = if f.wipe {
-                kv_status(addr)
+                kv_status(addr, &self.operator)
                     .await
                     .is_some_and(|list| !list.is_empty() && list.iter().all(is_voter))
             } else {
@@ -161,7 +166,7 @@ impl Cluster {
     async fn busiest_leader(&self) -> anyhow::Result<(u32, Vec<u32>)> {
         let mut best: Option<(u32, Vec<u32>)> = None;
         for (slot, n) in self.cfg.kv.iter().enumerate() {
-            let Some(list) = kv_status(n.listen).await else {
+            let Some(list) = kv_status(n.listen, &self.operator).await else {
                 continue;
             };
             let led: Vec<u32> = list
@@ -199,7 +204,7 @@ impl Cluster {
     /// The end-of-run `kv_status` event (see `sim::kv_view`). Shards are not marked as having
     /// lost their quorum: wiping a majority of a shard's nodes is the operator's to recover.
     pub async fn kv_status(&self) -> Event {
-        sim::kv_view::settled(&self.cfg.cluster_map(), Vec::new()).await
+        sim::kv_view::settled(&self.cfg.cluster_map(), &self.operator, Vec::new()).await
     }
 
     /// Starts the kv prober: one tiny write and one linearizable read ([`Probe::request`]) per
@@ -208,7 +213,11 @@ impl Cluster {
     /// (`t0_unix_us`).
     pub fn start_prober(&self, t0_unix_us: u64, until_unix_us: u64) -> Arc<Mutex<Vec<Probe>>> {
         let out = Arc::new(Mutex::new(Vec::new()));
-        let peers = Peers::new(self.cfg.cluster_map(), Canaries::none());
+        let peers = Peers::new(
+            self.cfg.cluster_map(),
+            Canaries::none(),
+            self.operator.clone(),
+        );
         let shards = peers.kv_shards() as u32;
         for (shard, read) in (0..shards).flat_map(|s| [(s, false), (s, true)]) {
             let (peers, out) = (peers.clone(), out.clone());
@@ -239,10 +248,10 @@ fn is_voter(s: &ShardStatus) -> bool {
     matches!(s.role.as_str(), "leader" | "follower")
 }
 
-async fn kv_status(addr: SocketAddr) -> Option<Vec<ShardStatus>> {
+async fn kv_status(addr: SocketAddr, operator: &NodeTls) -> Option<Vec<ShardStatus>> {
     match tokio::time::timeout(
         Duration::from_secs(2),
-        RpcClient::new(addr).call(Request::KvStatus),
+        RpcClient::new(addr, operator.clone()).call(Request::KvStatus),
     )
     .await
     {

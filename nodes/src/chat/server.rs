@@ -429,6 +429,7 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
 }
 
 async fn rpc_server(state: Arc<ChatState>, listener: tokio::net::TcpListener) {
+    let tls = state.peers().tls.clone();
     let handler: rpc::Handler = Arc::new(move |req| {
         let resp = match req {
             Request::Deliver { devices, message } => {
@@ -453,7 +454,7 @@ async fn rpc_server(state: Arc<ChatState>, listener: tokio::net::TcpListener) {
         };
         async move { resp }.boxed()
     });
-    if let Err(e) = rpc::serve_on(listener, handler).await {
+    if let Err(e) = rpc::serve_on(listener, handler, tls).await {
         tracing::error!(error = %e, "chat rpc listener failed");
     }
 }

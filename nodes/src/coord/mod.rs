@@ -93,9 +93,9 @@ impl Discovery {
     /// # Panics
     /// On etcd coordination in a build without the `etcd` feature (configs are checked
     /// first: see `deploy::config`).
-    pub fn new(c: &Coordination) -> Self {
+    pub fn new(c: &Coordination, tls: crate::tls::NodeTls) -> Self {
         match c {
-            Coordination::Discovery(addr) => Discovery::Node(RpcClient::new(*addr)),
+            Coordination::Discovery(addr) => Discovery::Node(RpcClient::new(*addr, tls)),
             #[cfg(feature = "etcd")]
             Coordination::Etcd(endpoints) => Discovery::Etcd(EtcdDiscovery::new(
                 std::sync::Arc::new(etcd::Etcd::new(endpoints.clone())),

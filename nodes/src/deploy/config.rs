@@ -5,6 +5,7 @@
 //! ```toml
 //! data = "chatsim-data"              # redb files and the token secret live here
 //! # token_secret = "hex..."          # or: token_secret_file = "path"; default <data>/token.secret
+//! # tls_dir = "path"                 # cluster CA and node certificates; default <data>/tls
 //! kv_shards = 2                      # Raft groups (default: one per [[kv]] node); fixed
 //! kv_replicas = 1                    # copies of each shard on distinct kv nodes (default 1)
 //!
@@ -58,6 +59,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterMap;
+pub use crate::cluster::Role;
 use crate::coord::Coordination;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +75,10 @@ pub struct Config {
     /// `<data>/token.secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret_file: Option<PathBuf>,
+    /// The cluster CA and node certificates (internal RPC is mutual TLS; see
+    /// `deploy::certs`). Default `<data>/tls`, created on first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
     /// The home-made discovery node (absent when the cluster coordinates on etcd).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Node>,
@@ -192,42 +198,6 @@ fn default_data() -> PathBuf {
     PathBuf::from("chatsim-data")
 }
 
-/// Roles a process can run (`chatd <role> --index i`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Discovery,
-    Kv,
-    Idgen,
-    Presence,
-    Push,
-    Chat,
-    Api,
-}
-
-impl Role {
-    pub const ALL: [Role; 7] = [
-        Role::Discovery,
-        Role::Kv,
-        Role::Idgen,
-        Role::Presence,
-        Role::Push,
-        Role::Chat,
-        Role::Api,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Discovery => "discovery",
-            Role::Kv => "kv",
-            Role::Idgen => "idgen",
-            Role::Presence => "presence",
-            Role::Push => "push",
-            Role::Chat => "chat",
-            Role::Api => "api",
-        }
-    }
-}
-
 impl Config {
     /// Everything on 127.0.0.1: discovery at `base`, idgen +1, presence +2, push +3, chat
     /// WebSocket +4 and RPC +5, kv node i (one shard each, one copy) at +9+i; the api on
@@ -238,6 +208,7 @@ impl Config {
             data,
             token_secret: None,
             token_secret_file: None,
+            tls_dir: None,
             discovery: Some(Node {
                 listen: at(base),
                 admin: None,
@@ -315,6 +286,7 @@ impl Config {
             data,
             token_secret: None,
             token_secret_file: None,
+            tls_dir: None,
             // With etcd members, no discovery node: chat servers register in etcd.
             discovery: (sizes.etcd == 0).then(|| Node {
                 listen: sa(1, 0, 7000),
@@ -496,6 +468,13 @@ impl Config {
         }
     }
 
+    /// Where the cluster's certificates live (`deploy::certs`).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.tls_dir
+            .clone()
+            .unwrap_or_else(|| self.data.join("tls"))
+    }
+
     /// The static addresses every node needs to reach the others.
     pub fn cluster_map(&self) -> ClusterMap {
         ClusterMap {
@@ -599,7 +578,7 @@ pub const TOKEN_SECRET_BYTES_MIN: usize = 32;
 
 /// Creates `path` readable and writable by its owner only (0600 on Unix), writes `bytes` and
 /// syncs them.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);

@@ -1,6 +1,7 @@
 //! The real deployment: the config file ([`config`]), starting roles from it ([`start`]), and
 //! the loopback cluster supervisor ([`supervisor`]). Real world only (processes and files).
 
+pub mod certs;
 pub mod config;
 pub mod supervisor;
 
@@ -60,7 +61,8 @@ pub fn start(
             role.name()
         );
     }
-    let peers = || Peers::new(cfg.cluster_map(), Canaries::none());
+    let tls = certs::node_tls(cfg, crate::tls::Principal::Node(role, index as u32))?;
+    let peers = || Peers::new(cfg.cluster_map(), Canaries::none(), tls.clone());
     let m = shared.metrics.clone();
     let mut tasks: Vec<Task> = Vec::new();
     let admin_addr = match role {
@@ -68,7 +70,10 @@ pub fn start(
             let Some(d) = &cfg.discovery else {
                 anyhow::bail!("this cluster coordinates on etcd: it has no discovery node");
             };
-            tasks.push(tokio::spawn(crate::discovery::server::run(d.listen)));
+            tasks.push(tokio::spawn(crate::discovery::server::run(
+                d.listen,
+                tls.clone(),
+            )));
             d.admin
         }
         Role::Kv => {
@@ -84,6 +89,7 @@ pub fn start(
                 seed: rand::random(),
                 canaries: Canaries::none(),
                 metrics: m,
+                tls: tls.clone(),
             };
             let mark = dir.join(config::BOOTSTRAP_MARK);
             if bootstrap || mark.exists() {

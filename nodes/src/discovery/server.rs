@@ -11,7 +11,8 @@ use crate::proto::client::ErrorCode;
 use crate::proto::internal::{Request, Response};
 use crate::rpc;
 
-pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
+/// Serves discovery on `listen`; callers authenticate with `tls`.
+pub async fn run(listen: SocketAddr, tls: crate::tls::NodeTls) -> anyhow::Result<()> {
     // A std mutex: every operation is synchronous.
     let reg = Arc::new(Mutex::new(Registry::default()));
     tracing::info!(%listen, "discovery node up");
@@ -33,6 +34,6 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
         };
         async move { resp }.boxed()
     });
-    rpc::serve(listen, handler).await?;
+    rpc::serve(listen, handler, tls).await?;
     Ok(())
 }

@@ -95,7 +95,7 @@ pub async fn run(cfg: IdgenConfig) -> anyhow::Result<()> {
         };
         async move { resp }.boxed()
     });
-    rpc::serve(cfg.listen, handler).await?;
+    rpc::serve(cfg.listen, handler, cfg.peers.tls.clone()).await?;
     Ok(())
 }
 

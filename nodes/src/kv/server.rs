@@ -113,6 +113,8 @@ pub struct KvConfig {
     pub seed: u64,
     pub canaries: Canaries,
     pub metrics: Arc<Metrics>,
+    /// This node's certificate (Raft traffic to its peers, and its RPC server).
+    pub tls: crate::tls::NodeTls,
 }
 
 /// Requests waiting for one replica. When full, RPC handlers wait for room (backpressure:
@@ -184,7 +186,7 @@ pub async fn run(cfg: KvConfig) -> anyhow::Result<()> {
         let (inboxes, stores, metrics) = (inboxes.clone(), stores.clone(), metrics.clone());
         async move { handle(req, &inboxes, &stores, &metrics).await }.boxed()
     });
-    rpc::serve(cfg.listen, handler).await?;
+    rpc::serve(cfg.listen, handler, cfg.tls.clone()).await?;
     Ok(())
 }
 
@@ -602,7 +604,7 @@ impl Transport {
             .nodes
             .iter()
             .map(|addr| {
-                let client = RpcClient::new(*addr);
+                let client = RpcClient::new(*addr, cfg.tls.clone());
                 let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
                 tokio::spawn(send_to_peer(client.clone(), rx, local.clone()));
                 (client, tx)

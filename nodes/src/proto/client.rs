@@ -45,6 +45,9 @@ pub enum ErrorCode {
     /// A per-user cap is reached: devices (`DEVICES_PER_USER_MAX`), friends
     /// (`FRIENDS_PER_USER_MAX`) or channels (`CHANNELS_PER_USER_MAX`) (HTTP 409).
     LimitReached,
+    /// Internal RPC only: the calling node may not make this request (`tls::authorize`).
+    /// Shown to clients as `unavailable`.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -73,6 +76,7 @@ impl ErrorCode {
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::BodyTimeout => "body_timeout",
             ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 

@@ -22,7 +22,8 @@ pub enum ChannelKind {
 pub struct UserRecord {
     pub user: Id,
     pub name: String,
-    /// Salted SHA-256 of the password, hex.
+    /// The password's hash (`auth`): an argon2id PHC string, or a legacy salted SHA-256
+    /// that the next login upgrades.
     pub password_hash: String,
     pub devices: Vec<Id>,
     /// Friend -> the 1:1 channel shared with them.

@@ -83,7 +83,7 @@ pub async fn run(cfg: PushConfig) -> anyhow::Result<()> {
         }
         .boxed()
     });
-    crate::rpc::serve(cfg.listen, handler).await?;
+    crate::rpc::serve(cfg.listen, handler, cfg.peers.tls.clone()).await?;
     Ok(())
 }
 

@@ -241,7 +241,8 @@ fn user_devices(ev: &Event) -> Vec<(Id, Id)> {
         | Event::Fault { .. }
         | Event::Heal { .. }
         | Event::Phase { .. }
-        | Event::KvStatus { .. } => vec![],
+        | Event::KvStatus { .. }
+        | Event::Intrusion { .. } => vec![],
     }
 }
 

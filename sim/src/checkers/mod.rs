@@ -24,6 +24,7 @@ pub mod no_loss;
 pub mod order;
 pub mod presence;
 pub mod push;
+pub mod security;
 #[cfg(test)]
 pub(crate) mod testutil;
 
@@ -172,6 +173,7 @@ pub fn run_all(history: &[Record], params: &Params) -> Vec<CheckReport> {
         push::check(&history, params),
         limits::check(&history, params),
         kv_health::check(&history, params),
+        security::check(&history, params),
     ]
 }
 
@@ -197,7 +199,8 @@ mod tests {
                 "presence",
                 "push",
                 "limits",
-                "kv_health"
+                "kv_health",
+                "security"
             ]
         );
         for r in &reports {

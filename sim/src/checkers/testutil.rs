@@ -338,6 +338,15 @@ pub fn healthy_builder() -> H {
         .hb_stop(120 * S, 21)
         .disconnect(120 * S, 21)
         .presence(150 * S, 11, 2, Offline)
+        .ev(
+            7 * S,
+            Event::Intrusion {
+                target: "kv-0".into(),
+                how: "plain".into(),
+                request: "GetUser".into(),
+                answered: None,
+            },
+        )
         .phase(200 * S, "end")
         .kv_status(201 * S)
 }

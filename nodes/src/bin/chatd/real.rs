@@ -260,7 +260,8 @@ async fn kv_node(a: KvArgs) -> anyhow::Result<()> {
     );
     if a.replace {
         let addr = cfg.kv[index].listen;
-        let probe = nodes::rpc::RpcClient::new(addr);
+        let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
+        let probe = nodes::rpc::RpcClient::new(addr, operator);
         if probe
             .call(nodes::proto::internal::Request::KvStatus)
             .await
@@ -288,8 +289,9 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         "{:<6} {:<6} {:<20} {:<10} {:>6} {:>8} {:>8} {:>8}  lag (peer node: entries)",
         "shard", "node", "id", "role", "term", "commit", "applied", "last"
     );
+    let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
     for (i, n) in cfg.kv.iter().enumerate() {
-        let client = nodes::rpc::RpcClient::new(n.listen);
+        let client = nodes::rpc::RpcClient::new(n.listen, operator.clone());
         match client.call(Request::KvStatus).await {
             Ok(Response::KvStatus(list)) => {
                 for s in list {
@@ -326,7 +328,8 @@ async fn kv_recover(a: KvRecoverArgs) -> anyhow::Result<()> {
         .kv
         .get(a.index)
         .ok_or_else(|| anyhow::anyhow!("no kv node {}", a.index))?;
-    let client = nodes::rpc::RpcClient::new(node.listen);
+    let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
+    let client = nodes::rpc::RpcClient::new(node.listen, operator);
     match client
         .call(Request::KvForceRecover { shard: a.shard })
         .await?
