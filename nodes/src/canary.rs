@@ -52,10 +52,15 @@ pub enum Canary {
     /// Nodes accept internal RPC callers that present no certificate (and answer them): a
     /// rogue on the network reads and writes as a node.
     UnauthenticatedRpc,
+    /// The read paths forget the membership check: a sync reads every channel its cursors
+    /// name (not only the user's), and the api's history route serves any channel.
+    SkipMembershipCheck,
+    /// A presence query is answered for anyone asked, friend or not.
+    PresenceToStrangers,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 15] = [
+    pub const ALL: [Canary; 17] = [
         Canary::AckBeforePersist,
         Canary::CursorByMessageId,
         Canary::NoDedup,
@@ -71,6 +76,8 @@ impl Canary {
         Canary::SkipChecksum,
         Canary::VolatileVote,
         Canary::UnauthenticatedRpc,
+        Canary::SkipMembershipCheck,
+        Canary::PresenceToStrangers,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +97,8 @@ impl Canary {
             Canary::SkipChecksum => "skip-checksum",
             Canary::VolatileVote => "volatile-vote",
             Canary::UnauthenticatedRpc => "unauthenticated-rpc",
+            Canary::SkipMembershipCheck => "skip-membership-check",
+            Canary::PresenceToStrangers => "presence-to-strangers",
         }
     }
 

@@ -27,6 +27,8 @@ pub mod entry;
 #[cfg(madsim)]
 pub mod faults;
 #[cfg(madsim)]
+pub mod hostile;
+#[cfg(madsim)]
 pub mod outcome;
 #[cfg(madsim)]
 pub mod output;

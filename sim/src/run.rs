@@ -198,6 +198,16 @@ async fn drive(
             start,
         )
     };
+    if let Some(victims) = victims(&workload, &setup) {
+        crate::hostile::start(
+            cluster.api_addrs.clone(),
+            victims,
+            cluster::token_key(),
+            recorder.clone(),
+            traffic_start + Duration::from_secs(5),
+            traffic_start + liveness_at,
+        );
+    }
     crate::rogue::start(
         &cluster,
         recorder.clone(),
@@ -281,6 +291,23 @@ async fn drive(
         ..Stats::default()
     };
     (history, stats, (window_from, window_to))
+}
+
+/// The hostile device's victims: the first 1:1 channel of the workload and its two members.
+fn victims(w: &Workload, setup: &Setup) -> Option<crate::hostile::Victims> {
+    let (u, friends) = setup
+        .friends
+        .iter()
+        .enumerate()
+        .find(|(_, f)| !f.is_empty())?;
+    let (friend, channel) = *friends.values().next()?;
+    let i = w.devices.iter().position(|d| d.user as usize == u)?;
+    let login = &setup.logins[i];
+    Some(crate::hostile::Victims {
+        channel,
+        users: [login.user, friend],
+        device: login.device,
+    })
 }
 
 /// Whether a fault touches a kv node (the prober watches around it).

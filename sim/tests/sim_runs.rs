@@ -190,7 +190,7 @@ fn same_swarm_seed_same_history() {
 /// (kv-ack-before-sync is the single-copy bug: with three copies a crash of one loses
 /// nothing acknowledged).
 #[cfg(feature = "canaries")]
-const CANARIES: [(&str, &[&str], &str, u32); 14] = [
+const CANARIES: [(&str, &[&str], &str, u32); 16] = [
     ("ack-before-persist", &["no_loss", "order"], "light", 3),
     ("cursor-by-message-id", &["no_loss", "order"], "light", 3),
     ("no-dedup", &["no_duplicates"], "light", 3),
@@ -210,6 +210,8 @@ const CANARIES: [(&str, &[&str], &str, u32); 14] = [
     ("stale-read", &["no_loss"], "kv-leader-partition", 3),
     ("skip-checksum", &["integrity"], "kv-storage-faults", 3),
     ("unauthenticated-rpc", &["security"], "light", 3),
+    ("skip-membership-check", &["security"], "light", 3),
+    ("presence-to-strangers", &["security"], "light", 3),
 ];
 
 /// The first seed in `seeds` on which `canary` is caught by one of `checkers`.

@@ -561,10 +561,20 @@ impl Session {
     ) -> Result<BTreeMap<Id, u64>, crate::rpc::RpcError> {
         let peers = self.state.peers().clone();
         let user_kv = peers.kv_for_user(self.user);
-        let channels = match user_kv.call(Request::GetUser { user: self.user }).await? {
+        let mut channels = match user_kv.call(Request::GetUser { user: self.user }).await? {
             Response::User(Some(u)) => u.channels,
             _ => Vec::new(),
         };
+        if peers.canaries.is_on(Canary::SkipMembershipCheck) {
+            // Canary `skip-membership-check`: the channels the cursors name are read too.
+            channels.extend(
+                cursors
+                    .keys()
+                    .filter(|c| !channels.contains(c))
+                    .copied()
+                    .collect::<Vec<_>>(),
+            );
+        }
         let stored = match user_kv
             .call(Request::GetCursors {
                 device: self.device,
@@ -680,9 +690,10 @@ impl Session {
                 }
             }
             let Some(friends) = friends else { return };
+            let strangers_too = peers.canaries.is_on(Canary::PresenceToStrangers);
             let asked: Vec<Id> = users
                 .into_iter()
-                .filter(|u| friends.contains_key(u))
+                .filter(|u| strangers_too || friends.contains_key(u))
                 .collect();
             // One query per presence node holding some of them, answered as each node
             // answers. A node may be unreachable (partitioned, restarting, warming up): keep

@@ -1,10 +1,15 @@
-//! security: no request of a host outside the cluster is answered.
+//! security: no attacker's attempt is answered.
 //!
-//! From the `intrusion` events of the rogue (`rogue.rs`): a host on the cluster's network
-//! that speaks the internal RPC protocol without a certificate of the cluster's CA, in three
-//! ways (plain JSON frames, TLS without a certificate, a certificate of another CA naming a
-//! node). One check per attempt: the node must not answer it, not even with an error (an
-//! answer means it read and acted on the request).
+//! From the `intrusion` events of the two attackers:
+//! - the rogue (`rogue.rs`): a host on the cluster's network that speaks the internal RPC
+//!   protocol without a certificate of the cluster's CA, in three ways (plain JSON frames, TLS
+//!   without a certificate, a certificate of another CA naming a node). The node must not
+//!   answer, not even with an error (an answer means it read and acted on the request);
+//! - the hostile user (`hostile.rs`): a device with an account of its own and no friends or
+//!   channels, with forged and expired tokens, sends, syncs and history reads in other users'
+//!   channel, and presence queries about strangers. It must be refused, or get nothing.
+//!
+//! One check per attempt.
 //!
 //! It does NOT check what nodes of the cluster ask each other (`nodes::tls::authorize` and its
 //! tests do), or the client-facing surface (tokens, membership: the other checkers and the
@@ -24,8 +29,12 @@ pub fn check(history: &[Record], _params: &Params) -> CheckReport {
         } = &r.ev
         {
             report.assert(answered.is_none(), || {
+                let who = match how.as_str() {
+                    "plain" | "anonymous" | "foreign_ca" => "the rogue",
+                    _ => "the hostile user",
+                };
                 format!(
-                    "{target} answered the rogue's {request} ({how}) at t_us {}: {}",
+                    "{target} answered {who}'s {request} ({how}) at t_us {}: {}",
                     r.t_us,
                     answered.as_deref().unwrap_or_default()
                 )
