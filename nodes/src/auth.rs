@@ -114,58 +114,94 @@ pub struct Claims {
     pub key_id: u32,
 }
 
-/// The signing key shared by api and chat nodes.
+impl Claims {
+    /// When the token was issued: every token lives `TOKEN_TTL_MS` from then.
+    pub fn issued_at_ms(&self) -> u64 {
+        self.expires_at_ms
+            .saturating_sub(crate::limits::TOKEN_TTL_MS)
+    }
+}
+
+/// The signing keys shared by api and chat nodes: a key ring. Tokens are signed with the
+/// newest key (the highest id) and verified with the key their id names, so a key is rotated
+/// without logging anyone out: add the new key to every node, and remove the old one once
+/// the tokens it signed have expired (`TOKEN_TTL_MS`).
 #[derive(Clone)]
 pub struct TokenKey {
-    key_id: u32,
-    secret: Vec<u8>,
+    /// Secrets by key id.
+    keys: std::collections::BTreeMap<u32, Vec<u8>>,
 }
 
 impl std::fmt::Debug for TokenKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TokenKey(id {})", self.key_id)
+        write!(
+            f,
+            "TokenKey(ids {:?})",
+            self.keys.keys().collect::<Vec<_>>()
+        )
     }
 }
 
 impl TokenKey {
+    /// One key.
     pub fn new(key_id: u32, secret: impl Into<Vec<u8>>) -> Self {
-        Self {
-            key_id,
-            secret: secret.into(),
-        }
+        Self::ring([(key_id, secret.into())])
     }
 
-    fn mac(&self, payload: &[u8]) -> HmacSha256 {
-        let mut mac =
-            HmacSha256::new_from_slice(&self.secret).expect("HMAC accepts keys of any length");
+    /// Several keys by id; the highest signs.
+    ///
+    /// # Panics
+    /// On an empty ring (the config refuses one first).
+    pub fn ring(keys: impl IntoIterator<Item = (u32, Vec<u8>)>) -> Self {
+        let keys: std::collections::BTreeMap<u32, Vec<u8>> = keys.into_iter().collect();
+        assert!(!keys.is_empty(), "a token key ring needs a key");
+        Self { keys }
+    }
+
+    /// The id of the key that signs.
+    pub fn signing_key_id(&self) -> u32 {
+        *self.keys.keys().next_back().expect("a non-empty ring")
+    }
+
+    fn mac(secret: &[u8], payload: &[u8]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
         mac.update(payload);
         mac
     }
 
     pub fn sign(&self, user: Id, device: Id, expires_at_ms: u64) -> String {
+        let key_id = self.signing_key_id();
         let claims = Claims {
             user,
             device,
             expires_at_ms,
-            key_id: self.key_id,
+            key_id,
         };
         let payload = serde_json::to_vec(&claims).expect("claims serialize");
-        let sig = self.mac(&payload).finalize().into_bytes();
+        let sig = Self::mac(&self.keys[&key_id], &payload)
+            .finalize()
+            .into_bytes();
         format!("{}.{}", hex::encode(&payload), hex::encode(sig))
     }
 
-    /// Checks signature, key id and expiry at `now_ms`.
+    /// Checks the signature with the key the token names, and the expiry at `now_ms`. (Not
+    /// revocation: that is in the user's record, `UserRecord::accepts`.)
     pub fn verify(&self, token: &str, now_ms: u64) -> Result<Claims, ErrorCode> {
         let (payload_hex, sig_hex) = token.split_once('.').ok_or(ErrorCode::BadToken)?;
         let payload = hex::decode(payload_hex).map_err(|_| ErrorCode::BadToken)?;
         let sig = hex::decode(sig_hex).map_err(|_| ErrorCode::BadToken)?;
-        self.mac(&payload)
+        // The key id is read before the signature is checked, only to choose the key; the
+        // claims are trusted once the signature is good.
+        #[derive(Deserialize)]
+        struct KeyId {
+            key_id: u32,
+        }
+        let named: KeyId = serde_json::from_slice(&payload).map_err(|_| ErrorCode::BadToken)?;
+        let secret = self.keys.get(&named.key_id).ok_or(ErrorCode::BadToken)?;
+        Self::mac(secret, &payload)
             .verify_slice(&sig)
             .map_err(|_| ErrorCode::BadToken)?;
         let claims: Claims = serde_json::from_slice(&payload).map_err(|_| ErrorCode::BadToken)?;
-        if claims.key_id != self.key_id {
-            return Err(ErrorCode::BadToken);
-        }
         if claims.expires_at_ms <= now_ms {
             return Err(ErrorCode::TokenExpired);
         }
@@ -187,6 +223,81 @@ pub fn legacy_password_hash(name: &str, password: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_ring_rotates_without_logging_anyone_out() {
+        let (k1, k2) = (b"one".repeat(11), b"two".repeat(11));
+        let old = TokenKey::new(1, k1.clone());
+        let token = old.sign(7, 70, 10_000);
+        // Both keys: the old token still verifies, new tokens are signed with key 2.
+        let ring = TokenKey::ring([(1, k1.clone()), (2, k2.clone())]);
+        assert_eq!(ring.verify(&token, 0).unwrap().user, 7);
+        let fresh = ring.sign(7, 71, 10_000);
+        assert_eq!(ring.verify(&fresh, 0).unwrap().key_id, 2);
+        assert_eq!(old.verify(&fresh, 0), Err(ErrorCode::BadToken));
+        // Key 1 retired: its tokens are refused, key 2's still verify.
+        let retired = TokenKey::new(2, k2);
+        assert_eq!(retired.verify(&token, 0), Err(ErrorCode::BadToken));
+        assert!(retired.verify(&fresh, 0).is_ok());
+        // A token naming key 2 but signed with key 1 is refused.
+        let mut forged = Claims {
+            user: 8,
+            device: 80,
+            expires_at_ms: 10_000,
+            key_id: 2,
+        };
+        let payload = serde_json::to_vec(&forged).unwrap();
+        let sig = TokenKey::mac(&k1, &payload).finalize().into_bytes();
+        let t = format!("{}.{}", hex::encode(&payload), hex::encode(sig));
+        assert_eq!(ring.verify(&t, 0), Err(ErrorCode::BadToken));
+        forged.key_id = 9;
+        let payload = serde_json::to_vec(&forged).unwrap();
+        let sig = TokenKey::mac(&k1, &payload).finalize().into_bytes();
+        let t = format!("{}.{}", hex::encode(&payload), hex::encode(sig));
+        assert_eq!(
+            ring.verify(&t, 0),
+            Err(ErrorCode::BadToken),
+            "unknown key id"
+        );
+        assert_eq!(ring.verify(&fresh, 10_000), Err(ErrorCode::TokenExpired));
+    }
+
+    #[test]
+    fn a_user_record_refuses_revoked_tokens() {
+        use crate::proto::internal::UserRecord;
+        let key = TokenKey::new(1, b"k".repeat(32));
+        let ttl = crate::limits::TOKEN_TTL_MS;
+        let claims =
+            |device, issued: u64| key.verify(&key.sign(7, device, issued + ttl), 0).unwrap();
+        let mut u = UserRecord {
+            user: 7,
+            name: "u".into(),
+            password_hash: String::new(),
+            devices: vec![70, 71],
+            friends: Default::default(),
+            channels: Vec::new(),
+            push_targets: Default::default(),
+            revoked_before_ms: Default::default(),
+            revoked_all_before_ms: 0,
+        };
+        assert_eq!(u.accepts(&claims(70, 1_000)), Ok(()));
+        assert_eq!(
+            u.accepts(&claims(72, 1_000)),
+            Err(ErrorCode::TokenRevoked),
+            "not its device"
+        );
+        u.revoked_before_ms.insert(70, 1_000);
+        assert_eq!(u.accepts(&claims(70, 1_000)), Err(ErrorCode::TokenRevoked));
+        assert_eq!(
+            u.accepts(&claims(70, 1_001)),
+            Ok(()),
+            "a login after the logout"
+        );
+        assert_eq!(u.accepts(&claims(71, 1_000)), Ok(()), "another device");
+        u.revoked_all_before_ms = 2_000;
+        assert_eq!(u.accepts(&claims(71, 1_500)), Err(ErrorCode::TokenRevoked));
+        assert_eq!(u.accepts(&claims(70, 2_500)), Ok(()));
+    }
 
     // Proves a password verifies against its own hash only, hashes of one password differ
     // (fresh salts), the PHC string names argon2id and its cost, legacy SHA-256 records still

@@ -139,6 +139,10 @@ pub fn authorize(who: &Principal, req: &Request) -> Result<(), String> {
             role(&[Role::Chat])
         }
         Request::PresenceFanout { .. } => role(&[Role::Presence]),
+        Request::EndSessions { .. } => match who {
+            Principal::Node(Role::Api, _) | Principal::Operator => Ok(()),
+            _ => Err("ending sessions is the api's (logout) or the operator's".to_string()),
+        },
         _ => Ok(()),
     }
 }

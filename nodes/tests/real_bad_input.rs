@@ -1690,6 +1690,8 @@ async fn an_outsider_on_a_node_port_takes_nothing_over() {
                 friends: BTreeMap::new(),
                 channels: Vec::new(),
                 push_targets: BTreeMap::new(),
+                revoked_before_ms: BTreeMap::new(),
+                revoked_all_before_ms: 0,
             },
         }),
     };
@@ -1723,4 +1725,80 @@ async fn an_outsider_on_a_node_port_takes_nothing_over() {
         Ok(Response::KvStatus(list)) => assert!(!list.is_empty()),
         other => panic!("the operator was not answered: {other:?}"),
     }
+}
+
+// ------------------------------------------------------------------ tokens
+
+/// The review's finding: a token kept working after logout, over HTTP and WebSocket. Now
+/// `POST /v1/logout` revokes the device's tokens and ends its live session within the call
+/// (`token_revoked`); the old token is refused by the api and at `hello`; another device of
+/// the user is untouched until "log out everywhere", which ends it too.
+#[tokio::test]
+async fn logout_revokes_the_token_and_ends_the_session() {
+    let server = Server::start().await;
+    let user = signup(server.http, "leaver").await;
+    let (http_a, a) = login(server.http, "leaver").await;
+    let (http_b, b) = login(server.http, "leaver").await;
+    assert_eq!((a.user, b.user), (user, user));
+    let mut ws_a = connect(&http_a, &a.token).await;
+    let mut ws_b = connect(&http_b, &b.token).await;
+
+    let t = Instant::now();
+    let out: LogoutResponse = http_a.post("/v1/logout", &()).await.expect("logout");
+    assert_eq!((out.user, out.device), (user, Some(a.device)));
+    let (code, _) = until(&mut ws_a, |f| match f {
+        ServerFrame::Error { code, .. } => Some((code, ())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, ErrorCode::TokenRevoked);
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(5), ws_a.recv()).await,
+        Ok(Incoming::Closed)
+    ));
+    eprintln!("logout ended the live session in {:?}", t.elapsed());
+    // The old token, over HTTP and at hello.
+    match http_a.get::<Profile>("/v1/me").await {
+        Err(ClientError::Refused {
+            status: 401,
+            code: ErrorCode::TokenRevoked,
+            ..
+        }) => {}
+        other => panic!("a revoked token was answered: {other:?}"),
+    }
+    let mut again = WsConn::connect(&chat_url(&http_b).await).await.expect("ws");
+    again.send(&hello(&a.token)).await.expect("hello");
+    assert!(matches!(
+        next(&mut again).await,
+        ServerFrame::Error {
+            code: ErrorCode::TokenRevoked,
+            ..
+        }
+    ));
+    // The other device still works; a new login of the first works too.
+    let _: Profile = http_b
+        .get("/v1/me")
+        .await
+        .expect("device b is still logged in");
+    let (http_a2, a2) = login_as(server.http, "leaver", Some(a.device)).await;
+    let _: Profile = http_a2.get("/v1/me").await.expect("a new login works");
+    // Everywhere: device b's session ends, and both tokens are refused.
+    let out: LogoutResponse = http_b
+        .post("/v1/logout?everywhere=true", &())
+        .await
+        .expect("logout everywhere");
+    assert_eq!(out.device, None);
+    let (code, _) = until(&mut ws_b, |f| match f {
+        ServerFrame::Error { code, .. } => Some((code, ())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, ErrorCode::TokenRevoked);
+    for h in [&http_a2, &http_b] {
+        assert!(matches!(
+            h.get::<Profile>("/v1/me").await,
+            Err(ClientError::Refused { status: 401, .. })
+        ));
+    }
+    drop(a2);
 }

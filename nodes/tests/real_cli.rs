@@ -153,6 +153,11 @@ fn cli_signup_friend_send_history_presence_follow() {
     assert!(carol
         .fails(&["presence", "bob"])
         .contains("not your friend"));
+    // Logout revokes the saved token; logging in again works.
+    assert!(carol.ok(&["logout"]).contains("logged out this device"));
+    assert!(carol.fails(&["me"]).contains("token_revoked"));
+    carol.ok(&["login", "carol", "c-pw"]);
+    carol.ok(&["me"]);
 
     assert_eq!(alice.ok(&["presence", "bob"]).trim(), "bob: offline");
     // bob follows: heartbeats make him online, and a message sent meanwhile is printed.

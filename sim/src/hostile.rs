@@ -6,6 +6,8 @@
 //! |---|---|---|
 //! | `forged_token` | `hello` with a token for a victim's device signed by a key of its own | `welcome` |
 //! | `expired_token` | `hello` with its own token, expired an hour ago | `welcome` |
+//! | `revoked_token` | `hello` with the token of a device it logged out (`POST /v1/logout`) | `welcome` |
+//! | `revoked_token`, `expired_token` | `GET /v1/me` | HTTP 200 |
 //! | `user` | `send` to a 1:1 channel of two other users | `ack` |
 //! | `user` | `sync` with a cursor at 0 in that channel | any `message` of it |
 //! | `user` | `presence_query` for the two strangers | any `presence` of them |
@@ -34,9 +36,12 @@ pub const HOSTILE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
 pub const EVERY: Duration = Duration::from_secs(10);
 /// How long an attempt waits for an answer (a refusal comes in milliseconds).
 const WAIT: Duration = Duration::from_secs(3);
-const ATTEMPTS: [(&str, &str); 6] = [
+const ATTEMPTS: [(&str, &str); 9] = [
     ("forged_token", "hello"),
     ("expired_token", "hello"),
+    ("revoked_token", "hello"),
+    ("revoked_token", "me"),
+    ("expired_token", "me"),
     ("user", "send"),
     ("user", "sync"),
     ("user", "presence_query"),
@@ -101,6 +106,29 @@ pub fn start(
                 .map_or(0, |d| d.as_millis() as u64)
         };
         let forger = nodes::auth::TokenKey::new(1, "mallory's own key, not the cluster's");
+        // A second device, logged out at once: its token is revoked.
+        let revoked: LoginResponse = loop {
+            i += 1;
+            let req = LoginRequest {
+                name: name.clone(),
+                password: password.clone(),
+                device: None,
+            };
+            let Ok(l) = http(i, None)
+                .post::<_, LoginResponse>("/v1/login", &req)
+                .await
+            else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            if http(i, Some(&l.token))
+                .post::<_, LogoutResponse>("/v1/logout", &())
+                .await
+                .is_ok()
+            {
+                break l;
+            }
+        };
         tokio::time::sleep_until(from).await;
         let mut round = 0usize;
         while Instant::now() < until {
@@ -111,10 +139,17 @@ pub fn start(
                     forger.sign(victims.users[0], victims.device, now_ms() + 3_600_000)
                 }
                 "expired_token" => token_key.sign(login.user, login.device, now_ms() - 3_600_000),
+                "revoked_token" => revoked.token.clone(),
                 _ => login.token.clone(),
             };
             let api = http(round, Some(&token));
-            let outcome = if request == "history" {
+            let outcome = if request == "me" {
+                match api.get::<Profile>("/v1/me").await {
+                    Ok(p) => Some(Some(format!("the profile of user {}", p.user))),
+                    Err(ClientError::Refused { .. }) => Some(None),
+                    Err(_) => None,
+                }
+            } else if request == "history" {
                 let path = format!("/v1/channels/{}/messages?after_seq=0", victims.channel);
                 match api.get::<HistoryResponse>(&path).await {
                     Ok(h) => Some(Some(format!("{} messages", h.messages.len()))),
@@ -126,7 +161,12 @@ pub fn start(
             };
             if let Some(answered) = outcome {
                 recorder.record(Event::Intrusion {
-                    target: if request == "history" { "api" } else { "chat" }.into(),
+                    target: if matches!(request, "history" | "me") {
+                        "api"
+                    } else {
+                        "chat"
+                    }
+                    .into(),
                     how: how.into(),
                     request: request.into(),
                     answered,

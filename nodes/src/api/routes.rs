@@ -76,9 +76,10 @@ impl From<RpcError> for ApiError {
 
 fn status_of(code: ErrorCode) -> StatusCode {
     match code {
-        ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::NotAuthenticated => {
-            StatusCode::UNAUTHORIZED
-        }
+        ErrorCode::BadToken
+        | ErrorCode::TokenExpired
+        | ErrorCode::TokenRevoked
+        | ErrorCode::NotAuthenticated => StatusCode::UNAUTHORIZED,
         ErrorCode::BadCredentials => StatusCode::UNAUTHORIZED,
         ErrorCode::NotAMember => StatusCode::FORBIDDEN,
         ErrorCode::UnknownChannel | ErrorCode::UnknownUser | ErrorCode::UnknownDevice => {
@@ -124,6 +125,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             put(set_push_target).delete(clear_push_target),
         )
         .route("/v1/devices/{device}", delete(remove_device))
+        .route("/v1/logout", post(logout))
         .with_state(state)
         .layer(axum::middleware::map_response(move |resp: HttpResponse| {
             let metrics = metrics.clone();
@@ -190,15 +192,23 @@ pub fn decode_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::E
     serde_json::from_slice(bytes)
 }
 
-fn auth(st: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiError> {
+/// The caller's claims: a Bearer token signed by one of the ring's keys, not expired, and not
+/// revoked (its user's record, read from kv, still accepts it).
+async fn auth(st: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiError> {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token)
         .ok_or_else(|| refuse(ErrorCode::NotAuthenticated, "missing Bearer token"))?;
-    st.token_key
+    let claims = st
+        .token_key
         .verify(token, unix_ms())
-        .map_err(|code| refuse(code, "token refused"))
+        .map_err(|code| refuse(code, "token refused"))?;
+    get_user(st, claims.user)
+        .await?
+        .accepts(&claims)
+        .map_err(|code| refuse(code, "this token was revoked: log in again"))?;
+    Ok(claims)
 }
 
 /// The token of an `Authorization` value: the scheme `Bearer` in any case (RFC 9110 11.1:
@@ -370,7 +380,7 @@ fn profile(u: UserRecord) -> Profile {
 }
 
 async fn me(State(st): S, headers: HeaderMap) -> ApiResult<Profile> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     let u = get_user(&st, c.user).await?;
     Ok(Json(profile(u)))
 }
@@ -381,7 +391,7 @@ async fn find_user(
     headers: HeaderMap,
     Query(q): Query<UserQuery>,
 ) -> ApiResult<UserSummary> {
-    auth(&st, &headers)?;
+    auth(&st, &headers).await?;
     let lookup = Request::LookupName {
         name: q.name.clone(),
     };
@@ -400,7 +410,7 @@ async fn user_summary(
     headers: HeaderMap,
     Path(user): Path<Id>,
 ) -> ApiResult<UserSummary> {
-    auth(&st, &headers)?;
+    auth(&st, &headers).await?;
     let u = get_user(&st, user).await?;
     Ok(Json(UserSummary {
         user: u.user,
@@ -414,7 +424,7 @@ async fn channel_info(
     headers: HeaderMap,
     Path(channel): Path<Id>,
 ) -> ApiResult<ChannelInfo> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     let ch = get_channel(&st, channel).await?;
     if !ch.members.contains(&c.user) {
         return Err(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
@@ -428,7 +438,7 @@ async fn channel_info(
 }
 
 async fn add_friend(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<AddFriendResponse> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     let req: AddFriendRequest = parse(&body)?;
     if req.user == c.user {
         return Err(refuse(ErrorCode::BadRequest, "cannot befriend yourself"));
@@ -482,7 +492,7 @@ async fn add_friend(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<A
 const MEMBER_CALLS_IN_FLIGHT: usize = 16;
 
 async fn create_group(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<GroupResponse> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     let req: CreateGroupRequest = parse(&body)?;
     let chars = req.name.chars().count();
     if chars == 0 || chars > GROUP_NAME_CHARS_MAX || req.name.chars().any(char::is_control) {
@@ -567,7 +577,7 @@ async fn add_member(
     Path(channel): Path<Id>,
     body: Body,
 ) -> ApiResult<GroupResponse> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     let req: AddMemberRequest = parse(&body)?;
     let ch = get_channel(&st, channel).await?;
     if !ch.members.contains(&c.user) {
@@ -599,7 +609,7 @@ async fn remove_member(
     headers: HeaderMap,
     Path((channel, user)): Path<(Id, Id)>,
 ) -> ApiResult<GroupResponse> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     let ch = get_channel(&st, channel).await?;
     if !ch.members.contains(&c.user) {
         return Err(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
@@ -626,7 +636,7 @@ async fn history(
     Path(channel): Path<Id>,
     Query(q): Query<HistoryQuery>,
 ) -> ApiResult<HistoryResponse> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     let ch = get_channel(&st, channel).await?;
     let unchecked = st
         .peers
@@ -659,7 +669,7 @@ async fn chat_server(
     headers: HeaderMap,
     Query(q): Query<ChatServerQuery>,
 ) -> ApiResult<ChatServerResponse> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     match st.peers.discovery.pick(c.device, q.avoid).await? {
         Some(info) => Ok(Json(ChatServerResponse {
             url: format!("ws://{}/ws", info.ws_addr),
@@ -678,7 +688,7 @@ async fn set_push_target(
     Path(device): Path<Id>,
     body: Body,
 ) -> ApiResult<PushTargetResponse> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     let target: PushTarget = parse(&body)?;
     target
         .validate()
@@ -687,14 +697,75 @@ async fn set_push_target(
 }
 
 /// `DELETE /v1/devices/{device}/push`: the device gets no more push notifications.
-/// Removes one of the caller's devices (freeing a place under `DEVICES_PER_USER_MAX`).
-/// Its token keeps working until it expires (tokens are not revoked yet).
+#[derive(Debug, Deserialize)]
+struct LogoutQuery {
+    /// Every device of the caller, not only this one.
+    #[serde(default)]
+    everywhere: bool,
+}
+
+/// Signs the caller's device out (`?everywhere=true`: every device of the caller): revokes
+/// its tokens issued until now, then ends its sessions on the chat servers (they are told
+/// `token_revoked`). Answers once the revocation is durable; a session whose chat server did
+/// not answer ends at its next reconnect, which the revocation refuses.
+async fn logout(
+    State(st): S,
+    headers: HeaderMap,
+    Query(q): Query<LogoutQuery>,
+) -> ApiResult<LogoutResponse> {
+    let c = auth(&st, &headers).await?;
+    let device = (!q.everywhere).then_some(c.device);
+    let req = Request::RevokeTokens {
+        user: c.user,
+        device,
+        at_ms: unix_ms(),
+    };
+    call(st.peers.kv_for_user(c.user), req).await?;
+    end_sessions(&st, c.user, device).await?;
+    Ok(Json(LogoutResponse {
+        user: c.user,
+        device,
+    }))
+}
+
+/// Asks the chat servers holding sessions of `device` of `user` (all devices: `None`) to end
+/// them: their tokens no longer stand.
+async fn end_sessions(st: &ApiState, user: Id, device: Option<Id>) -> Result<(), ApiError> {
+    let sessions = match call(
+        st.peers.kv_for_user(user),
+        Request::GetSessions { users: vec![user] },
+    )
+    .await?
+    {
+        Response::Sessions(list) => list,
+        _ => Vec::new(),
+    };
+    let servers: std::collections::BTreeSet<u32> = sessions
+        .iter()
+        .filter(|s| device.is_none_or(|d| s.device == d))
+        .map(|s| s.server)
+        .collect();
+    if servers.iter().any(|s| st.peers.chat_server(*s).is_none()) {
+        let _ = st.peers.refresh_chat_servers().await;
+    }
+    let calls = servers
+        .into_iter()
+        .filter_map(|s| st.peers.chat_server(s))
+        .map(|c| async move {
+            let _ = c.call(Request::EndSessions { user, device }).await;
+        });
+    futures::future::join_all(calls).await;
+    Ok(())
+}
+
+/// Removes one of the caller's devices (freeing a place under `DEVICES_PER_USER_MAX`); its
+/// tokens stop working at once (the device is no longer the user's) and its sessions end.
 async fn remove_device(
     State(st): S,
     headers: HeaderMap,
     Path(device): Path<Id>,
 ) -> ApiResult<Profile> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     let u = get_user(&st, c.user).await?;
     if !u.devices.contains(&device) {
         return Err(refuse(
@@ -707,6 +778,7 @@ async fn remove_device(
         device,
     };
     call(st.peers.kv_for_user(c.user), req).await?;
+    end_sessions(&st, c.user, Some(device)).await?;
     let u = get_user(&st, c.user).await?;
     Ok(Json(profile(u)))
 }
@@ -716,7 +788,7 @@ async fn clear_push_target(
     headers: HeaderMap,
     Path(device): Path<Id>,
 ) -> ApiResult<PushTargetResponse> {
-    let c = auth(&st, &headers)?;
+    let c = auth(&st, &headers).await?;
     store_push_target(&st, c.user, device, None).await
 }
 

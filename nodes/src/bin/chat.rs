@@ -111,6 +111,12 @@ mod real {
             #[arg(required = true)]
             names: Vec<String>,
         },
+        /// Sign this device out: its token is revoked and its sessions end (`--everywhere`:
+        /// every device of the account).
+        Logout {
+            #[arg(long)]
+            everywhere: bool,
+        },
         /// The last messages of a channel.
         History {
             channel: Id,
@@ -244,6 +250,23 @@ mod real {
             Cmd::Follow { channel } => follow(me, channel).await,
             Cmd::Presence { names } => presence(me, names).await,
             Cmd::History { channel, limit } => history(me, channel, limit).await,
+            Cmd::Logout { everywhere } => {
+                let path = if everywhere {
+                    "/v1/logout?everywhere=true"
+                } else {
+                    "/v1/logout"
+                };
+                let _: LogoutResponse = me.http.post(path, &()).await.map_err(explain)?;
+                println!(
+                    "logged out {}; `login` again to use this device",
+                    if everywhere {
+                        "every device"
+                    } else {
+                        "this device"
+                    }
+                );
+                Ok(())
+            }
             Cmd::Signup { .. } | Cmd::Login { .. } => unreachable!("handled before loading state"),
         }
     }

@@ -269,6 +269,25 @@ impl ChatState {
         self.fenced.load(Ordering::Relaxed)
     }
 
+    /// Ends the sessions here of `device` of `user` (every device of the user with `None`):
+    /// their tokens were revoked. Returns how many.
+    pub fn end_sessions(&self, user: Id, device: Option<Id>) -> usize {
+        let ended: Vec<SessionHandle> = {
+            let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            s.iter()
+                .filter(|(d, h)| h.user == user && device.is_none_or(|x| x == **d))
+                .map(|(_, h)| h.clone())
+                .collect()
+        };
+        for h in &ended {
+            h.closer.close(
+                ErrorCode::TokenRevoked,
+                "this device was logged out: log in again",
+            );
+        }
+        ended.len()
+    }
+
     /// Closes every session here with `code`; returns how many.
     pub fn close_all(&self, code: ErrorCode, detail: &str) -> usize {
         let all: Vec<SessionHandle> =
@@ -446,6 +465,10 @@ async fn rpc_server(state: Arc<ChatState>, listener: tokio::net::TcpListener) {
                 Response::Ok
             }
             Request::ChatStats => Response::ErrorCounts(state.error_counts()),
+            Request::EndSessions { user, device } => {
+                state.end_sessions(user, device);
+                Response::Ok
+            }
             Request::LeaseHeld => Response::Bool(state.lease_fresh()),
             other => Response::Error {
                 code: ErrorCode::BadRequest,

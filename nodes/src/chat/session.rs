@@ -263,6 +263,8 @@ struct Session {
     reads: BTreeMap<Id, u64>,
     /// Shared with this session's handle (see `SessionHandle::last_heartbeat_ms`).
     last_heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// When the token expires: the session ends then (checked at every frame).
+    expires_at_ms: u64,
 }
 
 impl Session {
@@ -311,6 +313,7 @@ impl Session {
             rate: state.take_buckets(claims.device, unix_ms()),
             reads: BTreeMap::new(),
             last_heartbeat_ms,
+            expires_at_ms: claims.expires_at_ms,
             state,
         };
         // Register before welcoming: the device syncs after `welcome`, and every message
@@ -335,6 +338,31 @@ impl Session {
                 s.state.release_buckets(s.device, unix_ms());
                 return None;
             }
+        }
+        // Revocation is checked after the registration: a logout revokes, then reads the
+        // registry to end sessions. A session registered before that read is ended by it; one
+        // registered after it finds the revocation here (both are linearizable kv operations).
+        let revoked = match s
+            .state
+            .peers()
+            .kv_for_user(s.user)
+            .call(Request::GetUser { user: s.user })
+            .await
+        {
+            Ok(Response::User(Some(u))) => u
+                .accepts(&claims)
+                .err()
+                .map(|code| (code, "this token was revoked: log in again".to_string())),
+            Ok(_) => Some((ErrorCode::TokenRevoked, "no such user".to_string())),
+            Err(e) => Some((
+                ErrorCode::Unavailable,
+                format!("account unavailable: {}", e.public_detail()),
+            )),
+        };
+        if let Some((code, detail)) = revoked {
+            // The session ends at once through the usual path (its registry entry cleared).
+            s.closer.close(code, detail);
+            return Some(s);
         }
         s.send(ServerFrame::Welcome {
             user: s.user,
@@ -417,6 +445,11 @@ impl Session {
 
     /// Handles one text frame; false ends the session.
     async fn on_text(&mut self, text: &str) -> bool {
+        if unix_ms() >= self.expires_at_ms {
+            self.closer
+                .close(ErrorCode::TokenExpired, "the token expired: log in again");
+            return false;
+        }
         let frame = match parse_frame(text) {
             Ok(f) => f,
             Err((code, detail)) => {

@@ -6,6 +6,9 @@
 //! data = "chatsim-data"              # redb files and the token secret live here
 //! # token_secret = "hex..."          # or: token_secret_file = "path"; default <data>/token.secret
 //! # tls_dir = "path"                 # cluster CA and node certificates; default <data>/tls
+//! # [[token_keys]]                   # a key ring instead (rotation): the highest id signs
+//! # id = 2                           # and every listed key verifies; list the old key as
+//! # secret_file = "token-2.secret"   # id 1 until its tokens expired (24 h), then drop it
 //! kv_shards = 2                      # Raft groups (default: one per [[kv]] node); fixed
 //! kv_replicas = 1                    # copies of each shard on distinct kv nodes (default 1)
 //!
@@ -75,6 +78,11 @@ pub struct Config {
     /// `<data>/token.secret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret_file: Option<PathBuf>,
+    /// A key ring, for rotating the token key without logging anyone out: the highest id
+    /// signs, every listed key verifies. When present it replaces `token_secret`/
+    /// `token_secret_file` (list the current secret as id 1 to keep its tokens valid).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_keys: Vec<TokenKeyEntry>,
     /// The cluster CA and node certificates (internal RPC is mutual TLS; see
     /// `deploy::certs`). Default `<data>/tls`, created on first start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,6 +116,19 @@ pub struct Config {
     pub idgen: Vec<IdgenNode>,
     pub chat: Vec<ChatNode>,
     pub api: Vec<ApiNode>,
+}
+
+/// One key of the token key ring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenKeyEntry {
+    pub id: u32,
+    /// The secret itself, or:
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// a file holding it (relative paths: to `data`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
 }
 
 /// A node with one RPC address.
@@ -208,6 +229,7 @@ impl Config {
             data,
             token_secret: None,
             token_secret_file: None,
+            token_keys: Vec::new(),
             tls_dir: None,
             discovery: Some(Node {
                 listen: at(base),
@@ -286,6 +308,7 @@ impl Config {
             data,
             token_secret: None,
             token_secret_file: None,
+            token_keys: Vec::new(),
             tls_dir: None,
             // With etcd members, no discovery node: chat servers register in etcd.
             discovery: (sizes.etcd == 0).then(|| Node {
@@ -524,6 +547,46 @@ impl Config {
     /// on first start: readable by its owner only, and synced with its directory before any
     /// token is signed with it). A secret shorter than [`TOKEN_SECRET_BYTES_MIN`] bytes (an
     /// empty or truncated file) is refused: tokens signed with it could be forged.
+    /// The token key ring: `token_keys` if the config lists any, else the one secret of
+    /// `token_secret`/`token_secret_file` as key 1 (created if absent). Every secret must
+    /// have `TOKEN_SECRET_BYTES_MIN` bytes or more.
+    pub fn token_key(&self) -> anyhow::Result<crate::auth::TokenKey> {
+        if self.token_keys.is_empty() {
+            return Ok(crate::auth::TokenKey::new(1, self.token_secret()?));
+        }
+        let mut ring = std::collections::BTreeMap::new();
+        for k in &self.token_keys {
+            let secret = match (&k.secret, &k.secret_file) {
+                (Some(s), None) => s.clone().into_bytes(),
+                (None, Some(f)) => {
+                    let path = if f.is_absolute() {
+                        f.clone()
+                    } else {
+                        self.data.join(f)
+                    };
+                    std::fs::read(&path)
+                        .with_context(|| format!("token key {}: read {}", k.id, path.display()))?
+                }
+                _ => bail!(
+                    "token key {}: give exactly one of secret and secret_file",
+                    k.id
+                ),
+            };
+            anyhow::ensure!(
+                secret.len() >= TOKEN_SECRET_BYTES_MIN,
+                "token key {} has {} bytes, at least {TOKEN_SECRET_BYTES_MIN} needed",
+                k.id,
+                secret.len()
+            );
+            anyhow::ensure!(
+                ring.insert(k.id, secret).is_none(),
+                "token key {} is listed twice",
+                k.id
+            );
+        }
+        Ok(crate::auth::TokenKey::ring(ring))
+    }
+
     pub fn token_secret(&self) -> anyhow::Result<Vec<u8>> {
         self.cluster_map()
             .placement()
@@ -649,6 +712,50 @@ mod tests {
         );
         let one = Config::single_host("d".into(), "127.0.0.1:8080".parse().unwrap(), 7100, 2);
         one.validate().unwrap();
+    }
+
+    // Proves a `[[token_keys]]` ring signs with its highest id and verifies every key, and
+    // that short, duplicated or ambiguous entries are refused with the key's id named.
+    #[test]
+    fn token_key_ring_from_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k2"), "2".repeat(40)).unwrap();
+        let mut cfg = Config::single_host(
+            dir.path().into(),
+            "127.0.0.1:8080".parse().unwrap(),
+            7100,
+            2,
+        );
+        let old = cfg.token_key().unwrap();
+        assert_eq!(old.signing_key_id(), 1);
+        let token = old.sign(1, 2, u64::MAX);
+        let key1 = String::from_utf8(cfg.token_secret().unwrap()).unwrap();
+        let entry = |id, secret: Option<&str>, file: Option<&str>| TokenKeyEntry {
+            id,
+            secret: secret.map(str::to_string),
+            secret_file: file.map(PathBuf::from),
+        };
+        cfg.token_keys = vec![entry(1, Some(&key1), None), entry(2, None, Some("k2"))];
+        let ring = cfg.token_key().unwrap();
+        assert_eq!(ring.signing_key_id(), 2);
+        assert!(
+            ring.verify(&token, 0).is_ok(),
+            "tokens of key 1 still verify"
+        );
+        cfg.token_keys = vec![entry(3, Some("short"), None)];
+        assert!(cfg
+            .token_key()
+            .unwrap_err()
+            .to_string()
+            .contains("token key 3"));
+        cfg.token_keys = vec![entry(1, Some(&key1), None), entry(1, Some(&key1), None)];
+        assert!(cfg.token_key().unwrap_err().to_string().contains("twice"));
+        cfg.token_keys = vec![entry(4, Some(&key1), Some("k2"))];
+        assert!(cfg
+            .token_key()
+            .unwrap_err()
+            .to_string()
+            .contains("exactly one"));
     }
 
     // Proves the token secret file is created owner-only with 64 hex characters, read back

@@ -19,9 +19,6 @@ use crate::metrics::{self, Metrics};
 use crate::push::PushProvider;
 pub use config::{Config, Role};
 
-/// Key id of tokens signed with the configured secret.
-const TOKEN_KEY_ID: u32 = 1;
-
 /// What every role of a process shares.
 #[derive(Clone)]
 pub struct Shared {
@@ -34,7 +31,7 @@ impl Shared {
     pub fn new(cfg: &Config, push: Arc<dyn PushProvider>) -> anyhow::Result<Shared> {
         Ok(Shared {
             metrics: Metrics::new(),
-            token_key: TokenKey::new(TOKEN_KEY_ID, cfg.token_secret()?),
+            token_key: cfg.token_key()?,
             push,
         })
     }

@@ -591,7 +591,21 @@ impl Store {
                 }
                 Ok(())
             }),
+            Request::RevokeTokens {
+                user,
+                device,
+                at_ms,
+            } => self.write_user(user, |u| match device {
+                // Only the user's own devices: the map stays bounded by the device cap.
+                Some(d) if u.devices.contains(&d) => {
+                    let before = u.revoked_before_ms.entry(d).or_insert(0);
+                    *before = (*before).max(at_ms);
+                }
+                Some(_) => {}
+                None => u.revoked_all_before_ms = u.revoked_all_before_ms.max(at_ms),
+            }),
             Request::RemoveDevice { user, device } => self.write_user(user, |u| {
+                u.revoked_before_ms.remove(&device);
                 u.devices.retain(|d| *d != device);
                 u.push_targets.remove(&device);
             }),

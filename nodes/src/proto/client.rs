@@ -45,6 +45,9 @@ pub enum ErrorCode {
     /// A per-user cap is reached: devices (`DEVICES_PER_USER_MAX`), friends
     /// (`FRIENDS_PER_USER_MAX`) or channels (`CHANNELS_PER_USER_MAX`) (HTTP 409).
     LimitReached,
+    /// The token was revoked (a logout of its device, "log out everywhere", or the device
+    /// was removed): log in again. Closes the connection (HTTP 401).
+    TokenRevoked,
     /// Internal RPC only: the calling node may not make this request (`tls::authorize`).
     /// Shown to clients as `unavailable`.
     Forbidden,
@@ -77,6 +80,7 @@ impl ErrorCode {
             ErrorCode::BodyTimeout => "body_timeout",
             ErrorCode::LimitReached => "limit_reached",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TokenRevoked => "token_revoked",
         }
     }
 
@@ -97,7 +101,10 @@ impl ErrorCode {
     pub fn ends_login(self) -> bool {
         matches!(
             self,
-            ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::NotAuthenticated
+            ErrorCode::BadToken
+                | ErrorCode::TokenExpired
+                | ErrorCode::TokenRevoked
+                | ErrorCode::NotAuthenticated
         )
     }
 
@@ -182,6 +189,14 @@ pub struct AddMemberRequest {
 pub struct ChatServerQuery {
     #[serde(default)]
     pub avoid: Option<u32>,
+}
+
+/// `POST /v1/logout[?everywhere=true]`: what was signed out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogoutResponse {
+    pub user: Id,
+    /// The device signed out; `None`: every device of the user.
+    pub device: Option<Id>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

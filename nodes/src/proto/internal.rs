@@ -33,6 +33,39 @@ pub struct UserRecord {
     /// simulation's histories) written before push targets existed encode the same.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub push_targets: BTreeMap<Id, PushTarget>,
+    /// Device -> tokens of that device issued at or before this time (Unix ms) are revoked
+    /// (its logouts). Omitted when empty, as above.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revoked_before_ms: BTreeMap<Id, u64>,
+    /// Every token of the user issued at or before this time is revoked ("log out
+    /// everywhere"); 0: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revoked_all_before_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl UserRecord {
+    /// Whether a token with `claims` (already verified: signature and expiry) still stands:
+    /// its device is still the user's, and it was issued after the device's last logout and
+    /// the user's last "log out everywhere".
+    pub fn accepts(&self, claims: &crate::auth::Claims) -> Result<(), ErrorCode> {
+        let revoked_before = self
+            .revoked_before_ms
+            .get(&claims.device)
+            .copied()
+            .unwrap_or(0)
+            .max(self.revoked_all_before_ms);
+        if claims.user != self.user
+            || !self.devices.contains(&claims.device)
+            || claims.issued_at_ms() <= revoked_before
+        {
+            return Err(ErrorCode::TokenRevoked);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +143,13 @@ pub enum Request {
         device: Id,
     },
     /// Removes a device from its user (and its push target).
+    /// Revokes the tokens of `device` (or, with `None`, of every device of the user) issued
+    /// at or before `at_ms`.
+    RevokeTokens {
+        user: Id,
+        device: Option<Id>,
+        at_ms: u64,
+    },
     RemoveDevice {
         user: Id,
         device: Id,
@@ -290,6 +330,12 @@ pub enum Request {
     Deliver {
         devices: Vec<Id>,
         message: ChatMessage,
+    },
+    /// Ends the sessions of `device` of `user` (every device with `None`) on this chat
+    /// server, telling each `token_revoked`: its token was just revoked.
+    EndSessions {
+        user: Id,
+        device: Option<Id>,
     },
     /// Counters of a chat server (errors sent to devices, by code).
     ChatStats,

@@ -370,8 +370,9 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
             (cfg, path)
         }
     };
-    // Created once here, so that nodes starting at the same moment share it.
-    cfg.token_secret()?;
+    // Created once here, so that nodes starting at the same moment share them.
+    cfg.token_key()?;
+    deploy::certs::ensure(&cfg)?;
     if cfg.is_new_cluster() {
         cfg.mark_kv_bootstrap()?;
     }
