@@ -12,8 +12,9 @@
 //!   dropped connections do not excuse a flap. One check per non-excused offline event.
 //! - (b) offline in time: when the last heartbeating device of s stops at T and none starts
 //!   again by D = T + W (D <= E, no disruptive fault active in [T, D]), every observer device
-//!   that showed anything about s at or before D and was connected over [D - heartbeat
-//!   interval, D] must show s offline at D. One check per (T, observer). Not judged when the
+//!   that showed anything about s at or before D and was connected over [D - presence_bound,
+//!   D] must show s offline at D (one that connected later is told by its presence query
+//!   within the bound of connecting, and is judged by (c)). One check per (T, observer). Not judged when the
 //!   presence node holding s (`s % presence_nodes`; any, if the count is unknown) crashed
 //!   in [T, D] (or healed less than `PRESENCE_RESTART_GRACE_US` before): its memory of who
 //!   was online is gone. A crash of another presence node excuses nothing about s.
@@ -229,7 +230,10 @@ fn observer_shows_offline(
     let Some(view) = ctx.view_at(obs, subject, d) else {
         return; // it showed nothing about the subject by D: not an observer yet
     };
-    let since = d.saturating_sub(ctx.params.heartbeat_interval_us);
+    // An observer that (re)connected less than the bound before D is told the current state
+    // by its presence query within the bound of connecting (the query reads the friend list
+    // and the presence node, through any kv stall), not by D: it is judged by (c) at the end.
+    let since = d.saturating_sub(ctx.params.presence_bound_us);
     if !on_throughout(&ctx.conn, obs, since, d) {
         return;
     }
@@ -369,6 +373,27 @@ mod tests {
         assert_eq!(r.violation_count, 2, "{:?}", r.violations);
         assert!(r.violations[0].contains("device 11 still showed user 2 online at t_us 160000000"));
         assert!(r.violations[1].contains("shows user 2 online at end"));
+    }
+
+    #[test]
+    fn an_observer_connected_late_has_the_bound_from_connecting() {
+        // Proves (b) judges an observer only once it was connected for the whole bound before
+        // D: device 11, away from 100 s to 154 s (6 s before D = 160 s), is shown user 2
+        // offline at 163 s (9 s after connecting): not a violation; connected at 148 s (12 s
+        // before D) and shown offline only at 163 s, it is one.
+        let late = |back: u64| {
+            let mut h = healthy_builder()
+                .disconnect(100 * S, 11)
+                .connect(back * S, 11)
+                .presence(163 * S, 11, 2, Offline)
+                .build();
+            h.retain(|r| r.t_us != 150 * S);
+            h
+        };
+        assert!(run(check, &late(154)).passed());
+        let r = run(check, &late(148));
+        assert_eq!(r.violation_count, 1, "{:?}", r.violations);
+        assert!(r.violations[0].contains("at t_us 160000000"), "{:?}", r.violations);
     }
 
     #[test]
