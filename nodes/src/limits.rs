@@ -32,6 +32,13 @@ pub const RPC_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// cursor when it reconnects (nothing is lost, it is all in kv).
 pub const SESSION_OUTBOX_MAX: usize = 1024;
 
+/// Open WebSocket connections (authenticated or not) one source address may hold on one chat
+/// server. Past it the chat server closes a new connection at once, before reading anything
+/// (counted in `chatsim_connections_refused_total`). Generous for a NAT of many users; it
+/// bounds what one host can hold open. (Per user, connections are bounded by the 20 devices
+/// of an account: a device's newer connection replaces its older one.)
+pub const WS_CONNECTIONS_PER_ADDR_MAX: u32 = 1_000;
+
 /// Largest HTTP request body the api reads (its largest legal body, a group of 100 members,
 /// is a few KB). Larger bodies are refused with 413 `body_too_large`. Enforced by the api's
 /// body extractor.

@@ -55,6 +55,11 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
@@ -95,6 +100,8 @@ pub struct Metrics {
     pub kv_replica_rebuilds: Counter,
     /// Presence transitions the presence node published, by new state.
     pub presence_changes: Family<StateLabel, Counter>,
+    /// Connections a chat server closed at accept, by reason (`per_address`).
+    pub connections_refused: Family<ReasonLabel, Counter>,
     /// Notifications handed to the push provider, by outcome.
     pub pushes: Family<OutcomeLabel, Counter>,
     /// Snowflake ids issued (idgen).
@@ -209,6 +216,12 @@ impl Metrics {
             "Replicas rebuilt from peers after their storage failed",
             kv_replica_rebuilds.clone(),
         );
+        let connections_refused = Family::<ReasonLabel, Counter>::default();
+        r.register(
+            "connections_refused",
+            "Connections a chat server closed at accept, by reason",
+            connections_refused.clone(),
+        );
         let presence_changes = Family::<StateLabel, Counter>::default();
         r.register(
             "presence_changes",
@@ -248,10 +261,17 @@ impl Metrics {
             kv_leader_elected,
             kv_replica_rebuilds,
             presence_changes,
+            connections_refused,
             pushes,
             ids_issued,
             idgen_worker_losses,
         })
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn count_error(&self, code: ErrorCode) {
@@ -282,7 +302,7 @@ pub fn alive() -> HealthCheck {
     Arc::new(|| Ok(()))
 }
 
-/// `/metrics` and `/healthz` as routes (merged into the api router, or served alone).
+/// `/metrics` and `/healthz` as routes (an admin endpoint's).
 pub fn routes(metrics: Arc<Metrics>, health: HealthCheck) -> Router {
     Router::new()
         .route(
@@ -292,22 +312,27 @@ pub fn routes(metrics: Arc<Metrics>, health: HealthCheck) -> Router {
                 async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], m.render()) }
             }),
         )
-        .route(
-            "/healthz",
-            get(move || {
-                let h = health.clone();
-                async move {
-                    match h() {
-                        Ok(()) => (StatusCode::OK, "ok\n".to_string()).into_response(),
-                        Err(why) => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("unhealthy: {why}\n"),
-                        )
-                            .into_response(),
-                    }
+        .merge(health_routes(health))
+}
+
+/// `/healthz` alone (merged into the api's public router: load balancers ask it).
+pub fn health_routes(health: HealthCheck) -> Router {
+    Router::new().route(
+        "/healthz",
+        get(move || {
+            let h = health.clone();
+            async move {
+                match h() {
+                    Ok(()) => (StatusCode::OK, "ok\n".to_string()).into_response(),
+                    Err(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("unhealthy: {why}\n"),
+                    )
+                        .into_response(),
                 }
-            }),
-        )
+            }
+        }),
+    )
 }
 
 /// Serves `/metrics` and `/healthz` on `addr` until the process ends.

@@ -303,8 +303,13 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 }
 
 /// The value of one sample of `/metrics` (`name` with its labels, as printed), 0 if absent.
+/// `/metrics` is served on the api's admin address (all-in-one: the port below the api's),
+/// not on the public one.
 async fn metric(http: SocketAddr, sample: &str) -> f64 {
-    let r = raw_http(http, "GET", "/metrics", &[], b"").await;
+    let public = raw_http(http, "GET", "/metrics", &[], b"").await;
+    assert_eq!(public.status, 404, "/metrics on the public address");
+    let admin = SocketAddr::new(http.ip(), http.port() - 1);
+    let r = raw_http(admin, "GET", "/metrics", &[], b"").await;
     assert_eq!(r.status, 200, "/metrics");
     let text = String::from_utf8(r.body).expect("metrics are text");
     text.lines()
@@ -1801,4 +1806,71 @@ async fn logout_revokes_the_token_and_ends_the_session() {
         ));
     }
     drop(a2);
+}
+
+// ------------------------------------------------------------------ connections per address
+
+/// One host cannot hold more than `WS_CONNECTIONS_PER_ADDR_MAX` connections open on a chat
+/// server: the next is closed before anything is read (and counted), while other addresses
+/// connect as usual; the host's places come back as its connections close.
+#[tokio::test]
+async fn connections_per_source_address_are_capped() {
+    use nodes::limits::WS_CONNECTIONS_PER_ADDR_MAX;
+    let server = Server::start().await;
+    signup(server.http, "capped").await;
+    let (http, login) = login(server.http, "capped").await;
+    let url = chat_url(&http).await;
+    let ws_addr: SocketAddr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .parse()
+        .expect("host:port");
+    let from = |ip: [u8; 4]| async move {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::from((ip, 0)))
+            .expect("bind a loopback source");
+        sock.connect(ws_addr).await.expect("connect")
+    };
+    let mut held = Vec::new();
+    for _ in 0..WS_CONNECTIONS_PER_ADDR_MAX {
+        held.push(from([127, 0, 0, 91]).await);
+    }
+    // Each is counted when accepted: the last one's place is taken once the server saw it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut over = from([127, 0, 0, 91]).await;
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf))
+        .await
+        .expect("closed at once, not held")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the connection over the cap is closed");
+    let refused = metric(
+        server.http,
+        "chatsim_connections_refused_total{reason=\"per_address\"}",
+    )
+    .await;
+    assert!(refused >= 1.0, "{refused}");
+    // Another address is served meanwhile.
+    let ws = connect(&http, &login.token).await;
+    drop(ws);
+    // Closing the held connections gives the places back.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stream = from([127, 0, 0, 91]).await;
+    let url_host = url.clone();
+    let (mut ws, _) = tokio_tungstenite::client_async(url_host.as_str(), stream)
+        .await
+        .expect("a WebSocket from the address again");
+    ws.send(Message::text(
+        serde_json::to_string(&hello(&login.token)).expect("json"),
+    ))
+    .await
+    .expect("hello");
+    let welcome = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(&welcome, Some(Ok(Message::Text(t))) if t.contains("welcome")),
+        "{welcome:?}"
+    );
 }

@@ -20,7 +20,8 @@ pub struct ApiConfig {
     pub token_key: TokenKey,
     /// The work one password hash costs (`Minimal` only in the simulation).
     pub password_cost: PasswordCost,
-    /// Served at `/metrics` beside the api (all-in-one passes the process's shared one).
+    /// The node's counters (all-in-one passes the process's shared one); `/metrics` is on the
+    /// admin address (`metrics::serve`), not here.
     pub metrics: Arc<Metrics>,
 }
 
@@ -40,7 +41,7 @@ pub async fn run(cfg: ApiConfig) -> anyhow::Result<()> {
         login_throttle: Default::default(),
         metrics: cfg.metrics.clone(),
     }))
-    .merge(metrics::routes(cfg.metrics.clone(), metrics::alive()));
+    .merge(metrics::health_routes(metrics::alive()));
     tracing::info!(listen = %cfg.listen, "api node up");
     serve_router(listener, app, HEADER_READ_TIMEOUT).await
 }

@@ -146,11 +146,51 @@ pub struct ChatState {
     /// that reconnecting (or opening a second connection) does not refill them. A std mutex:
     /// short updates.
     buckets: Mutex<BTreeMap<Id, (SharedBuckets, Option<u64>)>>,
+    /// Open WebSocket connections by source address (`WS_CONNECTIONS_PER_ADDR_MAX`); an
+    /// address leaves the map with its last connection. A std mutex: short updates.
+    per_addr: Mutex<BTreeMap<std::net::IpAddr, u32>>,
+}
+
+/// One open WebSocket connection's place in its source address's count; given back on drop.
+pub struct AddrSlot {
+    state: Arc<ChatState>,
+    addr: std::net::IpAddr,
+}
+
+impl Drop for AddrSlot {
+    fn drop(&mut self) {
+        let mut m = self
+            .state
+            .per_addr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.addr);
+            }
+        }
+    }
 }
 
 impl ChatState {
     pub fn peers(&self) -> &Arc<Peers> {
         &self.cfg.peers
+    }
+
+    /// A place for one more connection from `addr`; `None` when it holds
+    /// `WS_CONNECTIONS_PER_ADDR_MAX` already.
+    pub fn take_addr_slot(self: &Arc<Self>, addr: std::net::IpAddr) -> Option<AddrSlot> {
+        let mut m = self.per_addr.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(addr).or_insert(0);
+        if *n >= crate::limits::WS_CONNECTIONS_PER_ADDR_MAX {
+            return None;
+        }
+        *n += 1;
+        Some(AddrSlot {
+            state: self.clone(),
+            addr,
+        })
     }
 
     pub fn next_epoch(&self) -> u64 {
@@ -407,6 +447,7 @@ impl ChatState {
             last_renewed: Mutex::new(None),
             presence_boot: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(BTreeMap::new()),
+            per_addr: Mutex::new(BTreeMap::new()),
             buckets: Mutex::new(BTreeMap::new()),
         }
     }
@@ -433,9 +474,17 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
     tracing::info!(server = cfg.server, ws = %cfg.ws_listen, "chat server up");
     loop {
         match listener.accept().await {
-            Ok((tcp, _)) => {
+            Ok((tcp, peer)) => {
+                let Some(slot) = state.take_addr_slot(peer.ip()) else {
+                    // Closed before anything is read: one host holds too many already.
+                    state.cfg.metrics.connection_refused("per_address");
+                    tracing::debug!(%peer, "connection refused: too many from this address");
+                    drop(tcp);
+                    continue;
+                };
                 let state = state.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     super::session::run(state, Stream::new(tcp)).await;
                 });
             }

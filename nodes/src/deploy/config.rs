@@ -49,7 +49,8 @@
 //! # ws_advertise / rpc_advertise: what clients and peers dial (default: the listen address)
 //!
 //! [[api]]
-//! listen = "127.0.0.1:8080"          # the api, the browser page, /metrics and /healthz
+//! listen = "127.0.0.1:8080"          # the api, the browser page and /healthz
+//! admin = "127.0.0.1:8079"           # /metrics (and /healthz), not on the public address
 //! ```
 //!
 //! Product limits (message size, group size, rates, timeouts) are protocol constants in
@@ -197,8 +198,12 @@ pub struct ChatNode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiNode {
-    /// HTTP: the api, the browser page, `/metrics` and `/healthz`.
+    /// HTTP: the api, the browser page and `/healthz`.
     pub listen: SocketAddr,
+    /// Where `/metrics` (and `/healthz`) are served, away from the public address; none if
+    /// absent. In all-in-one it serves the whole process's metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
 }
 
 /// One node (a table) or several (an array of tables).
@@ -266,7 +271,11 @@ impl Config {
                 rpc_advertise: None,
                 admin: None,
             }],
-            api: vec![ApiNode { listen: http }],
+            // The api's admin endpoint (the process's /metrics) just below the api.
+            api: vec![ApiNode {
+                listen: http,
+                admin: Some(SocketAddr::new(http.ip(), http.port().wrapping_sub(1))),
+            }],
         }
     }
 
@@ -363,6 +372,7 @@ impl Config {
             api: (0..sizes.api)
                 .map(|i| ApiNode {
                     listen: if i == 0 { http } else { sa(7, i, 8080) },
+                    admin: Some(sa(7, i, 9000)),
                 })
                 .collect(),
         })
@@ -473,7 +483,7 @@ impl Config {
             node(format!("chat-{i} rpc"), n.rpc_listen, None);
         }
         for (i, n) in self.api.iter().enumerate() {
-            node(format!("api-{i}"), n.listen, None);
+            node(format!("api-{i}"), n.listen, n.admin);
         }
         v
     }

@@ -152,7 +152,7 @@ pub fn start(
             node.admin
         }
         Role::Api => {
-            // The api serves /metrics and /healthz itself.
+            // The api serves /healthz itself; /metrics only on its admin address.
             tasks.push(tokio::spawn(crate::api::run(crate::api::ApiConfig {
                 listen: cfg.api[index].listen,
                 peers: peers(),
@@ -160,7 +160,7 @@ pub fn start(
                 password_cost: crate::auth::PasswordCost::Standard,
                 metrics: m,
             })));
-            None
+            cfg.api[index].admin
         }
     };
     if let (true, Some(addr)) = (admin, admin_addr) {
@@ -173,8 +173,8 @@ pub fn start(
     Ok(tasks)
 }
 
-/// Every node of the config in this process (all-in-one), sharing one [`Metrics`] (served by
-/// the api nodes); admin endpoints are not started.
+/// Every node of the config in this process (all-in-one), sharing one [`Metrics`], served on
+/// the api nodes' admin addresses (the other nodes' admin endpoints are not started).
 pub fn start_all(cfg: &Config, shared: &Shared) -> anyhow::Result<Vec<Task>> {
     std::fs::create_dir_all(&cfg.data).with_context(|| format!("create {}", cfg.data.display()))?;
     if cfg.is_new_cluster() {
@@ -183,7 +183,7 @@ pub fn start_all(cfg: &Config, shared: &Shared) -> anyhow::Result<Vec<Task>> {
     let mut tasks = Vec::new();
     for role in Role::ALL {
         for i in 0..cfg.count(role) {
-            tasks.extend(start(cfg, role, i, shared, false, false)?);
+            tasks.extend(start(cfg, role, i, shared, role == Role::Api, false)?);
         }
     }
     Ok(tasks)

@@ -393,7 +393,11 @@ mod tests {
         assert!(run(check, &late(154)).passed());
         let r = run(check, &late(148));
         assert_eq!(r.violation_count, 1, "{:?}", r.violations);
-        assert!(r.violations[0].contains("at t_us 160000000"), "{:?}", r.violations);
+        assert!(
+            r.violations[0].contains("at t_us 160000000"),
+            "{:?}",
+            r.violations
+        );
     }
 
     #[test]
