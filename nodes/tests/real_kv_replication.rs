@@ -261,3 +261,80 @@ async fn kv_survives_a_leader_crash_and_a_lost_disk() {
     }
     read_all(&peers, 0..written).await;
 }
+
+/// A kv node whose storage fails for good (here its directory cannot be created: a file is in
+/// the way; a full disk fails the same way) says so on `/healthz` (503 with the error), and
+/// after `EXIT_AFTER_IO_FAILURES` failures in a row it exits non-zero, for its supervisor to
+/// restart it, instead of answering "ok" while it never works again.
+#[test]
+fn a_kv_node_whose_storage_fails_reports_it_and_exits() {
+    use std::io::{Read, Write};
+    let data = tempfile::tempdir().expect("temp dir");
+    let base = common::free_base(2);
+    let sizes = ClusterSizes {
+        etcd: 0,
+        presence: 1,
+        push: 1,
+        kv: 1,
+        kv_shards: 1,
+        kv_replicas: 1,
+        idgen: 1,
+        chat: 1,
+        api: 1,
+    };
+    let mut cfg = Config::loopback_cluster(
+        data.path().to_path_buf(),
+        SocketAddr::from(([127, 0, 0, 1], base + 10)),
+        &sizes,
+    )
+    .expect("config");
+    let admin = SocketAddr::from(([127, 0, 0, 1], base + 1));
+    cfg.kv[0].listen = SocketAddr::from(([127, 0, 0, 1], base));
+    cfg.kv[0].admin = Some(admin);
+    let path = data.path().join("cluster.toml");
+    std::fs::write(&path, cfg.to_toml()).expect("write config");
+    std::fs::write(cfg.kv_dir(0), b"not a directory").expect("block the kv directory");
+    let mut child = KvProc(
+        Command::new(env!("CARGO_BIN_EXE_chatd"))
+            .args(["kv", "--config"])
+            .arg(&path)
+            .args(["--index", "0"])
+            .env("RUST_LOG", "error")
+            .spawn()
+            .expect("start chatd kv"),
+    );
+    let healthz = || -> Option<String> {
+        let mut s = std::net::TcpStream::connect(admin).ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let start = Instant::now();
+    let mut unhealthy = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Some(r) = healthz() {
+            if r.starts_with("HTTP/1.1 503") {
+                unhealthy = Some(r);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = unhealthy.expect("/healthz turned 503");
+    assert!(r.contains("shard 0: replica failed"), "{r}");
+    eprintln!("unhealthy after {:?}", start.elapsed());
+    let status = loop {
+        if let Some(s) = child.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the node did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{status}");
+    eprintln!("exited ({status}) after {:?}", start.elapsed());
+}

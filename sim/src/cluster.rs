@@ -192,6 +192,7 @@ impl Cluster {
                     canaries: canaries.clone(),
                     metrics: nodes::metrics::Metrics::new(),
                     tls: tls.clone(),
+                    health: nodes::kv::server::KvHealth::new(),
                 })
             });
         }

@@ -61,6 +61,8 @@ pub fn start(
     let tls = certs::node_tls(cfg, crate::tls::Principal::Node(role, index as u32))?;
     let peers = || Peers::new(cfg.cluster_map(), Canaries::none(), tls.clone());
     let m = shared.metrics.clone();
+    // A kv node's /healthz reports its replicas' storage (`KvHealth`); others: alive.
+    let mut kv_health: Option<Arc<crate::kv::server::KvHealth>> = None;
     let mut tasks: Vec<Task> = Vec::new();
     let admin_addr = match role {
         Role::Discovery => {
@@ -87,7 +89,9 @@ pub fn start(
                 canaries: Canaries::none(),
                 metrics: m,
                 tls: tls.clone(),
+                health: crate::kv::server::KvHealth::new(),
             };
+            kv_health = Some(kv.health.clone());
             let mark = dir.join(config::BOOTSTRAP_MARK);
             if bootstrap || mark.exists() {
                 crate::kv::server::bootstrap(&kv)
@@ -164,10 +168,14 @@ pub fn start(
         }
     };
     if let (true, Some(addr)) = (admin, admin_addr) {
+        let health: metrics::HealthCheck = match kv_health {
+            Some(h) => Arc::new(move || h.check()),
+            None => metrics::alive(),
+        };
         tasks.push(tokio::spawn(metrics::serve(
             addr,
             shared.metrics.clone(),
-            metrics::alive(),
+            health,
         )));
     }
     Ok(tasks)

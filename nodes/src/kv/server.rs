@@ -115,6 +115,103 @@ pub struct KvConfig {
     pub metrics: Arc<Metrics>,
     /// This node's certificate (Raft traffic to its peers, and its RPC server).
     pub tls: crate::tls::NodeTls,
+    /// What the node's `/healthz` reports (`KvHealth::check`), shared with its admin endpoint.
+    pub health: Arc<KvHealth>,
+}
+
+/// A replica that failed this many times in a row, none of its runs lasting
+/// `HEALTHY_RUN`, makes the node unhealthy (`/healthz` answers 503 with its last error).
+pub const UNHEALTHY_AFTER: u32 = 3;
+/// A replica whose storage failed this many times in a row with an I/O error (not corruption,
+/// which is rebuilt from the peers: a full disk, a directory it cannot write) stops the node:
+/// `run` returns the error, the process exits non-zero and its supervisor restarts it. With
+/// the backoff between attempts (100 ms more each time) that is about 5 s of failing.
+pub const EXIT_AFTER_IO_FAILURES: u32 = 10;
+/// A replica that ran this long since it last opened counts as recovered.
+pub const HEALTHY_RUN: Duration = Duration::from_secs(10);
+
+/// One replica's storage health.
+#[derive(Debug, Default)]
+struct ReplicaHealth {
+    failures_in_a_row: u32,
+    last_error: String,
+    /// When it last opened (None while it is failed).
+    opened_at: Option<tokio::time::Instant>,
+}
+
+/// The storage health of a kv node's replicas: failures in a row per shard.
+#[derive(Debug, Default)]
+pub struct KvHealth {
+    /// By shard. A std mutex: short updates.
+    shards: std::sync::Mutex<BTreeMap<u32, ReplicaHealth>>,
+    /// Set (with the error) when a replica hit `EXIT_AFTER_IO_FAILURES`: `run` returns it.
+    fatal: tokio::sync::Notify,
+    fatal_error: std::sync::Mutex<Option<String>>,
+}
+
+impl KvHealth {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn opened(&self, shard: u32) {
+        let mut s = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        s.entry(shard).or_default().opened_at = Some(tokio::time::Instant::now());
+    }
+
+    /// Records a failure; true when the node must stop.
+    fn failed(&self, shard: u32, err: &StoreError) -> bool {
+        let mut s = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let e = s.entry(shard).or_default();
+        let recovered = e.opened_at.is_some_and(|t| t.elapsed() >= HEALTHY_RUN);
+        e.failures_in_a_row = if recovered {
+            1
+        } else {
+            e.failures_in_a_row + 1
+        };
+        e.last_error = err.to_string();
+        e.opened_at = None;
+        let fatal =
+            matches!(err, StoreError::Io(_)) && e.failures_in_a_row >= EXIT_AFTER_IO_FAILURES;
+        if fatal {
+            *self.fatal_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                "shard {shard}: storage failed {} times in a row: {}",
+                e.failures_in_a_row, e.last_error
+            ));
+            self.fatal.notify_one();
+        }
+        fatal
+    }
+
+    /// `Err(reason)` while a replica keeps failing: `UNHEALTHY_AFTER` failures in a row and
+    /// not open for `HEALTHY_RUN` since.
+    pub fn check(&self) -> Result<(), String> {
+        let s = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        for (shard, h) in s.iter() {
+            let recovered = h.opened_at.is_some_and(|t| t.elapsed() >= HEALTHY_RUN);
+            if h.failures_in_a_row >= UNHEALTHY_AFTER && !recovered {
+                return Err(format!(
+                    "shard {shard}: replica failed {} times in a row: {}",
+                    h.failures_in_a_row, h.last_error
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn fatal(&self) -> String {
+        loop {
+            if let Some(e) = self
+                .fatal_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                return e;
+            }
+            self.fatal.notified().await;
+        }
+    }
 }
 
 /// Requests waiting for one replica. When full, RPC handlers wait for room (backpressure:
@@ -186,7 +283,12 @@ pub async fn run(cfg: KvConfig) -> anyhow::Result<()> {
         let (inboxes, stores, metrics) = (inboxes.clone(), stores.clone(), metrics.clone());
         async move { handle(req, &inboxes, &stores, &metrics).await }.boxed()
     });
-    rpc::serve(cfg.listen, handler, cfg.tls.clone()).await?;
+    let health = cfg.health.clone();
+    tokio::select! {
+        biased;
+        e = health.fatal() => anyhow::bail!("kv node {} stops: {e}", cfg.slot),
+        r = rpc::serve(cfg.listen, handler, cfg.tls.clone()) => r?,
+    }
     Ok(())
 }
 
@@ -303,16 +405,23 @@ impl ReplicaTask {
             let opened = std::panic::catch_unwind(AssertUnwindSafe(|| self.open(bootstrap)))
                 .unwrap_or_else(|p| Err(panicked(p)));
             let err = match opened {
-                Ok(replica) => AssertUnwindSafe(self.serve(replica, &mut inbox))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(panicked),
+                Ok(replica) => {
+                    self.cfg.health.opened(self.shard);
+                    AssertUnwindSafe(self.serve(replica, &mut inbox))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(panicked)
+                }
                 Err(e) => e,
             };
             // After the first start, a replica never bootstraps again: an empty replica joins.
             bootstrap = false;
             failures += 1;
             tracing::error!(shard = self.shard, error = %err, "replica failed");
+            if self.cfg.health.failed(self.shard, &err) {
+                // `run` returns the error; this task ends (the process is exiting).
+                return;
+            }
             *self.store_slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
             match err {
                 StoreError::Corrupt(_) => {
