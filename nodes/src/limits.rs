@@ -128,5 +128,9 @@ pub const DEVICES_PER_USER_MAX: usize = 20;
 /// Friends one user may have (each friendship is a 1:1 channel); past it `limit_reached`.
 pub const FRIENDS_PER_USER_MAX: usize = 5_000;
 
+/// Friend requests one user may have waiting for an answer (from distinct users). Past it a
+/// new request is refused `limit_reached` (the user declines or accepts some first).
+pub const FRIEND_REQUESTS_MAX: usize = 1_000;
+
 /// Channels (1:1 and groups) one user may be in; past it `limit_reached`.
 pub const CHANNELS_PER_USER_MAX: usize = 6_000;

@@ -202,10 +202,19 @@ async fn real_chat_survives_restart() {
     }
     let (alice_http, alice) = login(server.http, "alice", None).await;
     let (bob_http, bob) = login(server.http, "bob", None).await;
-    let direct: AddFriendResponse = alice_http
+    let asked: AddFriendResponse = alice_http
         .post("/v1/friends", &AddFriendRequest { user: ids[1] })
         .await
-        .expect("befriend");
+        .expect("friend request");
+    assert_eq!(
+        (asked.status, asked.channel),
+        (FriendStatus::Requested, None)
+    );
+    let direct: AddFriendResponse = bob_http
+        .post("/v1/friends", &AddFriendRequest { user: ids[0] })
+        .await
+        .expect("accept");
+    let direct_channel = direct.channel.expect("friends have a channel");
     let group: GroupResponse = alice_http
         .post(
             "/v1/groups",
@@ -234,7 +243,7 @@ async fn real_chat_survives_restart() {
     })
     .await;
 
-    for (i, ch) in [direct.channel, group.channel].into_iter().enumerate() {
+    for (i, ch) in [direct_channel, group.channel].into_iter().enumerate() {
         let acked = send_until_acked(&mut a, i as u64 + 1, ch, &format!("hello {i}")).await;
         assert_eq!(acked, (ch, 1));
         let got = until(&mut b, |f| match f {
@@ -258,7 +267,7 @@ async fn real_chat_survives_restart() {
     let long = "x".repeat(nodes::limits::MESSAGE_CHARS_MAX + 1);
     a.send(&ClientFrame::Send {
         client_msg_id: 10,
-        channel: direct.channel,
+        channel: direct_channel,
         text: long,
     })
     .await
@@ -279,7 +288,7 @@ async fn real_chat_survives_restart() {
     // A retried send is one message: same client_msg_id, same id and seq.
     a.send(&ClientFrame::Send {
         client_msg_id: 1,
-        channel: direct.channel,
+        channel: direct_channel,
         text: "hello 0".into(),
     })
     .await
@@ -310,7 +319,7 @@ async fn real_chat_survives_restart() {
     wait_ready(server.http).await;
     let (bob_http, bob2) = login(server.http, "bob", Some(bob.device)).await;
     assert_eq!(bob2.device, bob.device, "the device is remembered");
-    for ch in [direct.channel, group.channel] {
+    for ch in [direct_channel, group.channel] {
         let h: HistoryResponse = bob_http
             .get(&format!("/v1/channels/{ch}/messages?after_seq=0"))
             .await

@@ -381,12 +381,24 @@ async fn login_as(
     (authed, r)
 }
 
-async fn befriend(http: &HttpClient, user: u64) -> u64 {
-    let r: AddFriendResponse = http
-        .post("/v1/friends", &AddFriendRequest { user })
+/// `a` asks `b` to be friends and `b` accepts (adds `a` back); answers their 1:1 channel.
+async fn befriend(a: &HttpClient, b: &HttpClient) -> u64 {
+    let me = |h: &HttpClient| {
+        let h = h.clone();
+        async move { h.get::<Profile>("/v1/me").await.expect("profile").user }
+    };
+    let (a_user, b_user) = (me(a).await, me(b).await);
+    let asked: AddFriendResponse = a
+        .post("/v1/friends", &AddFriendRequest { user: b_user })
         .await
-        .expect("befriend");
-    r.channel
+        .expect("friend request");
+    assert_eq!(asked.status, FriendStatus::Requested);
+    let r: AddFriendResponse = b
+        .post("/v1/friends", &AddFriendRequest { user: a_user })
+        .await
+        .expect("accept");
+    assert_eq!(r.status, FriendStatus::Friends);
+    r.channel.expect("friends have a channel")
 }
 
 /// Asks for a chat server, retrying while none is live yet (just after start).
@@ -521,10 +533,10 @@ async fn history(http: &HttpClient, channel: u64) -> Vec<ChatMessage> {
 async fn well_behaved_pair_chats(http: SocketAddr, tag: &str) {
     let (a_name, b_name) = (format!("{tag}-a"), format!("{tag}-b"));
     signup(http, &a_name).await;
-    let b_user = signup(http, &b_name).await;
+    signup(http, &b_name).await;
     let (a_http, a) = login(http, &a_name).await;
     let (b_http, b) = login(http, &b_name).await;
-    let channel = befriend(&a_http, b_user).await;
+    let channel = befriend(&a_http, &b_http).await;
     let mut a_ws = connect(&a_http, &a.token).await;
     let mut b_ws = connect(&b_http, &b.token).await;
     let text = format!("{tag}: still working");
@@ -623,10 +635,10 @@ async fn oversize_frames_and_texts() {
     let server = Server::start().await;
     let http = server.http;
     signup(http, "alice").await;
-    let bob_user = signup(http, "bob").await;
+    signup(http, "bob").await;
     let (alice_http, alice) = login(http, "alice").await;
     let (bob_http, bob) = login(http, "bob").await;
-    let channel = befriend(&alice_http, bob_user).await;
+    let channel = befriend(&alice_http, &bob_http).await;
     let mut a = connect(&alice_http, &alice.token).await;
     let mut b = connect(&bob_http, &bob.token).await;
 
@@ -767,14 +779,14 @@ const FLOOD_SENDS_PER_SECOND: u64 = 40;
 async fn never_reading_client_is_disconnected_with_bounded_memory() {
     let server = Server::start().await;
     let http = server.http;
-    let slow_user = signup(http, "slow").await;
+    signup(http, "slow").await;
     let (slow_http, slow) = login(http, "slow").await;
     let mut flooders = Vec::new();
     for i in 0..FLOODERS {
         let name = format!("flooder{i}");
         signup(http, &name).await;
         let (fh, fl) = login(http, &name).await;
-        let channel = befriend(&fh, slow_user).await;
+        let channel = befriend(&fh, &slow_http).await;
         flooders.push((fh, fl, channel));
     }
 
@@ -960,9 +972,10 @@ async fn floods_are_refused_and_the_connection_stays_open() {
     let server = Server::start().await;
     let http = server.http;
     signup(http, "alice").await;
-    let bob_user = signup(http, "bob").await;
+    signup(http, "bob").await;
     let (alice_http, alice) = login(http, "alice").await;
-    let channel = befriend(&alice_http, bob_user).await;
+    let (bob_http, _) = login(http, "bob").await;
+    let channel = befriend(&alice_http, &bob_http).await;
     let mut a = connect(&alice_http, &alice.token).await;
 
     const SENDS: u64 = 500;
@@ -1144,9 +1157,10 @@ async fn every_frame_kind_is_throttled_and_reconnecting_refills_nothing() {
     let server = Server::start().await;
     let http = server.http;
     signup(http, "alice").await;
-    let bob_user = signup(http, "bob").await;
+    signup(http, "bob").await;
     let (alice_http, alice) = login(http, "alice").await;
-    let channel = befriend(&alice_http, bob_user).await;
+    let (bob_http, _) = login(http, "bob").await;
+    let channel = befriend(&alice_http, &bob_http).await;
     let mut a = connect(&alice_http, &alice.token).await;
 
     let beats = vec![ClientFrame::Heartbeat; 4 * CONTROL_FRAMES_PER_SECOND_MAX as usize];
@@ -1696,6 +1710,7 @@ async fn an_outsider_on_a_node_port_takes_nothing_over() {
                 channels: Vec::new(),
                 push_targets: BTreeMap::new(),
                 revoked_before_ms: BTreeMap::new(),
+                friend_requests: BTreeMap::new(),
                 revoked_all_before_ms: 0,
             },
         }),

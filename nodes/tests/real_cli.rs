@@ -119,7 +119,13 @@ fn cli_signup_friend_send_history_presence_follow() {
     alice.ok(&["login", "alice", "a-pw"]);
     bob.ok(&["login", "bob", "b-pw"]);
 
-    let befriended = alice.ok(&["friend", "bob"]);
+    // Consent: alice asks, bob sees the request and accepts by adding her back.
+    assert!(alice
+        .ok(&["friend", "bob"])
+        .contains("asked bob to be friends"));
+    assert!(bob.ok(&["me"]).contains("friend request from alice"));
+    let befriended = bob.ok(&["friend", "alice"]);
+    assert!(befriended.contains("friends with alice"), "{befriended}");
     let channel = befriended
         .trim()
         .rsplit(' ')

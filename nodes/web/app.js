@@ -21,7 +21,7 @@ const SESSION_KEY = 'chatsim.session';
 // Error codes (proto ErrorCode): a send refused with these may succeed unchanged later.
 const RETRYABLE = new Set(['unavailable', 'rate_limited']);
 // The server closes the connection after these; the session cannot go on.
-const SESSION_OVER = new Set(['bad_token', 'token_expired', 'not_authenticated']);
+const SESSION_OVER = new Set(['bad_token', 'token_expired', 'token_revoked', 'not_authenticated']);
 
 const $ = (id) => document.getElementById(id);
 
@@ -31,6 +31,7 @@ const st = {
   nameLookups: new Set(),
   channels: new Map(), // channel id -> channel view (see ensureChannel)
   friends: new Map(), // friend user id -> direct channel id
+  requests: [], // users who asked to be friends, waiting for an answer
   outbox: new Map(), // client_msg_id -> {channel, text, state: pending|retry|failed, code}
   presence: new Map(), // user id -> {status, version}
   selected: null,
@@ -164,8 +165,25 @@ async function refreshProfile() {
     const c = st.channels.get(ch);
     if (!c || (c.kind === 'group' && !c.members.length)) await loadChannelInfo(ch);
   }
+  st.requests = p.friend_requests || [];
+  st.requests.forEach(nameOf);
   if (fresh.length) queryPresence(fresh);
   render();
+}
+
+// Becomes friends with `user` (accepting their request) or asks them to be friends.
+async function addFriend(user) {
+  const r = await api('POST', '/v1/friends', { user });
+  await refreshProfile();
+  const notice = $('friend-notice');
+  if (r.status === 'requested') {
+    notice.textContent = 'Asked ' + nameOf(user) + ' to be friends: you are friends once they add you too.';
+    notice.hidden = false;
+    return;
+  }
+  notice.hidden = true;
+  queryPresence([user]);
+  select(r.channel);
 }
 
 async function loadChannelInfo(ch) {
@@ -415,7 +433,7 @@ function channelTitle(c) {
 }
 
 function render() {
-  if (!st.session) { $('friends').replaceChildren(); $('groups').replaceChildren(); $('messages').replaceChildren(); return; }
+  if (!st.session) { $('friends').replaceChildren(); $('friend-requests').replaceChildren(); $('groups').replaceChildren(); $('messages').replaceChildren(); return; }
   const item = (c, extra) => {
     const b = el('button', { type: 'button', 'data-channel': c.id, 'aria-current': String(st.selected === c.id) },
       ...extra, el('span', { className: 'label', textContent: channelTitle(c) }));
@@ -432,6 +450,15 @@ function render() {
     return li;
   });
   $('friends').replaceChildren(...friends);
+  const requests = st.requests.map((user) => {
+    const accept = el('button', { type: 'button', className: 'accept', textContent: 'Accept' });
+    accept.dataset.user = user;
+    accept.onclick = () => addFriend(user).catch(report);
+    const decline = el('button', { type: 'button', className: 'decline', textContent: 'Decline' });
+    decline.onclick = () => api('DELETE', '/v1/friend-requests/' + user).then(refreshProfile).catch(report);
+    return el('li', {}, el('span', { className: 'label', textContent: nameOf(user) + ' wants to be friends' }), accept, decline);
+  });
+  $('friend-requests').replaceChildren(...requests);
   const groups = [...st.channels.values()].filter((c) => c.kind === 'group').map((c) => item(c, []));
   $('groups').replaceChildren(...groups);
   renderConversation();
@@ -502,11 +529,8 @@ function wire() {
   });
   onSubmit('friend-form', async () => {
     const user = await findUser($('friend-name').value.trim());
-    const r = await api('POST', '/v1/friends', { user });
     $('friend-name').value = '';
-    await refreshProfile();
-    queryPresence([user]);
-    select(r.channel);
+    await addFriend(user);
   });
   onSubmit('group-form', async () => {
     const names = $('group-members').value.split(/[\s,]+/).filter(Boolean);

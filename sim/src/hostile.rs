@@ -12,6 +12,7 @@
 //! | `user` | `sync` with a cursor at 0 in that channel | any `message` of it |
 //! | `user` | `presence_query` for the two strangers | any `presence` of them |
 //! | `user` | `GET /v1/channels/{that}/messages` | HTTP 200 |
+//! | `user` | `POST /v1/friends` naming a stranger (who never answers) | `friends` (not `requested`) |
 //!
 //! Each attempt that reached a server is an `intrusion` event, with the answer if there was
 //! one; `checkers::security` requires that there never is. An attempt that reached nothing
@@ -36,7 +37,7 @@ pub const HOSTILE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
 pub const EVERY: Duration = Duration::from_secs(10);
 /// How long an attempt waits for an answer (a refusal comes in milliseconds).
 const WAIT: Duration = Duration::from_secs(3);
-const ATTEMPTS: [(&str, &str); 9] = [
+const ATTEMPTS: [(&str, &str); 10] = [
     ("forged_token", "hello"),
     ("expired_token", "hello"),
     ("revoked_token", "hello"),
@@ -46,6 +47,7 @@ const ATTEMPTS: [(&str, &str); 9] = [
     ("user", "sync"),
     ("user", "presence_query"),
     ("user", "history"),
+    ("user", "befriend"),
 ];
 
 /// Whom to attack: a 1:1 channel and its two members, none of them the attacker's.
@@ -149,6 +151,17 @@ pub fn start(
                     Err(ClientError::Refused { .. }) => Some(None),
                     Err(_) => None,
                 }
+            } else if request == "befriend" {
+                let ask = AddFriendRequest {
+                    user: victims.users[(round / ATTEMPTS.len()) % 2],
+                };
+                match api.post::<_, AddFriendResponse>("/v1/friends", &ask).await {
+                    Ok(r) if r.status == FriendStatus::Friends => {
+                        Some(Some(format!("friends, channel {:?}", r.channel)))
+                    }
+                    Ok(_) | Err(ClientError::Refused { .. }) => Some(None),
+                    Err(_) => None,
+                }
             } else if request == "history" {
                 let path = format!("/v1/channels/{}/messages?after_seq=0", victims.channel);
                 match api.get::<HistoryResponse>(&path).await {
@@ -161,7 +174,7 @@ pub fn start(
             };
             if let Some(answered) = outcome {
                 recorder.record(Event::Intrusion {
-                    target: if matches!(request, "history" | "me") {
+                    target: if matches!(request, "history" | "me" | "befriend") {
                         "api"
                     } else {
                         "chat"

@@ -128,12 +128,27 @@ async fn setup_inner(
     let (user_ids_ref, tokens_ref) = (&user_ids, &tokens);
     let channels: Vec<Id> = concurrently(&w.friendships, |&(a, b)| {
         async move {
-            let body = AddFriendRequest {
+            // a asks, b accepts (adds a back): then they are friends.
+            let ask = AddFriendRequest {
                 user: user_ids_ref[b as usize],
             };
-            let h = c(a as usize, Some(&tokens_ref[&a]));
-            let r: AddFriendResponse = retry("friend", || h.post("/v1/friends", &body)).await;
-            r.channel
+            let ha = c(a as usize, Some(&tokens_ref[&a]));
+            let _: AddFriendResponse =
+                retry("friend request", || ha.post("/v1/friends", &ask)).await;
+            let accept = AddFriendRequest {
+                user: user_ids_ref[a as usize],
+            };
+            let hb = c(b as usize, Some(&tokens_ref[&b]));
+            loop {
+                let r: AddFriendResponse =
+                    retry("friend accept", || hb.post("/v1/friends", &accept)).await;
+                if let Some(channel) = r.channel {
+                    break channel;
+                }
+                // The request's write may have been lost with a kv leader; ask again.
+                let _: AddFriendResponse =
+                    retry("friend request", || ha.post("/v1/friends", &ask)).await;
+            }
         }
         .boxed()
     })

@@ -103,12 +103,18 @@ pub async fn setup(
     let pairs: Vec<(usize, usize)> = (0..n / 2).map(|k| (2 * k, 2 * k + 1)).collect();
     let channels: Vec<Id> = futures::stream::iter(pairs.iter().copied())
         .map(|(a, b)| {
-            let h = authed(a);
-            let friend = logins[b].user;
+            let (ha, hb) = (authed(a), authed(b));
+            let (ua, ub) = (logins[a].user, logins[b].user);
             async move {
-                let body = AddFriendRequest { user: friend };
-                let r: AddFriendResponse = retry("friend", || h.post("/v1/friends", &body)).await?;
-                anyhow::Ok(r.channel)
+                // a asks, b accepts (adds a back): then they are friends.
+                let ask = AddFriendRequest { user: ub };
+                let _: AddFriendResponse =
+                    retry("friend request", || ha.post("/v1/friends", &ask)).await?;
+                let accept = AddFriendRequest { user: ua };
+                let r: AddFriendResponse =
+                    retry("friend accept", || hb.post("/v1/friends", &accept)).await?;
+                r.channel
+                    .context("accepting a friend request gives the 1:1 channel")
             }
         })
         .buffered(CONCURRENCY)

@@ -114,6 +114,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/users", get(find_user))
         .route("/v1/users/{user}", get(user_summary))
         .route("/v1/friends", post(add_friend))
+        .route("/v1/friend-requests/{user}", delete(decline_friend))
         .route("/v1/groups", post(create_group))
         .route("/v1/groups/{channel}/members", post(add_member))
         .route("/v1/groups/{channel}/members/{user}", delete(remove_member))
@@ -376,6 +377,7 @@ fn profile(u: UserRecord) -> Profile {
         devices: u.devices,
         friends: u.friends,
         channels: u.channels,
+        friend_requests: u.friend_requests.into_keys().collect(),
     }
 }
 
@@ -446,7 +448,23 @@ async fn add_friend(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<A
     let me = get_user(&st, c.user).await?;
     let them = get_user(&st, req.user).await?;
     if let Some(ch) = me.friends.get(&req.user) {
-        return Ok(Json(AddFriendResponse { channel: *ch }));
+        return Ok(Json(AddFriendResponse {
+            status: FriendStatus::Friends,
+            channel: Some(*ch),
+        }));
+    }
+    // Consent: without their request waiting on your record, this is your request to them.
+    if !me.friend_requests.contains_key(&req.user) {
+        let ask = Request::RequestFriend {
+            user: req.user,
+            from: c.user,
+            at_ms: unix_ms(),
+        };
+        call(st.peers.kv_for_user(req.user), ask).await?;
+        return Ok(Json(AddFriendResponse {
+            status: FriendStatus::Requested,
+            channel: None,
+        }));
     }
     // Checked on both sides before anything is written, so that a cap does not leave a
     // friendship on one side only (kv enforces the caps too, for a race between two adds).
@@ -485,7 +503,25 @@ async fn add_friend(State(st): S, headers: HeaderMap, body: Body) -> ApiResult<A
         };
         call(st.peers.kv_for_user(a), link).await?;
     }
-    Ok(Json(AddFriendResponse { channel }))
+    Ok(Json(AddFriendResponse {
+        status: FriendStatus::Friends,
+        channel: Some(channel),
+    }))
+}
+
+/// Declines `user`'s friend request (nothing if there is none).
+async fn decline_friend(
+    State(st): S,
+    headers: HeaderMap,
+    Path(user): Path<Id>,
+) -> ApiResult<Profile> {
+    let c = auth(&st, &headers).await?;
+    let req = Request::DropFriendRequest {
+        user: c.user,
+        from: user,
+    };
+    call(st.peers.kv_for_user(c.user), req).await?;
+    Ok(Json(profile(get_user(&st, c.user).await?)))
 }
 
 /// kv calls one group creation keeps in flight at once (lookups, then member writes).

@@ -89,8 +89,11 @@ mod real {
         Login { name: String, password: String },
         /// Who this device is, its friends (with their 1:1 channels) and its channels.
         Me,
-        /// Befriend a user by name; prints the 1:1 channel.
+        /// Ask a user (by name) to be friends, or accept their request; prints the 1:1
+        /// channel once you are friends (both added each other).
         Friend { name: String },
+        /// Decline a user's friend request.
+        Decline { name: String },
         /// Groups: create, add a member.
         #[command(subcommand)]
         Group(GroupCmd),
@@ -210,7 +213,24 @@ mod real {
                     .post("/v1/friends", &AddFriendRequest { user })
                     .await
                     .map_err(explain)?;
-                println!("friends with {name}: channel {}", r.channel);
+                match (r.status, r.channel) {
+                    (FriendStatus::Friends, Some(channel)) => {
+                        println!("friends with {name}: channel {channel}")
+                    }
+                    _ => println!(
+                        "asked {name} to be friends: you are friends once {name} adds you too"
+                    ),
+                }
+                Ok(())
+            }
+            Cmd::Decline { name } => {
+                let user = find_user(&me.http, &name).await?;
+                let _: Profile = me
+                    .http
+                    .delete(&format!("/v1/friend-requests/{user}"))
+                    .await
+                    .map_err(explain)?;
+                println!("declined {name}'s friend request");
                 Ok(())
             }
             Cmd::Group(GroupCmd::Create { name, members }) => {
@@ -427,6 +447,12 @@ mod real {
             println!(
                 "friend {}: channel {channel}",
                 names.of(&me.http, *friend).await
+            );
+        }
+        for from in &p.friend_requests {
+            println!(
+                "friend request from {} (`chat friend NAME` accepts, `chat decline NAME` declines)",
+                names.of(&me.http, *from).await
             );
         }
         for ch in p

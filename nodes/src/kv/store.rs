@@ -591,6 +591,25 @@ impl Store {
                 }
                 Ok(())
             }),
+            Request::RequestFriend { user, from, at_ms } => self.write_user_checked(user, |u| {
+                if u.friends.contains_key(&from) || u.friend_requests.contains_key(&from) {
+                    return Ok(());
+                }
+                if u.friend_requests.len() >= crate::limits::FRIEND_REQUESTS_MAX {
+                    return Err((
+                        ErrorCode::LimitReached,
+                        format!(
+                            "they have {} friend requests waiting, the most there may be",
+                            crate::limits::FRIEND_REQUESTS_MAX
+                        ),
+                    ));
+                }
+                u.friend_requests.insert(from, at_ms);
+                Ok(())
+            }),
+            Request::DropFriendRequest { user, from } => self.write_user(user, |u| {
+                u.friend_requests.remove(&from);
+            }),
             Request::RevokeTokens {
                 user,
                 device,
@@ -629,6 +648,7 @@ impl Store {
                     return Err(channels_full());
                 }
                 u.friends.insert(friend, channel);
+                u.friend_requests.remove(&friend);
                 if !u.channels.contains(&channel) {
                     u.channels.push(channel);
                 }
@@ -1273,6 +1293,63 @@ mod tests {
         assert_eq!(s.apply(more), Response::Ok);
         let now = devices(&s);
         assert!(now.contains(&999) && !now.contains(&100), "{now:?}");
+    }
+
+    // Proves friend requests: kept on the asked user's record until answered, capped at
+    // FRIEND_REQUESTS_MAX (the next refused `limit_reached`), a repeat changes nothing, a
+    // decline removes one, and becoming friends (LinkFriend) clears it.
+    #[test]
+    fn friend_requests_are_kept_capped_and_cleared() {
+        use crate::limits::FRIEND_REQUESTS_MAX;
+        let s = store();
+        let record = UserRecord {
+            user: 5,
+            name: "eve".into(),
+            ..UserRecord::default()
+        };
+        assert_eq!(s.apply(Request::PutUser { record }), Response::Ok);
+        let ask = |from| Request::RequestFriend {
+            user: 5,
+            from,
+            at_ms: 1,
+        };
+        for from in 0..FRIEND_REQUESTS_MAX as u64 {
+            assert_eq!(s.apply(ask(1_000 + from)), Response::Ok);
+        }
+        assert_eq!(
+            s.apply(ask(1_000)),
+            Response::Ok,
+            "a repeat is not a new one"
+        );
+        assert!(matches!(
+            s.apply(ask(9)),
+            Response::Error {
+                code: ErrorCode::LimitReached,
+                ..
+            }
+        ));
+        let requests = |s: &Store| match s.apply(Request::GetUser { user: 5 }) {
+            Response::User(Some(u)) => u.friend_requests,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(requests(&s).len(), FRIEND_REQUESTS_MAX);
+        let decline = Request::DropFriendRequest {
+            user: 5,
+            from: 1_000,
+        };
+        assert_eq!(s.apply(decline), Response::Ok);
+        let link = Request::LinkFriend {
+            user: 5,
+            friend: 1_001,
+            channel: 77,
+        };
+        assert_eq!(s.apply(link), Response::Ok);
+        let left = requests(&s);
+        assert_eq!(left.len(), FRIEND_REQUESTS_MAX - 2);
+        assert!(!left.contains_key(&1_000) && !left.contains_key(&1_001));
+        // A friend asking again changes nothing.
+        assert_eq!(s.apply(ask(1_001)), Response::Ok);
+        assert!(!requests(&s).contains_key(&1_001));
     }
 
     fn group(s: &Store, channel: Id, members: Vec<Id>) {

@@ -152,6 +152,10 @@ pub struct Profile {
     /// Friend user id -> the 1:1 channel shared with them.
     pub friends: BTreeMap<Id, Id>,
     pub channels: Vec<Id>,
+    /// Users who asked to be your friend and wait for your answer (`POST /v1/friends` with
+    /// their id accepts; `DELETE /v1/friend-requests/{user}` declines).
+    #[serde(default)]
+    pub friend_requests: Vec<Id>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,7 +165,18 @@ pub struct AddFriendRequest {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddFriendResponse {
-    pub channel: Id,
+    /// `friends`: you are friends, `channel` is your 1:1 channel; `requested`: they were
+    /// asked, and become your friend when they add you too.
+    pub status: FriendStatus,
+    /// The 1:1 channel, once friends.
+    pub channel: Option<Id>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FriendStatus {
+    Friends,
+    Requested,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

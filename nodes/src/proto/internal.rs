@@ -37,6 +37,10 @@ pub struct UserRecord {
     /// (its logouts). Omitted when empty, as above.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub revoked_before_ms: BTreeMap<Id, u64>,
+    /// Users who asked to be this user's friend -> when (Unix ms); at most
+    /// `FRIEND_REQUESTS_MAX`. Omitted when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub friend_requests: BTreeMap<Id, u64>,
     /// Every token of the user issued at or before this time is revoked ("log out
     /// everywhere"); 0: none.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -149,6 +153,18 @@ pub enum Request {
         user: Id,
         device: Option<Id>,
         at_ms: u64,
+    },
+    /// `from` asks `user` to be friends (kept on `user`'s record until answered); nothing if
+    /// they are friends already.
+    RequestFriend {
+        user: Id,
+        from: Id,
+        at_ms: u64,
+    },
+    /// `user` declines `from`'s request.
+    DropFriendRequest {
+        user: Id,
+        from: Id,
     },
     RemoveDevice {
         user: Id,

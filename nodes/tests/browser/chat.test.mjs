@@ -1,7 +1,7 @@
 // Proves the web page works as a device in a real browser against a real server: starts
 // `chatd all-in-one` on free ports with a temp data dir, drives two headless Chromium
 // contexts (two users, each its own sessionStorage, so its own device) through the page:
-// sign up, befriend by name, exchange 1:1 messages both ways (once each, in seq order), see
+// sign up, ask to be friends by name and accept, exchange 1:1 messages both ways (once each, in seq order), see
 // each other online, a second tab of one user is a second device that sees the history, a
 // refusal is shown with its error code, a group message among them, and finally one user's
 // browser closes and the other sees them go offline within the presence timeout (30 s) plus
@@ -143,10 +143,13 @@ async function scenario(browser, url) {
   log('alice:', await enter(a, 'signup', 'alice', 'alice-pw'));
   log('bob:', await enter(b, 'signup', 'bob', 'bob-pw'));
 
+  // Consent: alice asks; bob's page shows her request (its profile refresh) and he accepts.
   await a.page.fill('#friend-name', 'bob');
   await a.page.click('#friend-add');
-  await a.page.waitForSelector(friendButton('bob'));
-  await b.page.waitForSelector(friendButton('alice')); // b's profile refresh finds the friend
+  await a.page.waitForSelector('#friend-notice:not([hidden])');
+  await b.page.click('#friend-requests button.accept', { timeout: 20000 });
+  await b.page.waitForSelector(friendButton('alice'));
+  await a.page.waitForSelector(friendButton('bob'), { timeout: 20000 }); // a's refresh finds the friend
   log('friends');
   await presenceOf(a, 'bob', 'online');
   await presenceOf(b, 'alice', 'online');
