@@ -1889,3 +1889,69 @@ async fn connections_per_source_address_are_capped() {
         "{welcome:?}"
     );
 }
+
+// ------------------------------------------------------------------ group admin
+
+/// Only a group's admin (its creator) removes others; anyone may leave. A removed member
+/// reads nothing more (the history route, and a sync naming the channel), whatever its own
+/// channel list says: kv checks the reader against the channel's members in the same read.
+#[tokio::test]
+async fn only_the_admin_removes_members_and_removal_takes_effect_at_once() {
+    let server = Server::start().await;
+    let http = server.http;
+    let ids: Vec<u64> =
+        futures::future::join_all(["gadmin", "gbob", "gcarol"].map(|n| signup(http, n))).await;
+    let (admin, _) = login(http, "gadmin").await;
+    let (bob, _) = login(http, "gbob").await;
+    let (carol_http, carol) = login(http, "gcarol").await;
+    let g: GroupResponse = admin
+        .post(
+            "/v1/groups",
+            &CreateGroupRequest {
+                name: "team".into(),
+                members: vec![ids[1], ids[2]],
+            },
+        )
+        .await
+        .expect("create");
+    let path = |u: u64| format!("/v1/groups/{}/members/{u}", g.channel);
+    match bob.delete::<GroupResponse>(&path(ids[2])).await {
+        Err(ClientError::Refused {
+            status: 403,
+            code: ErrorCode::NotAdmin,
+            ..
+        }) => {}
+        other => panic!("a member removed another: {other:?}"),
+    }
+    let mut ws = connect(&carol_http, &carol.token).await;
+    let after: GroupResponse = admin.delete(&path(ids[2])).await.expect("admin removes");
+    assert_eq!(after.members, vec![ids[0], ids[1]]);
+    let history = format!("/v1/channels/{}/messages?after_seq=0", g.channel);
+    assert!(matches!(
+        carol_http.get::<HistoryResponse>(&history).await,
+        Err(ClientError::Refused {
+            code: ErrorCode::NotAMember,
+            ..
+        })
+    ));
+    // A sync naming the channel answers nothing of it.
+    ws.send(&ClientFrame::Sync {
+        cursors: vec![Cursor {
+            channel: g.channel,
+            seq: 0,
+        }],
+        max_message_id: None,
+    })
+    .await
+    .expect("sync");
+    let synced = until(&mut ws, |f| match f {
+        ServerFrame::Message(m) if m.channel == g.channel => panic!("read after removal: {m:?}"),
+        ServerFrame::Synced { cursors } => Some(cursors),
+        _ => None,
+    })
+    .await;
+    assert!(synced.iter().all(|c| c.channel != g.channel || c.seq == 0));
+    // Anyone may leave.
+    let left: GroupResponse = bob.delete(&path(ids[1])).await.expect("bob leaves");
+    assert_eq!(left.members, vec![ids[0]]);
+}

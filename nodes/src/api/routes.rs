@@ -81,7 +81,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::TokenRevoked
         | ErrorCode::NotAuthenticated => StatusCode::UNAUTHORIZED,
         ErrorCode::BadCredentials => StatusCode::UNAUTHORIZED,
-        ErrorCode::NotAMember => StatusCode::FORBIDDEN,
+        ErrorCode::NotAMember | ErrorCode::NotAdmin => StatusCode::FORBIDDEN,
         ErrorCode::UnknownChannel | ErrorCode::UnknownUser | ErrorCode::UnknownDevice => {
             StatusCode::NOT_FOUND
         }
@@ -650,11 +650,29 @@ async fn remove_member(
     if !ch.members.contains(&c.user) {
         return Err(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
     }
+    if ch.kind != ChannelKind::Group {
+        return Err(refuse(
+            ErrorCode::BadRequest,
+            "a 1:1 channel's members are fixed",
+        ));
+    }
+    // The admin is the creator, the first member (the next oldest once it leaves).
+    if user != c.user && ch.members.first() != Some(&c.user) {
+        return Err(refuse(
+            ErrorCode::NotAdmin,
+            format!("only the group's admin removes others from channel {channel}"),
+        ));
+    }
+    // The removal is this one write: reads check membership against the channel's record
+    // (kv `read_log` with the reader), so the user's own channel list below is only an index
+    // (its update is retried by the next change; a stale entry reads nothing).
     let rm = Request::RemoveMember { channel, user };
     let Response::Members(members) = call(st.peers.kv_for_channel(channel), rm).await? else {
         return Err(refuse(ErrorCode::Unavailable, "unexpected kv answer"));
     };
-    set_user_channel(&st, user, channel, false).await?;
+    if let Err(e) = set_user_channel(&st, user, channel, false).await {
+        tracing::debug!(user, channel, error = ?e.1, "the removed user's channel list is stale");
+    }
     Ok(Json(GroupResponse { channel, members }))
 }
 
@@ -686,6 +704,7 @@ async fn history(
         .unwrap_or(SYNC_PAGE_MAX as u32)
         .min(SYNC_PAGE_MAX as u32);
     let read = Request::ReadLog {
+        reader: (!unchecked).then_some(c.user),
         channel,
         after_seq: q.after_seq,
         limit,

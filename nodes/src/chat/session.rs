@@ -598,7 +598,8 @@ impl Session {
             Response::User(Some(u)) => u.channels,
             _ => Vec::new(),
         };
-        if peers.canaries.is_on(Canary::SkipMembershipCheck) {
+        let skip_check = peers.canaries.is_on(Canary::SkipMembershipCheck);
+        if skip_check {
             // Canary `skip-membership-check`: the channels the cursors name are read too.
             channels.extend(
                 cursors
@@ -636,10 +637,20 @@ impl Session {
                         channel: ch,
                         after_seq: after,
                         limit: SYNC_PAGE_MAX as u32,
+                        // kv checks membership in the same read (canary
+                        // `skip-membership-check`: it does not).
+                        reader: (!skip_check).then_some(self.user),
                     },
                 };
-                let Response::Log { messages, .. } = kv.call(req).await? else {
-                    break;
+                let messages = match kv.call(req).await {
+                    Ok(Response::Log { messages, .. }) => messages,
+                    Ok(_) => break,
+                    // Removed from the channel (the user's channel list may lag): skipped.
+                    Err(crate::rpc::RpcError::Remote {
+                        code: ErrorCode::NotAMember,
+                        ..
+                    }) => break,
+                    Err(e) => return Err(e),
                 };
                 let n = messages.len();
                 for m in messages {

@@ -678,7 +678,8 @@ impl Store {
                 channel,
                 after_seq,
                 limit,
-            } => self.read_log(channel, after_seq, limit),
+                reader,
+            } => self.read_log(channel, after_seq, limit, reader),
             Request::ReadLogByMessageId {
                 channel,
                 after_message_id,
@@ -1000,10 +1001,16 @@ impl Store {
         Ok(outcome)
     }
 
-    fn read_log(&self, channel: Id, after_seq: u64, limit: u32) -> R<Response> {
+    fn read_log(&self, channel: Id, after_seq: u64, limit: u32, reader: Option<Id>) -> R<Response> {
         let txn = self.txn()?;
         let last_seq = match txn.open_table(CHANNELS)?.get(channel)? {
-            Some(v) => dec::<ChannelRecord>(v.value())?.last_seq,
+            Some(v) => {
+                let rec = dec::<ChannelRecord>(v.value())?;
+                if reader.is_some_and(|r| !rec.members.contains(&r)) {
+                    return Ok(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
+                }
+                rec.last_seq
+            }
             None => {
                 return Ok(refuse(
                     ErrorCode::UnknownChannel,
@@ -1424,6 +1431,7 @@ mod tests {
             }
         );
         let r = s.apply(Request::ReadLog {
+            reader: None,
             channel: 7,
             after_seq: 0,
             limit: 10,
@@ -1433,6 +1441,7 @@ mod tests {
         };
         assert_eq!((messages.len(), last_seq), (2, 2));
         let r = s.apply(Request::ReadLog {
+            reader: None,
             channel: 9,
             after_seq: 0,
             limit: 10,

@@ -45,6 +45,9 @@ pub enum ErrorCode {
     /// A per-user cap is reached: devices (`DEVICES_PER_USER_MAX`), friends
     /// (`FRIENDS_PER_USER_MAX`) or channels (`CHANNELS_PER_USER_MAX`) (HTTP 409).
     LimitReached,
+    /// Only a group's admin (its creator: the first member) may remove another member
+    /// (HTTP 403). Anyone may remove themselves (leave).
+    NotAdmin,
     /// The token was revoked (a logout of its device, "log out everywhere", or the device
     /// was removed): log in again. Closes the connection (HTTP 401).
     TokenRevoked,
@@ -81,6 +84,7 @@ impl ErrorCode {
             ErrorCode::LimitReached => "limit_reached",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::NotAdmin => "not_admin",
         }
     }
 

@@ -208,6 +208,11 @@ pub enum Request {
         channel: Id,
         after_seq: u64,
         limit: u32,
+        /// The user reading: refused `not_a_member` unless a member, checked in the same
+        /// read as the log (so a removal, one write of the channel's members, takes effect
+        /// at once however stale the user's own channel list is). `None`: an internal read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reader: Option<Id>,
     },
     /// Canary `cursor-by-message-id`: messages with id above `after_message_id`.
     ReadLogByMessageId {
