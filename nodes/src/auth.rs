@@ -279,6 +279,7 @@ mod tests {
             push_targets: Default::default(),
             revoked_before_ms: Default::default(),
             friend_requests: Default::default(),
+            group_invites: Default::default(),
             revoked_all_before_ms: 0,
         };
         assert_eq!(u.accepts(&claims(70, 1_000)), Ok(()));

@@ -132,5 +132,9 @@ pub const FRIENDS_PER_USER_MAX: usize = 5_000;
 /// new request is refused `limit_reached` (the user declines or accepts some first).
 pub const FRIEND_REQUESTS_MAX: usize = 1_000;
 
+/// Group invitations one user may have waiting (for distinct groups). Past it a new one is
+/// refused `limit_reached`.
+pub const GROUP_INVITES_MAX: usize = 1_000;
+
 /// Channels (1:1 and groups) one user may be in; past it `limit_reached`.
 pub const CHANNELS_PER_USER_MAX: usize = 6_000;

@@ -225,6 +225,15 @@ async fn real_chat_survives_restart() {
         )
         .await
         .expect("group");
+    assert_eq!(
+        (group.members.clone(), group.invited.clone()),
+        (vec![ids[0]], vec![ids[1]])
+    );
+    let joined: GroupResponse = bob_http
+        .post(&format!("/v1/groups/{}/join", group.channel), &())
+        .await
+        .expect("bob joins");
+    assert_eq!(joined.members, vec![ids[0], ids[1]]);
     // Malformed JSON over HTTP gets its own code.
     let r: Result<SignupResponse, _> = anon.request("POST", "/v1/signup", "{oops".into()).await;
     assert!(matches!(

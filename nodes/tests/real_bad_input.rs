@@ -1714,6 +1714,7 @@ async fn an_outsider_on_a_node_port_takes_nothing_over() {
                 push_targets: BTreeMap::new(),
                 revoked_before_ms: BTreeMap::new(),
                 friend_requests: BTreeMap::new(),
+                group_invites: BTreeMap::new(),
                 revoked_all_before_ms: 0,
             },
         }),
@@ -1917,6 +1918,11 @@ async fn only_the_admin_removes_members_and_removal_takes_effect_at_once() {
         )
         .await
         .expect("create");
+    assert_eq!(g.invited, vec![ids[1], ids[2]]);
+    let join = format!("/v1/groups/{}/join", g.channel);
+    for h in [&bob, &carol_http] {
+        let _: GroupResponse = h.post(&join, &()).await.expect("join");
+    }
     let path = |u: u64| format!("/v1/groups/{}/members/{u}", g.channel);
     match bob.delete::<GroupResponse>(&path(ids[2])).await {
         Err(ClientError::Refused {

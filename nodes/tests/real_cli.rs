@@ -147,6 +147,15 @@ fn cli_signup_friend_send_history_presence_follow() {
         .split_whitespace()
         .nth(3)
         .expect("group prints the channel");
+    // Consent: bob is invited, sees it, and joins.
+    let invited = bob.ok(&["me"]);
+    assert!(
+        invited.contains(&format!("invited to group team: channel {group_channel}")),
+        "{invited}"
+    );
+    assert!(bob
+        .ok(&["group", "join", group_channel])
+        .contains("2 members"));
     let me = bob.ok(&["me"]);
     assert!(
         me.contains(&format!("group team: channel {group_channel} (2 members)")),

@@ -32,6 +32,7 @@ const st = {
   channels: new Map(), // channel id -> channel view (see ensureChannel)
   friends: new Map(), // friend user id -> direct channel id
   requests: [], // users who asked to be friends, waiting for an answer
+  invites: [], // group channels this user is invited to
   outbox: new Map(), // client_msg_id -> {channel, text, state: pending|retry|failed, code}
   presence: new Map(), // user id -> {status, version}
   selected: null,
@@ -167,6 +168,14 @@ async function refreshProfile() {
   }
   st.requests = p.friend_requests || [];
   st.requests.forEach(nameOf);
+  st.invites = p.group_invites || [];
+  for (const ch of st.invites) {
+    if (!st.inviteNames) st.inviteNames = new Map();
+    if (!st.inviteNames.has(ch)) {
+      const info = await api('GET', '/v1/channels/' + ch);
+      st.inviteNames.set(ch, info.name);
+    }
+  }
   if (fresh.length) queryPresence(fresh);
   render();
 }
@@ -433,7 +442,7 @@ function channelTitle(c) {
 }
 
 function render() {
-  if (!st.session) { $('friends').replaceChildren(); $('friend-requests').replaceChildren(); $('groups').replaceChildren(); $('messages').replaceChildren(); return; }
+  if (!st.session) { $('friends').replaceChildren(); $('friend-requests').replaceChildren(); $('group-invites').replaceChildren(); $('groups').replaceChildren(); $('messages').replaceChildren(); return; }
   const item = (c, extra) => {
     const b = el('button', { type: 'button', 'data-channel': c.id, 'aria-current': String(st.selected === c.id) },
       ...extra, el('span', { className: 'label', textContent: channelTitle(c) }));
@@ -459,6 +468,22 @@ function render() {
     return el('li', {}, el('span', { className: 'label', textContent: nameOf(user) + ' wants to be friends' }), accept, decline);
   });
   $('friend-requests').replaceChildren(...requests);
+  const invites = st.invites.map((ch) => {
+    const join = el('button', { type: 'button', className: 'join', textContent: 'Join' });
+    join.onclick = async () => {
+      try {
+        await api('POST', '/v1/groups/' + ch + '/join');
+        await loadChannelInfo(ch);
+        await refreshProfile();
+        select(ch);
+      } catch (e) { report(e); }
+    };
+    const decline = el('button', { type: 'button', className: 'decline', textContent: 'Decline' });
+    decline.onclick = () => api('DELETE', '/v1/groups/' + ch + '/invitation').then(refreshProfile).catch(report);
+    const name = (st.inviteNames && st.inviteNames.get(ch)) || 'group ' + ch;
+    return el('li', {}, el('span', { className: 'label', textContent: 'Invited to ' + name }), join, decline);
+  });
+  $('group-invites').replaceChildren(...invites);
   const groups = [...st.channels.values()].filter((c) => c.kind === 'group').map((c) => item(c, []));
   $('groups').replaceChildren(...groups);
   renderConversation();

@@ -168,7 +168,8 @@ async fn setup_inner(
     }
     let mut groups = BTreeMap::new();
     let mut group_full_refusals = 0;
-    let created: Vec<GroupResponse> = concurrently(&w.groups, |g| {
+    // The owner creates the group (its only member) and invites the others; each joins.
+    let created: Vec<(GroupResponse, Vec<(Id, u32)>)> = concurrently(&w.groups, |g| {
         async move {
             let owner = g.members[0];
             let body = CreateGroupRequest {
@@ -179,22 +180,39 @@ async fn setup_inner(
                     .collect(),
             };
             let h = c(owner as usize, Some(&tokens_ref[&owner]));
-            retry("group", || h.post("/v1/groups", &body)).await
+            let r: GroupResponse = retry("group", || h.post("/v1/groups", &body)).await;
+            // One after another (the groups are set up concurrently).
+            let path = format!("/v1/groups/{}/join", r.channel);
+            let mut joined: Vec<(Id, u32)> = Vec::with_capacity(g.members.len());
+            for m in &g.members[1..] {
+                let h = c(*m as usize, Some(&tokens_ref[m]));
+                let j: GroupResponse = retry("join", || h.post(&path, &())).await;
+                joined.push((user_ids_ref[*m as usize], j.members.len() as u32));
+            }
+            (r, joined)
         }
         .boxed()
     })
     .await;
-    for (g, r) in w.groups.iter().zip(created) {
-        for (n, u) in r.members.iter().enumerate() {
+    for (g, (r, joined)) in w.groups.iter().zip(created) {
+        recorder.record(Event::Membership {
+            channel: r.channel,
+            user: r.members[0],
+            op: MemberOp::Join,
+            members: 1,
+        });
+        let mut size = 1;
+        for (u, n) in &joined {
+            size = size.max(*n);
             recorder.record(Event::Membership {
                 channel: r.channel,
                 user: *u,
                 op: MemberOp::Join,
-                members: n as u32 + 1,
+                members: *n,
             });
         }
         groups.insert(g.index, r.channel);
-        if r.members.len() >= nodes::limits::GROUP_MEMBERS_MAX {
+        if size as usize >= nodes::limits::GROUP_MEMBERS_MAX {
             let probe = GroupProbe {
                 owner: g.members[0],
                 members: &g.members,
@@ -254,9 +272,19 @@ async fn probe_group_full(
     };
     let user = user_ids[outsider.index as usize];
     let path = format!("/v1/groups/{}/members", g.channel);
-    let r: Result<GroupResponse, _> = c(g.owner as usize, Some(&tokens[&g.owner]))
+    let invited: Result<GroupResponse, _> = c(g.owner as usize, Some(&tokens[&g.owner]))
         .post(&path, &AddMemberRequest { user })
         .await;
+    // Invited into a full group (it should have been refused): the outsider tries to join.
+    let r = match (invited, tokens.get(&outsider.index)) {
+        (Ok(_), Some(token)) => {
+            let join = format!("/v1/groups/{}/join", g.channel);
+            c(outsider.index as usize, Some(token))
+                .post::<_, GroupResponse>(&join, &())
+                .await
+        }
+        (other, _) => other,
+    };
     match r {
         Err(ClientError::Refused {
             code: ErrorCode::GroupFull,

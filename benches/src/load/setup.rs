@@ -145,6 +145,7 @@ pub async fn setup(
             .filter(|c| c.len() >= 2)
             .map(|c| c.to_vec())
             .collect();
+        // The first member creates the group and invites the others; each joins.
         let groups: Vec<GroupResponse> = futures::stream::iter(chunks.iter().enumerate())
             .map(|(g, members)| {
                 let h = authed(members[0]);
@@ -158,13 +159,31 @@ pub async fn setup(
             .try_collect()
             .await
             .context("create groups")?;
+        let joins: Vec<(usize, usize)> = chunks
+            .iter()
+            .enumerate()
+            .flat_map(|(g, members)| members[1..].iter().map(move |&m| (g, m)))
+            .collect();
+        futures::stream::iter(joins)
+            .map(|(g, m)| {
+                let h = authed(m);
+                let path = format!("/v1/groups/{}/join", groups[g].channel);
+                async move {
+                    let _: GroupResponse = retry("join", || h.post(&path, &())).await?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffered(CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await
+            .context("join groups")?;
         for (members, g) in chunks.iter().zip(&groups) {
-            for (k, u) in g.members.iter().enumerate() {
+            for (k, &m) in members.iter().enumerate() {
                 rec.record_at(
                     0,
                     Event::Membership {
                         channel: g.channel,
-                        user: *u,
+                        user: logins[m].user,
                         op: MemberOp::Join,
                         members: k as u32 + 1,
                     },

@@ -115,6 +115,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/users/{user}", get(user_summary))
         .route("/v1/friends", post(add_friend))
         .route("/v1/friend-requests/{user}", delete(decline_friend))
+        .route("/v1/groups/{channel}/join", post(join_group))
+        .route("/v1/groups/{channel}/invitation", delete(decline_group))
         .route("/v1/groups", post(create_group))
         .route("/v1/groups/{channel}/members", post(add_member))
         .route("/v1/groups/{channel}/members/{user}", delete(remove_member))
@@ -378,6 +380,7 @@ fn profile(u: UserRecord) -> Profile {
         friends: u.friends,
         channels: u.channels,
         friend_requests: u.friend_requests.into_keys().collect(),
+        group_invites: u.group_invites.into_keys().collect(),
     }
 }
 
@@ -420,7 +423,7 @@ async fn user_summary(
     }))
 }
 
-/// A channel's kind, name and members; members only.
+/// A channel's kind, name and members; members only, and users invited to it (to decide).
 async fn channel_info(
     State(st): S,
     headers: HeaderMap,
@@ -428,7 +431,12 @@ async fn channel_info(
 ) -> ApiResult<ChannelInfo> {
     let c = auth(&st, &headers).await?;
     let ch = get_channel(&st, channel).await?;
-    if !ch.members.contains(&c.user) {
+    if !ch.members.contains(&c.user)
+        && !get_user(&st, c.user)
+            .await?
+            .group_invites
+            .contains_key(&channel)
+    {
         return Err(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
     }
     Ok(Json(ChannelInfo {
@@ -571,11 +579,13 @@ async fn create_group(State(st): S, headers: HeaderMap, body: Body) -> ApiResult
         ));
     }
     let channel = alloc(&st, "channel").await?;
+    // Consent: the creator is the only member; the others are invited and join themselves.
+    let invited: Vec<Id> = members[1..].to_vec();
     let record = ChannelRecord {
         channel,
         kind: ChannelKind::Group,
         name: req.name,
-        members: members.clone(),
+        members: vec![c.user],
         last_seq: 0,
         last_message_id: 0,
     };
@@ -584,12 +594,73 @@ async fn create_group(State(st): S, headers: HeaderMap, body: Body) -> ApiResult
         Request::CreateChannel { record },
     )
     .await?;
-    stream::iter(members.clone())
-        .map(|m| set_user_channel(st_ref, m, channel, true))
+    set_user_channel(st_ref, c.user, channel, true).await?;
+    stream::iter(invited.clone())
+        .map(|m| invite(st_ref, m, channel, c.user))
         .buffered(MEMBER_CALLS_IN_FLIGHT)
         .try_collect::<Vec<_>>()
         .await?;
-    Ok(Json(GroupResponse { channel, members }))
+    Ok(Json(GroupResponse {
+        channel,
+        members: vec![c.user],
+        invited,
+    }))
+}
+
+async fn invite(st: &ApiState, user: Id, channel: Id, by: Id) -> Result<(), ApiError> {
+    let req = Request::InviteToGroup { user, channel, by };
+    call(st.peers.kv_for_user(user), req).await?;
+    Ok(())
+}
+
+/// Joins a group the caller is invited to.
+async fn join_group(
+    State(st): S,
+    headers: HeaderMap,
+    Path(channel): Path<Id>,
+) -> ApiResult<GroupResponse> {
+    let c = auth(&st, &headers).await?;
+    let me = get_user(&st, c.user).await?;
+    if !me.group_invites.contains_key(&channel) && !me.channels.contains(&channel) {
+        return Err(refuse(
+            ErrorCode::NotAMember,
+            format!("no invitation to channel {channel}"),
+        ));
+    }
+    if !me.channels.contains(&channel) && me.channels.len() >= CHANNELS_PER_USER_MAX {
+        return Err(refuse(
+            ErrorCode::LimitReached,
+            format!("you are in {CHANNELS_PER_USER_MAX} channels already, the most one may be"),
+        ));
+    }
+    let add = Request::AddMember {
+        channel,
+        user: c.user,
+    };
+    let Response::Members(members) = call(st.peers.kv_for_channel(channel), add).await? else {
+        return Err(refuse(ErrorCode::Unavailable, "unexpected kv answer"));
+    };
+    set_user_channel(&st, c.user, channel, true).await?;
+    Ok(Json(GroupResponse {
+        channel,
+        members,
+        invited: Vec::new(),
+    }))
+}
+
+/// Declines an invitation to a group.
+async fn decline_group(
+    State(st): S,
+    headers: HeaderMap,
+    Path(channel): Path<Id>,
+) -> ApiResult<Profile> {
+    let c = auth(&st, &headers).await?;
+    let req = Request::DropGroupInvite {
+        user: c.user,
+        channel,
+    };
+    call(st.peers.kv_for_user(c.user), req).await?;
+    Ok(Json(profile(get_user(&st, c.user).await?)))
 }
 
 async fn set_user_channel(
@@ -619,25 +690,33 @@ async fn add_member(
     if !ch.members.contains(&c.user) {
         return Err(refuse(ErrorCode::NotAMember, format!("channel {channel}")));
     }
-    let joining = get_user(&st, req.user).await?;
-    if !ch.members.contains(&req.user) && joining.channels.len() >= CHANNELS_PER_USER_MAX {
+    get_user(&st, req.user).await?;
+    if ch.members.contains(&req.user) {
+        return Ok(Json(GroupResponse {
+            channel,
+            members: ch.members,
+            invited: Vec::new(),
+        }));
+    }
+    if ch.kind != ChannelKind::Group {
         return Err(refuse(
-            ErrorCode::LimitReached,
-            format!(
-                "user {} is in {CHANNELS_PER_USER_MAX} channels already, the most one may be",
-                req.user
-            ),
+            ErrorCode::BadRequest,
+            "a 1:1 channel's members are fixed",
         ));
     }
-    let add = Request::AddMember {
+    if ch.members.len() >= GROUP_MEMBERS_MAX {
+        return Err(refuse(
+            ErrorCode::GroupFull,
+            format!("{} members, at most {GROUP_MEMBERS_MAX}", ch.members.len()),
+        ));
+    }
+    // Consent: an invitation; they join themselves (`join_group`).
+    invite(&st, req.user, channel, c.user).await?;
+    Ok(Json(GroupResponse {
         channel,
-        user: req.user,
-    };
-    let Response::Members(members) = call(st.peers.kv_for_channel(channel), add).await? else {
-        return Err(refuse(ErrorCode::Unavailable, "unexpected kv answer"));
-    };
-    set_user_channel(&st, req.user, channel, true).await?;
-    Ok(Json(GroupResponse { channel, members }))
+        members: ch.members,
+        invited: vec![req.user],
+    }))
 }
 
 async fn remove_member(
@@ -673,7 +752,11 @@ async fn remove_member(
     if let Err(e) = set_user_channel(&st, user, channel, false).await {
         tracing::debug!(user, channel, error = ?e.1, "the removed user's channel list is stale");
     }
-    Ok(Json(GroupResponse { channel, members }))
+    Ok(Json(GroupResponse {
+        channel,
+        members,
+        invited: Vec::new(),
+    }))
 }
 
 #[derive(Debug, Deserialize)]

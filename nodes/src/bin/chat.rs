@@ -130,10 +130,14 @@ mod real {
 
     #[derive(Debug, Subcommand)]
     enum GroupCmd {
-        /// Create a group with these members (names) besides you; prints its channel.
+        /// Create a group and invite these users (names); prints its channel.
         Create { name: String, members: Vec<String> },
-        /// Add a member (by name) to a group you are in.
+        /// Invite a user (by name) to a group you are in.
         Add { channel: Id, name: String },
+        /// Join a group you are invited to.
+        Join { channel: Id },
+        /// Decline an invitation to a group.
+        Decline { channel: Id },
     }
 
     /// What `login` leaves for the other commands.
@@ -244,9 +248,10 @@ mod real {
                 };
                 let r: GroupResponse = me.http.post("/v1/groups", &req).await.map_err(explain)?;
                 println!(
-                    "group {name}: channel {} ({} members)",
+                    "group {name}: channel {} ({} members, {} invited)",
                     r.channel,
-                    r.members.len()
+                    r.members.len(),
+                    r.invited.len()
                 );
                 Ok(())
             }
@@ -258,7 +263,22 @@ mod real {
                     .post(&path, &AddMemberRequest { user })
                     .await
                     .map_err(explain)?;
-                println!("channel {channel}: {} members", r.members.len());
+                println!(
+                    "channel {channel}: {} members, {name} invited (they join with `chat group join {channel}`)",
+                    r.members.len()
+                );
+                Ok(())
+            }
+            Cmd::Group(GroupCmd::Join { channel }) => {
+                let path = format!("/v1/groups/{channel}/join");
+                let r: GroupResponse = me.http.post(&path, &()).await.map_err(explain)?;
+                println!("joined channel {channel}: {} members", r.members.len());
+                Ok(())
+            }
+            Cmd::Group(GroupCmd::Decline { channel }) => {
+                let path = format!("/v1/groups/{channel}/invitation");
+                let _: Profile = me.http.delete(&path).await.map_err(explain)?;
+                println!("declined the invitation to channel {channel}");
                 Ok(())
             }
             Cmd::Send { to, args } => {
@@ -453,6 +473,17 @@ mod real {
             println!(
                 "friend request from {} (`chat friend NAME` accepts, `chat decline NAME` declines)",
                 names.of(&me.http, *from).await
+            );
+        }
+        for ch in &p.group_invites {
+            let info: ChannelInfo = me
+                .http
+                .get(&format!("/v1/channels/{ch}"))
+                .await
+                .map_err(explain)?;
+            println!(
+                "invited to group {}: channel {ch} (`chat group join {ch}` joins)",
+                info.name
             );
         }
         for ch in p

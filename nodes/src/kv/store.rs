@@ -607,6 +607,25 @@ impl Store {
                 u.friend_requests.insert(from, at_ms);
                 Ok(())
             }),
+            Request::InviteToGroup { user, channel, by } => self.write_user_checked(user, |u| {
+                if u.channels.contains(&channel) || u.group_invites.contains_key(&channel) {
+                    return Ok(());
+                }
+                if u.group_invites.len() >= crate::limits::GROUP_INVITES_MAX {
+                    return Err((
+                        ErrorCode::LimitReached,
+                        format!(
+                            "they have {} group invitations waiting, the most there may be",
+                            crate::limits::GROUP_INVITES_MAX
+                        ),
+                    ));
+                }
+                u.group_invites.insert(channel, by);
+                Ok(())
+            }),
+            Request::DropGroupInvite { user, channel } => self.write_user(user, |u| {
+                u.group_invites.remove(&channel);
+            }),
             Request::DropFriendRequest { user, from } => self.write_user(user, |u| {
                 u.friend_requests.remove(&from);
             }),
@@ -666,6 +685,7 @@ impl Store {
                 u.channels.retain(|c| *c != channel);
                 if member {
                     u.channels.push(channel);
+                    u.group_invites.remove(&channel);
                 }
                 Ok(())
             }),
@@ -1357,6 +1377,57 @@ mod tests {
         // A friend asking again changes nothing.
         assert_eq!(s.apply(ask(1_001)), Response::Ok);
         assert!(!requests(&s).contains_key(&1_001));
+    }
+
+    // Proves group invitations: kept on the invited user's record, capped at
+    // GROUP_INVITES_MAX, not made for a group the user is in, declined by DropGroupInvite, and
+    // cleared by joining (SetUserChannel).
+    #[test]
+    fn group_invites_are_kept_capped_and_cleared() {
+        use crate::limits::GROUP_INVITES_MAX;
+        let s = store();
+        let record = UserRecord {
+            user: 5,
+            name: "eve".into(),
+            channels: vec![7],
+            ..UserRecord::default()
+        };
+        assert_eq!(s.apply(Request::PutUser { record }), Response::Ok);
+        let invite = |channel| Request::InviteToGroup {
+            user: 5,
+            channel,
+            by: 1,
+        };
+        assert_eq!(s.apply(invite(7)), Response::Ok, "already in it: nothing");
+        for ch in 0..GROUP_INVITES_MAX as u64 {
+            assert_eq!(s.apply(invite(1_000 + ch)), Response::Ok);
+        }
+        assert!(matches!(
+            s.apply(invite(9)),
+            Response::Error {
+                code: ErrorCode::LimitReached,
+                ..
+            }
+        ));
+        let invites = |s: &Store| match s.apply(Request::GetUser { user: 5 }) {
+            Response::User(Some(u)) => u.group_invites,
+            other => panic!("{other:?}"),
+        };
+        assert!(!invites(&s).contains_key(&7));
+        let decline = Request::DropGroupInvite {
+            user: 5,
+            channel: 1_000,
+        };
+        assert_eq!(s.apply(decline), Response::Ok);
+        let join = Request::SetUserChannel {
+            user: 5,
+            channel: 1_001,
+            member: true,
+        };
+        assert_eq!(s.apply(join), Response::Ok);
+        let left = invites(&s);
+        assert_eq!(left.len(), GROUP_INVITES_MAX - 2);
+        assert!(!left.contains_key(&1_000) && !left.contains_key(&1_001));
     }
 
     fn group(s: &Store, channel: Id, members: Vec<Id>) {

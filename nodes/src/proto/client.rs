@@ -160,6 +160,10 @@ pub struct Profile {
     /// their id accepts; `DELETE /v1/friend-requests/{user}` declines).
     #[serde(default)]
     pub friend_requests: Vec<Id>,
+    /// Groups (channels) you are invited to: `POST /v1/groups/{channel}/join` joins,
+    /// `DELETE /v1/groups/{channel}/invitation` declines.
+    #[serde(default)]
+    pub group_invites: Vec<Id>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,6 +198,9 @@ pub struct CreateGroupRequest {
 pub struct GroupResponse {
     pub channel: Id,
     pub members: Vec<Id>,
+    /// Who this call invited (they join with `POST /v1/groups/{channel}/join`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invited: Vec<Id>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -41,6 +41,10 @@ pub struct UserRecord {
     /// `FRIEND_REQUESTS_MAX`. Omitted when empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub friend_requests: BTreeMap<Id, u64>,
+    /// Groups this user is invited to: channel -> who invited; at most `GROUP_INVITES_MAX`.
+    /// Omitted when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub group_invites: BTreeMap<Id, Id>,
     /// Every token of the user issued at or before this time is revoked ("log out
     /// everywhere"); 0: none.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -160,6 +164,17 @@ pub enum Request {
         user: Id,
         from: Id,
         at_ms: u64,
+    },
+    /// `by` invites `user` to group `channel` (nothing if already in it).
+    InviteToGroup {
+        user: Id,
+        channel: Id,
+        by: Id,
+    },
+    /// `user` declines the invitation to `channel`.
+    DropGroupInvite {
+        user: Id,
+        channel: Id,
     },
     /// `user` declines `from`'s request.
     DropFriendRequest {

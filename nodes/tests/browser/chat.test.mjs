@@ -192,6 +192,8 @@ async function scenario(browser, url) {
   await a.page.click('#group-create');
   await a.page.waitForSelector(`#conv-title:text-is("team")`);
   await send(a, 'group hello');
+  // Consent: bob is invited; his page lists the invitation (its profile refresh) and he joins.
+  await b.page.click('#group-invites button.join', { timeout: 20000 });
   await b.page.waitForSelector(groupButton('team'));
   await open(b, groupButton('team'));
   await sees(b, 'group hello');
