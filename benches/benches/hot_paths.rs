@@ -163,6 +163,7 @@ fn fanout(c: &mut Criterion) {
         ),
         token_key: nodes::auth::TokenKey::new(1, b"0123456789abcdef0123456789abcdef".to_vec()),
         metrics: nodes::metrics::Metrics::new(),
+        tls: None,
     });
     let mut outboxes = Vec::new();
     let devices: Vec<u64> = (1..=99).collect();

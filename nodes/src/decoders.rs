@@ -205,6 +205,7 @@ fn rpc_requests() -> Vec<Vec<u8>> {
     let info = ChatServerInfo {
         server: 1,
         ws_addr: "ws://10.0.3.2:9000/ws".into(),
+        tls: false,
         rpc_addr: "10.0.3.2:7000".into(),
         load: 12,
     };

@@ -23,6 +23,7 @@ pub mod auth;
 pub mod canary;
 pub mod chat;
 pub mod client;
+pub mod client_tls;
 pub mod clock;
 pub mod cluster;
 pub mod coord;

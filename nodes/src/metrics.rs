@@ -343,7 +343,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let listener = crate::net::bind(addr).await?;
     tracing::info!(listen = %addr, "admin endpoint up (/metrics, /healthz)");
-    crate::api::http::serve_router(listener, routes(metrics, health), ADMIN_HEADER_TIMEOUT).await
+    crate::api::http::serve_router(
+        listener,
+        routes(metrics, health),
+        ADMIN_HEADER_TIMEOUT,
+        None,
+    )
+    .await
 }
 
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);

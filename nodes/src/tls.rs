@@ -161,7 +161,7 @@ fn request_name(req: &Request) -> &'static str {
 
 /// An Ed25519 key from 32 bytes of `rng`, as a PKCS#8 v1 document (RFC 8410: a fixed
 /// 16-byte header, then the seed).
-fn ed25519_key(rng: &mut dyn RngCore) -> Result<rcgen::KeyPair, TlsError> {
+pub(crate) fn ed25519_key(rng: &mut dyn RngCore) -> Result<rcgen::KeyPair, TlsError> {
     const HEADER: [u8; 16] = [
         0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
         0x20,
@@ -497,6 +497,7 @@ mod tests {
         let info = |server| ChatServerInfo {
             server,
             ws_addr: String::new(),
+            tls: false,
             rpc_addr: String::new(),
             load: 0,
         };

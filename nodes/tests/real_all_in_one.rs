@@ -1,8 +1,9 @@
 //! Proves the real build works end to end on real sockets: `chatd all-in-one` is started as a
-//! process with a data directory; two users sign up over HTTP, connect real WebSocket clients,
-//! exchange a 1:1 and a group message; bad input gets specific error codes on a connection
-//! that stays usable; then the process is killed and restarted on the same directory and the
-//! history and the stored cursors are still there.
+//! process with a data directory, serving https and wss:// with the self-signed certificate it
+//! creates (the default); two users sign up over https, connect real WebSocket clients over
+//! TLS, exchange a 1:1 and a group message; bad input gets specific error codes on a
+//! connection that stays usable; then the process is killed and restarted on the same
+//! directory and the history, the stored cursors and the certificate are still there.
 
 #![cfg(not(madsim))]
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 use nodes::client::http::HttpClient;
 use nodes::client::ws::{Incoming, WsConn};
 use nodes::client::ClientError;
+use nodes::client_tls::ClientTls;
 use nodes::proto::client::*;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -26,12 +28,16 @@ fn free_base() -> u16 {
 struct Server {
     child: Child,
     http: SocketAddr,
+    /// An https client of the api, trusting the server's self-signed certificate.
+    anon: HttpClient,
 }
 
 impl Server {
     fn start(data: &Path, base: u16) -> Server {
-        let (child, http) = common::spawn_all_in_one(data, base, "warn");
-        Server { child, http }
+        let (child, http) = common::spawn_all_in_one_with(data, base, "warn", &[]);
+        let tls = common::trust_self_signed(data);
+        let anon = HttpClient::new(http).with_tls(Some(tls), None);
+        Server { child, http, anon }
     }
 
     fn kill(&mut self) {
@@ -46,9 +52,8 @@ impl Drop for Server {
     }
 }
 
-async fn wait_ready(http: SocketAddr) {
+async fn wait_ready(c: &HttpClient) {
     for _ in 0..200 {
-        let c = HttpClient::new(http);
         let r: Result<SignupResponse, _> = c
             .post(
                 "/v1/login",
@@ -64,11 +69,10 @@ async fn wait_ready(http: SocketAddr) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("chatd did not become ready at {http}");
+    panic!("chatd did not become ready at {}", c.addr);
 }
 
-async fn login(http: SocketAddr, name: &str, device: Option<u64>) -> (HttpClient, LoginResponse) {
-    let c = HttpClient::new(http);
+async fn login(c: &HttpClient, name: &str, device: Option<u64>) -> (HttpClient, LoginResponse) {
     let r: LoginResponse = c
         .post(
             "/v1/login",
@@ -80,7 +84,7 @@ async fn login(http: SocketAddr, name: &str, device: Option<u64>) -> (HttpClient
         )
         .await
         .expect("login");
-    let mut authed = HttpClient::new(http);
+    let mut authed = c.clone();
     authed.token = Some(r.token.clone());
     (authed, r)
 }
@@ -102,7 +106,14 @@ async fn chat_server(http: &HttpClient) -> ChatServerResponse {
 
 async fn connect(http: &HttpClient, token: &str) -> WsConn {
     let cs = chat_server(http).await;
-    let mut ws = WsConn::connect(&cs.url).await.expect("ws connect");
+    assert!(
+        cs.url.starts_with("wss://"),
+        "a TLS api hands out wss://: {}",
+        cs.url
+    );
+    let mut ws = WsConn::connect(&cs.url, http.tls.as_ref())
+        .await
+        .expect("ws connect");
     ws.send(&ClientFrame::Hello {
         token: token.into(),
         connection: 0,
@@ -184,8 +195,22 @@ async fn real_chat_survives_restart() {
     let data = tempfile::tempdir().expect("temp dir");
     let base = free_base();
     let mut server = Server::start(data.path(), base);
-    wait_ready(server.http).await;
-    let anon = HttpClient::new(server.http);
+    wait_ready(&server.anon).await;
+    let anon = server.anon.clone();
+    // TLS is the only way in: plain http on the api's port gets no answer, and a client
+    // that trusts only the public web's roots refuses the self-signed certificate.
+    let plain = HttpClient::new(server.http);
+    let e = plain
+        .get::<ChatServerResponse>("/healthz")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Http(_)), "plain http: {e}");
+    let public = HttpClient::new(server.http).with_tls(Some(ClientTls::public_roots()), None);
+    let e = public
+        .get::<ChatServerResponse>("/healthz")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
     let mut ids = Vec::new();
     for name in ["alice", "bob"] {
         let r: SignupResponse = anon
@@ -200,8 +225,8 @@ async fn real_chat_survives_restart() {
             .expect("signup");
         ids.push(r.user);
     }
-    let (alice_http, alice) = login(server.http, "alice", None).await;
-    let (bob_http, bob) = login(server.http, "bob", None).await;
+    let (alice_http, alice) = login(&anon, "alice", None).await;
+    let (bob_http, bob) = login(&anon, "bob", None).await;
     let asked: AddFriendResponse = alice_http
         .post("/v1/friends", &AddFriendRequest { user: ids[1] })
         .await
@@ -310,7 +335,9 @@ async fn real_chat_survives_restart() {
     assert_eq!(again, 1, "the retry is deduplicated");
     // A bad token is refused with its code.
     let cs = chat_server(&alice_http).await;
-    let mut bad = WsConn::connect(&cs.url).await.unwrap();
+    let mut bad = WsConn::connect(&cs.url, alice_http.tls.as_ref())
+        .await
+        .unwrap();
     bad.send(&ClientFrame::Hello {
         token: "forged.token".into(),
         connection: 0,
@@ -325,8 +352,9 @@ async fn real_chat_survives_restart() {
 
     let mut server = Server::start(data.path(), base);
     let restarted = std::time::Instant::now();
-    wait_ready(server.http).await;
-    let (bob_http, bob2) = login(server.http, "bob", Some(bob.device)).await;
+    // The same certificate after the restart: clients that trust it keep working.
+    wait_ready(&anon).await;
+    let (bob_http, bob2) = login(&anon, "bob", Some(bob.device)).await;
     assert_eq!(bob2.device, bob.device, "the device is remembered");
     for ch in [direct_channel, group.channel] {
         let h: HistoryResponse = bob_http

@@ -425,7 +425,7 @@ fn hello(token: &str) -> ClientFrame {
 
 /// Connects with the client library and authenticates.
 async fn connect(http: &HttpClient, token: &str) -> WsConn {
-    let mut ws = WsConn::connect(&chat_url(http).await)
+    let mut ws = WsConn::connect(&chat_url(http).await, None)
         .await
         .expect("ws connect");
     ws.send(&hello(token)).await.expect("hello");
@@ -1790,7 +1790,9 @@ async fn logout_revokes_the_token_and_ends_the_session() {
         }) => {}
         other => panic!("a revoked token was answered: {other:?}"),
     }
-    let mut again = WsConn::connect(&chat_url(&http_b).await).await.expect("ws");
+    let mut again = WsConn::connect(&chat_url(&http_b).await, None)
+        .await
+        .expect("ws");
     again.send(&hello(&a.token)).await.expect("hello");
     assert!(matches!(
         next(&mut again).await,

@@ -30,8 +30,10 @@ impl Drop for Killed {
     }
 }
 
-fn start_chatd(data: &Path, base: u16) -> (Killed, SocketAddr) {
-    let (child, http) = common::spawn_all_in_one(data, base, "warn");
+/// `chatd all-in-one` on `data`: https and wss:// with its self-signed certificate when `tls`.
+fn start_chatd(data: &Path, base: u16, tls: bool) -> (Killed, SocketAddr) {
+    let args: &[&str] = if tls { &[] } else { &["--plaintext"] };
+    let (child, http) = common::spawn_all_in_one_with(data, base, "warn", args);
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(http).is_err() {
         assert!(Instant::now() < deadline, "chatd did not listen on {http}");
@@ -44,6 +46,8 @@ fn start_chatd(data: &Path, base: u16) -> (Killed, SocketAddr) {
 struct User {
     server: String,
     state: PathBuf,
+    /// `--ca-cert`: the server's self-signed certificate.
+    ca_cert: Option<PathBuf>,
 }
 
 impl User {
@@ -51,6 +55,9 @@ impl User {
         let mut c = Command::new(env!("CARGO_BIN_EXE_chat"));
         c.arg("--server").arg(&self.server);
         c.arg("--state").arg(&self.state);
+        if let Some(ca) = &self.ca_cert {
+            c.arg("--ca-cert").arg(ca);
+        }
         c.args(args);
         c
     }
@@ -99,12 +106,34 @@ fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 #[test]
 fn cli_signup_friend_send_history_presence_follow() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (_chatd, http) = start_chatd(&dir.path().join("data"), free_base());
+    // Over TLS, as `chatd all-in-one` serves by default: the CLI trusts its certificate.
+    let data = dir.path().join("data");
+    let (_chatd, http) = start_chatd(&data, free_base(), true);
+    let cert = common::self_signed_cert(&data);
+    eventually(
+        "the self-signed certificate",
+        Duration::from_secs(20),
+        || cert.exists(),
+    );
     let user = |name: &str| User {
-        server: format!("http://{http}"),
+        server: format!("https://{http}"),
         state: dir.path().join(format!("{name}.json")),
+        ca_cert: Some(cert.clone()),
     };
     let (alice, bob) = (user("alice"), user("bob"));
+    // Without the certificate the CLI refuses the server, and says why.
+    let stranger = User {
+        ca_cert: None,
+        ..user("stranger")
+    };
+    let e = stranger.fails(&["signup", "stranger", "s-pw"]);
+    assert!(e.contains("certificate"), "{e}");
+    // Plain http to a TLS server gets nowhere.
+    let plain = User {
+        server: format!("http://{http}"),
+        ..user("plain")
+    };
+    plain.fails(&["signup", "plain", "p-pw"]);
     assert!(alice
         .ok(&["signup", "alice", "a-pw"])
         .starts_with("signed up"));
@@ -236,7 +265,7 @@ fn get(http: SocketAddr, path: &str) -> (String, String, String) {
 #[test]
 fn web_page_is_served() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (_chatd, http) = start_chatd(&dir.path().join("data"), free_base());
+    let (_chatd, http) = start_chatd(&dir.path().join("data"), free_base(), false);
     for (path, want_type, marker) in [
         ("/", "text/html; charset=utf-8", "<script src=\"/app.js\""),
         (

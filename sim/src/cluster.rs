@@ -259,6 +259,7 @@ impl Cluster {
                     peers: pf(&tls),
                     token_key: token_key(),
                     metrics: nodes::metrics::Metrics::new(),
+                    tls: None,
                 })
             });
         }
@@ -274,6 +275,7 @@ impl Cluster {
                     // Hundreds of logins per run: the same argon2id code at its minimum cost.
                     password_cost: nodes::auth::PasswordCost::Minimal,
                     metrics: nodes::metrics::Metrics::new(),
+                    tls: None,
                 })
             });
         }

@@ -200,7 +200,7 @@ async fn attempt_ws(
 ) -> Option<Option<String>> {
     // The lookup is made with the attacker's real token: the forged one is for `hello`.
     let server: ChatServerResponse = api.get("/v1/chat-server").await.ok()?;
-    let mut ws = tokio::time::timeout(WAIT, WsConn::connect(&server.url))
+    let mut ws = tokio::time::timeout(WAIT, WsConn::connect(&server.url, api.tls.as_ref()))
         .await
         .ok()?
         .ok()?;

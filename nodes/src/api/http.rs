@@ -9,6 +9,7 @@ use hyper_util::service::TowerToHyperService;
 
 use super::routes::{router, ApiState};
 use crate::auth::{PasswordCost, Passwords, TokenKey};
+use crate::client_tls::{MaybeTls, ServerTls};
 use crate::cluster::Peers;
 use crate::metrics::{self, Metrics};
 use crate::net::{self, SimTimer, Stream};
@@ -23,6 +24,8 @@ pub struct ApiConfig {
     /// The node's counters (all-in-one passes the process's shared one); `/metrics` is on the
     /// admin address (`metrics::serve`), not here.
     pub metrics: Arc<Metrics>,
+    /// https instead of http (`[client_tls]`); `None` serves plain HTTP.
+    pub tls: Option<ServerTls>,
 }
 
 /// The source address of a request's connection (set by [`serve_router`]).
@@ -43,14 +46,17 @@ pub async fn run(cfg: ApiConfig) -> anyhow::Result<()> {
     }))
     .merge(metrics::health_routes(metrics::alive()));
     tracing::info!(listen = %cfg.listen, "api node up");
-    serve_router(listener, app, HEADER_READ_TIMEOUT).await
+    serve_router(listener, app, HEADER_READ_TIMEOUT, cfg.tls).await
 }
 
-/// Serves `app` on every connection `listener` accepts (HTTP/1.1), until the process ends.
+/// Serves `app` on every connection `listener` accepts (HTTP/1.1, over TLS with `tls`), until
+/// the process ends. The TLS handshake and the request headers each have
+/// `header_read_timeout`.
 pub async fn serve_router(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     header_read_timeout: Duration,
+    tls: Option<ServerTls>,
 ) -> anyhow::Result<()> {
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -69,11 +75,30 @@ pub async fn serve_router(
                 req
             },
         ));
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let stream = match tls {
+                None => MaybeTls::Plain(Stream::new(tcp)),
+                Some(tls) => {
+                    match tokio::time::timeout(header_read_timeout, tls.accept(Stream::new(tcp)))
+                        .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "tls handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(SimTimer)
                 .header_read_timeout(header_read_timeout)
-                .serve_connection(TokioIo::new(Stream::new(tcp)), svc);
+                .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "http connection ended with an error");
             }

@@ -810,7 +810,12 @@ async fn chat_server(
     let c = auth(&st, &headers).await?;
     match st.peers.discovery.pick(c.device, q.avoid).await? {
         Some(info) => Ok(Json(ChatServerResponse {
-            url: format!("ws://{}/ws", info.ws_addr),
+            // The scheme the server registered: it knows whether it serves TLS.
+            url: format!(
+                "{}://{}/ws",
+                if info.tls { "wss" } else { "ws" },
+                info.ws_addr
+            ),
             server: info.server,
         })),
         None => Err(refuse(ErrorCode::NoChatServer, "no live chat server")),

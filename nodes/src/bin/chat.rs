@@ -43,6 +43,7 @@ mod real {
     };
     use nodes::client::ws::{Incoming, WsConn};
     use nodes::client::ClientError;
+    use nodes::client_tls::ClientTls;
     use nodes::clock::unix_ms;
     use nodes::limits::{HEARTBEAT_INTERVAL_MS, SYNC_PAGE_MAX};
     use nodes::proto::client::*;
@@ -70,9 +71,14 @@ mod real {
     #[derive(Debug, Parser)]
     #[command(name = "chat", version, about = "A chatsim device on the command line")]
     struct Cli {
-        /// The api node.
+        /// The api node: http://HOST:PORT, or https://HOST:PORT (chat servers are then
+        /// wss://).
         #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
         server: String,
+        /// A PEM certificate to trust besides the public web's roots: a self-signed server's
+        /// (`chatd all-in-one` writes `<data>/tls/client.crt`) or a private CA's.
+        #[arg(long, global = true)]
+        ca_cert: Option<PathBuf>,
         /// The state file (token, device id). Default: $XDG_CONFIG_HOME/chatsim/chat.json,
         /// else ~/.config/chatsim/chat.json.
         #[arg(long, global = true)]
@@ -173,12 +179,11 @@ mod real {
     }
 
     async fn run(cli: Cli) -> anyhow::Result<()> {
-        let addr = api_addr(&cli.server)?;
+        let anon = api_client(&cli.server, cli.ca_cert.as_deref())?;
         let state_path = match cli.state.clone() {
             Some(p) => p,
             None => default_state_path()?,
         };
-        let anon = HttpClient::new(addr);
         match cli.cmd {
             Cmd::Signup { name, password } => {
                 let r: SignupResponse = anon
@@ -193,7 +198,7 @@ mod real {
             }
             cmd => {
                 let saved = load(&state_path)?;
-                let mut http = HttpClient::new(addr);
+                let mut http = anon.clone();
                 http.token = Some(saved.token.clone());
                 let me = Me { http, saved };
                 signed_in(&me, cmd).await
@@ -313,16 +318,41 @@ mod real {
 
     // ------------------------------------------------------------ state file, addresses
 
-    fn api_addr(server: &str) -> anyhow::Result<SocketAddr> {
-        let rest = server.strip_prefix("http://").ok_or_else(|| {
-            anyhow!("--server must be http://HOST:PORT (got {server:?}; https is not supported)")
-        })?;
+    /// The api's address, whether it is https, and its host name when it is not an IP.
+    fn api_addr(server: &str) -> anyhow::Result<(SocketAddr, bool, Option<String>)> {
+        let (tls, rest) = if let Some(rest) = server.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = server.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            bail!("--server must be http://HOST:PORT or https://HOST:PORT (got {server:?})");
+        };
         let hostport = rest.trim_end_matches('/');
-        hostport
+        let addr = hostport
             .to_socket_addrs()
             .with_context(|| format!("resolve {hostport}"))?
             .next()
-            .ok_or_else(|| anyhow!("{hostport} has no address"))
+            .ok_or_else(|| anyhow!("{hostport} has no address"))?;
+        let (host, is_ip) = nodes::client_tls::host_of(hostport);
+        Ok((addr, tls, (!is_ip).then(|| host.to_string())))
+    }
+
+    /// A client of `server`; https trusts `ca_cert` besides the public web's roots.
+    fn api_client(server: &str, ca_cert: Option<&Path>) -> anyhow::Result<HttpClient> {
+        let (addr, https, host) = api_addr(server)?;
+        let tls = match (https, ca_cert) {
+            (false, _) => None,
+            (true, None) => Some(ClientTls::public_roots()),
+            (true, Some(path)) => {
+                let pem =
+                    std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+                Some(
+                    ClientTls::trusting_pem(&pem)
+                        .with_context(|| format!("trust {}", path.display()))?,
+                )
+            }
+        };
+        Ok(HttpClient::new(addr).with_tls(tls, host))
     }
 
     fn default_state_path() -> anyhow::Result<PathBuf> {
@@ -544,7 +574,7 @@ mod real {
         for _ in 0..ATTEMPTS_MAX {
             // The connection number orders this device's connections across processes that
             // share the state file: the newest wins.
-            match open_session(me.http.addr, &me.saved.token, avoid, unix_ms(), None).await {
+            match open_session(&me.http, &me.saved.token, avoid, unix_ms(), None).await {
                 Ok((ws, _server)) => return Ok(ws),
                 Err(e) if e.ends_login() => return Err(anyhow!(e.error)),
                 Err(e) => {
@@ -699,6 +729,8 @@ mod real {
             missed_heartbeats: MissedTickBehavior::Delay,
             // Newer than any connection of this device so far, from any process.
             first_connection: unix_ms(),
+            tls: me.http.tls.clone(),
+            api_name: me.http.host.clone(),
             ..Settings::new(vec![me.http.addr])
         };
         let login = Login {
@@ -798,10 +830,23 @@ mod real {
         #[test]
         fn server_addresses() {
             let want: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-            assert_eq!(api_addr("http://127.0.0.1:8080").unwrap(), want);
-            assert_eq!(api_addr("http://127.0.0.1:8080/").unwrap(), want);
-            let e = api_addr("https://127.0.0.1:8080").unwrap_err().to_string();
-            assert!(e.contains("http://HOST:PORT"), "{e}");
+            assert_eq!(
+                api_addr("http://127.0.0.1:8080").unwrap(),
+                (want, false, None)
+            );
+            assert_eq!(
+                api_addr("http://127.0.0.1:8080/").unwrap(),
+                (want, false, None)
+            );
+            assert_eq!(
+                api_addr("https://127.0.0.1:8080").unwrap(),
+                (want, true, None)
+            );
+            let (_, tls, host) = api_addr("https://localhost:8080").unwrap();
+            assert!(tls);
+            assert_eq!(host.as_deref(), Some("localhost"));
+            let e = api_addr("ftp://127.0.0.1:8080").unwrap_err().to_string();
+            assert!(e.contains("http://HOST:PORT or https://HOST:PORT"), "{e}");
             assert!(api_addr("127.0.0.1:8080").is_err());
         }
 

@@ -39,6 +39,8 @@ pub struct ChatConfig {
     pub peers: Arc<Peers>,
     pub token_key: TokenKey,
     pub metrics: Arc<Metrics>,
+    /// `wss://` instead of `ws://` (`[client_tls]`).
+    pub tls: Option<crate::client_tls::ServerTls>,
 }
 
 /// What a session's writer task is asked to do. Kept to 16 bytes: every session's queue
@@ -552,6 +554,7 @@ fn info(state: &ChatState) -> ChatServerInfo {
         ws_addr: state.cfg.ws_advertise.clone(),
         rpc_addr: state.cfg.rpc_advertise.clone(),
         load: state.load(),
+        tls: state.cfg.tls.is_some(),
     }
 }
 

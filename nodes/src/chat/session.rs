@@ -22,6 +22,7 @@ use super::server::{ChatState, Closer, Outbound, SessionHandle};
 use super::validate::{check_text, parse_frame};
 use crate::auth::Claims;
 use crate::canary::Canary;
+use crate::client_tls::MaybeTls;
 use crate::clock::unix_ms;
 use crate::limits::{
     PRESENCE_QUERY_USERS_MAX, SESSION_OUTBOX_MAX, SYNC_PAGE_MAX, WS_FRAME_BYTES_MAX,
@@ -60,17 +61,22 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(WS_FRAME_BYTES_MAX))
 }
 
-type Ws = WebSocketStream<Stream>;
+type Ws = WebSocketStream<MaybeTls>;
 
 /// Serves one device connection to the end.
 pub async fn run(state: Arc<ChatState>, stream: Stream) {
-    let ws = match Box::pin(tokio::time::timeout(
-        HELLO_TIMEOUT,
-        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())),
-    ))
-    .await
-    {
-        Ok(Ok(ws)) => ws,
+    // The TLS handshake (with `[client_tls]`) and the WebSocket upgrade share one deadline.
+    let upgrade = async {
+        let stream = match &state.cfg.tls {
+            None => MaybeTls::Plain(stream),
+            Some(tls) => tls.accept(stream).await.ok()?,
+        };
+        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config()))
+            .await
+            .ok()
+    };
+    let ws = match Box::pin(tokio::time::timeout(HELLO_TIMEOUT, upgrade)).await {
+        Ok(Some(ws)) => ws,
         _ => return,
     };
     let metrics = state.cfg.metrics.clone();

@@ -1,5 +1,6 @@
 //! A small HTTP/1.1 JSON client over hyper, one connection per request (api nodes are
 //! stateless and sit behind a load balancer; a keep-alive pool is an optimisation left out).
+//! https when given a [`ClientTls`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::ClientError;
+use crate::client_tls::{ClientTls, MaybeTls};
 use crate::net;
 use crate::proto::client::ErrorBody;
 
@@ -21,11 +23,28 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct HttpClient {
     pub addr: SocketAddr,
     pub token: Option<String>,
+    /// https, trusting these roots; `None`: plain http.
+    pub tls: Option<ClientTls>,
+    /// The name the server's certificate must hold and the `Host` header (a DNS name from
+    /// the URL); default: the address.
+    pub host: Option<String>,
 }
 
 impl HttpClient {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, token: None }
+        Self {
+            addr,
+            token: None,
+            tls: None,
+            host: None,
+        }
+    }
+
+    /// https to `addr`, checking the certificate against `tls` for `host` (default: the IP).
+    pub fn with_tls(mut self, tls: Option<ClientTls>, host: Option<String>) -> Self {
+        self.tls = tls;
+        self.host = host;
+        self
     }
 
     pub async fn post<B: Serialize, R: DeserializeOwned>(
@@ -64,7 +83,21 @@ impl HttpClient {
         path: &str,
         body: Bytes,
     ) -> Result<R, ClientError> {
-        let stream = net::connect(self.addr).await?;
+        let tcp = net::connect(self.addr).await?;
+        let host_header = match &self.host {
+            Some(h) => format!("{h}:{}", self.addr.port()),
+            None => self.addr.to_string(),
+        };
+        let stream = match &self.tls {
+            None => MaybeTls::Plain(tcp),
+            Some(tls) => {
+                let name = self
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| self.addr.ip().to_string());
+                tls.connect(&name, tcp).await?
+            }
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -74,7 +107,7 @@ impl HttpClient {
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header("host", self.addr.to_string())
+            .header("host", host_header)
             .header("content-type", "application/json");
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));

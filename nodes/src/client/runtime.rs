@@ -33,6 +33,7 @@ use super::device::{DeviceState, Observation};
 use super::http::HttpClient;
 use super::ws::{Incoming, WsConn};
 use super::ClientError;
+use crate::client_tls::ClientTls;
 use crate::limits::HEARTBEAT_INTERVAL_MS;
 use crate::proto::client::{ChatServerResponse, ClientFrame, ErrorCode, ServerFrame};
 use crate::proto::Id;
@@ -83,6 +84,11 @@ pub struct Settings {
     /// The local address to connect from (a load driver spreads its clients over many);
     /// `None` lets the system choose. Ignored in the simulation (a node has one address).
     pub source_ip: Option<IpAddr>,
+    /// https and `wss://` trusting these roots; `None`: plain http (a `wss://` chat server
+    /// is then checked against the public web's roots).
+    pub tls: Option<ClientTls>,
+    /// The name the api's certificate must hold (a DNS name); default: each api address.
+    pub api_name: Option<String>,
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
     /// Ask friends' presence again this often while connected (`None`: only at connect and
@@ -103,6 +109,8 @@ impl Settings {
         Self {
             api,
             source_ip: None,
+            tls: None,
+            api_name: None,
             backoff_min_ms: BACKOFF_MIN_MS,
             backoff_max_ms: BACKOFF_MAX_MS,
             presence_refresh: Some(PRESENCE_REFRESH),
@@ -238,18 +246,18 @@ impl ConnectError {
     }
 }
 
-/// One connection attempt: ask `api` for a chat server (avoiding `avoid` unless it is the
-/// only one), connect from `source_ip`, say `hello` as connection number `connection`, and
-/// wait for `welcome`, all within [`CONNECT_TIMEOUT`]. Answers the connection and the
-/// server's number.
+/// One connection attempt: ask the api `api` reaches for a chat server (avoiding `avoid`
+/// unless it is the only one), connect from `source_ip` (over TLS with `api`'s roots when
+/// the server is `wss://`), say `hello` as connection number `connection`, and wait for
+/// `welcome`, all within [`CONNECT_TIMEOUT`]. Answers the connection and the server's number.
 pub async fn open_session(
-    api: SocketAddr,
+    api: &HttpClient,
     token: &str,
     avoid: Option<u32>,
     connection: u64,
     source_ip: Option<IpAddr>,
 ) -> Result<(WsConn, u32), ConnectError> {
-    let mut http = HttpClient::new(api);
+    let mut http = api.clone();
     http.token = Some(token.to_string());
     let path = match avoid {
         Some(s) => format!("/v1/chat-server?avoid={s}"),
@@ -259,7 +267,7 @@ pub async fn open_session(
     let attempt = async {
         let cs: ChatServerResponse = http.get(&path).await.map_err(refusal)?;
         picked = Some(cs.server);
-        let mut ws = WsConn::connect_from(&cs.url, source_ip)
+        let mut ws = WsConn::connect_from(&cs.url, source_ip, http.tls.as_ref())
             .await
             .map_err(refusal)?;
         let hello = ClientFrame::Hello {
@@ -456,8 +464,10 @@ impl<O: Observer> DeviceRuntime<O> {
     async fn connect(&mut self) {
         self.connection += 1;
         let api = self.settings.api[self.rng.gen_range(0..self.settings.api.len())];
+        let api = HttpClient::new(api)
+            .with_tls(self.settings.tls.clone(), self.settings.api_name.clone());
         let result = open_session(
-            api,
+            &api,
             &self.login.token,
             self.avoid,
             self.connection,

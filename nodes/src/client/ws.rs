@@ -7,11 +7,12 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::ClientError;
+use crate::client_tls::{self, ClientTls, MaybeTls};
 use crate::net::{self, Stream};
 use crate::proto::client::{ClientFrame, ServerFrame};
 
 pub struct WsConn {
-    ws: WebSocketStream<Stream>,
+    ws: WebSocketStream<MaybeTls>,
 }
 
 /// What arrived on the connection.
@@ -24,27 +25,56 @@ pub enum Incoming {
 }
 
 impl WsConn {
-    /// Connects to `ws://host:port/path`.
-    pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        Self::connect_from(url, None).await
+    /// Connects to `ws://host:port/path` (plain) or `wss://host:port/path`.
+    pub async fn connect(url: &str, tls: Option<&ClientTls>) -> Result<Self, ClientError> {
+        Self::connect_from(url, None, tls).await
     }
 
-    /// Connects to `ws://host:port/path` from `source` (see [`net::connect_from`]).
-    pub async fn connect_from(url: &str, source: Option<IpAddr>) -> Result<Self, ClientError> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| ClientError::Ws(format!("not a ws:// url: {url}")))?;
+    /// Connects to `ws://` or `wss://host:port/path` from `source` (see
+    /// [`net::connect_from`]). A `wss://` URL is checked against `tls`, or the public web's
+    /// roots when `None`. The host is an IP address (what the api hands out), or for real a
+    /// DNS name.
+    pub async fn connect_from(
+        url: &str,
+        source: Option<IpAddr>,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, ClientError> {
+        let (secure, rest) = if let Some(rest) = url.strip_prefix("wss://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("ws://") {
+            (false, rest)
+        } else {
+            return Err(ClientError::Ws(format!("not a ws:// or wss:// url: {url}")));
+        };
         let hostport = rest.split('/').next().unwrap_or(rest);
-        let addr = hostport
-            .parse()
-            .map_err(|_| ClientError::Ws(format!("bad address in {url}")))?;
-        let stream = net::connect_from(addr, source).await?;
-        Self::handshake(url, stream).await
+        let addr = resolve(hostport)
+            .await
+            .ok_or_else(|| ClientError::Ws(format!("bad address in {url}")))?;
+        let tcp = net::connect_from(addr, source).await?;
+        let stream = if secure {
+            let (host, _) = client_tls::host_of(hostport);
+            let public;
+            let tls = match tls {
+                Some(t) => t,
+                None => {
+                    public = ClientTls::public_roots();
+                    &public
+                }
+            };
+            tls.connect(host, tcp).await?
+        } else {
+            MaybeTls::Plain(tcp)
+        };
+        Self::handshake_on(url, stream).await
     }
 
-    /// The WebSocket handshake over a stream the caller connected (load drivers bind their
-    /// own source addresses).
+    /// The WebSocket handshake over a plain stream the caller connected (tests and the
+    /// simulation's hostile device).
     pub async fn handshake(url: &str, stream: Stream) -> Result<Self, ClientError> {
+        Self::handshake_on(url, MaybeTls::Plain(stream)).await
+    }
+
+    async fn handshake_on(url: &str, stream: MaybeTls) -> Result<Self, ClientError> {
         let (ws, _) = tokio_tungstenite::client_async_with_config(
             url,
             stream,
@@ -86,4 +116,15 @@ impl WsConn {
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
     }
+}
+
+/// `host:port` as an address: an IP literal, or for real a DNS name looked up.
+async fn resolve(hostport: &str) -> Option<std::net::SocketAddr> {
+    if let Ok(a) = hostport.parse() {
+        return Some(a);
+    }
+    #[cfg(not(madsim))]
+    return tokio::net::lookup_host(hostport).await.ok()?.next();
+    #[cfg(madsim)]
+    None
 }

@@ -11,12 +11,18 @@
 //!
 //! A node whose certificate is missing gets one at start when `ca.key` is there (the config
 //! grew), and refuses to start when it is not.
+//!
+//! Apart from these, the certificate devices see (`[client_tls]`, [`client_tls`]): from the
+//! config, or with `self_signed` a pair this module creates, `client.crt` and `client.key`
+//! in the TLS directory by default (what `all-in-one` and `local-cluster` do). Clients that
+//! should trust it are given `client.crt` (`chat --ca-cert`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
 use super::config::{write_private, Config, Role};
+use crate::client_tls::{KeyKind, ServerTls};
 use crate::tls::{ClusterCa, NodeCert, NodeTls, Principal};
 
 const CA_CERT: &str = "ca.crt";
@@ -144,6 +150,99 @@ pub fn load(cfg: &Config, who: Principal) -> anyhow::Result<NodeTls> {
         );
     }
     Ok(NodeTls::new(cert, false)?)
+}
+
+/// The names a self-signed client certificate holds: every api and chat server address
+/// (listened on and advertised), and `localhost` (added by `self_signed`).
+fn client_names(cfg: &Config) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |n: String| {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    };
+    for a in &cfg.api {
+        add(a.listen.ip().to_string());
+    }
+    for c in &cfg.chat {
+        add(c.ws_listen.ip().to_string());
+        if let Some(adv) = &c.ws_advertise {
+            add(crate::client_tls::host_of(adv).0.to_string());
+        }
+    }
+    // An unspecified listen address (0.0.0.0) is no name a client dials.
+    names.retain(|n| {
+        n.parse::<std::net::IpAddr>()
+            .map_or(true, |ip| !ip.is_unspecified())
+    });
+    names
+}
+
+/// The server side of `[client_tls]`, or `None` (plain http and ws://). With `self_signed`
+/// and no files yet, creates the pair first: ECDSA P-256, written aside and renamed into
+/// place with the certificate last, so a half-written pair is never read and processes
+/// starting at once end up with one pair.
+pub fn client_tls(cfg: &Config) -> anyhow::Result<Option<ServerTls>> {
+    let (Some(files), Some((cert, key))) = (&cfg.client_tls, cfg.client_tls_paths()) else {
+        return Ok(None);
+    };
+    if files.self_signed && !cert.exists() {
+        let dir = cert.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        // One creator: the process that makes the lock file; the others wait for the
+        // certificate (written last). A lock left by a crash is taken over after a minute.
+        let lock = dir.join("client-tls.lock");
+        let stale = |l: &Path| {
+            std::fs::metadata(l)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| {
+                    t.elapsed()
+                        .is_ok_and(|e| e > std::time::Duration::from_secs(60))
+                })
+        };
+        if stale(&lock) {
+            let _ = std::fs::remove_file(&lock);
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(_) => {
+                let made = write_self_signed(cfg, dir, &cert, &key);
+                let _ = std::fs::remove_file(&lock);
+                made?;
+            }
+            Err(_) => {
+                for _ in 0..100 {
+                    if cert.exists() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+        }
+    }
+    Ok(Some(ServerTls::load(&cert, &key)?))
+}
+
+fn write_self_signed(cfg: &Config, dir: &Path, cert: &Path, key: &Path) -> anyhow::Result<()> {
+    if cert.exists() {
+        return Ok(());
+    }
+    let pair = crate::client_tls::self_signed(&client_names(cfg), KeyKind::EcdsaP256)?;
+    let _ = std::fs::remove_file(key);
+    write_private(key, pair.key_pem.as_bytes())
+        .with_context(|| format!("write {}", key.display()))?;
+    let tmp = dir.join(format!("client-crt.tmp{}", std::process::id()));
+    std::fs::write(&tmp, pair.cert_pem.as_bytes())
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .with_context(|| format!("write {}", tmp.display()))?;
+    // The certificate last: its presence says the pair is complete.
+    std::fs::rename(&tmp, cert).with_context(|| format!("write {}", cert.display()))?;
+    sync_dir(dir)?;
+    tracing::info!(cert = %cert.display(), "created a self-signed certificate for clients");
+    Ok(())
 }
 
 /// [`ensure`], then [`load`]: what a process starting as `who` does.

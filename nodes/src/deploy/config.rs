@@ -6,6 +6,10 @@
 //! data = "chatsim-data"              # redb files and the token secret live here
 //! # token_secret = "hex..."          # or: token_secret_file = "path"; default <data>/token.secret
 //! # tls_dir = "path"                 # cluster CA and node certificates; default <data>/tls
+//! [client_tls]                       # https and wss:// for devices (absent: plain http, ws://)
+//! cert = "/etc/chatd/fullchain.pem"  # PEM chain, leaf first (relative paths: to data)
+//! key = "/etc/chatd/privkey.pem"
+//! # self_signed = true               # create a self-signed pair at cert/key if absent
 //! # [[token_keys]]                   # a key ring instead (rotation): the highest id signs
 //! # id = 2                           # and every listed key verifies; list the old key as
 //! # secret_file = "token-2.secret"   # id 1 until its tokens expired (24 h), then drop it
@@ -88,6 +92,9 @@ pub struct Config {
     /// `deploy::certs`). Default `<data>/tls`, created on first start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<PathBuf>,
+    /// https for the api and `wss://` for chat servers; plain when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<ClientTlsFiles>,
     /// The home-made discovery node (absent when the cluster coordinates on etcd).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<Node>,
@@ -130,6 +137,32 @@ pub struct TokenKeyEntry {
     /// a file holding it (relative paths: to `data`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<PathBuf>,
+}
+
+/// The certificate devices see (`[client_tls]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsFiles {
+    /// PEM certificate chain, leaf first; relative to `data` unless absolute.
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Create a self-signed pair at `cert` and `key` when they do not exist, valid for
+    /// `localhost` and every api and chat server address (`deploy::certs::client_tls`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub self_signed: bool,
+}
+
+impl ClientTlsFiles {
+    /// What `all-in-one` and `local-cluster` use when given no certificate: a self-signed
+    /// pair in the TLS directory.
+    pub fn self_signed_default() -> ClientTlsFiles {
+        ClientTlsFiles {
+            cert: PathBuf::from("tls/client.crt"),
+            key: PathBuf::from("tls/client.key"),
+            self_signed: true,
+        }
+    }
 }
 
 /// A node with one RPC address.
@@ -236,6 +269,7 @@ impl Config {
             token_secret_file: None,
             token_keys: Vec::new(),
             tls_dir: None,
+            client_tls: Some(ClientTlsFiles::self_signed_default()),
             discovery: Some(Node {
                 listen: at(base),
                 admin: None,
@@ -319,6 +353,7 @@ impl Config {
             token_secret_file: None,
             token_keys: Vec::new(),
             tls_dir: None,
+            client_tls: Some(ClientTlsFiles::self_signed_default()),
             // With etcd members, no discovery node: chat servers register in etcd.
             discovery: (sizes.etcd == 0).then(|| Node {
                 listen: sa(1, 0, 7000),
@@ -499,6 +534,29 @@ impl Config {
             Role::Chat => self.chat.len(),
             Role::Api => self.api.len(),
         }
+    }
+
+    /// The files of `[client_tls]`, relative paths resolved against `data`.
+    pub fn client_tls_paths(&self) -> Option<(PathBuf, PathBuf)> {
+        let files = self.client_tls.as_ref()?;
+        let at = |p: &PathBuf| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                self.data.join(p)
+            }
+        };
+        Some((at(&files.cert), at(&files.key)))
+    }
+
+    /// The scheme and address of the first api node, for messages to the user.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.client_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}/", self.api[0].listen)
     }
 
     /// Where the cluster's certificates live (`deploy::certs`).

@@ -152,6 +152,7 @@ pub fn start(
                 peers: peers(),
                 token_key: shared.token_key.clone(),
                 metrics: m,
+                tls: certs::client_tls(cfg)?,
             })));
             node.admin
         }
@@ -163,6 +164,7 @@ pub fn start(
                 token_key: shared.token_key.clone(),
                 password_cost: crate::auth::PasswordCost::Standard,
                 metrics: m,
+                tls: certs::client_tls(cfg)?,
             })));
             cfg.api[index].admin
         }

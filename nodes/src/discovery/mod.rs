@@ -66,6 +66,7 @@ mod tests {
         ChatServerInfo {
             server,
             ws_addr: format!("10.0.3.{server}:9000"),
+            tls: false,
             rpc_addr: format!("10.0.3.{server}:7000"),
             load,
         }

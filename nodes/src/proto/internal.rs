@@ -106,6 +106,9 @@ pub struct ChatServerInfo {
     pub ws_addr: String,
     pub rpc_addr: String,
     pub load: u32,
+    /// Whether devices connect with `wss://` (the server has `[client_tls]`).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

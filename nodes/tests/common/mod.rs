@@ -21,14 +21,26 @@ pub fn free_base(len: u16) -> u16 {
     }
 }
 
-/// Starts `chatd all-in-one` on `data` with the port block at `base` (its api at base + 20)
-/// and `RUST_LOG=log`; returns the process and the api's address. Callers wait until it
-/// answers and kill it when done.
+/// Starts `chatd all-in-one --plaintext` on `data` with the port block at `base` (its api at
+/// base + 20) and `RUST_LOG=log`; returns the process and the api's address. Callers wait
+/// until it answers and kill it when done.
 #[allow(dead_code)] // not every test binary that includes `common` starts an all-in-one
 pub fn spawn_all_in_one(
     data: &std::path::Path,
     base: u16,
     log: &str,
+) -> (std::process::Child, std::net::SocketAddr) {
+    spawn_all_in_one_with(data, base, log, &["--plaintext"])
+}
+
+/// [`spawn_all_in_one`] with these arguments instead of `--plaintext` (none: https and
+/// wss:// with the self-signed certificate it writes to [`self_signed_cert`]).
+#[allow(dead_code)]
+pub fn spawn_all_in_one_with(
+    data: &std::path::Path,
+    base: u16,
+    log: &str,
+    args: &[&str],
 ) -> (std::process::Child, std::net::SocketAddr) {
     let http = std::net::SocketAddr::from(([127, 0, 0, 1], base + 20));
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_chatd"))
@@ -40,8 +52,36 @@ pub fn spawn_all_in_one(
             "--base-port",
             &base.to_string(),
         ])
+        .args(args)
         .env("RUST_LOG", log)
         .spawn()
         .expect("start chatd");
     (child, http)
+}
+
+/// Where `chatd all-in-one` on `data` writes its self-signed client certificate.
+#[allow(dead_code)]
+pub fn self_signed_cert(data: &std::path::Path) -> std::path::PathBuf {
+    data.join("tls").join("client.crt")
+}
+
+/// A client trusting the self-signed certificate of `chatd all-in-one` on `data`, once the
+/// process has written it (within 20 s).
+#[allow(dead_code)]
+pub fn trust_self_signed(data: &std::path::Path) -> nodes::client_tls::ClientTls {
+    let path = self_signed_cert(data);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(pem) = std::fs::read(&path) {
+            if let Ok(tls) = nodes::client_tls::ClientTls::trusting_pem(&pem) {
+                return tls;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no certificate at {}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

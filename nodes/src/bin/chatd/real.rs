@@ -63,6 +63,8 @@ struct AllInOne {
     /// kv shards (without --config; one redb file each). Must not change for existing data.
     #[arg(long, default_value_t = 2)]
     kv_shards: u16,
+    #[command(flatten)]
+    client_tls: ClientTlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +103,40 @@ struct LocalCluster {
     /// Use this config instead of generating one (its addresses should be on this machine).
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    client_tls: ClientTlsArgs,
+}
+
+/// How devices reach the api and chat servers. Default: https and wss:// with a self-signed
+/// certificate created in `<data>/tls/client.crt` (give it to clients: `chat --ca-cert`).
+#[derive(Debug, Args)]
+struct ClientTlsArgs {
+    /// Plain http and ws:// (a TLS-terminating proxy in front, or a quick local try).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    plaintext: bool,
+    /// The certificate chain devices see (PEM, leaf first), instead of a self-signed one.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// Applies the flags over the config's `[client_tls]` (or the generated config's
+    /// self-signed default).
+    fn apply(&self, cfg: &mut Config) {
+        if self.plaintext {
+            cfg.client_tls = None;
+        } else if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            cfg.client_tls = Some(nodes::deploy::config::ClientTlsFiles {
+                cert: abs(cert),
+                key: abs(key),
+                self_signed: false,
+            });
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -223,16 +259,30 @@ async fn all_in_one(a: AllInOne) -> anyhow::Result<()> {
     if let Some(d) = a.data {
         cfg.data = d;
     }
+    a.client_tls.apply(&mut cfg);
     cfg.validate()?;
     let shared = Shared::new(&cfg, push_provider(&cfg)?)?;
     let tasks = deploy::start_all(&cfg, &shared)?;
     tracing::info!(
         http = %cfg.api[0].listen,
         data = %cfg.data.display(),
-        "chatd all-in-one running: open http://{}/",
-        cfg.api[0].listen
+        "chatd all-in-one running: open {}",
+        cfg.api_url()
     );
+    log_self_signed(&cfg);
     deploy::run_until_one_ends(tasks).await
+}
+
+/// Where the self-signed certificate is, for clients to trust.
+fn log_self_signed(cfg: &Config) {
+    if let (Some(files), Some((cert, _))) = (&cfg.client_tls, cfg.client_tls_paths()) {
+        if files.self_signed {
+            tracing::info!(
+                "clients: trust the self-signed {} (chat --ca-cert {0}; a browser asks once)",
+                cert.display()
+            );
+        }
+    }
 }
 
 async fn one_role(role: Role, a: RoleArgs) -> anyhow::Result<()> {
@@ -350,7 +400,13 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.data).with_context(|| format!("create {}", a.data.display()))?;
     let data = std::fs::canonicalize(&a.data)?;
     let (cfg, path) = match a.config {
-        Some(path) => (Config::load(&path)?, std::fs::canonicalize(path)?),
+        Some(path) => {
+            anyhow::ensure!(
+                !a.client_tls.plaintext && a.client_tls.tls_cert.is_none(),
+                "with --config, say how clients connect in its [client_tls] table"
+            );
+            (Config::load(&path)?, std::fs::canonicalize(path)?)
+        }
         None => {
             let sizes = ClusterSizes {
                 etcd: a.etcd,
@@ -363,7 +419,8 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
                 chat: a.chat,
                 api: a.api,
             };
-            let cfg = Config::loopback_cluster(data.clone(), a.http, &sizes)?;
+            let mut cfg = Config::loopback_cluster(data.clone(), a.http, &sizes)?;
+            a.client_tls.apply(&mut cfg);
             let path = data.join("cluster.toml");
             std::fs::write(&path, cfg.to_toml())
                 .with_context(|| format!("write {}", path.display()))?;
@@ -373,6 +430,7 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
     // Created once here, so that nodes starting at the same moment share them.
     cfg.token_key()?;
     deploy::certs::ensure(&cfg)?;
+    deploy::certs::client_tls(&cfg)?;
     if cfg.is_new_cluster() {
         cfg.mark_kv_bootstrap()?;
     }
@@ -380,9 +438,10 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
     tracing::info!(
         config = %path.display(),
         logs = %cfg.data.join("logs").display(),
-        "local cluster: open http://{}/",
-        cfg.api[0].listen
+        "local cluster: open {}",
+        cfg.api_url()
     );
+    log_self_signed(&cfg);
     nodes::deploy::supervisor::Supervisor::new(exe, path, &cfg)
         .run()
         .await
