@@ -1,5 +1,7 @@
 // Proves the web page works as a device in a real browser against a real server: starts
-// `chatd all-in-one` on free ports with a temp data dir, drives two headless Chromium
+// `chatd all-in-one` on free ports with a temp data dir, serving https and wss:// with the
+// self-signed certificate it creates (the default; Chromium is told to trust exactly that
+// certificate's key, `--ignore-certificate-errors-spki-list`, not to ignore TLS errors), drives two headless Chromium
 // contexts (two users, each its own sessionStorage, so its own device) through the page:
 // sign up, ask to be friends by name and accept, exchange 1:1 messages both ways (once each, in seq order), see
 // each other online, a second tab of one user is a second device that sees the history, a
@@ -11,7 +13,9 @@
 // CHROMIUM overrides /usr/bin/chromium.
 
 import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -33,6 +37,7 @@ const log = (...a) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1).padS
 const artifacts = fs.mkdtempSync(path.join(os.tmpdir(), 'chatsim-browser-'));
 const pages = new Map(); // label -> page, for screenshots
 const pageErrors = [];
+const wsUrls = []; // every WebSocket the pages opened: all must be wss://
 
 function portFree(port) {
   return new Promise((resolve) => {
@@ -62,18 +67,34 @@ function startChatd(base, dataDir) {
   const child = spawn(CHATD, ['all-in-one', '--data', dataDir, '--http', http, '--base-port', String(base)],
     { stdio: ['ignore', out, out], env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn' } });
   child.on('exit', (code, sig) => { if (!child.stopping) log(`chatd exited early (code ${code}, signal ${sig})`); });
-  return { child, url: `http://${http}`, logFile };
+  return { child, url: `https://${http}`, logFile, cert: path.join(dataDir, 'tls', 'client.crt') };
 }
 
-async function waitReady(url) {
+// GET url over https trusting only `ca` (PEM); resolves to the status code.
+function httpsStatus(url, ca) {
+  return new Promise((resolve, reject) => {
+    https.get(url, { ca }, (res) => { res.resume(); resolve(res.statusCode); }).on('error', reject);
+  });
+}
+
+// Waits for the certificate chatd writes on first start, then for /healthz over https
+// checked against it. Answers the certificate (PEM).
+async function waitReady(server) {
   const deadline = Date.now() + STEP_TIMEOUT_MS;
   while (Date.now() < deadline) {
     try {
-      if ((await fetch(url + '/healthz')).ok) return;
+      const ca = fs.readFileSync(server.cert, 'utf8');
+      if ((await httpsStatus(server.url + '/healthz', ca)) === 200) return ca;
     } catch (_) { /* not listening yet */ }
     await new Promise((r) => setTimeout(r, 100));
   }
-  throw new Error(`chatd did not answer /healthz at ${url}`);
+  throw new Error(`chatd did not answer /healthz at ${server.url}`);
+}
+
+// Chromium's pin for one certificate: base64 of the SHA-256 of its SubjectPublicKeyInfo.
+function spkiPin(pem) {
+  const spki = new crypto.X509Certificate(pem).publicKey.export({ type: 'spki', format: 'der' });
+  return crypto.createHash('sha256').update(spki).digest('base64');
 }
 
 async function openDevice(browser, label, url) {
@@ -81,6 +102,7 @@ async function openDevice(browser, label, url) {
   const page = await context.newPage();
   page.setDefaultTimeout(STEP_TIMEOUT_MS);
   page.on('pageerror', (e) => pageErrors.push(`${label}: ${e.message}`));
+  page.on('websocket', (ws) => wsUrls.push(ws.url()));
   page.on('console', (m) => { if (m.type() === 'error') log(`${label} console error: ${m.text()}`); });
   pages.set(label, page);
   await page.goto(url);
@@ -220,12 +242,17 @@ async function main() {
   let failed = null;
   let timer;
   try {
-    await waitReady(server.url);
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+    const ca = await waitReady(server);
+    const trust = `--ignore-certificate-errors-spki-list=${spkiPin(ca)}`;
+    browser = await chromium.launch({ executablePath: CHROMIUM, args: [...CHROMIUM_ARGS, trust], headless: true });
     const timeout = new Promise((_, reject) => {
       timer = setTimeout(() => reject(new Error(`test timed out after ${TEST_TIMEOUT_MS} ms`)), TEST_TIMEOUT_MS);
     });
     await Promise.race([scenario(browser, server.url), timeout]);
+    if (wsUrls.length === 0) throw new Error('the pages opened no WebSocket');
+    const plain = wsUrls.filter((u) => !u.startsWith('wss://'));
+    if (plain.length) throw new Error(`WebSockets without TLS: ${plain.join(', ')}`);
+    log(`${wsUrls.length} WebSocket connections, all wss://`);
   } catch (e) {
     failed = e;
   } finally {
