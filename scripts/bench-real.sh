@@ -3,9 +3,14 @@
 # benches/results/real/: idle WebSocket memory on one chat server, reconnects after kill -9
 # of a chat server, and end-to-end throughput and latency for 1:1 and groups of 100.
 #
-# Usage: scripts/bench-real.sh [idle|reconnect|throughput]...   (default: all)
+# `tls` compares client TLS on and off: 1:1 throughput at RATE_TLS sends/s, and idle
+# WebSocket memory for TLS_IDLE_CONNS connections.
+#
+# Usage: scripts/bench-real.sh [idle|reconnect|throughput|tls]...   (default: all but tls)
 # Env: IDLE_CONNS (default "10000 19000"), RECONNECT_USERS (10000, 5,000 per chat server),
-#      RATES_1TO1 ("500 1000 2000"), RATES_GROUP100 ("10 20 40").
+#      RATES_1TO1 ("500 1000 2000"), RATES_GROUP100 ("10 20 40"), RATE_TLS (4000),
+#      TLS_IDLE_CONNS (5000), TLS (1: clients speak https and wss:// as the cluster's default;
+#      0: --plaintext).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -21,14 +26,23 @@ sup=""
 start_cluster() { # name, extra local-cluster args...
   local name=$1; shift
   rm -rf "$work/$name"
-  $chatd local-cluster --data "$work/$name" --http "127.0.0.1:$port" "$@" >"$work/$name.log" 2>&1 &
+  local plain=()
+  [ "${TLS:-1}" = 1 ] || plain=(--plaintext)
+  $chatd local-cluster --data "$work/$name" --http "127.0.0.1:$port" "${plain[@]}" "$@" >"$work/$name.log" 2>&1 &
   sup=$!
   for _ in $(seq 1 100); do
-    curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+    if [ "${TLS:-1}" = 1 ]; then
+      [ -f "$work/$name/tls/client.crt" ] &&
+        curl -sf --cacert "$work/$name/tls/client.crt" "https://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+    else
+      curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+    fi
     sleep 0.2
   done
   sleep 11 # the presence node's warm-up
 }
+# chat-load's TLS argument for the cluster `name` (none with TLS=0).
+ca() { [ "${TLS:-1}" = 1 ] && echo "--ca-cert $work/$1/tls/client.crt" || true; }
 stop_cluster() {
   if [ -n "$sup" ]; then kill "$sup"; wait "$sup" 2>/dev/null || true; sup=""; fi
 }
@@ -43,7 +57,7 @@ idle() {
     local before; before=$(rss_kb "$pid")
     local procs=$(( (n + 9999) / 10000 ))
     local ramp=$(( n / 1000 + 3 ))
-    $load run --api "127.0.0.1:$port" --users "$n" --group-size 1 --rate 0 --duration 30 \
+    $load run --api "127.0.0.1:$port" $(ca idle) --users "$n" --group-size 1 --rate 0 --duration 30 \
       --settle 5 --procs "$procs" --out "$work/idle-$n" >"$work/idle-$n.txt" 2>&1 &
     local lp=$!
     # Setup, then the ramp, then 15 s of idle connections.
@@ -55,7 +69,7 @@ idle() {
     wait "$lp" || true
     local conns; conns=$(grep -o 'connected at end [0-9]*' "$work/idle-$n.txt" | grep -o '[0-9]*$')
     local per=$(( (peak - before) * 1024 / n ))
-    echo "idle: $n connections ($conns connected at end): chat-0 RSS ${before} kB before, ${peak} kB peak; $per bytes per connection" | tee -a "$out/idle.txt"
+    echo "idle: $n connections ($conns connected at end): chat-0 RSS ${before} kB before, ${peak} kB peak; $per bytes per connection" | tee -a "${IDLE_OUT:-$out/idle.txt}"
     stop_cluster
   done
 }
@@ -63,7 +77,7 @@ idle() {
 reconnect() {
   local n=${RECONNECT_USERS:-10000}
   start_cluster reconnect --chat 2 --kv 3 --idgen 2
-  $load run --api "127.0.0.1:$port" --users "$n" --group-size 10 --rate 100 --duration 40 \
+  $load run --api "127.0.0.1:$port" $(ca reconnect) --users "$n" --group-size 10 --rate 100 --duration 40 \
     --settle 15 --procs 2 --out "$work/reconnect" --cluster "$work/reconnect" --kill chat-0@20 \
     | tee "$work/reconnect.txt" | grep -E "crash of|result|devices" | tee -a "$out/reconnect.txt"
   stop_cluster
@@ -73,7 +87,7 @@ throughput() {
   for rate in ${RATES_1TO1:-500 1000 2000}; do
     start_cluster tp
     echo "1:1 at $rate sends/s:" | tee -a "$out/throughput.txt"
-    $load run --api "127.0.0.1:$port" --users 2000 --group-size 1 --group-share 0 \
+    $load run --api "127.0.0.1:$port" $(ca tp) --users 2000 --group-size 1 --group-share 0 \
       --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/tp-1to1-$rate" \
       | grep -E "throughput|send->|result" | tee -a "$out/throughput.txt" || true
     stop_cluster
@@ -81,11 +95,27 @@ throughput() {
   for rate in ${RATES_GROUP100:-10 20 40}; do
     start_cluster tp
     echo "groups of 100 at $rate sends/s:" | tee -a "$out/throughput.txt"
-    $load run --api "127.0.0.1:$port" --users 2000 --group-size 100 --group-share 1 \
+    $load run --api "127.0.0.1:$port" $(ca tp) --users 2000 --group-size 100 --group-share 1 \
       --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/tp-g100-$rate" \
       | grep -E "throughput|send->|result" | tee -a "$out/throughput.txt" || true
     stop_cluster
   done
+}
+
+tls() {
+  local rate=${RATE_TLS:-4000} n=${TLS_IDLE_CONNS:-5000}
+  for t in 0 1; do
+    TLS=$t
+    start_cluster tp
+    echo "client TLS=$t, 1:1 at $rate sends/s:" | tee -a "$out/tls.txt"
+    $load run --api "127.0.0.1:$port" $(ca tp) --users 2000 --group-size 1 --group-share 0 \
+      --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/tls-$t" \
+      | grep -E "throughput|send->|connect|result" | tee -a "$out/tls.txt" || true
+    stop_cluster
+    echo "client TLS=$t:" | tee -a "$out/tls.txt"
+    IDLE_CONNS=$n IDLE_OUT="$out/tls.txt" idle
+  done
+  TLS=1
 }
 
 what=${*:-idle reconnect throughput}

@@ -7,8 +7,9 @@
 # losing its disk (its directory deleted; restarted empty, it rejoins from its peers). The
 # supervisor restarts them. The history is judged by the simulation's checkers: no acked
 # message lost, reordered, duplicated or altered, ids in order, every client reconnected;
-# each kv fault's write stall (a prober) and send->ack are printed. Release build (the
-# driver and nodes are measured, not just run).
+# each kv fault's write stall (a prober) and send->ack are printed. Clients speak https and
+# wss:// (the cluster's default: a self-signed certificate the driver is told to trust).
+# Release build (the driver and nodes are measured, not just run).
 #
 # Usage: scripts/real-fault-test.sh [extra chat-load run options]
 set -euo pipefail
@@ -28,15 +29,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
+cert="$dir/cluster/tls/client.crt"
 for _ in $(seq 1 100); do
-  if python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/healthz', timeout=1)" 2>/dev/null; then
+  if [ -f "$cert" ] && python3 -c "import ssl, urllib.request; urllib.request.urlopen('https://127.0.0.1:$port/healthz', timeout=1, context=ssl.create_default_context(cafile='$cert'))" 2>/dev/null; then
     break
   fi
   sleep 0.2
 done
 
 status=0
-./target/release/chat-load run --api "127.0.0.1:$port" --users 1000 --group-size 10 \
+./target/release/chat-load run --api "127.0.0.1:$port" --ca-cert "$cert" --users 1000 --group-size 10 \
   --rate 200 --duration 40 --settle 20 --procs 2 --out "$dir/load" \
   --cluster "$dir/cluster" --kill chat-0@8 --kill presence-1@13 --kill kv-leader@18 --kill etcd-0@23 --wipe kv-2@28 "$@" \
   || status=$?

@@ -46,6 +46,11 @@ struct RunArgs {
     /// The api node.
     #[arg(long, default_value = "127.0.0.1:8080")]
     api: SocketAddr,
+    /// The api is https and chat servers wss://, with a certificate this PEM file holds or
+    /// signed (`chatd local-cluster` writes its self-signed one to `<data>/tls/client.crt`).
+    /// Without it: plain http and ws://.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
     /// Users (one device and one WebSocket connection each).
     #[arg(long, default_value_t = 1000)]
     users: u32,
@@ -174,6 +179,17 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     if a.procs == 0 || a.procs > 250 {
         bail!("--procs must be 1..=250");
     }
+    let ca_cert_pem = match &a.ca_cert {
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let tls = ca_cert_pem
+        .as_deref()
+        .map(|pem| nodes::client_tls::ClientTls::trusting_pem(pem.as_bytes()))
+        .transpose()
+        .context("--ca-cert")?;
     std::fs::create_dir_all(&a.out)?;
     let setup_path = a.out.join("history-setup.jsonl");
     // Setup events are stamped t=0; the real zero is set once setup is done.
@@ -185,6 +201,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
     let devices = setup(
         a.api,
+        tls,
         &Shape {
             users: a.users,
             group_size: a.group_size,
@@ -198,6 +215,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     let traffic_start_us = (ramp_s + 3) * 1_000_000;
     let plan = Plan {
         api: a.api,
+        ca_cert_pem,
         // Time for the workers to start and read the plan.
         t0_unix_us: unix_us() + 1_000_000,
         ramp_us: ramp_s * 1_000_000,

@@ -72,6 +72,12 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
         Instant::now() - Duration::from_micros(now_unix - plan.t0_unix_us)
     };
     let n = mine.len().max(1);
+    // One TLS config for every device of the worker (the plan's certificate was checked
+    // when the run started).
+    let tls = plan.ca_cert_pem.as_deref().map(|pem| {
+        nodes::client_tls::ClientTls::trusting_pem(pem.as_bytes())
+            .expect("the run checked the certificate")
+    });
     let mut cues = Vec::new();
     let mut tasks = Vec::new();
     for (j, d) in mine.iter().enumerate() {
@@ -91,6 +97,7 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
             source_ip: Some(src),
             backoff_max_ms: BACKOFF_MAX_MS,
             missed_heartbeats: MissedTickBehavior::Delay,
+            tls: tls.clone(),
             ..Settings::new(vec![plan.api])
         };
         let login = Login {

@@ -44,6 +44,9 @@ pub fn unix_us() -> u64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pub api: SocketAddr,
+    /// https and wss://, trusting this certificate (PEM); `None`: plain.
+    #[serde(default)]
+    pub ca_cert_pem: Option<String>,
     pub t0_unix_us: u64,
     /// Devices open their connections spread over [0, ramp_us].
     pub ramp_us: u64,

@@ -7,6 +7,7 @@ use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 use nodes::client::http::HttpClient;
 use nodes::client::ClientError;
+use nodes::client_tls::ClientTls;
 use nodes::proto::client::*;
 use nodes::proto::Id;
 use sim::history::{Event, MemberOp};
@@ -48,6 +49,7 @@ where
 /// friends, and chunks users into groups. Records `device` and `membership` events at t=0.
 pub async fn setup(
     api: SocketAddr,
+    tls: Option<ClientTls>,
     shape: &Shape,
     rec: &Recorder,
 ) -> anyhow::Result<Vec<PlannedDevice>> {
@@ -55,20 +57,22 @@ pub async fn setup(
     let password = "load-driver-password";
     let n = shape.users as usize;
     let logins: Vec<LoginResponse> = futures::stream::iter(0..n)
-        .map(|i| async move {
-            let h = HttpClient::new(api);
-            let name = format!("load{run_id:08x}u{i}");
-            let signup = SignupRequest {
-                name: name.clone(),
-                password: password.into(),
-            };
-            let _: SignupResponse = retry("signup", || h.post("/v1/signup", &signup)).await?;
-            let login = LoginRequest {
-                name: name.clone(),
-                password: password.into(),
-                device: None,
-            };
-            retry("login", || h.post("/v1/login", &login)).await
+        .map(|i| {
+            let h = HttpClient::new(api).with_tls(tls.clone(), None);
+            async move {
+                let name = format!("load{run_id:08x}u{i}");
+                let signup = SignupRequest {
+                    name: name.clone(),
+                    password: password.into(),
+                };
+                let _: SignupResponse = retry("signup", || h.post("/v1/signup", &signup)).await?;
+                let login = LoginRequest {
+                    name: name.clone(),
+                    password: password.into(),
+                    device: None,
+                };
+                retry("login", || h.post("/v1/login", &login)).await
+            }
         })
         .buffered(CONCURRENCY)
         .try_collect()
@@ -96,7 +100,7 @@ pub async fn setup(
         );
     }
     let authed = |i: usize| {
-        let mut h = HttpClient::new(api);
+        let mut h = HttpClient::new(api).with_tls(tls.clone(), None);
         h.token = Some(logins[i].token.clone());
         h
     };
