@@ -125,6 +125,10 @@ pub struct Opts {
     /// kv shards (Raft groups); 0: one per kv node, so each node prefers to lead one.
     #[arg(long, default_value_t = 0)]
     pub kv_shards: u32,
+    /// Devices speak plain http and ws:// (default: https and wss://, as `chatd` serves them,
+    /// with a self-signed certificate drawn from the seed).
+    #[arg(long)]
+    pub client_plaintext: bool,
     /// Print at most this many violations per invariant.
     #[arg(long, default_value_t = 5)]
     pub show_violations: usize,
@@ -220,6 +224,9 @@ impl Opts {
             if v != dv {
                 a.push(format!("--{name} {v}"));
             }
+        }
+        if self.client_plaintext {
+            a.push("--client-plaintext".into());
         }
         a.join(" ")
     }

@@ -31,6 +31,7 @@ use madsim::runtime::{Handle, NodeHandle};
 use madsim::task::NodeId;
 use nodes::auth::TokenKey;
 use nodes::canary::{Canaries, Canary};
+use nodes::client_tls::{ClientTls, KeyKind, ServerTls};
 use nodes::clock::SkewedClock;
 use nodes::cluster::{ClusterMap, Peers};
 use nodes::coord::Coordination;
@@ -101,6 +102,9 @@ pub struct Cluster {
     pub operator: NodeTls,
     /// The cluster CA's certificate: public, so the rogue knows it too.
     pub ca_cert: CertificateDer<'static>,
+    /// What devices trust when the api and chat servers speak https and wss:// (their
+    /// self-signed certificate); `None`: plain http and ws://.
+    pub client_tls: Option<ClientTls>,
 }
 
 /// The certificate of node `index` of `role`.
@@ -124,6 +128,7 @@ impl Cluster {
         canaries: &Canaries,
         push: Arc<dyn PushProvider>,
         etcd_timeout_rate: f64,
+        client_tls: bool,
     ) -> Cluster {
         let handle = Handle::current();
         let map = ClusterMap {
@@ -154,7 +159,25 @@ impl Cluster {
             clocks: BTreeMap::new(),
             operator: ca.node(Principal::Operator, false),
             ca_cert: ca.ca().cert_der(),
+            client_tls: None,
         };
+        // The certificate devices see: self-signed, as `chatd all-in-one` makes one, for
+        // every api and chat server address; Ed25519 from the seed (same seed, same bytes).
+        let server_tls = client_tls.then(|| {
+            let names: Vec<String> = (0..sizes.api)
+                .map(|i| ip(Role::Api, i).to_string())
+                .chain((0..sizes.chat).map(|i| ip(Role::Chat, i).to_string()))
+                .collect();
+            let mut rng = StdRng::seed_from_u64(seed ^ 0x0043_4c49_454e_5454);
+            let pair = nodes::client_tls::self_signed(&names, KeyKind::Ed25519(&mut rng))
+                .expect("a certificate from our own parameters");
+            c.client_tls = Some(
+                ClientTls::trusting_only(std::slice::from_ref(&pair.cert_der))
+                    .expect("our own certificate is a valid root"),
+            );
+            ServerTls::from_pem(pair.cert_pem.as_bytes(), pair.key_pem.as_bytes())
+                .expect("our own certificate and key")
+        });
         let mut rng = StdRng::seed_from_u64(seed ^ 0x0043_4c55_5354_4552);
         // Chat servers register and idgen workers lease their ids here. Never crashed: its
         // state lives in memory only (see `scenarios::Role::Etcd`).
@@ -248,6 +271,7 @@ impl Cluster {
         for i in 0..sizes.chat {
             let pf = peers_for.clone();
             let tls = node_tls(&mut ca, Role::Chat, i, canaries);
+            let server_tls = server_tls.clone();
             let chat_ip = ip(Role::Chat, i);
             c.add(&handle, Role::Chat, i, move || {
                 nodes::chat::run(nodes::chat::ChatConfig {
@@ -259,13 +283,14 @@ impl Cluster {
                     peers: pf(&tls),
                     token_key: token_key(),
                     metrics: nodes::metrics::Metrics::new(),
-                    tls: None,
+                    tls: server_tls.clone(),
                 })
             });
         }
         for i in 0..sizes.api {
             let pf = peers_for.clone();
             let tls = node_tls(&mut ca, Role::Api, i, canaries);
+            let server_tls = server_tls.clone();
             let listen = c.api_addrs[i as usize];
             c.add(&handle, Role::Api, i, move || {
                 nodes::api::run(nodes::api::ApiConfig {
@@ -275,7 +300,7 @@ impl Cluster {
                     // Hundreds of logins per run: the same argon2id code at its minimum cost.
                     password_cost: nodes::auth::PasswordCost::Minimal,
                     metrics: nodes::metrics::Metrics::new(),
-                    tls: None,
+                    tls: server_tls.clone(),
                 })
             });
         }

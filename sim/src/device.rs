@@ -33,6 +33,8 @@ pub struct DeviceCtx {
     pub index: u32,
     pub login: LoginResponse,
     pub api: Vec<SocketAddr>,
+    /// https and wss://, trusting the cluster's certificate; `None`: plain.
+    pub tls: Option<nodes::client_tls::ClientTls>,
     pub steps: Vec<Step>,
     /// Friend user index -> (friend user id, 1:1 channel).
     pub friends: BTreeMap<u32, (Id, Id)>,
@@ -76,7 +78,11 @@ pub async fn run(ctx: DeviceCtx, start: Instant) {
         start + ctx.liveness_at,
         ctx.liveness_delay,
     );
-    DeviceRuntime::new(login, Settings::new(ctx.api.clone()), state, rng, observer)
+    let settings = Settings {
+        tls: ctx.tls.clone(),
+        ..Settings::new(ctx.api.clone())
+    };
+    DeviceRuntime::new(login, settings, state, rng, observer)
         .with_friends(friends)
         .with_disconnects(ctx.kick.clone())
         .run(commands, start)

@@ -62,6 +62,7 @@ pub struct Victims {
 /// Starts the hostile device: it signs up, then attacks from `from` until `until`.
 pub fn start(
     api: Vec<SocketAddr>,
+    tls: Option<nodes::client_tls::ClientTls>,
     victims: Victims,
     token_key: nodes::auth::TokenKey,
     recorder: Recorder,
@@ -75,7 +76,7 @@ pub fn start(
         .build();
     node.spawn(async move {
         let http = |i: usize, token: Option<&str>| {
-            let mut h = HttpClient::new(api[i % api.len()]);
+            let mut h = HttpClient::new(api[i % api.len()]).with_tls(tls.clone(), None);
             h.token = token.map(str::to_string);
             h
         };

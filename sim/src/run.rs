@@ -107,6 +107,7 @@ async fn drive(
         &canaries,
         provider,
         schedule.etcd_timeout_rate,
+        !opts.client_plaintext,
     );
     let scraper = madsim::runtime::Handle::current()
         .create_node()
@@ -201,6 +202,7 @@ async fn drive(
     if let Some(victims) = victims(&workload, &setup) {
         crate::hostile::start(
             cluster.api_addrs.clone(),
+            cluster.client_tls.clone(),
             victims,
             cluster::token_key(),
             recorder.clone(),
@@ -420,6 +422,7 @@ fn start_devices(
             index: i as u32,
             login: setup.logins[i].clone(),
             api: cluster.api_addrs.clone(),
+            tls: cluster.client_tls.clone(),
             steps: d.steps.clone(),
             friends: setup.friends[d.user as usize].clone(),
             groups,

@@ -69,12 +69,14 @@ pub async fn run_setup(cluster: &Cluster, w: &Workload, recorder: &Recorder) -> 
         .ip(IpAddr::V4(cluster::SETUP_IP))
         .build();
     let api: Vec<SocketAddr> = cluster.api_addrs.clone();
+    let tls = cluster.client_tls.clone();
     let w = w.clone();
     let recorder = recorder.clone();
     node.spawn(async move {
         let cluster_api = api;
         let c = |i: usize, t: Option<&str>| {
-            let mut h = HttpClient::new(cluster_api[i % cluster_api.len()]);
+            let mut h =
+                HttpClient::new(cluster_api[i % cluster_api.len()]).with_tls(tls.clone(), None);
             h.token = t.map(str::to_string);
             h
         };
