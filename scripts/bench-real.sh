@@ -3,12 +3,12 @@
 # benches/results/real/: idle WebSocket memory on one chat server, reconnects after kill -9
 # of a chat server, and end-to-end throughput and latency for 1:1 and groups of 100.
 #
-# `tls` compares client TLS on and off: 1:1 throughput at RATE_TLS sends/s, and idle
-# WebSocket memory for TLS_IDLE_CONNS connections.
+# `tls` compares client TLS on and off: 1:1 throughput and latency at RATES_TLS sends/s, and
+# idle WebSocket memory for TLS_IDLE_CONNS connections.
 #
 # Usage: scripts/bench-real.sh [idle|reconnect|throughput|tls]...   (default: all but tls)
 # Env: IDLE_CONNS (default "10000 19000"), RECONNECT_USERS (10000, 5,000 per chat server),
-#      RATES_1TO1 ("500 1000 2000"), RATES_GROUP100 ("10 20 40"), RATE_TLS (4000),
+#      RATES_1TO1 ("500 1000 2000"), RATES_GROUP100 ("10 20 40"), RATES_TLS ("4000 8000"),
 #      TLS_IDLE_CONNS (5000), TLS (1: clients speak https and wss:// as the cluster's default;
 #      0: --plaintext).
 set -euo pipefail
@@ -103,15 +103,17 @@ throughput() {
 }
 
 tls() {
-  local rate=${RATE_TLS:-4000} n=${TLS_IDLE_CONNS:-5000}
+  local n=${TLS_IDLE_CONNS:-5000}
   for t in 0 1; do
     TLS=$t
-    start_cluster tp
-    echo "client TLS=$t, 1:1 at $rate sends/s:" | tee -a "$out/tls.txt"
-    $load run --api "127.0.0.1:$port" $(ca tp) --users 2000 --group-size 1 --group-share 0 \
-      --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/tls-$t" \
-      | grep -E "throughput|send->|connect|result" | tee -a "$out/tls.txt" || true
-    stop_cluster
+    for rate in ${RATES_TLS:-4000 8000}; do
+      start_cluster tp
+      echo "client TLS=$t, 1:1 at $rate sends/s:" | tee -a "$out/tls.txt"
+      $load run --api "127.0.0.1:$port" $(ca tp) --users 2000 --group-size 1 --group-share 0 \
+        --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/tls-$t-$rate" \
+        | grep -E "throughput|send->|connect|result" | tee -a "$out/tls.txt" || true
+      stop_cluster
+    done
     echo "client TLS=$t:" | tee -a "$out/tls.txt"
     IDLE_CONNS=$n IDLE_OUT="$out/tls.txt" idle
   done

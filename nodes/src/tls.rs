@@ -231,6 +231,30 @@ impl ClusterCa {
         self.issuer.key().serialize_pem()
     }
 
+    /// A server certificate for a service the cluster runs but is not a node of it (an etcd
+    /// member): valid for `names` (IP addresses or DNS names), for serving and for dialling
+    /// its peers; PEM certificate and key.
+    pub fn issue_service(
+        &self,
+        common_name: &str,
+        names: Vec<String>,
+        rng: &mut dyn RngCore,
+    ) -> Result<(String, String), TlsError> {
+        let key = ed25519_key(rng)?;
+        let mut params = rcgen::CertificateParams::new(names)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// A certificate for `who`, with a fresh key from `rng`.
     pub fn issue(&self, who: Principal, rng: &mut dyn RngCore) -> Result<NodeCert, TlsError> {
         let key = ed25519_key(rng)?;
@@ -315,6 +339,9 @@ pub struct NodeTls {
 
 struct Inner {
     principal: Principal,
+    /// The CA certificate, this node's certificate and its key, PEM: what other TLS clients
+    /// of this node present (the etcd client, which brings its own TLS stack).
+    pem: PemIdentity,
     connector: TlsConnector,
     acceptor: TlsAcceptor,
     /// The `unauthenticated-rpc` canary: callers without a certificate are accepted too.
@@ -331,8 +358,21 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A node's identity as PEM text.
+#[derive(Clone)]
+pub struct PemIdentity {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
 impl NodeTls {
     pub fn new(cert: NodeCert, accept_anonymous: bool) -> Result<NodeTls, TlsError> {
+        let pem = PemIdentity {
+            ca: pem_of("CERTIFICATE", &cert.ca),
+            cert: cert.cert_pem(),
+            key: cert.key_pem(),
+        };
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.ca.clone())?;
         let roots = Arc::new(roots);
@@ -355,11 +395,17 @@ impl NodeTls {
         Ok(NodeTls {
             inner: Arc::new(Inner {
                 principal: cert.principal,
+                pem,
                 connector: TlsConnector::from(Arc::new(client)),
                 acceptor: TlsAcceptor::from(Arc::new(server)),
                 accept_anonymous,
             }),
         })
+    }
+
+    /// This node's certificate, key and CA as PEM.
+    pub fn pem_identity(&self) -> &PemIdentity {
+        &self.inner.pem
     }
 
     /// Who this node is.

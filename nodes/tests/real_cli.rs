@@ -147,6 +147,12 @@ fn cli_signup_friend_send_history_presence_follow() {
         .contains("bad_credentials"));
     alice.ok(&["login", "alice", "a-pw"]);
     bob.ok(&["login", "bob", "b-pw"]);
+    // Login remembers the certificate: later commands need not repeat --ca-cert.
+    let remembering = User {
+        ca_cert: None,
+        ..user("alice")
+    };
+    remembering.ok(&["me"]);
 
     // Consent: alice asks, bob sees the request and accepts by adding her back.
     assert!(alice

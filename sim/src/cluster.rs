@@ -132,7 +132,11 @@ impl Cluster {
     ) -> Cluster {
         let handle = Handle::current();
         let map = ClusterMap {
-            coordination: Coordination::Etcd(vec![sa(ip(Role::Etcd, 0), ETCD_PORT).to_string()]),
+            // madsim's etcd has no TLS: the one link of the simulated cluster in plain text.
+            coordination: Coordination::Etcd {
+                endpoints: vec![sa(ip(Role::Etcd, 0), ETCD_PORT).to_string()],
+                tls: false,
+            },
             kv: (0..sizes.kv)
                 .map(|i| sa(ip(Role::Kv, i), RPC_PORT))
                 .collect(),

@@ -73,10 +73,11 @@ mod real {
     struct Cli {
         /// The api node: http://HOST:PORT, or https://HOST:PORT (chat servers are then
         /// wss://).
-        #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
+        #[arg(long, global = true, default_value = "https://127.0.0.1:8080")]
         server: String,
         /// A PEM certificate to trust besides the public web's roots: a self-signed server's
-        /// (`chatd all-in-one` writes `<data>/tls/client.crt`) or a private CA's.
+        /// (`chatd all-in-one` writes `<data>/tls/client.crt`) or a private CA's. `login`
+        /// remembers it for the later commands.
         #[arg(long, global = true)]
         ca_cert: Option<PathBuf>,
         /// The state file (token, device id). Default: $XDG_CONFIG_HOME/chatsim/chat.json,
@@ -155,6 +156,9 @@ mod real {
         device: Id,
         token: String,
         expires_at_ms: u64,
+        /// `--ca-cert` at login (absolute), used by later commands that do not give one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_cert: Option<PathBuf>,
     }
 
     pub fn main() -> ExitCode {
@@ -194,11 +198,15 @@ mod real {
                 Ok(())
             }
             Cmd::Login { name, password } => {
-                login(&anon, &cli.server, &state_path, name, password).await
+                let ca = cli.ca_cert.as_deref();
+                login(&anon, &cli.server, &state_path, name, password, ca).await
             }
             cmd => {
                 let saved = load(&state_path)?;
-                let mut http = anon.clone();
+                let mut http = match (&cli.ca_cert, &saved.ca_cert) {
+                    (None, Some(ca)) => api_client(&cli.server, Some(ca))?,
+                    _ => anon.clone(),
+                };
                 http.token = Some(saved.token.clone());
                 let me = Me { http, saved };
                 signed_in(&me, cmd).await
@@ -401,6 +409,7 @@ mod real {
         path: &Path,
         name: String,
         password: String,
+        ca_cert: Option<&Path>,
     ) -> anyhow::Result<()> {
         // Same name as the saved login: the same device (its cursors are kept by the server).
         let device = load(path)
@@ -420,6 +429,7 @@ mod real {
             device: r.device,
             token: r.token,
             expires_at_ms: r.expires_at_ms,
+            ca_cert: ca_cert.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
         };
         save(path, &saved)?;
         println!(

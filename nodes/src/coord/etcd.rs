@@ -19,6 +19,8 @@ pub const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// A lazily connected etcd client that counts its requests.
 pub struct Etcd {
     endpoints: Vec<String>,
+    /// TLS with this node's certificate, checking members against the cluster CA.
+    tls: Option<crate::tls::PemIdentity>,
     /// Connected on first use and after a failed connect. A tokio mutex: held across connect.
     client: tokio::sync::Mutex<Option<Client>>,
     requests: AtomicU64,
@@ -35,11 +37,13 @@ fn err(op: &str, e: impl std::fmt::Display) -> RpcError {
 }
 
 impl Etcd {
-    /// `endpoints` are `host:port` client addresses of the etcd members.
-    pub fn new(endpoints: Vec<String>) -> Self {
+    /// `endpoints` are `host:port` client addresses of the etcd members; `tls`: speak TLS,
+    /// presenting this identity (real deployments only).
+    pub fn new(endpoints: Vec<String>, tls: Option<crate::tls::PemIdentity>) -> Self {
         assert!(!endpoints.is_empty(), "etcd needs at least one endpoint");
         Self {
             endpoints,
+            tls,
             client: tokio::sync::Mutex::new(None),
             requests: AtomicU64::new(0),
         }
@@ -55,13 +59,34 @@ impl Etcd {
         if let Some(c) = &*c {
             return Ok(c.clone());
         }
-        let connect = Client::connect(&self.endpoints, None);
+        let connect = Client::connect(&self.endpoints, self.options()?);
         let client = tokio::time::timeout(ETCD_CALL_TIMEOUT, connect)
             .await
             .map_err(|_| err("connect", "timed out"))?
             .map_err(|e| err("connect", e))?;
         *c = Some(client.clone());
         Ok(client)
+    }
+
+    /// TLS options: the node's certificate, and the cluster CA as the only root.
+    #[cfg(not(madsim))]
+    fn options(&self) -> Result<Option<etcd_client::ConnectOptions>, RpcError> {
+        let Some(id) = &self.tls else {
+            return Ok(None);
+        };
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&id.ca))
+            .identity(etcd_client::Identity::from_pem(&id.cert, &id.key));
+        Ok(Some(etcd_client::ConnectOptions::new().with_tls(tls)))
+    }
+
+    /// madsim's etcd has no TLS.
+    #[cfg(madsim)]
+    fn options(&self) -> Result<Option<etcd_client::ConnectOptions>, RpcError> {
+        match self.tls {
+            None => Ok(None),
+            Some(_) => Err(err("connect", "the simulated etcd has no TLS")),
+        }
     }
 
     /// Runs one request under the deadline.

@@ -43,8 +43,10 @@ pub const LOAD_PREFIX: &str = "chatsim/load/";
 pub enum Coordination {
     /// The home-made discovery node at this address; worker ids from the config.
     Discovery(SocketAddr),
-    /// An etcd cluster: its members' client addresses (`host:port`).
-    Etcd(Vec<String>),
+    /// An etcd cluster: its members' client addresses (`host:port`), and whether they speak
+    /// TLS with client certificates (each node presents its cluster certificate and checks
+    /// the members' against the cluster CA; real deployments only: madsim's etcd has no TLS).
+    Etcd { endpoints: Vec<String>, tls: bool },
 }
 
 /// Power of two choices among `live` servers, seeded by `hint`: the less loaded of two.
@@ -97,11 +99,18 @@ impl Discovery {
         match c {
             Coordination::Discovery(addr) => Discovery::Node(RpcClient::new(*addr, tls)),
             #[cfg(feature = "etcd")]
-            Coordination::Etcd(endpoints) => Discovery::Etcd(EtcdDiscovery::new(
-                std::sync::Arc::new(etcd::Etcd::new(endpoints.clone())),
-            )),
+            Coordination::Etcd {
+                endpoints,
+                tls: tls_on,
+            } => {
+                let identity = tls_on.then(|| tls.pem_identity().clone());
+                Discovery::Etcd(EtcdDiscovery::new(std::sync::Arc::new(etcd::Etcd::new(
+                    endpoints.clone(),
+                    identity,
+                ))))
+            }
             #[cfg(not(feature = "etcd"))]
-            Coordination::Etcd(_) => panic!("this build has no etcd support"),
+            Coordination::Etcd { .. } => panic!("this build has no etcd support"),
         }
     }
 

@@ -8,6 +8,7 @@
 //! | `ca.key` | the CA's key (0600). Only needed to issue certificates: on a multi-host cluster, keep it off the nodes |
 //! | `<role>-<i>.crt`, `<role>-<i>.key` | node `i` of a role (key 0600) |
 //! | `operator.crt`, `operator.key` | `chatd status`, `chatd kv-recover` |
+//! | `etcd-<i>.crt`, `etcd-<i>.key` | etcd member `i` that the cluster runs, with `etcd_tls` (for its client and peer addresses) |
 //!
 //! A node whose certificate is missing gets one at start when `ca.key` is there (the config
 //! grew), and refuses to start when it is not.
@@ -125,7 +126,64 @@ pub fn ensure(cfg: &Config) -> anyhow::Result<PathBuf> {
         }
         sync_dir(&dir)?;
     }
+    ensure_etcd(cfg, &dir)?;
     Ok(dir)
+}
+
+/// With `etcd_tls`, a certificate for each etcd member the cluster runs (`etcd-<i>.crt`,
+/// `.key`), valid for its client and peer addresses and `localhost`.
+fn ensure_etcd(cfg: &Config, dir: &Path) -> anyhow::Result<()> {
+    if !cfg.etcd_tls {
+        return Ok(());
+    }
+    let missing: Vec<usize> = (0..cfg.etcd.len())
+        .filter(|&i| cfg.etcd[i].dir.is_some() && !etcd_cert_paths(dir, i).0.exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let key = dir.join(CA_KEY);
+    let pem = std::fs::read_to_string(&key).with_context(|| {
+        format!(
+            "no certificate for etcd member(s) {missing:?} and no CA key to issue one ({} is absent)",
+            key.display()
+        )
+    })?;
+    let ca = ClusterCa::from_key_pem(&pem).context("read the cluster CA key")?;
+    let mut rng = crate::net::node_rng();
+    for i in missing {
+        let m = &cfg.etcd[i];
+        let mut names = vec!["localhost".to_string()];
+        for hostport in [Some(m.client.clone()), m.peer.map(|p| p.to_string())]
+            .into_iter()
+            .flatten()
+        {
+            let host = crate::client_tls::host_of(&hostport).0.to_string();
+            if !names.contains(&host) {
+                names.push(host);
+            }
+        }
+        let (cert_pem, key_pem) = ca.issue_service(&format!("etcd-{i}"), names, &mut rng)?;
+        let (crt, key) = etcd_cert_paths(dir, i);
+        let _ = std::fs::remove_file(&key);
+        write_private(&key, key_pem.as_bytes())
+            .with_context(|| format!("write {}", key.display()))?;
+        let tmp = crt.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, cert_pem.as_bytes())
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .with_context(|| format!("write {}", tmp.display()))?;
+        // The certificate last: its presence says the pair is complete.
+        std::fs::rename(&tmp, &crt).with_context(|| format!("write {}", crt.display()))?;
+    }
+    sync_dir(dir)
+}
+
+/// Where etcd member `i`'s certificate and key are, in the TLS directory `dir`.
+pub fn etcd_cert_paths(dir: &Path, i: usize) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("etcd-{i}.crt")),
+        dir.join(format!("etcd-{i}.key")),
+    )
 }
 
 /// `who`'s mutual TLS from the TLS directory (after [`ensure`]).

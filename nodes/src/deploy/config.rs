@@ -20,6 +20,7 @@
 //! listen = "127.0.0.1:7100"
 //! admin = "127.0.0.1:9100"           # /metrics and /healthz (optional on every node)
 //!
+//! # etcd_tls = true                   # etcd with client certificates (see `etcd_tls`)
 //! # [[etcd]]                         # coordinate on etcd instead (one entry per member)
 //! # client = "127.0.8.1:2379"        # what the nodes dial
 //! # peer = "127.0.8.1:2380"          # with dir: `chatd local-cluster` runs this member
@@ -101,6 +102,12 @@ pub struct Config {
     /// etcd members: chat servers register there and idgen worker ids are leased there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub etcd: Vec<EtcdMember>,
+    /// etcd speaks TLS with client certificates: members this cluster runs get certificates
+    /// of the cluster CA (`tls/etcd-<i>.crt`) and accept only clients holding one; nodes
+    /// present theirs. An etcd run elsewhere must trust the cluster CA and serve a
+    /// certificate it signed. `local-cluster` turns it on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub etcd_tls: bool,
     /// Presence nodes: user `u`'s presence lives on node `u % n`. A single `[presence]` table
     /// (older configs) is one node.
     #[serde(deserialize_with = "one_or_many")]
@@ -275,6 +282,7 @@ impl Config {
                 admin: None,
             }),
             etcd: Vec::new(),
+            etcd_tls: false,
             presence: vec![Node {
                 listen: at(base + 2),
                 admin: None,
@@ -366,6 +374,7 @@ impl Config {
                     dir: Some(PathBuf::from(format!("etcd-{i}"))),
                 })
                 .collect(),
+            etcd_tls: sizes.etcd > 0,
             presence: (0..sizes.presence)
                 .map(|i| Node {
                     listen: sa(2, i, 7000),
@@ -571,7 +580,10 @@ impl Config {
         ClusterMap {
             coordination: match &self.discovery {
                 Some(d) => Coordination::Discovery(d.listen),
-                None => Coordination::Etcd(self.etcd.iter().map(|m| m.client.clone()).collect()),
+                None => Coordination::Etcd {
+                    endpoints: self.etcd.iter().map(|m| m.client.clone()).collect(),
+                    tls: self.etcd_tls,
+                },
             },
             kv: self.kv.iter().map(|n| n.listen).collect(),
             kv_shards: self.kv_shards,
@@ -772,11 +784,14 @@ mod tests {
         );
         assert_eq!(
             c.cluster_map().coordination,
-            Coordination::Etcd(vec![
-                "127.0.8.1:2379".into(),
-                "127.0.8.2:2379".into(),
-                "127.0.8.3:2379".into()
-            ])
+            Coordination::Etcd {
+                endpoints: vec![
+                    "127.0.8.1:2379".into(),
+                    "127.0.8.2:2379".into(),
+                    "127.0.8.3:2379".into()
+                ],
+                tls: true
+            }
         );
         let one = Config::single_host("d".into(), "127.0.0.1:8080".parse().unwrap(), 7100, 2);
         one.validate().unwrap();

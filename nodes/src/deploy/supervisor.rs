@@ -254,7 +254,7 @@ const ETCD_BINARY: &str = "etcd";
 
 /// The command line of each etcd member this cluster runs (those with a peer address and a
 /// directory), by member index.
-fn etcd_members(cfg: &Config) -> Vec<(usize, Vec<String>)> {
+pub fn etcd_members(cfg: &Config) -> Vec<(usize, Vec<String>)> {
     let run: Vec<(usize, SocketAddr, PathBuf)> = cfg
         .etcd
         .iter()
@@ -269,27 +269,31 @@ fn etcd_members(cfg: &Config) -> Vec<(usize, Vec<String>)> {
             Some((i, m.peer?, dir))
         })
         .collect();
+    // With `etcd_tls`: https for clients and peers, each side checking the other's
+    // certificate against the cluster CA (nodes present their node certificates).
+    let scheme = if cfg.etcd_tls { "https" } else { "http" };
+    let tls_dir = cfg.tls_dir();
     let initial = run
         .iter()
-        .map(|(i, peer, _)| format!("etcd-{i}=http://{peer}"))
+        .map(|(i, peer, _)| format!("etcd-{i}={scheme}://{peer}"))
         .collect::<Vec<_>>()
         .join(",");
     run.iter()
         .map(|(i, peer, dir)| {
             let client = &cfg.etcd[*i].client;
-            let args = [
+            let mut args = vec![
                 "--name".to_string(),
                 format!("etcd-{i}"),
                 "--data-dir".into(),
                 dir.display().to_string(),
                 "--listen-client-urls".into(),
-                format!("http://{client}"),
+                format!("{scheme}://{client}"),
                 "--advertise-client-urls".into(),
-                format!("http://{client}"),
+                format!("{scheme}://{client}"),
                 "--listen-peer-urls".into(),
-                format!("http://{peer}"),
+                format!("{scheme}://{peer}"),
                 "--initial-advertise-peer-urls".into(),
-                format!("http://{peer}"),
+                format!("{scheme}://{peer}"),
                 "--initial-cluster".into(),
                 initial.clone(),
                 "--initial-cluster-token".into(),
@@ -302,7 +306,28 @@ fn etcd_members(cfg: &Config) -> Vec<(usize, Vec<String>)> {
                 "--logger".into(),
                 "zap".into(),
             ];
-            (*i, args.to_vec())
+            if cfg.etcd_tls {
+                let (crt, key) = super::certs::etcd_cert_paths(&tls_dir, *i);
+                let ca = tls_dir.join("ca.crt").display().to_string();
+                let (crt, key) = (crt.display().to_string(), key.display().to_string());
+                args.extend([
+                    "--cert-file".to_string(),
+                    crt.clone(),
+                    "--key-file".into(),
+                    key.clone(),
+                    "--client-cert-auth".into(),
+                    "--trusted-ca-file".into(),
+                    ca.clone(),
+                    "--peer-cert-file".into(),
+                    crt,
+                    "--peer-key-file".into(),
+                    key,
+                    "--peer-client-cert-auth".into(),
+                    "--peer-trusted-ca-file".into(),
+                    ca,
+                ]);
+            }
+            (*i, args)
         })
         .collect()
 }
