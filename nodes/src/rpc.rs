@@ -24,7 +24,7 @@ use crate::limits::{RPC_FRAME_BYTES_MAX, RPC_IN_FLIGHT_MAX};
 use crate::net;
 use crate::proto::client::ErrorCode;
 use crate::proto::internal::{Request, Response};
-use crate::tls::{self, NodeTls, Principal, SecureStream};
+use crate::tls::{self, NodeTls, SecureStream};
 
 /// Default deadline of one call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -187,7 +187,7 @@ pub async fn serve_on(
         tokio::spawn(async move {
             let stream = net::Stream::new(tcp);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                Ok(Ok((stream, who))) => serve_connection(stream, who, handler).await,
+                Ok(Ok((stream, who))) => serve_connection(stream, who, handler, tls).await,
                 Ok(Err(e)) => {
                     tracing::warn!(%addr, %peer, error = %e, "rpc caller refused at the handshake")
                 }
@@ -198,8 +198,15 @@ pub async fn serve_on(
 }
 
 /// Serves one authenticated connection. `who`: the caller, `None` only under the
-/// `unauthenticated-rpc` canary (every request is then allowed).
-async fn serve_connection(stream: SecureStream, who: Option<Principal>, handler: Handler) {
+/// `unauthenticated-rpc` canary (every request is then allowed). A caller whose certificate
+/// is revoked while connected is refused from its next request on, and the connection
+/// closed.
+async fn serve_connection(
+    stream: SecureStream,
+    who: Option<tls::Caller>,
+    handler: Handler,
+    tls: NodeTls,
+) {
     let (sink, mut frames) = Framed::new(stream, codec()).split();
     // Bounded: when the writer falls behind, request handling waits (backpressure on reads).
     let (tx, rx) = mpsc::channel::<Bytes>(RPC_IN_FLIGHT_MAX);
@@ -216,7 +223,12 @@ async fn serve_connection(stream: SecureStream, who: Option<Principal>, handler:
                 break;
             }
         };
-        if let Some(who) = &who {
+        if let Some(caller) = &who {
+            if tls.is_revoked(&caller.serial) {
+                tracing::warn!(caller = %caller.principal, "rpc caller's certificate revoked; closing");
+                break;
+            }
+            let who = &caller.principal;
             if let Err(why) = tls::authorize(who, &envelope.body) {
                 tracing::warn!(caller = %who, %why, "rpc request refused");
                 let out = Envelope {

@@ -231,6 +231,34 @@ impl ClusterCa {
         self.issuer.key().serialize_pem()
     }
 
+    /// The revocation list of `serials` (certificates this CA issued, [`serial_of`]), signed,
+    /// PEM. `number` orders successive lists; `now` is the issue time. Verifiers here
+    /// ignore its next-update date (a list stays in force until replaced).
+    pub fn revocation_list(
+        &self,
+        serials: &[Vec<u8>],
+        number: u64,
+        now: time::OffsetDateTime,
+    ) -> Result<String, TlsError> {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(3650),
+            crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+
     /// A server certificate for a service the cluster runs but is not a node of it (an etcd
     /// member): valid for `names` (IP addresses or DNS names), for serving and for dialling
     /// its peers; PEM certificate and key.
@@ -342,10 +370,70 @@ struct Inner {
     /// The CA certificate, this node's certificate and its key, PEM: what other TLS clients
     /// of this node present (the etcd client, which brings its own TLS stack).
     pem: PemIdentity,
-    connector: TlsConnector,
-    acceptor: TlsAcceptor,
+    cert: NodeCert,
+    /// Replaced whole when the revocation list changes ([`NodeTls::set_revoked`]).
+    current: std::sync::RwLock<Current>,
     /// The `unauthenticated-rpc` canary: callers without a certificate are accepted too.
     accept_anonymous: bool,
+}
+
+/// The TLS configurations in force, and the serials they refuse.
+struct Current {
+    connector: TlsConnector,
+    acceptor: TlsAcceptor,
+    revoked: RevocationList,
+}
+
+/// Revoked node certificates: the CA's signed list (checked in every handshake, both ways)
+/// and its serial numbers (checked on every request of a connection made before the
+/// revocation).
+#[derive(Clone, Default)]
+pub struct RevocationList {
+    crl: Option<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    serials: std::collections::BTreeSet<Vec<u8>>,
+}
+
+impl RevocationList {
+    /// From a PEM `X509 CRL` the cluster CA signed ([`ClusterCa::revocation_list`]).
+    pub fn from_pem(text: &str) -> Result<RevocationList, TlsError> {
+        let der = der_of("X509 CRL", text)?;
+        let (_, crl) = x509_parser::parse_x509_crl(&der)
+            .map_err(|e| TlsError::Invalid(format!("revocation list: {e}")))?;
+        let serials = crl
+            .iter_revoked_certificates()
+            .map(|r| normal_serial(r.raw_serial()))
+            .collect();
+        Ok(RevocationList {
+            crl: Some(der.into()),
+            serials,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.serials.len()
+    }
+
+    /// The revoked serials ([`serial_of`]).
+    pub fn serials(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.serials.iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.serials.is_empty()
+    }
+}
+
+/// A serial number's bytes without leading zeros (DER may add one to keep it positive).
+fn normal_serial(raw: &[u8]) -> Vec<u8> {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    raw[start..].to_vec()
+}
+
+/// The serial number of a certificate (DER), normalized as in a [`RevocationList`].
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, TlsError> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| TlsError::Invalid(format!("certificate: {e}")))?;
+    Ok(normal_serial(c.raw_serial()))
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -366,23 +454,30 @@ pub struct PemIdentity {
     pub key: String,
 }
 
-impl NodeTls {
-    pub fn new(cert: NodeCert, accept_anonymous: bool) -> Result<NodeTls, TlsError> {
-        let pem = PemIdentity {
-            ca: pem_of("CERTIFICATE", &cert.ca),
-            cert: cert.cert_pem(),
-            key: cert.key_pem(),
-        };
+impl Current {
+    fn build(
+        cert: &NodeCert,
+        accept_anonymous: bool,
+        revoked: RevocationList,
+    ) -> Result<Current, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.ca.clone())?;
         let roots = Arc::new(roots);
+        let crls: Vec<_> = revoked.crl.iter().cloned().collect();
         let key = PrivateKeyDer::Pkcs8(cert.key.clone_key());
+        // The node dialled must not hold a revoked certificate either.
+        let server_verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+                .with_crls(crls.clone())
+                .build()
+                .map_err(|e| TlsError::Invalid(format!("server verifier: {e}")))?;
         let client = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots.clone())
+            .with_webpki_verifier(server_verifier)
             .with_client_auth_cert(vec![cert.cert.clone()], key.clone_key())?;
         let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider());
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .with_crls(crls);
         let verifier = if accept_anonymous {
             verifier.allow_unauthenticated().build()?
         } else {
@@ -391,21 +486,88 @@ impl NodeTls {
         let server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(vec![cert.cert], key)?;
+            .with_single_cert(vec![cert.cert.clone()], key)?;
+        Ok(Current {
+            connector: TlsConnector::from(Arc::new(client)),
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            revoked,
+        })
+    }
+}
+
+impl NodeTls {
+    pub fn new(cert: NodeCert, accept_anonymous: bool) -> Result<NodeTls, TlsError> {
+        Self::with_revoked(cert, accept_anonymous, RevocationList::default())
+    }
+
+    /// A node's TLS refusing the certificates `revoked` lists.
+    pub fn with_revoked(
+        cert: NodeCert,
+        accept_anonymous: bool,
+        revoked: RevocationList,
+    ) -> Result<NodeTls, TlsError> {
+        let pem = PemIdentity {
+            ca: pem_of("CERTIFICATE", &cert.ca),
+            cert: cert.cert_pem(),
+            key: cert.key_pem(),
+        };
+        let current = Current::build(&cert, accept_anonymous, revoked)?;
         Ok(NodeTls {
             inner: Arc::new(Inner {
                 principal: cert.principal,
                 pem,
-                connector: TlsConnector::from(Arc::new(client)),
-                acceptor: TlsAcceptor::from(Arc::new(server)),
+                cert,
+                current: std::sync::RwLock::new(current),
                 accept_anonymous,
             }),
         })
     }
 
+    /// Puts a new revocation list in force: handshakes from now on check it, and so does
+    /// every request of a connection accepted before ([`NodeTls::is_revoked`]).
+    pub fn set_revoked(&self, revoked: RevocationList) -> Result<(), TlsError> {
+        let next = Current::build(&self.inner.cert, self.inner.accept_anonymous, revoked)?;
+        *self.inner.current.write().expect("not poisoned") = next;
+        Ok(())
+    }
+
+    /// Whether the certificate with this serial ([`serial_of`]) is revoked now.
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        let current = self.inner.current.read().expect("not poisoned");
+        current.revoked.serials.contains(serial)
+    }
+
+    /// How many certificates the list in force revokes.
+    pub fn revoked_count(&self) -> usize {
+        self.inner.current.read().expect("not poisoned").revoked.len()
+    }
+
+    fn connector(&self) -> TlsConnector {
+        self.inner
+            .current
+            .read()
+            .expect("not poisoned")
+            .connector
+            .clone()
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        self.inner
+            .current
+            .read()
+            .expect("not poisoned")
+            .acceptor
+            .clone()
+    }
+
     /// This node's certificate, key and CA as PEM.
     pub fn pem_identity(&self) -> &PemIdentity {
         &self.inner.pem
+    }
+
+    /// The serial number of this node's own certificate ([`serial_of`]).
+    pub fn serial(&self) -> Vec<u8> {
+        serial_of(&self.inner.cert.cert).expect("our own certificate parses")
     }
 
     /// Who this node is.
@@ -416,21 +578,24 @@ impl NodeTls {
     /// The client handshake over a connected stream.
     pub async fn connect(&self, tcp: Stream) -> io::Result<SecureStream> {
         let name = ServerName::try_from(CLUSTER_SERVER_NAME).expect("a valid DNS name");
-        let tls = self.inner.connector.connect(name, tcp).await?;
+        let tls = self.connector().connect(name, tcp).await?;
         Ok(tokio_rustls::TlsStream::Client(tls))
     }
 
-    /// The server handshake over an accepted stream, and the caller's principal. `None` only
-    /// under the `unauthenticated-rpc` canary (a caller without a certificate).
-    pub async fn accept(&self, tcp: Stream) -> io::Result<(SecureStream, Option<Principal>)> {
-        let tls = self.inner.acceptor.accept(tcp).await?;
+    /// The server handshake over an accepted stream, and the caller: its principal and its
+    /// certificate's serial. `None` only under the `unauthenticated-rpc` canary (a caller
+    /// without a certificate).
+    pub async fn accept(&self, tcp: Stream) -> io::Result<(SecureStream, Option<Caller>)> {
+        let tls = self.acceptor().accept(tcp).await?;
         let who = match tls.get_ref().1.peer_certificates() {
-            Some([leaf, ..]) => Some(Principal::of_certificate(leaf).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "the caller's certificate names no chatsim principal",
-                )
-            })?),
+            Some([leaf, ..]) => {
+                let denied = |what: &str| io::Error::new(io::ErrorKind::PermissionDenied, what);
+                let principal = Principal::of_certificate(leaf)
+                    .ok_or_else(|| denied("the caller's certificate names no chatsim principal"))?;
+                let serial = serial_of(leaf)
+                    .map_err(|_| denied("the caller's certificate has no readable serial"))?;
+                Some(Caller { principal, serial })
+            }
             _ if self.inner.accept_anonymous => None,
             _ => {
                 return Err(io::Error::new(
@@ -446,6 +611,14 @@ impl NodeTls {
     pub fn accepts_anonymous(&self) -> bool {
         self.inner.accept_anonymous
     }
+}
+
+/// Who called, from the certificate it presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub principal: Principal,
+    /// The certificate's serial ([`serial_of`]): revocation is checked by it per request.
+    pub serial: Vec<u8>,
 }
 
 /// What an outsider without a certificate does: a TLS client that trusts the cluster CA (its

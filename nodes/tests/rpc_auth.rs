@@ -124,3 +124,35 @@ async fn the_unauthenticated_rpc_canary_answers_an_anonymous_caller() {
         .await
         .is_err());
 }
+
+// Proves a revoked certificate is refused at once, on a connection opened before the
+// revocation and in new handshakes, while other certificates of the cluster still work
+// (`chatd revoke-node` writes the list; every node puts it in force when it changes).
+#[tokio::test]
+async fn a_revoked_certificate_is_cut_off_on_open_connections_too() {
+    let mut ca = TestCa::new(15);
+    let presence = ca.node(Principal::Node(Role::Presence, 0), false);
+    let addr = presence_node(presence.clone()).await;
+    let stolen = ca.node(Principal::Node(Role::Chat, 0), false);
+    let thief = RpcClient::new(addr, stolen.clone());
+    let honest = RpcClient::new(addr, ca.node(Principal::Node(Role::Chat, 1), false));
+    assert_eq!(thief.call(heartbeat()).await.unwrap(), Response::Ok);
+    assert_eq!(honest.call(heartbeat()).await.unwrap(), Response::Ok);
+
+    let list = ca
+        .ca()
+        .revocation_list(&[stolen.serial()], 1, time::OffsetDateTime::now_utc())
+        .unwrap();
+    let list = nodes::tls::RevocationList::from_pem(&list).unwrap();
+    assert_eq!(list.len(), 1);
+    presence.set_revoked(list).unwrap();
+    assert!(presence.is_revoked(&stolen.serial()));
+
+    // The open connection: its next request closes it; redialling fails the handshake.
+    assert!(
+        thief.call(heartbeat()).await.is_err(),
+        "a revoked certificate was answered"
+    );
+    assert!(thief.call(heartbeat()).await.is_err());
+    assert_eq!(honest.call(heartbeat()).await.unwrap(), Response::Ok);
+}

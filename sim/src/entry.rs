@@ -16,7 +16,7 @@ pub fn main(opts: Opts) -> i32 {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_writer(std::io::stderr)
-            .without_time()
+            .with_timer(SimulatedTime)
             .try_init();
     }
     let canaries = match Canaries::parse(opts.canary.iter().map(String::as_str)) {
@@ -139,4 +139,17 @@ pub fn capacity(c: &CapacityOpts, canaries: &Canaries) -> i32 {
     };
     let outcome = run_on_fresh_thread(&opts, canaries, &plan);
     crate::capacity::write_plan(c, &opts, &plan, &outcome)
+}
+
+/// Log lines carry the simulated time (seconds since the run's start, as in the history's
+/// `t_us`), read from madsim's clock; outside a simulated runtime, nothing.
+struct SimulatedTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimulatedTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match madsim::time::TimeHandle::try_current() {
+            Some(t) => write!(w, "{:>11.6}", t.elapsed().as_secs_f64()),
+            None => write!(w, "{:>11}", "-"),
+        }
+    }
 }

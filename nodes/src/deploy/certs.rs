@@ -8,6 +8,7 @@
 //! | `ca.key` | the CA's key (0600). Only needed to issue certificates: on a multi-host cluster, keep it off the nodes |
 //! | `<role>-<i>.crt`, `<role>-<i>.key` | node `i` of a role (key 0600) |
 //! | `operator.crt`, `operator.key` | `chatd status`, `chatd kv-recover` |
+//! | `revoked.crl` | node certificates revoked (`chatd revoke-node`), signed by the CA; every node re-reads it within [`REVOCATION_POLL`] |
 //! | `etcd-<i>.crt`, `etcd-<i>.key` | etcd member `i` that the cluster runs, with `etcd_tls` (for its client and peer addresses) |
 //!
 //! A node whose certificate is missing gets one at start when `ca.key` is there (the config
@@ -24,10 +25,14 @@ use anyhow::{bail, Context};
 
 use super::config::{write_private, Config, Role};
 use crate::client_tls::{KeyKind, ServerTls};
-use crate::tls::{ClusterCa, NodeCert, NodeTls, Principal};
+use crate::tls::{ClusterCa, NodeCert, NodeTls, Principal, RevocationList};
 
 const CA_CERT: &str = "ca.crt";
 const CA_KEY: &str = "ca.key";
+/// The cluster's revocation list, in the TLS directory.
+pub const REVOKED_CRL: &str = "revoked.crl";
+/// How often a node looks for a new revocation list.
+pub const REVOCATION_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn file_stem(who: Principal) -> String {
     who.to_string()
@@ -207,7 +212,88 @@ pub fn load(cfg: &Config, who: Principal) -> anyhow::Result<NodeTls> {
             cert.principal
         );
     }
-    Ok(NodeTls::new(cert, false)?)
+    Ok(NodeTls::with_revoked(cert, false, read_revocations(&dir)?)?)
+}
+
+/// The revocation list in the TLS directory `dir` (empty if there is none).
+pub fn read_revocations(dir: &Path) -> anyhow::Result<RevocationList> {
+    let path = dir.join(REVOKED_CRL);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => RevocationList::from_pem(&text).with_context(|| format!("{}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RevocationList::default()),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// Revokes `who`'s certificate (its key is thought stolen) and issues it a new one: adds the
+/// old certificate's serial to `revoked.crl` (signed by the CA; needs `ca.key`), then puts a
+/// new certificate and key in place. Every node refuses the old certificate once it has read
+/// the list (within [`REVOCATION_POLL`]), in new handshakes and on connections already open;
+/// `who` itself must be restarted to use its new certificate. Answers the revoked serial.
+pub fn revoke(cfg: &Config, who: Principal) -> anyhow::Result<Vec<u8>> {
+    let dir = cfg.tls_dir();
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
+    };
+    let ca = ClusterCa::from_key_pem(&read(CA_KEY)?).context("read the cluster CA key")?;
+    let stem = file_stem(who);
+    let old = NodeCert::from_pem(
+        &read(CA_CERT)?,
+        &read(&format!("{stem}.crt"))?,
+        &read(&format!("{stem}.key"))?,
+    )?;
+    let serial = crate::tls::serial_of(&old.cert)?;
+    let mut serials: Vec<Vec<u8>> = read_revocations(&dir)?.serials().cloned().collect();
+    if !serials.contains(&serial) {
+        serials.push(serial.clone());
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let crl = ca.revocation_list(&serials, now.unix_timestamp().max(0) as u64, now)?;
+    let tmp = dir.join(format!("{REVOKED_CRL}.tmp{}", std::process::id()));
+    std::fs::write(&tmp, crl.as_bytes())
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(REVOKED_CRL))
+        .with_context(|| format!("write {}", dir.join(REVOKED_CRL).display()))?;
+    // The new certificate, built aside and renamed into place (`crt` last).
+    let mut rng = crate::net::node_rng();
+    let fresh = dir.join(format!("new-{who}.tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&fresh);
+    std::fs::create_dir(&fresh)?;
+    write_cert(&fresh, &ca.issue(who, &mut rng)?)?;
+    for ext in ["key", "crt"] {
+        let name = format!("{stem}.{ext}");
+        std::fs::rename(fresh.join(&name), dir.join(&name))
+            .with_context(|| format!("replace {}", dir.join(&name).display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&fresh);
+    sync_dir(&dir)?;
+    Ok(serial)
+}
+
+/// Re-reads the revocation list whenever it changes (polled every [`REVOCATION_POLL`]) and
+/// puts it in force in `tls`. Runs until the process ends.
+pub async fn watch_revocations(dir: PathBuf, tls: NodeTls) -> anyhow::Result<()> {
+    let path = dir.join(REVOKED_CRL);
+    let mut seen = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    loop {
+        tokio::time::sleep(REVOCATION_POLL).await;
+        let now = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if now == seen {
+            continue;
+        }
+        match read_revocations(&dir).map(|list| (list.len(), tls.set_revoked(list))) {
+            Ok((n, Ok(()))) => {
+                seen = now;
+                tracing::warn!(revoked = n, "a new certificate revocation list is in force");
+            }
+            // A list being replaced is renamed into place whole; a bad one is an operator's
+            // mistake: keep the old list and say so until it is fixed.
+            Ok((_, Err(e))) => tracing::error!(error = %e, "revocation list refused"),
+            Err(e) => tracing::error!(error = %e, "revocation list unreadable"),
+        }
+    }
 }
 
 /// The names a self-signed client certificate holds: every api and chat server address

@@ -59,11 +59,14 @@ pub fn start(
         );
     }
     let tls = certs::node_tls(cfg, crate::tls::Principal::Node(role, index as u32))?;
+    let mut tasks: Vec<Task> = vec![tokio::spawn(certs::watch_revocations(
+        cfg.tls_dir(),
+        tls.clone(),
+    ))];
     let peers = || Peers::new(cfg.cluster_map(), Canaries::none(), tls.clone());
     let m = shared.metrics.clone();
     // A kv node's /healthz reports its replicas' storage (`KvHealth`); others: alive.
     let mut kv_health: Option<Arc<crate::kv::server::KvHealth>> = None;
-    let mut tasks: Vec<Task> = Vec::new();
     let admin_addr = match role {
         Role::Discovery => {
             let Some(d) = &cfg.discovery else {

@@ -19,8 +19,10 @@
 //!   updating the checksum (bit rot). With the `skip-checksum` canary reads do not verify,
 //!   and corrupt bytes are served.
 //! - **Slow fsync.** [`SimDisk::set_fsync_delay`]: a sync cannot sleep (redb calls the backend
-//!   synchronously), so the disk counts syncs and the kv shell waits
-//!   [`SimDisk::take_sync_wait`] after each durable commit before acting on it.
+//!   synchronously), so the disk counts syncs and the kv shell waits out each of them in turn
+//!   ([`SimDisk::next_sync_wait`]) after a durable commit before acting on it. Each sync takes
+//!   the delay in force when its turn comes: a disk that heals while a long run of syncs is
+//!   queued (a snapshot's install) finishes the rest at a healthy disk's speed.
 //! - **Loss.** [`SimDisk::wipe`]: every file gone; the node comes back empty.
 //!
 //! It does not model a full disk, latency of reads, or reordering across files. In the real
@@ -396,12 +398,20 @@ impl SimDisk {
         d.syncs_unwaited = 0;
     }
 
-    /// How long the syncs since the last call took beyond a healthy disk: the shell waits this
-    /// long after a durable commit before it answers or sends what the commit made durable.
-    pub fn take_sync_wait(&self) -> Duration {
+    /// The time of the next sync not yet waited for, at the disk's speed now (`None`: none
+    /// is left): the shell waits each out after a durable commit before it answers or sends
+    /// what the commit made durable. On a healthy disk the rest are taken at once.
+    pub fn next_sync_wait(&self) -> Option<Duration> {
         let mut d = self.lock();
-        let n = std::mem::take(&mut d.syncs_unwaited);
-        (FSYNC_TIME + d.fsync_delay) * n as u32
+        if d.syncs_unwaited == 0 {
+            return None;
+        }
+        if d.fsync_delay.is_zero() {
+            let n = std::mem::take(&mut d.syncs_unwaited);
+            return Some(FSYNC_TIME * n as u32);
+        }
+        d.syncs_unwaited -= 1;
+        Some(FSYNC_TIME + d.fsync_delay)
     }
 
     /// Whether an fsync is in flight (asked for, not completed): a crash now tears it.
@@ -621,11 +631,21 @@ mod tests {
         disk.set_fsync_delay(Duration::from_secs(2));
         b.sync_data().unwrap();
         b.sync_data().unwrap();
-        assert_eq!(
-            disk.take_sync_wait(),
-            (Duration::from_secs(2) + FSYNC_TIME) * 2
-        );
-        assert_eq!(disk.take_sync_wait(), Duration::ZERO);
+        b.sync_data().unwrap();
+        let slow = Duration::from_secs(2) + FSYNC_TIME;
+        assert_eq!(disk.next_sync_wait(), Some(slow));
+        assert_eq!(disk.next_sync_wait(), Some(slow));
+        assert_eq!(disk.next_sync_wait(), Some(slow));
+        assert_eq!(disk.next_sync_wait(), None);
+        // A disk that heals with syncs queued finishes them at a healthy disk's speed.
+        b.sync_data().unwrap();
+        b.sync_data().unwrap();
+        assert_eq!(disk.next_sync_wait(), Some(slow));
+        disk.set_fsync_delay(Duration::ZERO);
+        assert_eq!(disk.next_sync_wait(), None);
+        b.sync_data().unwrap();
+        b.sync_data().unwrap();
+        assert_eq!(disk.next_sync_wait(), Some(FSYNC_TIME * 2));
         disk.wipe();
         assert!(!disk.has_file("f"));
         assert!(b.len().is_err());

@@ -75,13 +75,12 @@ impl Storage {
         }
     }
 
-    /// Waits out the fsyncs asked for since the last call (the simulated disk's time; a real
-    /// disk's fsync already blocked inside the commit), after which they are done: only now
-    /// may anything that depends on them happen.
+    /// Waits out the fsyncs asked for since the last call, one after another (the simulated
+    /// disk's time; a real disk's fsync already blocked inside the commit), after which they
+    /// are done: only now may anything that depends on them happen.
     async fn settle(&self) {
         if let Storage::Sim(disk) = self {
-            let wait = disk.take_sync_wait();
-            if !wait.is_zero() {
+            while let Some(wait) = disk.next_sync_wait() {
                 tokio::time::sleep(wait).await;
             }
             disk.complete_syncs();

@@ -33,6 +33,9 @@ enum Cmd {
     /// After a quorum of a shard lost its disks: make one surviving replica the shard's only
     /// voter, so the shard serves again (what only the lost replicas held is gone).
     KvRecover(KvRecoverArgs),
+    /// A node's key was stolen: revoke its certificate (every node refuses it within 5 s,
+    /// on open connections too) and issue it a new one; then restart that node.
+    RevokeNode(RevokeNodeArgs),
     /// An id generator of a config.
     Idgen(RoleArgs),
     /// A presence node of a config.
@@ -170,6 +173,15 @@ struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+struct RevokeNodeArgs {
+    /// The cluster's config file (its TLS directory must hold the CA key).
+    #[arg(long)]
+    config: PathBuf,
+    /// The node, as `<role>-<index>` (`kv-2`, `chat-0`) or `operator`.
+    node: String,
+}
+
+#[derive(Debug, Args)]
 struct KvRecoverArgs {
     /// The cluster's config file.
     #[arg(long)]
@@ -220,6 +232,7 @@ pub fn main() -> anyhow::Result<()> {
         Cmd::Kv(a) => rt.block_on(kv_node(a)),
         Cmd::Status(a) => rt.block_on(status(a)),
         Cmd::KvRecover(a) => rt.block_on(kv_recover(a)),
+        Cmd::RevokeNode(a) => revoke_node(a),
         Cmd::Idgen(a) => role(Role::Idgen, a),
         Cmd::Presence(a) => role(Role::Presence, a),
         Cmd::Push(a) => role(Role::Push, a),
@@ -368,6 +381,34 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             Err(e) => println!("kv-{i} {}: down ({e})", n.listen),
         }
     }
+    Ok(())
+}
+
+fn revoke_node(a: RevokeNodeArgs) -> anyhow::Result<()> {
+    use nodes::tls::Principal;
+    let cfg = Config::load(&a.config)?;
+    let who = if a.node == "operator" {
+        Principal::Operator
+    } else {
+        let (role, index) = a
+            .node
+            .rsplit_once('-')
+            .and_then(|(r, i)| Some((Role::from_name(r)?, i.parse::<u32>().ok()?)))
+            .ok_or_else(|| anyhow::anyhow!("{:?}: name a node as <role>-<index>, e.g. kv-2", a.node))?;
+        anyhow::ensure!(
+            (index as usize) < cfg.count(role),
+            "the config has no {}",
+            a.node
+        );
+        Principal::Node(role, index)
+    };
+    let serial = deploy::certs::revoke(&cfg, who)?;
+    let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
+    println!(
+        "revoked {who}'s certificate (serial {hex}); every node refuses it within {} s. \
+         A new certificate is in place: restart {who} to use it.",
+        deploy::certs::REVOCATION_POLL.as_secs()
+    );
     Ok(())
 }
 
