@@ -539,7 +539,12 @@ impl NodeTls {
 
     /// How many certificates the list in force revokes.
     pub fn revoked_count(&self) -> usize {
-        self.inner.current.read().expect("not poisoned").revoked.len()
+        self.inner
+            .current
+            .read()
+            .expect("not poisoned")
+            .revoked
+            .len()
     }
 
     fn connector(&self) -> TlsConnector {

@@ -231,7 +231,7 @@ pub fn read_revocations(dir: &Path) -> anyhow::Result<RevocationList> {
 /// the list (within [`REVOCATION_POLL`]), in new handshakes and on connections already open;
 /// `who` itself must be restarted to use its new certificate. Answers the revoked serial.
 pub fn revoke(cfg: &Config, who: Principal) -> anyhow::Result<Vec<u8>> {
-    let dir = cfg.tls_dir();
+    let dir = ensure(cfg)?;
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
@@ -449,5 +449,33 @@ mod tests {
         .ok();
         let err = load(&cfg, Principal::Node(Role::Api, 0)).unwrap_err();
         assert!(format!("{err:#}").contains("names kv-0"), "{err:#}");
+    }
+
+    // Proves `chatd revoke-node`'s work: the old certificate's serial goes into the signed
+    // list every node loads, the node gets a new certificate that is not revoked, and a
+    // second revocation keeps the first.
+    #[test]
+    fn revoking_lists_the_old_certificate_and_issues_a_new_one() {
+        let data = tempfile::tempdir().unwrap();
+        let cfg = Config::single_host(
+            data.path().to_path_buf(),
+            "127.0.0.1:8080".parse().unwrap(),
+            7100,
+            2,
+        );
+        let who = Principal::Node(Role::Kv, 1);
+        let old = node_tls(&cfg, who).unwrap().serial();
+        assert_eq!(read_revocations(&cfg.tls_dir()).unwrap().len(), 0);
+        assert_eq!(revoke(&cfg, who).unwrap(), old);
+        let other = load(&cfg, Principal::Node(Role::Chat, 0)).unwrap();
+        assert_eq!(other.revoked_count(), 1);
+        assert!(other.is_revoked(&old));
+        let renewed = load(&cfg, who).unwrap();
+        assert_ne!(renewed.serial(), old, "a new certificate");
+        assert!(!renewed.is_revoked(&renewed.serial()));
+        revoke(&cfg, Principal::Operator).unwrap();
+        let list = read_revocations(&cfg.tls_dir()).unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(list.serials().any(|s| *s == old));
     }
 }

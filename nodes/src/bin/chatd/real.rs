@@ -394,7 +394,9 @@ fn revoke_node(a: RevokeNodeArgs) -> anyhow::Result<()> {
             .node
             .rsplit_once('-')
             .and_then(|(r, i)| Some((Role::from_name(r)?, i.parse::<u32>().ok()?)))
-            .ok_or_else(|| anyhow::anyhow!("{:?}: name a node as <role>-<index>, e.g. kv-2", a.node))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("{:?}: name a node as <role>-<index>, e.g. kv-2", a.node)
+            })?;
         anyhow::ensure!(
             (index as usize) < cfg.count(role),
             "the config has no {}",
