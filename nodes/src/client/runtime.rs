@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::device::{DeviceState, Observation};
 use super::http::HttpClient;
-use super::ws::{Incoming, WsConn};
+use super::ws::{Incoming, WsConn, EARLY_FRAMES_MAX};
 use super::ClientError;
 use crate::client_tls::ClientTls;
 use crate::limits::HEARTBEAT_INTERVAL_MS;
@@ -275,12 +275,34 @@ pub async fn open_session(
             connection,
         };
         ws.send(&hello).await.map_err(refusal)?;
-        match tokio::time::timeout(WELCOME_TIMEOUT, ws.recv()).await {
-            Ok(Incoming::Frame(ServerFrame::Welcome { server, .. })) => Ok((ws, server)),
-            Ok(Incoming::Frame(ServerFrame::Error { code, detail, .. })) => {
-                Err((format!("refused: {}: {detail}", code.as_str()), Some(code)))
+        // Presence and messages may come before `welcome` (the session is live as soon as it
+        // is registered): kept for the caller's first `recv`, not a failed connect.
+        let mut early = Vec::new();
+        let welcome = async {
+            loop {
+                match ws.recv().await {
+                    Incoming::Frame(ServerFrame::Welcome { server, .. }) => return Ok(server),
+                    Incoming::Frame(ServerFrame::Error { code, detail, .. }) => {
+                        return Err((format!("refused: {}: {detail}", code.as_str()), Some(code)))
+                    }
+                    Incoming::Frame(f) if early.len() < EARLY_FRAMES_MAX => early.push(f),
+                    Incoming::Frame(_) => {
+                        return Err(("too many frames before welcome".to_string(), None))
+                    }
+                    other => return Err((format!("no welcome: {other:?}"), None)),
+                }
             }
-            other => Err((format!("no welcome: {other:?}"), None)),
+        };
+        match tokio::time::timeout(WELCOME_TIMEOUT, welcome).await {
+            Ok(Ok(server)) => {
+                // Kept for the first `recv`s, in arrival order.
+                for f in early {
+                    ws.keep_early(f);
+                }
+                Ok((ws, server))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(("no welcome: timed out".to_string(), None)),
         }
     };
     let result = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {

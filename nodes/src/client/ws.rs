@@ -13,7 +13,14 @@ use crate::proto::client::{ClientFrame, ServerFrame};
 
 pub struct WsConn {
     ws: WebSocketStream<MaybeTls>,
+    /// Frames that arrived before `welcome` (the protocol allows presence and messages
+    /// there), handed out by [`WsConn::recv`] before anything newer; at most
+    /// [`EARLY_FRAMES_MAX`].
+    early: std::collections::VecDeque<ServerFrame>,
 }
+
+/// Frames a client keeps from before `welcome`; a server that sends more fails the connect.
+pub const EARLY_FRAMES_MAX: usize = 1024;
 
 /// What arrived on the connection.
 #[derive(Debug)]
@@ -82,7 +89,21 @@ impl WsConn {
         )
         .await
         .map_err(|e| ClientError::Ws(e.to_string()))?;
-        Ok(Self { ws })
+        Ok(Self {
+            ws,
+            early: std::collections::VecDeque::new(),
+        })
+    }
+
+    /// Keeps a frame that came before `welcome` for [`WsConn::recv`] (after the greeting: a
+    /// frame kept during it would be handed back at once); `false` (not kept) past
+    /// [`EARLY_FRAMES_MAX`].
+    pub fn keep_early(&mut self, frame: ServerFrame) -> bool {
+        if self.early.len() >= EARLY_FRAMES_MAX {
+            return false;
+        }
+        self.early.push_back(frame);
+        true
     }
 
     pub async fn send(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
@@ -99,6 +120,9 @@ impl WsConn {
     }
 
     pub async fn recv(&mut self) -> Incoming {
+        if let Some(f) = self.early.pop_front() {
+            return Incoming::Frame(f);
+        }
         loop {
             match self.ws.next().await {
                 Some(Ok(Message::Text(t))) => {
