@@ -190,6 +190,25 @@ fn ca_params() -> rcgen::CertificateParams {
     params
 }
 
+/// A certificate the cluster CA signs for a node or a service: valid for `names`, for serving
+/// and for dialling (mutual TLS both ways).
+fn leaf_params(
+    names: Vec<String>,
+    common_name: &str,
+) -> Result<rcgen::CertificateParams, TlsError> {
+    let mut params = rcgen::CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
 /// The cluster's certificate authority: signs the certificate of every node and of the
 /// operator. Its key stays where it was created (`<data>/tls/ca.key` for real).
 pub struct ClusterCa {
@@ -269,16 +288,7 @@ impl ClusterCa {
         rng: &mut dyn RngCore,
     ) -> Result<(String, String), TlsError> {
         let key = ed25519_key(rng)?;
-        let mut params = rcgen::CertificateParams::new(names)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, common_name);
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
+        let params = leaf_params(names, common_name)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
@@ -286,18 +296,9 @@ impl ClusterCa {
     /// A certificate for `who`, with a fresh key from `rng`.
     pub fn issue(&self, who: Principal, rng: &mut dyn RngCore) -> Result<NodeCert, TlsError> {
         let key = ed25519_key(rng)?;
-        let mut params = rcgen::CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()])?;
+        let mut params = leaf_params(vec![CLUSTER_SERVER_NAME.to_string()], &who.to_string())?;
         let uri = rcgen::string::Ia5String::try_from(who.spiffe_id())?;
         params.subject_alt_names.push(rcgen::SanType::URI(uri));
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, who.to_string());
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(NodeCert {
             principal: who,
