@@ -276,17 +276,23 @@ pub fn revoke(cfg: &Config, who: Principal) -> anyhow::Result<Vec<u8>> {
 /// puts it in force in `tls`. Runs until the process ends.
 pub async fn watch_revocations(dir: PathBuf, tls: NodeTls) -> anyhow::Result<()> {
     let path = dir.join(REVOKED_CRL);
-    let mut seen = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    // Unknown at first: the list is read again at the first poll, so a change between the
+    // node's start (which read it) and this task's first look is not missed.
+    let mut seen: Option<Option<std::time::SystemTime>> = None;
     loop {
         tokio::time::sleep(REVOCATION_POLL).await;
         let now = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        if now == seen {
+        if seen == Some(now) {
             continue;
         }
         match read_revocations(&dir).map(|list| (list.len(), tls.set_revoked(list))) {
             Ok((n, Ok(()))) => {
-                seen = now;
-                tracing::warn!(revoked = n, "a new certificate revocation list is in force");
+                if seen.is_some() {
+                    tracing::warn!(revoked = n, "a new certificate revocation list is in force");
+                } else if n > 0 {
+                    tracing::info!(revoked = n, "certificate revocation list in force");
+                }
+                seen = Some(now);
             }
             // A list being replaced is renamed into place whole; a bad one is an operator's
             // mistake: keep the old list and say so until it is fixed.
@@ -477,5 +483,30 @@ mod tests {
         let list = read_revocations(&cfg.tls_dir()).unwrap();
         assert_eq!(list.len(), 2);
         assert!(list.serials().any(|s| *s == old));
+    }
+
+    // Proves a running node puts a new revocation list in force by itself (what `chatd
+    // revoke-node` relies on): within two polls, without a restart.
+    #[tokio::test]
+    async fn a_running_node_picks_up_a_new_list() {
+        let data = tempfile::tempdir().unwrap();
+        let cfg = Config::single_host(
+            data.path().to_path_buf(),
+            "127.0.0.1:8080".parse().unwrap(),
+            7100,
+            1,
+        );
+        let running = node_tls(&cfg, Principal::Node(Role::Api, 0)).unwrap();
+        let watcher = tokio::spawn(watch_revocations(cfg.tls_dir(), running.clone()));
+        let stolen = revoke(&cfg, Principal::Node(Role::Chat, 0)).unwrap();
+        let deadline = tokio::time::Instant::now() + REVOCATION_POLL * 2 + REVOCATION_POLL / 2;
+        while !running.is_revoked(&stolen) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new list was not put in force"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        watcher.abort();
     }
 }
