@@ -476,6 +476,12 @@ mod real {
         Ok(r.user)
     }
 
+    async fn channel_info(http: &HttpClient, channel: Id) -> anyhow::Result<ChannelInfo> {
+        http.get(&format!("/v1/channels/{channel}"))
+            .await
+            .map_err(explain)
+    }
+
     async fn profile(http: &HttpClient) -> anyhow::Result<Profile> {
         http.get("/v1/me").await.map_err(explain)
     }
@@ -516,11 +522,7 @@ mod real {
             );
         }
         for ch in &p.group_invites {
-            let info: ChannelInfo = me
-                .http
-                .get(&format!("/v1/channels/{ch}"))
-                .await
-                .map_err(explain)?;
+            let info = channel_info(&me.http, *ch).await?;
             println!(
                 "invited to group {}: channel {ch} (`chat group join {ch}` joins)",
                 info.name
@@ -531,11 +533,7 @@ mod real {
             .iter()
             .filter(|c| !p.friends.values().any(|d| d == *c))
         {
-            let info: ChannelInfo = me
-                .http
-                .get(&format!("/v1/channels/{ch}"))
-                .await
-                .map_err(explain)?;
+            let info = channel_info(&me.http, *ch).await?;
             println!(
                 "group {}: channel {ch} ({} members)",
                 info.name,
