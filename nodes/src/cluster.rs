@@ -24,7 +24,7 @@ use crate::proto::client::PresenceStatus;
 use crate::proto::internal::{ChatServerInfo, Request, Response};
 use crate::proto::Id;
 use crate::rpc::{RpcClient, RpcError};
-use crate::tls::NodeTls;
+use crate::tls::{NodeTls, Principal};
 
 /// The internal roles: what a process runs (`chatd <role> --index i`) and what a node's
 /// certificate names (`tls::Principal`).
@@ -164,10 +164,14 @@ impl Peers {
         let placement = map
             .placement()
             .expect("a valid kv placement (checked by the config)");
+        // Each must prove it is the kv node of its slot: its address can move (etcd).
         let kv_nodes: Vec<RpcClient> = map
             .kv
             .iter()
-            .map(|a| RpcClient::new(*a, tls.clone()))
+            .enumerate()
+            .map(|(slot, a)| {
+                RpcClient::to_node(*a, tls.clone(), Principal::Node(Role::Kv, slot as u32))
+            })
             .collect();
         let stale = canaries.is_on(Canary::StaleRead);
         let kv = (0..placement.shards)
@@ -206,6 +210,28 @@ impl Peers {
             map,
             tls,
         })
+    }
+
+    /// With etcd: the task that keeps the kv clients at the addresses etcd gives
+    /// (`coord::kvmap`) for as long as these peers are in use. A node's `run` spawns it (in
+    /// the simulation a task belongs to the node that spawns it, and so does the etcd
+    /// connection it opens).
+    #[cfg(feature = "etcd")]
+    pub fn kv_membership_task(self: &Arc<Self>) -> Option<impl std::future::Future<Output = ()>> {
+        let etcd = self.etcd()?;
+        let weak = Arc::downgrade(self);
+        let clients = self.kv_nodes.clone();
+        Some(crate::coord::kvmap::follow(etcd, clients, move || {
+            weak.strong_count() > 0
+        }))
+    }
+
+    /// Spawns [`Peers::kv_membership_task`], if there is one.
+    pub fn spawn_kv_membership(self: &Arc<Self>) {
+        #[cfg(feature = "etcd")]
+        if let Some(task) = self.kv_membership_task() {
+            tokio::spawn(task);
+        }
     }
 
     pub fn kv_shards(&self) -> usize {

@@ -298,7 +298,11 @@ impl Conn {
 /// A client of one remote node. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct RpcClient {
-    addr: SocketAddr,
+    /// Where the node is; clones share it, and [`RpcClient::repoint`] moves them all. A std
+    /// mutex: never held across await.
+    addr: Arc<Mutex<SocketAddr>>,
+    /// The node this client must find at `addr` (its certificate names it), if it checks.
+    expect: Option<tls::Principal>,
     /// This node's certificate: how the remote node knows who calls.
     tls: NodeTls,
     /// A tokio mutex: held across the connect so concurrent callers dial once.
@@ -307,21 +311,49 @@ pub struct RpcClient {
 
 impl std::fmt::Debug for RpcClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RpcClient({})", self.addr)
+        write!(f, "RpcClient({})", self.addr())
     }
 }
 
 impl RpcClient {
     pub fn new(addr: SocketAddr, tls: NodeTls) -> Self {
         Self {
-            addr,
+            addr: Arc::new(Mutex::new(addr)),
+            expect: None,
             tls,
             slot: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
+    /// A client of node `who`, first looked for at `addr`: a connection to a node whose
+    /// certificate names anyone else fails (`PermissionDenied`). For addresses that can move
+    /// ([`RpcClient::repoint`]).
+    pub fn to_node(addr: SocketAddr, tls: NodeTls, who: tls::Principal) -> Self {
+        Self {
+            expect: Some(who),
+            ..Self::new(addr, tls)
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        *self.addr.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The node moved to `addr`: this client and its clones call it there from now on, on a
+    /// new connection (calls in flight on the old one fail). False if it was already there.
+    pub async fn repoint(&self, addr: SocketAddr) -> bool {
+        let mut slot = self.slot.lock().await;
+        {
+            let mut at = self.addr.lock().unwrap_or_else(|p| p.into_inner());
+            if *at == addr {
+                return false;
+            }
+            *at = addr;
+        }
+        if let Some(old) = slot.take() {
+            old.fail_all();
+        }
+        true
     }
 
     /// Calls with the default deadline.
@@ -345,12 +377,12 @@ impl RpcClient {
         let bytes = serde_json::to_vec(&Envelope { id, body: req }).expect("requests serialize");
         if conn.out.send(Bytes::from(bytes)).await.is_err() {
             self.drop_conn(&conn).await;
-            return Err(RpcError::Closed(self.addr));
+            return Err(RpcError::Closed(self.addr()));
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Response::Error { code, detail })) => Err(RpcError::Remote { code, detail }),
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(_)) => Err(RpcError::Closed(self.addr)),
+            Ok(Err(_)) => Err(RpcError::Closed(self.addr())),
             Err(_) => {
                 conn.pending
                     .lock()
@@ -361,7 +393,7 @@ impl RpcClient {
                 if conn.stalled(timeout) {
                     self.drop_conn(&conn).await;
                 }
-                Err(RpcError::Timeout(self.addr))
+                Err(RpcError::Timeout(self.addr()))
             }
         }
     }
@@ -381,19 +413,15 @@ impl RpcClient {
                 return Ok(c.clone());
             }
         }
+        let addr = self.addr();
         let dial = async {
-            let tcp = net::connect(self.addr).await?;
-            self.tls.connect(tcp).await
+            let tcp = net::connect(addr).await?;
+            self.tls.connect_to(tcp, self.expect).await
         };
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
             Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                return Err(RpcError::Connect {
-                    addr: self.addr,
-                    source,
-                })
-            }
-            Err(_) => return Err(RpcError::Timeout(self.addr)),
+            Ok(Err(source)) => return Err(RpcError::Connect { addr, source }),
+            Err(_) => return Err(RpcError::Timeout(addr)),
         };
         let conn = start(stream);
         *slot = Some(conn.clone());

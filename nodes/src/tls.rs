@@ -583,8 +583,34 @@ impl NodeTls {
 
     /// The client handshake over a connected stream.
     pub async fn connect(&self, tcp: Stream) -> io::Result<SecureStream> {
+        self.connect_to(tcp, None).await
+    }
+
+    /// The client handshake, and, when `expect` names a node, the proof that the node on the
+    /// other end is that one: its certificate must name `expect`. A caller that found the
+    /// address somewhere it does not fully trust (a kv node's address in etcd) dials so: an
+    /// address pointing at another cluster node gets nothing from this caller.
+    pub async fn connect_to(
+        &self,
+        tcp: Stream,
+        expect: Option<Principal>,
+    ) -> io::Result<SecureStream> {
         let name = ServerName::try_from(CLUSTER_SERVER_NAME).expect("a valid DNS name");
         let tls = self.connector().connect(name, tcp).await?;
+        if let Some(want) = expect {
+            let found = match tls.get_ref().1.peer_certificates() {
+                Some([leaf, ..]) => Principal::of_certificate(leaf),
+                _ => None,
+            };
+            if found != Some(want) {
+                let found =
+                    found.map_or_else(|| "no chatsim principal".to_string(), |p| p.to_string());
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("expected {want} there, found {found}"),
+                ));
+            }
+        }
         Ok(tokio_rustls::TlsStream::Client(tls))
     }
 

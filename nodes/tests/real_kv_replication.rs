@@ -41,13 +41,23 @@ struct Cluster {
     cfg: Config,
     path: PathBuf,
     procs: Vec<Option<KvProc>>,
+    /// Where each kv node listens now (a replaced one may have moved).
+    addrs: Vec<SocketAddr>,
+    /// The etcd member, when the cluster coordinates on one.
+    _etcd: Option<KvProc>,
 }
 
 impl Cluster {
     fn new(data: &Path) -> Cluster {
-        let base = common::free_base(NODES as u16);
+        Cluster::with_etcd(data, false)
+    }
+
+    /// With `etcd`: one Debian etcd member (TLS with client certificates, as
+    /// `local-cluster` runs it), where the kv nodes keep their layout and addresses.
+    fn with_etcd(data: &Path, etcd: bool) -> Cluster {
+        let base = common::free_base(NODES as u16 + 3);
         let sizes = ClusterSizes {
-            etcd: 0,
+            etcd: u16::from(etcd),
             presence: 1,
             push: 1,
             kv: NODES as u16,
@@ -67,21 +77,44 @@ impl Cluster {
             n.listen = SocketAddr::from(([127, 0, 0, 1], base + i as u16));
             n.admin = None;
         }
+        let etcd_proc = etcd.then(|| {
+            let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+            cfg.etcd[0].client = at(base + NODES as u16 + 1).to_string();
+            cfg.etcd[0].peer = Some(at(base + NODES as u16 + 2));
+            nodes::deploy::certs::ensure(&cfg).expect("the cluster CA and etcd's certificate");
+            let (_, args) = nodes::deploy::supervisor::etcd_members(&cfg).remove(0);
+            let log = std::fs::File::create(data.join("etcd.log")).expect("etcd log");
+            KvProc(
+                Command::new("etcd")
+                    .args(&args)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("start etcd: run scripts/install-deps.sh (Debian's etcd-server)"),
+            )
+        });
         let path = data.join("cluster.toml");
         std::fs::write(&path, cfg.to_toml()).expect("write config");
         cfg.mark_kv_bootstrap().expect("bootstrap marks");
         Cluster {
+            addrs: cfg.kv.iter().map(|n| n.listen).collect(),
             cfg,
             path,
             procs: (0..NODES).map(|_| None).collect(),
+            _etcd: etcd_proc,
         }
     }
 
     fn start(&mut self, i: usize) {
+        self.start_with(i, &[]);
+    }
+
+    fn start_with(&mut self, i: usize, extra: &[&str]) {
         let child = Command::new(env!("CARGO_BIN_EXE_chatd"))
             .args(["kv", "--config"])
             .arg(&self.path)
             .args(["--index", &i.to_string()])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("start chatd kv");
@@ -104,12 +137,15 @@ impl Cluster {
             .expect("the operator's certificate")
     }
 
+    /// The kv clients every node has (following etcd when the cluster has one).
     fn peers(&self) -> std::sync::Arc<Peers> {
-        Peers::new(self.cfg.cluster_map(), Canaries::none(), self.operator())
+        let peers = Peers::new(self.cfg.cluster_map(), Canaries::none(), self.operator());
+        peers.spawn_kv_membership();
+        peers
     }
 
     async fn status(&self, i: usize) -> Option<Vec<ShardStatus>> {
-        let client = RpcClient::new(self.cfg.kv[i].listen, self.operator());
+        let client = RpcClient::new(self.addrs[i], self.operator());
         match tokio::time::timeout(Duration::from_secs(2), client.call(Request::KvStatus)).await {
             Ok(Ok(Response::KvStatus(list))) => Some(list),
             _ => None,
@@ -260,6 +296,82 @@ async fn kv_survives_a_leader_crash_and_a_lost_disk() {
         c.caught_up(down).await;
     }
     read_all(&peers, 0..written).await;
+}
+
+/// A kv node's machine is replaced by one at another address, and nobody's config is edited:
+/// the new node publishes its address in etcd (`chatd kv --replace --listen`), and the other
+/// kv nodes (its shards' leaders must reach it to rebuild it) and every client find it there.
+/// The proof: with one of the two old nodes down, the moved node is half of every quorum, and
+/// everything written before and after the move reads back. A node whose config disagrees
+/// with the layout in etcd refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_node_replaced_at_a_new_address_is_found_through_etcd() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut c = Cluster::with_etcd(data.path(), true);
+    for i in 0..NODES {
+        c.start(i);
+    }
+    let peers = c.peers();
+    for shard in 0..SHARDS {
+        c.leader_of(shard).await;
+    }
+    write(&peers, 0..200).await;
+
+    // kv-1's machine dies with its disk; the replacement listens elsewhere.
+    let moved = 1;
+    c.kill(moved);
+    write(&peers, 200..300).await;
+    let new_addr = SocketAddr::from(([127, 0, 0, 1], common::free_base(1)));
+    let listen = new_addr.to_string();
+    c.start_with(moved, &["--replace", "--listen", &listen]);
+    c.addrs[moved] = new_addr;
+    c.caught_up(moved).await;
+    assert_ne!(new_addr, c.cfg.kv[moved].listen, "the node did move");
+
+    // etcd names the new address, and the clients moved there.
+    let operator = c.operator();
+    let etcd =
+        nodes::coord::etcd::Etcd::for_coordination(&c.cfg.cluster_map().coordination, &operator)
+            .expect("the cluster is on etcd");
+    let in_etcd = nodes::coord::kvmap::addresses(&etcd)
+        .await
+        .expect("etcd answers");
+    assert_eq!(in_etcd.get(&(moved as u32)), Some(&new_addr), "{in_etcd:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while peers.kv_node(moved).addr() != new_addr {
+        assert!(
+            Instant::now() < deadline,
+            "the clients never moved to {new_addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // With kv-0 down, every quorum needs the moved node.
+    c.kill(0);
+    read_all(&peers, 0..300).await;
+    write(&peers, 300..350).await;
+    c.start(0);
+    c.caught_up(0).await;
+    read_all(&peers, 0..350).await;
+
+    // A config that gives the cluster another shape is refused, naming both.
+    let mut wrong = c.cfg.clone();
+    wrong.kv_shards = SHARDS + 1;
+    let wrong_path = data.path().join("wrong.toml");
+    std::fs::write(&wrong_path, wrong.to_toml()).expect("write config");
+    let out = Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .args(["kv", "--config"])
+        .arg(&wrong_path)
+        .args(["--index", "2", "--listen", "127.0.0.1:1"])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run chatd kv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a node of another layout started");
+    assert!(
+        stderr.contains("resharding is not supported") && stderr.contains("4 shards"),
+        "{stderr}"
+    );
 }
 
 /// A kv node whose storage fails for good (here its directory cannot be created: a file is in

@@ -156,3 +156,31 @@ async fn a_revoked_certificate_is_cut_off_on_open_connections_too() {
     assert!(thief.call(heartbeat()).await.is_err());
     assert_eq!(honest.call(heartbeat()).await.unwrap(), Response::Ok);
 }
+
+/// A client that must reach a given node (a kv node, whose address can move through etcd)
+/// gets nothing from another node of the cluster at that address, and follows a move.
+#[tokio::test]
+async fn a_client_of_a_named_node_refuses_another_node_and_follows_a_move() {
+    let mut ca = TestCa::new(14);
+    let presence_0 = presence_node(ca.node(Principal::Node(Role::Presence, 0), false)).await;
+    let presence_1 = presence_node(ca.node(Principal::Node(Role::Presence, 1), false)).await;
+    let chat = ca.node(Principal::Node(Role::Chat, 0), false);
+    // Looking for presence-1 at presence-0's address: refused before any request is sent.
+    let client = RpcClient::to_node(presence_0, chat, Principal::Node(Role::Presence, 1));
+    match client.call(heartbeat()).await {
+        Err(RpcError::Connect { source, .. }) => {
+            let why = source.to_string();
+            assert!(
+                why.contains("expected presence-1") && why.contains("found presence-0"),
+                "{why}"
+            );
+        }
+        other => panic!("another node was taken for presence-1: {other:?}"),
+    }
+    // Moved to where presence-1 is: answered, by every clone.
+    let clone = client.clone();
+    assert!(client.repoint(presence_1).await);
+    assert!(!client.repoint(presence_1).await, "already there");
+    assert_eq!(clone.addr(), presence_1);
+    assert_eq!(clone.call(heartbeat()).await.unwrap(), Response::Ok);
+}

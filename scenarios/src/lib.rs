@@ -142,8 +142,14 @@ pub enum Fault {
     Loss { per_mille: u32 },
     /// A kv node's disk is lost: the node is killed and its disk wiped; at the heal it starts
     /// again on an empty disk (a replaced machine), and its replicas rejoin their shards and
-    /// catch up from their peers.
-    DiskLoss { kv: u32 },
+    /// catch up from their peers. `moved`: the replacement machine has another address (the
+    /// next free one of the IP plan's replacement range); nobody's config names it, and
+    /// every node must find it through etcd.
+    DiskLoss {
+        kv: u32,
+        #[serde(default)]
+        moved: bool,
+    },
     /// Whichever kv node leads `shard` when the fault starts is cut off from the shard's
     /// other replicas, both ways, until the heal; callers still reach it. It must acknowledge
     /// nothing while cut off.
@@ -187,7 +193,7 @@ impl Fault {
     /// their peers): a quorum of one shard's disks lost at once is data loss by definition.
     pub fn loses_disk(&self) -> Option<u32> {
         match self {
-            Fault::DiskLoss { kv } | Fault::Corruption { kv, .. } => Some(*kv),
+            Fault::DiskLoss { kv, .. } | Fault::Corruption { kv, .. } => Some(*kv),
             _ => None,
         }
     }
@@ -203,7 +209,7 @@ impl Fault {
             Fault::Crash { target } | Fault::Pause { target } => vec![*target],
             Fault::ClockStep { idgen, .. } => vec![Target::Node(Role::Idgen, *idgen)],
             Fault::Latency { .. } | Fault::Loss { .. } => Vec::new(),
-            Fault::DiskLoss { kv }
+            Fault::DiskLoss { kv, .. }
             | Fault::TornWrite { kv }
             | Fault::Corruption { kv, .. }
             | Fault::SlowDisk { kv, .. }
@@ -229,6 +235,7 @@ impl Fault {
             Fault::LeaderPartition { shard } => Some(format!("shard {shard}")),
             Fault::Corruption { sectors, .. } => Some(format!("{sectors} sectors")),
             Fault::SlowDisk { delay_ms, .. } => Some(format!("fsync {delay_ms} ms")),
+            Fault::DiskLoss { moved: true, .. } => Some("back at a new address".into()),
             _ => None,
         }
     }
@@ -796,7 +803,8 @@ fn at_kv(at_ms: u64, duration_ms: u64, fault: Fault) -> ScheduledFault {
 }
 
 /// Two kv nodes lose their disks, one after the other (the second long after the first
-/// caught up): each comes back empty and rebuilds its replicas from its peers.
+/// caught up): each comes back empty and rebuilds its replicas from its peers. The second
+/// comes back on a machine at a new address, found through etcd.
 fn kv_disk_loss(ctx: &Ctx) -> Vec<ScheduledFault> {
     let mut rng = ctx.rng("kv-disk-loss");
     let n = ctx.kv.max(1);
@@ -806,12 +814,18 @@ fn kv_disk_loss(ctx: &Ctx) -> Vec<ScheduledFault> {
         at_kv(
             ctx.at(&mut rng, 25, 35, 10_000),
             10_000,
-            Fault::DiskLoss { kv: first },
+            Fault::DiskLoss {
+                kv: first,
+                moved: false,
+            },
         ),
         at_kv(
             ctx.at(&mut rng, 60, 70, 5_000),
             5_000,
-            Fault::DiskLoss { kv: second },
+            Fault::DiskLoss {
+                kv: second,
+                moved: true,
+            },
         ),
     ]
 }
@@ -875,7 +889,13 @@ fn quorum_loss(ctx: &Ctx) -> Vec<ScheduledFault> {
     let majority = ctx.kv_replicas.max(1) / 2 + 1;
     let at = ctx.at(&mut rng, 35, 45, 40_000);
     let mut out: Vec<ScheduledFault> = (0..majority.min(ctx.kv))
-        .map(|k| at_kv(at, 15_000, Fault::DiskLoss { kv: k }))
+        .map(|k| {
+            let lost = Fault::DiskLoss {
+                kv: k,
+                moved: false,
+            };
+            at_kv(at, 15_000, lost)
+        })
         .collect();
     if majority < ctx.kv {
         out.push(at_kv(at + 20_000, 0, Fault::ForceRecover { kv: majority }));
@@ -1171,6 +1191,8 @@ fn swarm_fault(kind: &str, roles: &[Role], ctx: &Ctx, rng: &mut StdRng) -> Optio
         "disk_loss" => (
             Fault::DiskLoss {
                 kv: rng.gen_range(0..ctx.kv.max(1)),
+                // Half the replacement machines come back at a new address.
+                moved: rng.gen_bool(0.5),
             },
             rng.gen_range(1_000..20_000),
         ),

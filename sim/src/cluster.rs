@@ -12,6 +12,7 @@
 //! | chat | 10.0.3.1 .. | 9000 (WebSocket), 7000 (RPC) |
 //! | idgen | 10.0.4.1 .. | 7000 |
 //! | kv | 10.0.5.1 .. | 7000 |
+//! | kv replacement machines (`disk_loss` with `moved`) | 10.0.8.1 .. (in the order of moves) | 7000 |
 //! | presence | 10.0.6.1 .. | 7000 (user u on node u % n) |
 //! | push | 10.0.7.1 .. | 7000 (any serves any request) |
 //! | devices | 10.1.0.1 .. 10.255.255.255 (device i: 10.1.0.0 + i + 1) | - |
@@ -25,7 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use madsim::runtime::{Handle, NodeHandle};
 use madsim::task::NodeId;
@@ -66,6 +67,11 @@ pub fn ip(role: Role, index: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, third, (index + 1) as u8)
 }
 
+/// The address of the `n`-th kv replacement machine (0-based).
+pub fn moved_kv_ip(n: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 8, (n + 1) as u8)
+}
+
 pub fn device_ip(index: u32) -> Ipv4Addr {
     let n = 0x0a01_0000u32 + index + 1;
     Ipv4Addr::from(n)
@@ -89,9 +95,21 @@ pub struct Sizes {
 
 /// The running cluster: node ids by role, for faults.
 pub struct Cluster {
-    pub nodes: BTreeMap<(Role, u32), NodeId>,
+    /// The process of each node: a kv node replaced at a new address is another simulated
+    /// host (`move_kv`). A std mutex: never held across await.
+    nodes: Mutex<BTreeMap<(Role, u32), NodeId>>,
     pub api_addrs: Vec<SocketAddr>,
+    /// The map every node was configured with (a moved kv node is found through etcd, not
+    /// here: see `kv_addr` for where it is now).
     pub map: ClusterMap,
+    /// Where each kv node answers now, by slot.
+    kv_addrs: Mutex<Vec<SocketAddr>>,
+    /// What starting a kv node takes, by slot (its certificate), and the run's seed and
+    /// canaries; kv nodes moved so far.
+    kv_tls: BTreeMap<u32, NodeTls>,
+    seed: u64,
+    canaries: Canaries,
+    moves: std::sync::atomic::AtomicU32,
     /// Each kv node's disk: it outlives the process, and a crash loses its unsynced writes.
     pub disks: BTreeMap<u32, Arc<SimDisk>>,
     /// Each idgen node's wall clock: the machine's, so it outlives a process restart and can
@@ -154,11 +172,16 @@ impl Cluster {
         };
         let mut ca = TestCa::new(seed ^ 0x0054_4c53_4341);
         let mut c = Cluster {
-            nodes: BTreeMap::new(),
+            nodes: Mutex::new(BTreeMap::new()),
             api_addrs: (0..sizes.api)
                 .map(|i| sa(ip(Role::Api, i), HTTP_PORT))
                 .collect(),
+            kv_addrs: Mutex::new(map.kv.clone()),
             map,
+            kv_tls: BTreeMap::new(),
+            seed,
+            canaries: canaries.clone(),
+            moves: std::sync::atomic::AtomicU32::new(0),
             disks: BTreeMap::new(),
             clocks: BTreeMap::new(),
             operator: ca.node(Principal::Operator, false),
@@ -192,36 +215,13 @@ impl Cluster {
                 .await?;
             Ok(())
         });
-        let placement = c
-            .map
-            .placement()
-            .expect("the options were checked before the run");
         for i in 0..sizes.kv {
-            let disk = SimDisk::new();
-            c.disks.insert(i, disk.clone());
-            let listen = c.map.kv[i as usize];
-            let canaries = canaries.clone();
-            let nodes = c.map.kv.clone();
+            c.disks.insert(i, SimDisk::new());
+            c.kv_tls.insert(i, node_tls(&mut ca, Role::Kv, i, canaries));
             // The cluster is created at the first start: then, and only then, blank replicas
             // bootstrap their shards. Restarted empty (a lost disk), they join instead.
-            let first_start = Arc::new(std::sync::atomic::AtomicBool::new(true));
-            let tls = node_tls(&mut ca, Role::Kv, i, &canaries);
-            c.add(&handle, Role::Kv, i, move || {
-                let bootstrap = first_start.swap(false, std::sync::atomic::Ordering::Relaxed);
-                nodes::kv::server::run(nodes::kv::server::KvConfig {
-                    slot: i,
-                    nodes: nodes.clone(),
-                    placement,
-                    listen,
-                    storage: nodes::kv::server::Storage::Sim(disk.clone()),
-                    bootstrap,
-                    seed: seed ^ 0x6b76_0000 ^ u64::from(i),
-                    canaries: canaries.clone(),
-                    metrics: nodes::metrics::Metrics::new(),
-                    tls: tls.clone(),
-                    health: nodes::kv::server::KvHealth::new(),
-                })
-            });
+            let listen = c.map.kv[i as usize];
+            c.add_kv(&handle, i, ip(Role::Kv, i), listen, true);
         }
         let peers_for = {
             let map = c.map.clone();
@@ -311,7 +311,114 @@ impl Cluster {
         c
     }
 
-    fn add<F, Fut>(&mut self, handle: &Handle, role: Role, index: u32, f: F)
+    /// Starts kv node `slot` on a host at `host_ip`, answering at `listen`: with the
+    /// cluster's config (every kv node at its first address) and its membership in etcd,
+    /// where a node at a new address publishes it. `bootstrap`: its first start creates the
+    /// cluster's shards; later starts (and any start on a new host) join them.
+    fn add_kv(
+        &self,
+        handle: &Handle,
+        slot: u32,
+        host_ip: Ipv4Addr,
+        listen: SocketAddr,
+        bootstrap: bool,
+    ) {
+        let disk = self.disks[&slot].clone();
+        let canaries = self.canaries.clone();
+        let nodes = self.map.kv.clone();
+        let placement = self
+            .map
+            .placement()
+            .expect("the options were checked before the run");
+        let coordination = self.map.coordination.clone();
+        let tls = self.kv_tls[&slot].clone();
+        let seed = self.seed;
+        let first_start = Arc::new(std::sync::atomic::AtomicBool::new(bootstrap));
+        self.add_at(handle, Role::Kv, slot, host_ip, move || {
+            let bootstrap = first_start.swap(false, std::sync::atomic::Ordering::Relaxed);
+            // A new etcd client per start: a connection belongs to the process that opened it.
+            let membership =
+                nodes::coord::etcd::Etcd::for_coordination(&coordination, &tls).map(|etcd| {
+                    nodes::coord::kvmap::KvMembership {
+                        etcd: Arc::new(etcd),
+                        slot,
+                        advertise: listen,
+                    }
+                });
+            nodes::kv::server::run(nodes::kv::server::KvConfig {
+                slot,
+                nodes: nodes.clone(),
+                placement,
+                listen,
+                storage: nodes::kv::server::Storage::Sim(disk.clone()),
+                bootstrap,
+                seed: seed ^ 0x6b76_0000 ^ u64::from(slot),
+                canaries: canaries.clone(),
+                metrics: nodes::metrics::Metrics::new(),
+                tls: tls.clone(),
+                health: nodes::kv::server::KvHealth::new(),
+                membership,
+            })
+        });
+    }
+
+    /// Kv node `slot`'s machine is replaced by one at the next free replacement address
+    /// (the old one must be down: `kill` first). It starts empty on the slot's disk (wiped
+    /// by the caller) and joins its shards; nobody else is told: they find it through etcd.
+    /// Its new address.
+    pub fn move_kv(&self, slot: u32) -> SocketAddr {
+        let n = self
+            .moves
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let host = moved_kv_ip(n);
+        let listen = sa(host, RPC_PORT);
+        self.add_kv(&Handle::current(), slot, host, listen, false);
+        self.kv_addrs.lock().unwrap_or_else(|p| p.into_inner())[slot as usize] = listen;
+        listen
+    }
+
+    /// Where kv node `slot` answers now.
+    pub fn kv_addr(&self, slot: u32) -> SocketAddr {
+        self.kv_addrs.lock().unwrap_or_else(|p| p.into_inner())[slot as usize]
+    }
+
+    /// The cluster map with every kv node where it answers now (the operator's view).
+    pub fn current_map(&self) -> ClusterMap {
+        ClusterMap {
+            kv: self
+                .kv_addrs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            ..self.map.clone()
+        }
+    }
+
+    /// The simulated host running node `index` of `role` now.
+    pub fn node_id(&self, role: Role, index: u32) -> NodeId {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())[&(role, index)]
+    }
+
+    /// Every node, by role and index.
+    pub fn node_names(&self) -> Vec<(Role, u32)> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    fn add<F, Fut>(&self, handle: &Handle, role: Role, index: u32, f: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + 'static,
+    {
+        self.add_at(handle, role, index, ip(role, index), f)
+    }
+
+    /// Starts a node on a host at `host_ip` (the node's name says which one it is).
+    fn add_at<F, Fut>(&self, handle: &Handle, role: Role, index: u32, host_ip: Ipv4Addr, f: F)
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = anyhow::Result<()>> + 'static,
@@ -321,7 +428,7 @@ impl Cluster {
         let node: NodeHandle = handle
             .create_node()
             .name(name)
-            .ip(IpAddr::V4(ip(role, index)))
+            .ip(IpAddr::V4(host_ip))
             .init(move || {
                 let fut = f();
                 let label = label.clone();
@@ -332,13 +439,16 @@ impl Cluster {
                 }
             })
             .build();
-        self.nodes.insert((role, index), node.id());
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((role, index), node.id());
     }
 
     /// Kills a node: its tasks are dropped, its connections reset; a kv node's disk loses
     /// every write not yet synced. Returns the writes lost.
     pub fn kill(&self, role: Role, index: u32) -> u64 {
-        Handle::current().kill(self.nodes[&(role, index)]);
+        Handle::current().kill(self.node_id(role, index));
         match role {
             Role::Kv => self.disks[&index].crash(),
             _ => 0,
@@ -347,11 +457,11 @@ impl Cluster {
 
     /// Kills a kv node whose unsynced writes are torn: a seeded subset of them is kept.
     pub fn kill_torn(&self, index: u32, rng: &mut StdRng) -> u64 {
-        Handle::current().kill(self.nodes[&(Role::Kv, index)]);
+        Handle::current().kill(self.node_id(Role::Kv, index));
         self.disks[&index].crash_torn(rng)
     }
 
     pub fn restart(&self, role: Role, index: u32) {
-        Handle::current().restart(self.nodes[&(role, index)]);
+        Handle::current().restart(self.node_id(role, index));
     }
 }

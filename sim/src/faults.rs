@@ -122,6 +122,8 @@ pub struct Injector<'c> {
     /// Targets and detail known only when a fault started (a shard's leader, corrupt
     /// sectors), by fault index: its heal names the same.
     healed_names: BTreeMap<usize, (Vec<String>, String)>,
+    /// kv nodes that come back on a machine at a new address when they restart.
+    to_move: BTreeSet<u32>,
     /// Writes kv disks lost to crashes.
     pub lost_writes: u64,
     /// What the run must say in words (quorum losses, forced recoveries).
@@ -154,6 +156,7 @@ impl<'c> Injector<'c> {
             quorum_lost: BTreeSet::new(),
             cuts: BTreeMap::new(),
             healed_names: BTreeMap::new(),
+            to_move: BTreeSet::new(),
             lost_writes: 0,
             notes: Vec::new(),
         }
@@ -161,7 +164,7 @@ impl<'c> Injector<'c> {
 
     fn node(&self, t: Target) -> NodeId {
         match t {
-            Target::Node(role, i) => self.cluster.nodes[&(role, i)],
+            Target::Node(role, i) => self.cluster.node_id(role, i),
             Target::Device(i) => self.devices[i as usize].node,
         }
     }
@@ -270,9 +273,12 @@ impl<'c> Injector<'c> {
                     }
                 }
             }
-            Fault::DiskLoss { kv } => {
+            Fault::DiskLoss { kv, moved } => {
                 if up(&mut self.active.crashed, (Role::Kv, *kv)) {
                     self.lost_writes += self.cluster.kill(Role::Kv, *kv);
+                }
+                if *moved {
+                    self.to_move.insert(*kv);
                 }
                 self.cluster.disks[kv].wipe();
                 self.lost_disks.insert(*kv);
@@ -353,8 +359,8 @@ impl<'c> Injector<'c> {
                     self.restart(role, index);
                 }
             }
-            Fault::DiskLoss { kv } => {
-                // Back on an empty (or new) disk.
+            Fault::DiskLoss { kv, .. } => {
+                // Back on an empty (or new) disk, at a new address if it `moved`.
                 self.lost_disks.remove(kv);
                 self.restart(Role::Kv, *kv);
             }
@@ -389,7 +395,15 @@ impl<'c> Injector<'c> {
     /// Restarts a crashed node once no fault keeps it down.
     fn restart(&mut self, role: Role, index: u32) {
         if down(&mut self.active.crashed, (role, index)) {
-            self.cluster.restart(role, index);
+            if role == Role::Kv && self.to_move.remove(&index) {
+                let at = self.cluster.move_kv(index);
+                self.notes.push(format!(
+                    "kv-{index} came back on a new machine at {at} at {:.1} s (found through etcd)",
+                    self.recorder.now_s()
+                ));
+            } else {
+                self.cluster.restart(role, index);
+            }
             // A restarted process is still stalled if a pause is active on it.
             let n = self.node(Target::Node(role, index));
             if self.active.paused.contains_key(&n) {
@@ -514,7 +528,7 @@ impl<'c> Injector<'c> {
 
     /// Calls a kv node from the control node.
     async fn call_kv(&self, slot: u32, req: Request) -> Option<Response> {
-        let addr = self.cluster.map.kv[slot as usize];
+        let addr = self.cluster.kv_addr(slot);
         let operator = self.cluster.operator.clone();
         self.control
             .spawn(async move {

@@ -45,6 +45,10 @@ pub fn start(
         .ip(IpAddr::V4(PROBER_IP))
         .build();
     let peers = Peers::new(map, Canaries::none(), operator);
+    // The prober finds a moved kv node through etcd, as every node does.
+    if let Some(task) = peers.kv_membership_task() {
+        node.spawn(task);
+    }
     let shards = peers.kv_shards() as u32;
     for (shard, read) in (0..shards).flat_map(|s| [(s, false), (s, true)]) {
         let (peers, windows, out) = (peers.clone(), windows.clone(), out.clone());

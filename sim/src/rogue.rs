@@ -71,10 +71,10 @@ fn targets(cluster: &Cluster) -> Vec<(String, SocketAddr, Request)> {
         };
         out.push((format!("push-{i}"), *addr, req));
     }
-    for (role, index) in cluster.nodes.keys() {
-        if *role == Role::Chat {
+    for (role, index) in cluster.node_names() {
+        if role == Role::Chat {
             let addr = SocketAddr::new(
-                IpAddr::V4(cluster::ip(Role::Chat, *index)),
+                IpAddr::V4(cluster::ip(Role::Chat, index)),
                 cluster::RPC_PORT,
             );
             let req = Request::Deliver {

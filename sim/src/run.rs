@@ -240,7 +240,7 @@ async fn drive(
     recorder.record(Event::Phase { name: "end".into() });
     // The operator's view of the kv groups: healed, or how not (judged by `kv_health`).
     let kv_status = {
-        let (map, lost) = (cluster.map.clone(), injector.quorum_lost());
+        let (map, lost) = (cluster.current_map(), injector.quorum_lost());
         let operator = cluster.operator.clone();
         scraper
             .spawn(async move { crate::kv_view::settled(&map, &operator, lost).await })

@@ -49,6 +49,20 @@ impl Etcd {
         }
     }
 
+    /// The etcd of `c`, if it names one, dialed with this node's certificate if it speaks TLS.
+    pub fn for_coordination(c: &super::Coordination, tls: &crate::tls::NodeTls) -> Option<Etcd> {
+        match c {
+            super::Coordination::Etcd {
+                endpoints,
+                tls: tls_on,
+            } => Some(Etcd::new(
+                endpoints.clone(),
+                tls_on.then(|| tls.pem_identity().clone()),
+            )),
+            super::Coordination::Discovery(_) => None,
+        }
+    }
+
     /// etcd requests made so far (connects not counted).
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -203,5 +217,30 @@ impl Etcd {
             etcd_client::TxnOpResponse::Txn(t) => t.succeeded(),
             _ => false,
         }))
+    }
+
+    /// Puts `key` = `value` unless `key` holds a value already; what `key` holds after (the
+    /// value given, or the one found). `value` must not be empty. The same comparison as
+    /// [`Etcd::claim`].
+    pub async fn create_or_read(&self, key: String, value: Vec<u8>) -> Result<Vec<u8>, RpcError> {
+        assert!(!value.is_empty(), "an empty value reads as absent");
+        let c = self.client().await?;
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Greater, "")])
+            .and_then([TxnOp::get(key.clone(), None)])
+            .or_else([TxnOp::put(key, value.clone(), None)]);
+        let r = self
+            .call("txn", async move { c.kv_client().txn(txn).await })
+            .await?;
+        if !r.succeeded() {
+            return Ok(value);
+        }
+        r.op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            })
+            .ok_or_else(|| err("txn", "the key vanished between the comparison and the get"))
     }
 }

@@ -13,6 +13,8 @@
 #[cfg(feature = "etcd")]
 pub mod etcd;
 #[cfg(feature = "etcd")]
+pub mod kvmap;
+#[cfg(feature = "etcd")]
 pub mod worker;
 
 #[cfg(feature = "etcd")]
@@ -99,16 +101,9 @@ impl Discovery {
         match c {
             Coordination::Discovery(addr) => Discovery::Node(RpcClient::new(*addr, tls)),
             #[cfg(feature = "etcd")]
-            Coordination::Etcd {
-                endpoints,
-                tls: tls_on,
-            } => {
-                let identity = tls_on.then(|| tls.pem_identity().clone());
-                Discovery::Etcd(EtcdDiscovery::new(std::sync::Arc::new(etcd::Etcd::new(
-                    endpoints.clone(),
-                    identity,
-                ))))
-            }
+            Coordination::Etcd { .. } => Discovery::Etcd(EtcdDiscovery::new(std::sync::Arc::new(
+                etcd::Etcd::for_coordination(c, &tls).expect("etcd coordination"),
+            ))),
             #[cfg(not(feature = "etcd"))]
             Coordination::Etcd { .. } => panic!("this build has no etcd support"),
         }

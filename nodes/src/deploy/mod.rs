@@ -93,6 +93,7 @@ pub fn start(
                 metrics: m,
                 tls: tls.clone(),
                 health: crate::kv::server::KvHealth::new(),
+                membership: kv_membership(&map, index, cfg.kv[index].listen, &tls)?,
             };
             kv_health = Some(kv.health.clone());
             let mark = dir.join(config::BOOTSTRAP_MARK);
@@ -184,6 +185,41 @@ pub fn start(
         )));
     }
     Ok(tasks)
+}
+
+/// A kv node's membership in etcd, when the cluster coordinates on etcd: its address there
+/// is the one it listens on, which must be one others can dial.
+#[cfg(feature = "etcd")]
+fn kv_membership(
+    map: &crate::cluster::ClusterMap,
+    index: usize,
+    listen: std::net::SocketAddr,
+    tls: &crate::tls::NodeTls,
+) -> anyhow::Result<Option<crate::kv::server::Membership>> {
+    let Some(etcd) = crate::coord::etcd::Etcd::for_coordination(&map.coordination, tls) else {
+        return Ok(None);
+    };
+    if listen.ip().is_unspecified() {
+        anyhow::bail!(
+            "kv node {index} listens on {listen}: with etcd it publishes that address for the \
+             others to dial, so give it a routable one"
+        );
+    }
+    Ok(Some(crate::coord::kvmap::KvMembership {
+        etcd: Arc::new(etcd),
+        slot: index as u32,
+        advertise: listen,
+    }))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn kv_membership(
+    _: &crate::cluster::ClusterMap,
+    _: usize,
+    _: std::net::SocketAddr,
+    _: &crate::tls::NodeTls,
+) -> anyhow::Result<Option<crate::kv::server::Membership>> {
+    Ok(None)
 }
 
 /// Every node of the config in this process (all-in-one), sharing one [`Metrics`], served on

@@ -116,7 +116,17 @@ pub struct KvConfig {
     pub tls: crate::tls::NodeTls,
     /// What the node's `/healthz` reports (`KvHealth::check`), shared with its admin endpoint.
     pub health: Arc<KvHealth>,
+    /// With etcd: the layout checked there, this node's address published there, and its
+    /// peers' addresses followed from there (`coord::kvmap`). `None`: the config's addresses.
+    pub membership: Option<Membership>,
 }
+
+/// A kv node's membership in etcd.
+#[cfg(feature = "etcd")]
+pub type Membership = crate::coord::kvmap::KvMembership;
+/// Without etcd support there is none.
+#[cfg(not(feature = "etcd"))]
+pub type Membership = std::convert::Infallible;
 
 /// A replica that failed this many times in a row, none of its runs lasting
 /// `HEALTHY_RUN`, makes the node unhealthy (`/healthz` answers 503 with its last error).
@@ -261,6 +271,11 @@ pub async fn run(cfg: KvConfig) -> anyhow::Result<()> {
     if let Storage::Sim(disk) = &cfg.storage {
         disk.set_skip_verify(cfg.canaries.is_on(Canary::SkipChecksum));
     }
+    #[cfg(feature = "etcd")]
+    let layout_checked = match &cfg.membership {
+        Some(m) => check_layout_first(m, &cfg.placement).await?,
+        None => true,
+    };
     let transport = Transport::start(&cfg);
     let mut inboxes = BTreeMap::new();
     let mut stores = Vec::new();
@@ -286,12 +301,69 @@ pub async fn run(cfg: KvConfig) -> anyhow::Result<()> {
         async move { handle(req, &inboxes, &stores, &metrics).await }.boxed()
     });
     let health = cfg.health.clone();
+    // The layout (if etcd did not answer before the start) and this node's address.
+    #[cfg(feature = "etcd")]
+    let joined = {
+        let membership = cfg.membership.clone();
+        let placement = cfg.placement;
+        if let Some(m) = &membership {
+            tokio::spawn(crate::coord::kvmap::follow(
+                m.etcd.clone(),
+                transport.clients(),
+                || true,
+            ));
+        }
+        async move {
+            match membership {
+                Some(m) if !layout_checked => {
+                    crate::coord::kvmap::join(&m, (&placement).into()).await
+                }
+                Some(m) => {
+                    crate::coord::kvmap::publish(&m).await;
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        }
+    };
+    #[cfg(not(feature = "etcd"))]
+    let joined = std::future::ready(Ok::<(), std::convert::Infallible>(()));
+    let serve = rpc::serve(cfg.listen, handler, cfg.tls.clone());
+    tokio::pin!(serve);
     tokio::select! {
         biased;
         e = health.fatal() => anyhow::bail!("kv node {} stops: {e}", cfg.slot),
-        r = rpc::serve(cfg.listen, handler, cfg.tls.clone()) => r?,
+        r = &mut serve => r?,
+        r = joined => {
+            if let Err(e) = r {
+                anyhow::bail!("kv node {} stops: {e}", cfg.slot);
+            }
+            tokio::select! {
+                biased;
+                e = health.fatal() => anyhow::bail!("kv node {} stops: {e}", cfg.slot),
+                r = &mut serve => r?,
+            }
+        }
     }
     Ok(())
+}
+
+/// One try at the layout in etcd before any replica starts: a config that disagrees stops
+/// the node here. Whether etcd answered (if not, the check goes on in the background while
+/// the node serves).
+#[cfg(feature = "etcd")]
+async fn check_layout_first(
+    m: &crate::coord::kvmap::KvMembership,
+    placement: &Placement,
+) -> anyhow::Result<bool> {
+    match crate::coord::kvmap::check_layout(&m.etcd, placement.into()).await {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) => anyhow::bail!("kv node {} does not start: {e}", m.slot),
+        Err(e) => {
+            tracing::warn!(error = %e, "etcd did not answer: the kv layout is checked later");
+            Ok(false)
+        }
+    }
 }
 
 type Inboxes = BTreeMap<u32, mpsc::Sender<Input>>;
@@ -714,8 +786,11 @@ impl Transport {
         let peers = cfg
             .nodes
             .iter()
-            .map(|addr| {
-                let client = RpcClient::new(*addr, cfg.tls.clone());
+            .enumerate()
+            .map(|(slot, addr)| {
+                // Must prove it is that slot's node: the address can move (`coord::kvmap`).
+                let who = crate::tls::Principal::Node(crate::cluster::Role::Kv, slot as u32);
+                let client = RpcClient::to_node(*addr, cfg.tls.clone(), who);
                 let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
                 tokio::spawn(send_to_peer(client.clone(), rx, local.clone()));
                 (client, tx)
@@ -740,6 +815,12 @@ impl Transport {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(shard, inbox);
+    }
+
+    /// The peer nodes' clients, by slot (clones: moving one moves the transport's).
+    #[cfg(feature = "etcd")]
+    fn clients(&self) -> Vec<RpcClient> {
+        self.peers.iter().map(|(c, _)| c.clone()).collect()
     }
 
     fn client(&self, slot: u32) -> RpcClient {

@@ -163,6 +163,11 @@ struct KvArgs {
     /// answers), then start empty; its replicas join their shards and catch up from peers.
     #[arg(long, conflicts_with = "bootstrap")]
     replace: bool,
+    /// Listen here instead of at the config's address (a replacement machine): the node
+    /// publishes it in etcd, where every other node finds it within seconds. Needs a cluster
+    /// on etcd; without etcd, edit every node's config instead.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -314,13 +319,21 @@ async fn one_role(role: Role, a: RoleArgs) -> anyhow::Result<()> {
 }
 
 async fn kv_node(a: KvArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&a.role.config)?;
+    let mut cfg = Config::load(&a.role.config)?;
     let index = a.role.index;
     anyhow::ensure!(
         index < cfg.kv.len(),
         "the config has {} kv node(s); no index {index}",
         cfg.kv.len()
     );
+    let listen = match a.listen {
+        Some(addr) if cfg.etcd.is_empty() => anyhow::bail!(
+            "--listen {addr}: this cluster has no etcd, so no other node would find kv node \
+             {index} there; edit its address in every node's config instead"
+        ),
+        Some(addr) => addr,
+        None => cfg.kv[index].listen,
+    };
     if a.replace {
         let addr = cfg.kv[index].listen;
         let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
@@ -338,10 +351,11 @@ async fn kv_node(a: KvArgs) -> anyhow::Result<()> {
             tracing::warn!(dir = %dir.display(), "replacement: the old disk's data is gone");
         }
     }
+    cfg.kv[index].listen = listen;
     std::fs::create_dir_all(&cfg.data).with_context(|| format!("create {}", cfg.data.display()))?;
     let shared = Shared::new(&cfg, Arc::new(nodes::push::LogProvider))?;
     let tasks = deploy::start(&cfg, Role::Kv, index, &shared, true, a.bootstrap)?;
-    tracing::info!(index, "chatd kv node running");
+    tracing::info!(index, %listen, "chatd kv node running");
     deploy::run_until_one_ends(tasks).await
 }
 
@@ -353,8 +367,23 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         "shard", "node", "id", "role", "term", "commit", "applied", "last"
     );
     let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
-    for (i, n) in cfg.kv.iter().enumerate() {
-        let client = nodes::rpc::RpcClient::new(n.listen, operator.clone());
+    let mut addrs: Vec<std::net::SocketAddr> = cfg.kv.iter().map(|n| n.listen).collect();
+    // A kv node replaced at another address is found there (`coord::kvmap`).
+    let map = cfg.cluster_map();
+    if let Some(etcd) = nodes::coord::etcd::Etcd::for_coordination(&map.coordination, &operator) {
+        match nodes::coord::kvmap::addresses(&etcd).await {
+            Ok(found) => {
+                for (slot, addr) in found {
+                    if let Some(a) = addrs.get_mut(slot as usize) {
+                        *a = addr;
+                    }
+                }
+            }
+            Err(e) => eprintln!("etcd did not answer ({e}): the config's kv addresses"),
+        }
+    }
+    for (i, listen) in addrs.iter().enumerate() {
+        let client = nodes::rpc::RpcClient::new(*listen, operator.clone());
         match client.call(Request::KvStatus).await {
             Ok(Response::KvStatus(list)) => {
                 for s in list {
@@ -377,8 +406,8 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                     );
                 }
             }
-            Ok(other) => println!("kv-{i} {}: unexpected answer {other:?}", n.listen),
-            Err(e) => println!("kv-{i} {}: down ({e})", n.listen),
+            Ok(other) => println!("kv-{i} {listen}: unexpected answer {other:?}"),
+            Err(e) => println!("kv-{i} {listen}: down ({e})"),
         }
     }
     Ok(())
