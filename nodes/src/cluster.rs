@@ -97,6 +97,16 @@ fn by_modulus(users: &[Id], n: usize) -> BTreeMap<usize, Vec<Id>> {
     out
 }
 
+/// Clients of `role`'s nodes at `addrs`, by index. Each must prove it is the node of its
+/// index: its address can move (`coord::members`).
+fn to_nodes(addrs: &[SocketAddr], tls: &NodeTls, role: Role) -> Vec<RpcClient> {
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| RpcClient::to_node(*a, tls.clone(), Principal::Node(role, i as u32)))
+        .collect()
+}
+
 /// FNV-1a: a stable hash (std's is randomized per process).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -164,15 +174,7 @@ impl Peers {
         let placement = map
             .placement()
             .expect("a valid kv placement (checked by the config)");
-        // Each must prove it is the kv node of its slot: its address can move (etcd).
-        let kv_nodes: Vec<RpcClient> = map
-            .kv
-            .iter()
-            .enumerate()
-            .map(|(slot, a)| {
-                RpcClient::to_node(*a, tls.clone(), Principal::Node(Role::Kv, slot as u32))
-            })
-            .collect();
+        let kv_nodes = to_nodes(&map.kv, &tls, Role::Kv);
         let stale = canaries.is_on(Canary::StaleRead);
         let kv = (0..placement.shards)
             .map(|shard| {
@@ -187,22 +189,10 @@ impl Peers {
         Arc::new(Self {
             kv,
             kv_nodes,
-            idgen: map
-                .idgen
-                .iter()
-                .map(|a| RpcClient::new(*a, tls.clone()))
-                .collect(),
+            idgen: to_nodes(&map.idgen, &tls, Role::Idgen),
             idgen_health: PeerHealth::new(map.idgen.len()),
-            presence: map
-                .presence
-                .iter()
-                .map(|a| RpcClient::new(*a, tls.clone()))
-                .collect(),
-            push: map
-                .push
-                .iter()
-                .map(|a| RpcClient::new(*a, tls.clone()))
-                .collect(),
+            presence: to_nodes(&map.presence, &tls, Role::Presence),
+            push: to_nodes(&map.push, &tls, Role::Push),
             push_health: PeerHealth::new(map.push.len()),
             discovery: Discovery::new(&map.coordination, tls.clone()),
             chat: Mutex::new(BTreeMap::new()),
@@ -212,26 +202,57 @@ impl Peers {
         })
     }
 
-    /// With etcd: the task that keeps the kv clients at the addresses etcd gives
-    /// (`coord::kvmap`) for as long as these peers are in use. A node's `run` spawns it (in
-    /// the simulation a task belongs to the node that spawns it, and so does the etcd
+    /// With etcd: the task that publishes this node's address (`advertise`, for a kv,
+    /// presence, push or idgen node: the role and index its certificate names) and keeps the
+    /// clients of kv, presence, push and idgen nodes at the addresses etcd gives
+    /// (`coord::members`), for as long as these peers are in use. A node's `run` spawns it
+    /// (in the simulation a task belongs to the node that spawns it, and so does the etcd
     /// connection it opens).
     #[cfg(feature = "etcd")]
-    pub fn kv_membership_task(self: &Arc<Self>) -> Option<impl std::future::Future<Output = ()>> {
+    pub fn membership_task(
+        self: &Arc<Self>,
+        advertise: Option<SocketAddr>,
+    ) -> Option<impl std::future::Future<Output = ()>> {
+        use crate::coord::members;
         let etcd = self.etcd()?;
         let weak = Arc::downgrade(self);
-        let clients = self.kv_nodes.clone();
-        Some(crate::coord::kvmap::follow(etcd, clients, move || {
-            weak.strong_count() > 0
-        }))
+        let groups = vec![
+            (Role::Kv, self.kv_nodes.clone()),
+            (Role::Presence, self.presence.clone()),
+            (Role::Push, self.push.clone()),
+            (Role::Idgen, self.idgen.clone()),
+        ];
+        let me = match (self.tls.principal(), advertise) {
+            (Principal::Node(role, index), Some(addr)) if members::PUBLISHED.contains(&role) => {
+                if addr.ip().is_unspecified() {
+                    tracing::warn!(%addr, "an unspecified address is not published: a moved node would not be found");
+                    None
+                } else {
+                    Some((role, index, addr))
+                }
+            }
+            _ => None,
+        };
+        let publish_etcd = etcd.clone();
+        Some(async move {
+            let publish = async {
+                if let Some((role, index, addr)) = me {
+                    members::publish_address(&publish_etcd, role, index, addr).await;
+                }
+            };
+            let follow = members::follow(etcd, groups, move || weak.strong_count() > 0);
+            futures::join!(publish, follow);
+        })
     }
 
-    /// Spawns [`Peers::kv_membership_task`], if there is one.
-    pub fn spawn_kv_membership(self: &Arc<Self>) {
+    /// Spawns [`Peers::membership_task`], if there is one.
+    pub fn spawn_membership(self: &Arc<Self>, advertise: Option<SocketAddr>) {
         #[cfg(feature = "etcd")]
-        if let Some(task) = self.kv_membership_task() {
+        if let Some(task) = self.membership_task(advertise) {
             tokio::spawn(task);
         }
+        #[cfg(not(feature = "etcd"))]
+        let _ = advertise;
     }
 
     pub fn kv_shards(&self) -> usize {

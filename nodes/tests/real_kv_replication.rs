@@ -140,7 +140,7 @@ impl Cluster {
     /// The kv clients every node has (following etcd when the cluster has one).
     fn peers(&self) -> std::sync::Arc<Peers> {
         let peers = Peers::new(self.cfg.cluster_map(), Canaries::none(), self.operator());
-        peers.spawn_kv_membership();
+        peers.spawn_membership(None);
         peers
     }
 
@@ -333,7 +333,7 @@ async fn a_kv_node_replaced_at_a_new_address_is_found_through_etcd() {
     let etcd =
         nodes::coord::etcd::Etcd::for_coordination(&c.cfg.cluster_map().coordination, &operator)
             .expect("the cluster is on etcd");
-    let in_etcd = nodes::coord::kvmap::addresses(&etcd)
+    let in_etcd = nodes::coord::members::kv_addresses(&etcd)
         .await
         .expect("etcd answers");
     assert_eq!(in_etcd.get(&(moved as u32)), Some(&new_addr), "{in_etcd:?}");

@@ -128,8 +128,15 @@ pub enum Fault {
     /// connection alive; a long one lets both ends time it out.
     Tunnel { device: u32 },
     /// The node is killed (in-memory state lost; kv keeps what it synced and loses unsynced
-    /// writes) and restarted when the fault heals.
-    Crash { target: Target },
+    /// writes) and restarted when the fault heals. `moved` (presence, push and idgen nodes):
+    /// it comes back on another machine, at the next free address of the IP plan's
+    /// replacement range; nobody's config names it, and every node must find it through etcd
+    /// (kv nodes move with `disk_loss`).
+    Crash {
+        target: Target,
+        #[serde(default)]
+        moved: bool,
+    },
     /// An idgen node's wall clock steps by `delta_ms` (negative: backwards) and is corrected
     /// (stepped back) when the fault heals, as an NTP resync would.
     ClockStep { idgen: u32, delta_ms: i64 },
@@ -206,7 +213,7 @@ impl Fault {
             Fault::Disconnect { device } | Fault::Tunnel { device } => {
                 vec![Target::Device(*device)]
             }
-            Fault::Crash { target } | Fault::Pause { target } => vec![*target],
+            Fault::Crash { target, .. } | Fault::Pause { target } => vec![*target],
             Fault::ClockStep { idgen, .. } => vec![Target::Node(Role::Idgen, *idgen)],
             Fault::Latency { .. } | Fault::Loss { .. } => Vec::new(),
             Fault::DiskLoss { kv, .. }
@@ -235,7 +242,9 @@ impl Fault {
             Fault::LeaderPartition { shard } => Some(format!("shard {shard}")),
             Fault::Corruption { sectors, .. } => Some(format!("{sectors} sectors")),
             Fault::SlowDisk { delay_ms, .. } => Some(format!("fsync {delay_ms} ms")),
-            Fault::DiskLoss { moved: true, .. } => Some("back at a new address".into()),
+            Fault::DiskLoss { moved: true, .. } | Fault::Crash { moved: true, .. } => {
+                Some("back at a new address".into())
+            }
             _ => None,
         }
     }
@@ -365,6 +374,7 @@ impl Schedule {
             }
             if let Fault::Crash {
                 target: Target::Device(_),
+                ..
             } = f.fault
             {
                 return Err(format!(
@@ -372,7 +382,20 @@ impl Schedule {
                 ));
             }
             if let Fault::Crash {
+                target: Target::Node(role, _),
+                moved: true,
+            } = f.fault
+            {
+                if !MOVABLE.contains(&role) {
+                    return Err(format!(
+                        "fault `{f}`: only presence, push and idgen nodes move with a crash (kv \
+                         nodes move with disk_loss; chat servers register wherever they are)"
+                    ));
+                }
+            }
+            if let Fault::Crash {
                 target: Target::Node(Role::Etcd, _),
+                ..
             } = f.fault
             {
                 return Err(format!(
@@ -484,7 +507,8 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("etcd-down", "cut etcd off from every server for 40 s, then from half of them for 30 s, then pause it 10 s"),
     ("etcd-slow", "light faults while etcd holds 10 % of requests 5-15 s and then fails them (the whole run)"),
     ("rolling-restart", "restart every server node in turn, 3 s down each"),
-    ("kv-disk-loss", "two kv nodes lose their disks in turn and come back empty: their replicas catch up from peers"),
+    ("kv-disk-loss", "two kv nodes lose their disks in turn and come back empty (the second at a new address): their replicas catch up from peers"),
+    ("node-moves", "every presence, push and idgen node, then a kv node, is replaced by a machine at a new address, found through etcd"),
     ("kv-leader-partition", "cut two shards' leaders off from their followers (20 s, then 10 s)"),
     ("kv-storage-faults", "torn writes in kv crashes, bit rot read back after a restart, seconds-long fsyncs"),
     ("quorum-loss", "a majority of kv nodes lose their disks at once, then a forced recovery: data loss, reported as such"),
@@ -509,6 +533,7 @@ pub fn scenario(name: &str, ctx: &Ctx) -> Result<Schedule, String> {
         "etcd-down" => etcd_down(ctx),
         "etcd-slow" => light(ctx),
         "rolling-restart" => rolling_restart(ctx),
+        "node-moves" => node_moves(ctx),
         "kv-disk-loss" => kv_disk_loss(ctx),
         "kv-leader-partition" => kv_leader_partition(ctx),
         "kv-storage-faults" => kv_storage_faults(ctx),
@@ -553,6 +578,7 @@ fn crash(at_ms: u64, duration_ms: u64, role: Role, index: u32) -> ScheduledFault
         duration_ms,
         fault: Fault::Crash {
             target: Target::Node(role, index),
+            moved: false,
         },
     }
 }
@@ -788,10 +814,47 @@ fn rolling_restart(ctx: &Ctx) -> Vec<ScheduledFault> {
         .map(|(i, t)| ScheduledFault {
             at_ms: ctx.duration_ms / 10 + i as u64 * step,
             duration_ms: 3_000,
-            fault: Fault::Crash { target: t },
+            fault: Fault::Crash {
+                target: t,
+                moved: false,
+            },
         })
         .filter(|f| f.at_ms + f.duration_ms <= ctx.duration_ms)
         .collect()
+}
+
+/// The roles whose nodes a `crash` may bring back at a new address.
+pub const MOVABLE: [Role; 3] = [Role::Presence, Role::Push, Role::Idgen];
+
+/// Each presence, push and idgen node in turn, then a kv node (with its disk), is replaced by
+/// a machine at a new address: down 3 s (kv 5 s), found by everyone through etcd.
+fn node_moves(ctx: &Ctx) -> Vec<ScheduledFault> {
+    let mut rng = ctx.rng("node-moves");
+    let nodes: Vec<Target> = ctx
+        .servers()
+        .into_iter()
+        .filter(|t| matches!(t, Target::Node(r, _) if MOVABLE.contains(r)))
+        .collect();
+    let step = (ctx.duration_ms * 6 / 10 / (nodes.len() + 1) as u64).clamp(3_000, 30_000);
+    let mut out: Vec<ScheduledFault> = nodes
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| ScheduledFault {
+            at_ms: ctx.duration_ms / 10 + i as u64 * step,
+            duration_ms: 3_000,
+            fault: Fault::Crash {
+                target: t,
+                moved: true,
+            },
+        })
+        .collect();
+    let kv = Fault::DiskLoss {
+        kv: rng.gen_range(0..ctx.kv.max(1)),
+        moved: true,
+    };
+    out.push(at_kv(ctx.at(&mut rng, 75, 85, 5_000), 5_000, kv));
+    out.retain(|f| f.at_ms + f.duration_ms <= ctx.duration_ms);
+    out
 }
 
 fn at_kv(at_ms: u64, duration_ms: u64, fault: Fault) -> ScheduledFault {
@@ -1154,7 +1217,12 @@ fn swarm_fault(kind: &str, roles: &[Role], ctx: &Ctx, rng: &mut StdRng) -> Optio
                 },
                 rng.gen_range(1_000..20_000),
             ),
-            target => (Fault::Crash { target }, rng.gen_range(1_000..20_000)),
+            target => {
+                // A quarter of the presence, push and idgen nodes come back elsewhere.
+                let movable = matches!(target, Target::Node(r, _) if MOVABLE.contains(&r));
+                let moved = movable && rng.gen_bool(0.25);
+                (Fault::Crash { target, moved }, rng.gen_range(1_000..20_000))
+            }
         },
         "clock_step" => {
             let size = rng.gen_range(100..30_000i64);

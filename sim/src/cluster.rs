@@ -12,7 +12,7 @@
 //! | chat | 10.0.3.1 .. | 9000 (WebSocket), 7000 (RPC) |
 //! | idgen | 10.0.4.1 .. | 7000 |
 //! | kv | 10.0.5.1 .. | 7000 |
-//! | kv replacement machines (`disk_loss` with `moved`) | 10.0.8.1 .. (in the order of moves) | 7000 |
+//! | replacement machines (`disk_loss` or `crash` with `moved`: kv, presence, push, idgen) | 10.0.8.1 .. (in the order of moves) | 7000 |
 //! | presence | 10.0.6.1 .. | 7000 (user u on node u % n) |
 //! | push | 10.0.7.1 .. | 7000 (any serves any request) |
 //! | devices | 10.1.0.1 .. 10.255.255.255 (device i: 10.1.0.0 + i + 1) | - |
@@ -67,8 +67,15 @@ pub fn ip(role: Role, index: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, third, (index + 1) as u8)
 }
 
-/// The address of the `n`-th kv replacement machine (0-based).
-pub fn moved_kv_ip(n: u32) -> Ipv4Addr {
+/// Starts a node at the given address.
+type Starter = Arc<
+    dyn Fn(SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>
+        + Send
+        + Sync,
+>;
+
+/// The address of the `n`-th replacement machine (0-based).
+pub fn moved_ip(n: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 8, (n + 1) as u8)
 }
 
@@ -102,8 +109,10 @@ pub struct Cluster {
     /// The map every node was configured with (a moved kv node is found through etcd, not
     /// here: see `kv_addr` for where it is now).
     pub map: ClusterMap,
-    /// Where each kv node answers now, by slot.
-    kv_addrs: Mutex<Vec<SocketAddr>>,
+    /// Where each moved node answers now.
+    moved: Mutex<BTreeMap<(Role, u32), SocketAddr>>,
+    /// How to start each presence, push and idgen node at a given address (a move).
+    starters: BTreeMap<(Role, u32), Starter>,
     /// What starting a kv node takes, by slot (its certificate), and the run's seed and
     /// canaries; kv nodes moved so far.
     kv_tls: BTreeMap<u32, NodeTls>,
@@ -176,7 +185,8 @@ impl Cluster {
             api_addrs: (0..sizes.api)
                 .map(|i| sa(ip(Role::Api, i), HTTP_PORT))
                 .collect(),
-            kv_addrs: Mutex::new(map.kv.clone()),
+            moved: Mutex::new(BTreeMap::new()),
+            starters: BTreeMap::new(),
             map,
             kv_tls: BTreeMap::new(),
             seed,
@@ -233,44 +243,49 @@ impl Cluster {
             let skew_ms = if i == 0 { 0 } else { rng.gen_range(-200..=200) };
             let clock = SkewedClock::new(skew_ms);
             c.clocks.insert(i, clock.clone());
-            let listen = c.map.idgen[i as usize];
             let pf = peers_for.clone();
             let tls = node_tls(&mut ca, Role::Idgen, i, canaries);
-            c.add(&handle, Role::Idgen, i, move || {
-                nodes::idgen::server::run(nodes::idgen::server::IdgenConfig {
-                    listen,
-                    worker: i as u16 + 1,
-                    clock: clock.clone(),
-                    peers: pf(&tls),
-                    metrics: nodes::metrics::Metrics::new(),
-                })
+            // A replacement machine keeps the clock (its skew is not what a move tests).
+            let start: Starter = Arc::new(move |listen| {
+                Box::pin(nodes::idgen::server::run(
+                    nodes::idgen::server::IdgenConfig {
+                        listen,
+                        worker: i as u16 + 1,
+                        clock: clock.clone(),
+                        peers: pf(&tls),
+                        metrics: nodes::metrics::Metrics::new(),
+                    },
+                ))
             });
+            c.add_movable(&handle, Role::Idgen, i, start);
         }
         for i in 0..sizes.presence {
             let pf = peers_for.clone();
             let tls = node_tls(&mut ca, Role::Presence, i, canaries);
-            let listen = c.map.presence[i as usize];
-            c.add(&handle, Role::Presence, i, move || {
-                nodes::presence::server::run(nodes::presence::server::PresenceConfig {
-                    listen,
-                    peers: pf(&tls),
-                    metrics: nodes::metrics::Metrics::new(),
-                })
+            let start: Starter = Arc::new(move |listen| {
+                Box::pin(nodes::presence::server::run(
+                    nodes::presence::server::PresenceConfig {
+                        listen,
+                        peers: pf(&tls),
+                        metrics: nodes::metrics::Metrics::new(),
+                    },
+                ))
             });
+            c.add_movable(&handle, Role::Presence, i, start);
         }
         for i in 0..sizes.push {
             let pf = peers_for.clone();
             let tls = node_tls(&mut ca, Role::Push, i, canaries);
-            let listen = c.map.push[i as usize];
             let push = push.clone();
-            c.add(&handle, Role::Push, i, move || {
-                nodes::push::server::run(nodes::push::server::PushConfig {
+            let start: Starter = Arc::new(move |listen| {
+                Box::pin(nodes::push::server::run(nodes::push::server::PushConfig {
                     listen,
                     peers: pf(&tls),
                     provider: push.clone(),
                     metrics: nodes::metrics::Metrics::new(),
-                })
+                }))
             });
+            c.add_movable(&handle, Role::Push, i, start);
         }
         for i in 0..sizes.chat {
             let pf = peers_for.clone();
@@ -339,7 +354,7 @@ impl Cluster {
             // A new etcd client per start: a connection belongs to the process that opened it.
             let membership =
                 nodes::coord::etcd::Etcd::for_coordination(&coordination, &tls).map(|etcd| {
-                    nodes::coord::kvmap::KvMembership {
+                    nodes::coord::members::KvMembership {
                         etcd: Arc::new(etcd),
                         slot,
                         advertise: listen,
@@ -362,34 +377,77 @@ impl Cluster {
         });
     }
 
-    /// Kv node `slot`'s machine is replaced by one at the next free replacement address
-    /// (the old one must be down: `kill` first). It starts empty on the slot's disk (wiped
-    /// by the caller) and joins its shards; nobody else is told: they find it through etcd.
-    /// Its new address.
-    pub fn move_kv(&self, slot: u32) -> SocketAddr {
+    /// Starts node `index` of a role that can move (presence, push, idgen) at its address
+    /// of the map, and keeps `start` for a move.
+    fn add_movable(&mut self, handle: &Handle, role: Role, index: u32, start: Starter) {
+        let listen = self.address(role, index);
+        let s = start.clone();
+        self.add(handle, role, index, move || s(listen));
+        self.starters.insert((role, index), start);
+    }
+
+    /// Node `index` of `role`'s machine is replaced by one at the next free replacement
+    /// address (the old one must be down: `kill` first). A kv node starts empty on the
+    /// slot's disk (wiped by the caller) and joins its shards. Nobody else is told: they
+    /// find it through etcd. Its new address.
+    ///
+    /// # Panics
+    /// For a role that does not move (chat, api, etcd).
+    pub fn move_node(&self, role: Role, index: u32) -> SocketAddr {
         let n = self
             .moves
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let host = moved_kv_ip(n);
+        let host = moved_ip(n);
         let listen = sa(host, RPC_PORT);
-        self.add_kv(&Handle::current(), slot, host, listen, false);
-        self.kv_addrs.lock().unwrap_or_else(|p| p.into_inner())[slot as usize] = listen;
+        let handle = Handle::current();
+        if role == Role::Kv {
+            self.add_kv(&handle, index, host, listen, false);
+        } else {
+            let start = self.starters[&(role, index)].clone();
+            self.add_at(&handle, role, index, host, move || start(listen));
+        }
+        self.moved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((role, index), listen);
         listen
+    }
+
+    /// Where node `index` of `role` (kv, presence, push, idgen) answers now.
+    pub fn address(&self, role: Role, index: u32) -> SocketAddr {
+        if let Some(a) = self
+            .moved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(role, index))
+        {
+            return *a;
+        }
+        let list = match role {
+            Role::Kv => &self.map.kv,
+            Role::Presence => &self.map.presence,
+            Role::Push => &self.map.push,
+            Role::Idgen => &self.map.idgen,
+            other => panic!("{} nodes are not in the cluster map", other.name()),
+        };
+        list[index as usize]
     }
 
     /// Where kv node `slot` answers now.
     pub fn kv_addr(&self, slot: u32) -> SocketAddr {
-        self.kv_addrs.lock().unwrap_or_else(|p| p.into_inner())[slot as usize]
+        self.address(Role::Kv, slot)
     }
 
-    /// The cluster map with every kv node where it answers now (the operator's view).
+    /// The cluster map with every node where it answers now (the operator's view).
     pub fn current_map(&self) -> ClusterMap {
+        let now = |role: Role, n: usize| -> Vec<SocketAddr> {
+            (0..n as u32).map(|i| self.address(role, i)).collect()
+        };
         ClusterMap {
-            kv: self
-                .kv_addrs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            kv: now(Role::Kv, self.map.kv.len()),
+            presence: now(Role::Presence, self.map.presence.len()),
+            push: now(Role::Push, self.map.push.len()),
+            idgen: now(Role::Idgen, self.map.idgen.len()),
             ..self.map.clone()
         }
     }

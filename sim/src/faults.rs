@@ -122,8 +122,8 @@ pub struct Injector<'c> {
     /// Targets and detail known only when a fault started (a shard's leader, corrupt
     /// sectors), by fault index: its heal names the same.
     healed_names: BTreeMap<usize, (Vec<String>, String)>,
-    /// kv nodes that come back on a machine at a new address when they restart.
-    to_move: BTreeSet<u32>,
+    /// Nodes that come back on a machine at a new address when they restart.
+    to_move: BTreeSet<(Role, u32)>,
     /// Writes kv disks lost to crashes.
     pub lost_writes: u64,
     /// What the run must say in words (quorum losses, forced recoveries).
@@ -266,8 +266,11 @@ impl<'c> Injector<'c> {
                     net.clog_node(n);
                 }
             }
-            Fault::Crash { target } => {
+            Fault::Crash { target, moved } => {
                 if let Target::Node(role, index) = *target {
+                    if *moved {
+                        self.to_move.insert((role, index));
+                    }
                     if up(&mut self.active.crashed, (role, index)) {
                         self.lost_writes += self.cluster.kill(role, index);
                     }
@@ -278,7 +281,7 @@ impl<'c> Injector<'c> {
                     self.lost_writes += self.cluster.kill(Role::Kv, *kv);
                 }
                 if *moved {
-                    self.to_move.insert(*kv);
+                    self.to_move.insert((Role::Kv, *kv));
                 }
                 self.cluster.disks[kv].wipe();
                 self.lost_disks.insert(*kv);
@@ -354,7 +357,7 @@ impl<'c> Injector<'c> {
                     net.unclog_node(n);
                 }
             }
-            Fault::Crash { target } => {
+            Fault::Crash { target, .. } => {
                 if let Target::Node(role, index) = *target {
                     self.restart(role, index);
                 }
@@ -395,10 +398,11 @@ impl<'c> Injector<'c> {
     /// Restarts a crashed node once no fault keeps it down.
     fn restart(&mut self, role: Role, index: u32) {
         if down(&mut self.active.crashed, (role, index)) {
-            if role == Role::Kv && self.to_move.remove(&index) {
-                let at = self.cluster.move_kv(index);
+            if self.to_move.remove(&(role, index)) {
+                let at = self.cluster.move_node(role, index);
                 self.notes.push(format!(
-                    "kv-{index} came back on a new machine at {at} at {:.1} s (found through etcd)",
+                    "{}-{index} came back on a new machine at {at} at {:.1} s (found through etcd)",
+                    role.name(),
                     self.recorder.now_s()
                 ));
             } else {

@@ -153,7 +153,7 @@ pub fn print_outcome(opts: &Opts, o: &Outcome) -> i32 {
         );
     }
     for note in &s.notes {
-        println!("kv: {note}");
+        println!("faults: {note}");
     }
     let every = crate::prober::PROBE_EVERY.as_micros() as u64;
     for a in crate::availability::kv_faults(&o.history, &s.kv_probes, every) {

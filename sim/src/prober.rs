@@ -45,8 +45,8 @@ pub fn start(
         .ip(IpAddr::V4(PROBER_IP))
         .build();
     let peers = Peers::new(map, Canaries::none(), operator);
-    // The prober finds a moved kv node through etcd, as every node does.
-    if let Some(task) = peers.kv_membership_task() {
+    // The prober finds a moved node through etcd, as every node does.
+    if let Some(task) = peers.membership_task(None) {
         node.spawn(task);
     }
     let shards = peers.kv_shards() as u32;

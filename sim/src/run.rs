@@ -316,7 +316,7 @@ fn victims(w: &Workload, setup: &Setup) -> Option<crate::hostile::Victims> {
 fn touches_kv(f: &scenarios::Fault) -> bool {
     use scenarios::{Fault, Target};
     match f {
-        Fault::Crash { target } | Fault::Pause { target } => {
+        Fault::Crash { target, .. } | Fault::Pause { target } => {
             matches!(target, Target::Node(Role::Kv, _))
         }
         Fault::DiskLoss { .. }

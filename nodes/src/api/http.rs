@@ -36,7 +36,7 @@ pub struct ClientAddr(pub std::net::IpAddr);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(cfg: ApiConfig) -> anyhow::Result<()> {
-    cfg.peers.spawn_kv_membership();
+    cfg.peers.spawn_membership(None);
     let listener = net::bind(cfg.listen).await?;
     let app = router(Arc::new(ApiState {
         peers: cfg.peers.clone(),

@@ -457,7 +457,7 @@ impl ChatState {
 
 /// Runs a chat server until the process (or simulated node) dies.
 pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
-    cfg.peers.spawn_kv_membership();
+    cfg.peers.spawn_membership(None);
     let state = Arc::new(ChatState::new(cfg.clone()));
     let listener = net::bind(cfg.ws_listen).await?;
     let rpc_listener = net::bind(cfg.rpc_listen).await?;

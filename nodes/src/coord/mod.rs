@@ -13,7 +13,7 @@
 #[cfg(feature = "etcd")]
 pub mod etcd;
 #[cfg(feature = "etcd")]
-pub mod kvmap;
+pub mod members;
 #[cfg(feature = "etcd")]
 pub mod worker;
 

@@ -205,7 +205,7 @@ fn kv_membership(
              others to dial, so give it a routable one"
         );
     }
-    Ok(Some(crate::coord::kvmap::KvMembership {
+    Ok(Some(crate::coord::members::KvMembership {
         etcd: Arc::new(etcd),
         slot: index as u32,
         advertise: listen,

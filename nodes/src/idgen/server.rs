@@ -45,7 +45,7 @@ struct Issuer {
 }
 
 pub async fn run(cfg: IdgenConfig) -> anyhow::Result<()> {
-    cfg.peers.spawn_kv_membership();
+    cfg.peers.spawn_membership(Some(cfg.listen));
     let follow_clock = cfg.peers.canaries.is_on(Canary::IdgenIgnoresClock);
     let mut gen = Snowflake::new(cfg.worker);
     gen.set_follow_clock(follow_clock);

@@ -117,13 +117,13 @@ pub struct KvConfig {
     /// What the node's `/healthz` reports (`KvHealth::check`), shared with its admin endpoint.
     pub health: Arc<KvHealth>,
     /// With etcd: the layout checked there, this node's address published there, and its
-    /// peers' addresses followed from there (`coord::kvmap`). `None`: the config's addresses.
+    /// peers' addresses followed from there (`coord::members`). `None`: the config's addresses.
     pub membership: Option<Membership>,
 }
 
 /// A kv node's membership in etcd.
 #[cfg(feature = "etcd")]
-pub type Membership = crate::coord::kvmap::KvMembership;
+pub type Membership = crate::coord::members::KvMembership;
 /// Without etcd support there is none.
 #[cfg(not(feature = "etcd"))]
 pub type Membership = std::convert::Infallible;
@@ -307,19 +307,20 @@ pub async fn run(cfg: KvConfig) -> anyhow::Result<()> {
         let membership = cfg.membership.clone();
         let placement = cfg.placement;
         if let Some(m) = &membership {
-            tokio::spawn(crate::coord::kvmap::follow(
+            let groups = vec![(crate::cluster::Role::Kv, transport.clients())];
+            tokio::spawn(crate::coord::members::follow(
                 m.etcd.clone(),
-                transport.clients(),
+                groups,
                 || true,
             ));
         }
         async move {
             match membership {
                 Some(m) if !layout_checked => {
-                    crate::coord::kvmap::join(&m, (&placement).into()).await
+                    crate::coord::members::join(&m, (&placement).into()).await
                 }
                 Some(m) => {
-                    crate::coord::kvmap::publish(&m).await;
+                    crate::coord::members::publish(&m).await;
                     Ok(())
                 }
                 None => Ok(()),
@@ -353,10 +354,10 @@ pub async fn run(cfg: KvConfig) -> anyhow::Result<()> {
 /// the node serves).
 #[cfg(feature = "etcd")]
 async fn check_layout_first(
-    m: &crate::coord::kvmap::KvMembership,
+    m: &crate::coord::members::KvMembership,
     placement: &Placement,
 ) -> anyhow::Result<bool> {
-    match crate::coord::kvmap::check_layout(&m.etcd, placement.into()).await {
+    match crate::coord::members::check_layout(&m.etcd, placement.into()).await {
         Ok(Ok(())) => Ok(true),
         Ok(Err(e)) => anyhow::bail!("kv node {} does not start: {e}", m.slot),
         Err(e) => {
@@ -788,7 +789,7 @@ impl Transport {
             .iter()
             .enumerate()
             .map(|(slot, addr)| {
-                // Must prove it is that slot's node: the address can move (`coord::kvmap`).
+                // Must prove it is that slot's node: the address can move (`coord::members`).
                 let who = crate::tls::Principal::Node(crate::cluster::Role::Kv, slot as u32);
                 let client = RpcClient::to_node(*addr, cfg.tls.clone(), who);
                 let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);

@@ -38,7 +38,7 @@ const PUBLISH_QUEUE_MAX: usize = 65_536;
 const PUBLISH_IN_FLIGHT_MAX: usize = 256;
 
 pub async fn run(cfg: PresenceConfig) -> anyhow::Result<()> {
-    cfg.peers.spawn_kv_membership();
+    cfg.peers.spawn_membership(Some(cfg.listen));
     let boot_ms = unix_ms();
     // A std mutex: the state machine is synchronous.
     let state = Arc::new(Mutex::new(Presence::new(

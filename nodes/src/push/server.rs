@@ -52,7 +52,7 @@ impl PushProvider for Counted {
 }
 
 pub async fn run(cfg: PushConfig) -> anyhow::Result<()> {
-    cfg.peers.spawn_kv_membership();
+    cfg.peers.spawn_membership(Some(cfg.listen));
     tracing::info!(listen = %cfg.listen, "push node up");
     let claims = Arc::new(ClaimIds::new());
     let peers = cfg.peers.clone();

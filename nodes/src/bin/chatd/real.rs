@@ -163,11 +163,6 @@ struct KvArgs {
     /// answers), then start empty; its replicas join their shards and catch up from peers.
     #[arg(long, conflicts_with = "bootstrap")]
     replace: bool,
-    /// Listen here instead of at the config's address (a replacement machine): the node
-    /// publishes it in etcd, where every other node finds it within seconds. Needs a cluster
-    /// on etcd; without etcd, edit every node's config instead.
-    #[arg(long)]
-    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -207,6 +202,47 @@ struct RoleArgs {
     /// Which node of the role (its position in the config's list).
     #[arg(long, default_value_t = 0)]
     index: usize,
+    /// kv, presence, push, idgen: listen here instead of at the config's address (a
+    /// replacement machine). The node publishes it in etcd, where every other node finds it
+    /// within seconds. Needs a cluster on etcd; without etcd, edit every node's config.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+}
+
+impl RoleArgs {
+    /// Puts `--listen` in the loaded config, if given and allowed.
+    fn apply_listen(&self, cfg: &mut Config, role: Role) -> anyhow::Result<()> {
+        let Some(addr) = self.listen else {
+            return Ok(());
+        };
+        if cfg.etcd.is_empty() {
+            anyhow::bail!(
+                "--listen {addr}: this cluster has no etcd, so no other node would find {}-{} \
+                 there; edit its address in every node's config instead",
+                role.name(),
+                self.index
+            );
+        }
+        let i = self.index;
+        let slot = match role {
+            Role::Kv => cfg.kv.get_mut(i).map(|n| &mut n.listen),
+            Role::Presence => cfg.presence.get_mut(i).map(|n| &mut n.listen),
+            Role::Push => cfg.push.get_mut(i).map(|n| &mut n.listen),
+            Role::Idgen => cfg.idgen.get_mut(i).map(|n| &mut n.listen),
+            _ => anyhow::bail!(
+                "--listen: {} nodes do not move this way (chat servers register the addresses \
+                 they are given in their config; api nodes are found by clients)",
+                role.name()
+            ),
+        };
+        match slot {
+            Some(listen) => {
+                *listen = addr;
+                Ok(())
+            }
+            None => anyhow::bail!("{} has no node {i} in the config", role.name()),
+        }
+    }
 }
 
 pub fn main() -> anyhow::Result<()> {
@@ -304,7 +340,8 @@ fn log_self_signed(cfg: &Config) {
 }
 
 async fn one_role(role: Role, a: RoleArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&a.config)?;
+    let mut cfg = Config::load(&a.config)?;
+    a.apply_listen(&mut cfg, role)?;
     std::fs::create_dir_all(&cfg.data).with_context(|| format!("create {}", cfg.data.display()))?;
     // Only the push node talks to a push platform (and needs its keys).
     let push: Arc<dyn nodes::push::PushProvider> = if role == Role::Push {
@@ -326,16 +363,10 @@ async fn kv_node(a: KvArgs) -> anyhow::Result<()> {
         "the config has {} kv node(s); no index {index}",
         cfg.kv.len()
     );
-    let listen = match a.listen {
-        Some(addr) if cfg.etcd.is_empty() => anyhow::bail!(
-            "--listen {addr}: this cluster has no etcd, so no other node would find kv node \
-             {index} there; edit its address in every node's config instead"
-        ),
-        Some(addr) => addr,
-        None => cfg.kv[index].listen,
-    };
+    // The old machine's address: `--replace` checks nothing answers there any more.
+    let old = cfg.kv[index].listen;
     if a.replace {
-        let addr = cfg.kv[index].listen;
+        let addr = old;
         let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
         let probe = nodes::rpc::RpcClient::new(addr, operator);
         if probe
@@ -351,7 +382,8 @@ async fn kv_node(a: KvArgs) -> anyhow::Result<()> {
             tracing::warn!(dir = %dir.display(), "replacement: the old disk's data is gone");
         }
     }
-    cfg.kv[index].listen = listen;
+    a.role.apply_listen(&mut cfg, Role::Kv)?;
+    let listen = cfg.kv[index].listen;
     std::fs::create_dir_all(&cfg.data).with_context(|| format!("create {}", cfg.data.display()))?;
     let shared = Shared::new(&cfg, Arc::new(nodes::push::LogProvider))?;
     let tasks = deploy::start(&cfg, Role::Kv, index, &shared, true, a.bootstrap)?;
@@ -368,10 +400,10 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
     );
     let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
     let mut addrs: Vec<std::net::SocketAddr> = cfg.kv.iter().map(|n| n.listen).collect();
-    // A kv node replaced at another address is found there (`coord::kvmap`).
+    // A kv node replaced at another address is found there (`coord::members`).
     let map = cfg.cluster_map();
     if let Some(etcd) = nodes::coord::etcd::Etcd::for_coordination(&map.coordination, &operator) {
-        match nodes::coord::kvmap::addresses(&etcd).await {
+        match nodes::coord::members::kv_addresses(&etcd).await {
             Ok(found) => {
                 for (slot, addr) in found {
                     if let Some(a) = addrs.get_mut(slot as usize) {
