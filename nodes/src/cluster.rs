@@ -352,7 +352,9 @@ impl Peers {
         };
         let mut chat = self.chat.lock().unwrap_or_else(|p| p.into_inner());
         if chat.get(&info.server).is_none_or(|c| c.addr() != addr) {
-            chat.insert(info.server, RpcClient::new(addr, self.tls.clone()));
+            // The registration names the server; its certificate must too.
+            let who = Principal::Node(Role::Chat, info.server);
+            chat.insert(info.server, RpcClient::to_node(addr, self.tls.clone(), who));
         }
     }
 
