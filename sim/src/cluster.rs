@@ -109,8 +109,8 @@ pub struct Cluster {
     /// The map every node was configured with (a moved kv node is found through etcd, not
     /// here: see `kv_addr` for where it is now).
     pub map: ClusterMap,
-    /// Where each moved node answers now.
-    moved: Mutex<BTreeMap<(Role, u32), SocketAddr>>,
+    /// Where each moved node answers now (shared with the harness's scraper: `kv_addrs`).
+    moved: Arc<Mutex<BTreeMap<(Role, u32), SocketAddr>>>,
     /// How to start each presence, push and idgen node at a given address (a move).
     starters: BTreeMap<(Role, u32), Starter>,
     /// What starting a kv node takes, by slot (its certificate), and the run's seed and
@@ -185,7 +185,7 @@ impl Cluster {
             api_addrs: (0..sizes.api)
                 .map(|i| sa(ip(Role::Api, i), HTTP_PORT))
                 .collect(),
-            moved: Mutex::new(BTreeMap::new()),
+            moved: Arc::new(Mutex::new(BTreeMap::new())),
             starters: BTreeMap::new(),
             map,
             kv_tls: BTreeMap::new(),
@@ -436,6 +436,23 @@ impl Cluster {
     /// Where kv node `slot` answers now.
     pub fn kv_addr(&self, slot: u32) -> SocketAddr {
         self.address(Role::Kv, slot)
+    }
+
+    /// Where every kv node answers, by slot, as of each call (for tasks that outlive a borrow
+    /// of the cluster).
+    pub fn kv_addrs(&self) -> impl Fn() -> Vec<SocketAddr> + Send + Sync + Clone + 'static {
+        let (first, moved) = (self.map.kv.clone(), self.moved.clone());
+        move || {
+            let moved = moved.lock().unwrap_or_else(|p| p.into_inner());
+            (0..first.len() as u32)
+                .map(|i| {
+                    moved
+                        .get(&(Role::Kv, i))
+                        .copied()
+                        .unwrap_or(first[i as usize])
+                })
+                .collect()
+        }
     }
 
     /// The cluster map with every node where it answers now (the operator's view).

@@ -148,14 +148,14 @@ async fn drive(
     // Takes a snapshot of the run-wide counters (kv counters over the network).
     let snap = {
         let (counters, scraper) = (counters.clone(), scraper.clone());
-        let (kv, chat) = (opts.kv, opts.chat);
+        let (kv_addrs, chat) = (cluster.kv_addrs(), opts.chat);
         let operator = cluster.operator.clone();
         move || {
             let (counters, scraper, disks) = (counters.clone(), scraper.clone(), disks.clone());
-            let operator = operator.clone();
+            let (operator, kv_addrs) = (operator.clone(), kv_addrs.clone());
             async move {
                 let t_s = Instant::now().duration_since(traffic_start).as_secs_f64();
-                let s = scrape(&scraper, &operator, chat, kv).await;
+                let s = scrape(&scraper, &operator, chat, kv_addrs()).await;
                 let c = counters.totals();
                 Snapshot {
                     t_s,
@@ -254,7 +254,7 @@ async fn drive(
     if let Some(p) = &progress {
         p.finish();
     }
-    let server_errors = scrape(&scraper, &cluster.operator, opts.chat, 0)
+    let server_errors = scrape(&scraper, &cluster.operator, opts.chat, Vec::new())
         .await
         .chat_errors;
     let sim_secs = Instant::now().duration_since(start).as_secs_f64();
@@ -341,11 +341,12 @@ struct Scrape {
 /// Asks the first `chat` chat servers and `kv` kv nodes for their counters, over the
 /// simulated network from the scraper node (as a metrics scraper would). A node that does not
 /// answer is left out.
+/// The chat servers' error counts and the counters of the kv nodes at `kv` (by slot).
 async fn scrape(
     node: &madsim::runtime::NodeHandle,
     operator: &nodes::tls::NodeTls,
     chat: u32,
-    kv: u32,
+    kv: Vec<SocketAddr>,
 ) -> Scrape {
     let operator = operator.clone();
     node.spawn(async move {
@@ -364,8 +365,8 @@ async fn scrape(
                 }
             }
         }
-        for i in 0..kv {
-            let addr = SocketAddr::new(IpAddr::V4(cluster::ip(Role::Kv, i)), cluster::RPC_PORT);
+        for (i, addr) in kv.into_iter().enumerate() {
+            let i = i as u32;
             let client = nodes::rpc::RpcClient::new(addr, operator.clone());
             if let Ok(nodes::proto::internal::Response::KvStats {
                 requests,
