@@ -60,6 +60,7 @@ pub struct Measurement {
     pub wire_bytes: u64,
     pub kv_requests: u64,
     pub kv_writes: u64,
+    /// Growth of every kv database file (every replica's).
     pub storage_bytes: u64,
     pub chars: u64,
     /// UTF-8 bytes of the texts sent.
@@ -67,6 +68,16 @@ pub struct Measurement {
     /// Per kv operation: (operation, requests, write operations).
     #[serde(default)]
     pub kv_by_op: Vec<(String, u64, u64)>,
+    /// Copies of each kv shard in the measured cluster: `storage_bytes` holds that many
+    /// copies. 0 (a measurement from before replication): one.
+    #[serde(default)]
+    pub kv_replicas: u32,
+    /// Growth of the kv tables' B-tree pages and of their keys and values (every replica),
+    /// beside the file growth.
+    #[serde(default)]
+    pub storage_page_bytes: i64,
+    #[serde(default)]
+    pub storage_stored_bytes: i64,
 }
 
 /// Per-node capacities measured by `cargo run --release -p benches --bin node-capacity`.
@@ -94,6 +105,9 @@ pub struct Bench {
 const ETCD_PER_CHAT_SERVER: f64 = 2.0;
 /// etcd requests per second of one idgen node: its worker lease's keep-alive every second.
 const ETCD_PER_IDGEN_NODE: f64 = 1.0;
+/// etcd requests per second of every node that calls kv, presence, push or idgen nodes (all
+/// but etcd): the member addresses, one prefix read every 2 s (`coord::members`).
+const ETCD_PER_NODE_MEMBERS: f64 = 0.5;
 
 /// The benchmark file checked into the repository.
 pub const BENCH_FILE: &str = "benches/results/node-capacity.json";
@@ -132,7 +146,7 @@ impl Default for Assumptions {
             heartbeats_per_presence_node: 200_000.0,
             disk_per_kv_node: 4e12,
             headroom: 1.5,
-            bytes_per_connection: 6_100.0,
+            bytes_per_connection: 13_842.0,
             seed_concurrent: 1e6,
             seed_bytes_per_connection: 10_000.0,
         }
@@ -264,17 +278,24 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
     } else {
         1.0
     };
-    let overhead = (m.storage_bytes as f64 - m.text_bytes as f64).max(0.0) / sent;
+    // The measurement holds `copies` of everything: one copy's growth, then the plan's
+    // replication.
+    let copies = m.kv_replicas.max(1) as f64;
+    let overhead = (m.storage_bytes as f64 / copies - m.text_bytes as f64).max(0.0) / sent;
     let text = model.mean_text_chars() * bytes_per_char;
     let per_msg_storage = overhead + text;
     let msgs_per_day = model.messages_per_user_per_day * dau as f64;
     let day = per_msg_storage * msgs_per_day * a.replication;
+    let per_copy = |b: f64| b / copies / sent;
     put(
         "storage_bytes_per_day",
         day,
         "bytes/day",
         sim(format!(
-            "({overhead:.0} B of kv database growth per message beyond its text, measured on redb files + {text:.0} B of text: the model's mean {:.0} characters) x {msgs_per_day:.0} messages/day [model] x replication {} [assumption]",
+            "({overhead:.0} B of kv database growth per message and copy beyond its text, measured on redb files (measured with {copies:.0} copies: {:.0} B per message and copy in file length, {:.0} B in the tables' pages, {:.0} B of keys and values) + {text:.0} B of text: the model's mean {:.0} characters) x {msgs_per_day:.0} messages/day [model] x replication {} [assumption]",
+            per_copy(m.storage_bytes as f64),
+            per_copy(m.storage_page_bytes as f64),
+            per_copy(m.storage_stored_bytes as f64),
             model.mean_text_chars(),
             a.replication
         )),
@@ -370,13 +391,17 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
     // load is set by the node counts and the code's renewal periods.
     let chat_servers = (conn * hr / a.connections_per_chat_server).ceil().max(2.0);
     let idgen_nodes = (msgs * hr / ids_per_node).ceil().max(2.0);
+    let kv_nodes = shards * a.replication;
+    let members = chat_servers + idgen_nodes + kv_nodes + presence_nodes;
     put(
         "etcd_requests_per_s",
-        chat_servers * ETCD_PER_CHAT_SERVER + idgen_nodes * ETCD_PER_IDGEN_NODE,
+        chat_servers * ETCD_PER_CHAT_SERVER
+            + idgen_nodes * ETCD_PER_IDGEN_NODE
+            + members * ETCD_PER_NODE_MEMBERS,
         "requests/s",
         Provenance::Derived {
             how: format!(
-                "chat_servers x {ETCD_PER_CHAT_SERVER}/s (a lease keep-alive and a load put every 2 s, the peer list's two range reads every 2 s) + idgen_nodes x {ETCD_PER_IDGEN_NODE}/s (a worker lease keep-alive every second); each api node adds at most 2/s (its list, re-read at most once a second) and each presence node 2 reads at start. Measured on `chatd local-cluster` at idle: 8/s for 3 chat servers and 2 idgen nodes"
+                "chat_servers x {ETCD_PER_CHAT_SERVER}/s (a lease keep-alive and a load put every 2 s, the peer list's two range reads every 2 s) + idgen_nodes x {ETCD_PER_IDGEN_NODE}/s (a worker lease keep-alive every second) + (chat, idgen, kv and presence nodes: {members:.0}) x {ETCD_PER_NODE_MEMBERS}/s (the member addresses, read every 2 s); each api and push node adds 0.5/s (the addresses) and an api node at most 2/s more (its list, re-read at most once a second). Measured on `chatd local-cluster` at idle before the member addresses: 8/s for 3 chat servers and 2 idgen nodes"
             ),
         },
     );
@@ -394,7 +419,7 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
         "bytes",
         Provenance::Derived {
             how: format!(
-                "peak_concurrent_connections x {:.1} KB per idle WebSocket connection (measured on a chatd chat server at 10,000 and 19,000 connections, scripts/bench-real.sh idle)",
+                "peak_concurrent_connections x {:.1} KB per idle WebSocket connection over TLS (wss://, the default; measured on a chatd chat server at 5,000 connections, scripts/bench-real.sh idle, benches/results/real/tls.txt; 6.3 KB over plain ws://)",
                 a.bytes_per_connection / 1000.0
             ),
         },
@@ -596,6 +621,9 @@ mod tests {
             chars: 40_000,
             text_bytes: 40_000,
             kv_by_op: vec![("append".into(), 840, 840)],
+            kv_replicas: 1,
+            storage_page_bytes: 1_500_000,
+            storage_stored_bytes: 900_000,
         }
     }
 

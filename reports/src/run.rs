@@ -127,6 +127,15 @@ pub struct PerSend {
     /// first.
     #[serde(default)]
     pub kv_by_op: Vec<(String, f64, f64)>,
+    /// Growth per send of what the kv tables hold (every replica), in the steady window:
+    /// keys and values, and the pages of their B-trees. `storage_bytes` is file length.
+    #[serde(default)]
+    pub storage_stored_bytes: f64,
+    #[serde(default)]
+    pub storage_page_bytes: f64,
+    /// The same per redb table: (table, stored bytes, page bytes), biggest pages first.
+    #[serde(default)]
+    pub storage_by_table: Vec<(String, f64, f64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,6 +322,17 @@ pub fn markdown(r: &RunReport, plots: &[&str]) -> String {
             fmt_n(total),
             per.map_or("".into(), fmt_n)
         );
+    }
+    if !p.storage_by_table.is_empty() {
+        s += &format!(
+            "\nkv storage growth per message sent (steady window, every replica): file length {} bytes; pages of the tables' B-trees {}; keys and values stored {}. By table:\n\n| table | stored bytes | page bytes |\n|---|---|---|\n",
+            fmt_n(p.storage_bytes),
+            fmt_n(p.storage_page_bytes),
+            fmt_n(p.storage_stored_bytes)
+        );
+        for (table, stored, pages) in &p.storage_by_table {
+            s += &format!("| `{table}` | {} | {} |\n", fmt_n(*stored), fmt_n(*pages));
+        }
     }
     if !p.kv_by_op.is_empty() {
         s += "\nkv operations per message sent, by operation (steady window):\n\n| operation | requests | write operations |\n|---|---|---|\n";

@@ -50,6 +50,7 @@ pub fn write_plan(c: &CapacityOpts, opts: &Opts, plan: &Plan, outcome: &Outcome)
     }
     let w = outcome.window.1.since(&outcome.window.0);
     let kv = outcome.window.1.kv_since(&outcome.window.0);
+    let space = outcome.window.1.kv_space_since(&outcome.window.0);
     let m = Measurement {
         workload: opts.workload.clone(),
         seed: opts.seed,
@@ -67,6 +68,9 @@ pub fn write_plan(c: &CapacityOpts, opts: &Opts, plan: &Plan, outcome: &Outcome)
         kv_requests: kv.requests,
         kv_writes: kv.writes,
         storage_bytes: w.disk_bytes,
+        kv_replicas: opts.replicas.max(1),
+        storage_page_bytes: space.iter().map(|t| t.2).sum(),
+        storage_stored_bytes: space.iter().map(|t| t.1).sum(),
         chars: w.chars,
         text_bytes: w.text_bytes,
         kv_by_op: kv

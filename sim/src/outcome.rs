@@ -50,6 +50,8 @@ pub struct KvCounters {
     pub writes: u64,
     /// Per operation: (requests, write operations).
     pub by_op: BTreeMap<String, (u64, u64)>,
+    /// Per redb table, summed over the node's replicas: (stored bytes, page bytes).
+    pub space: BTreeMap<String, (u64, u64)>,
 }
 
 /// kv counters over a window, summed over nodes.
@@ -61,6 +63,36 @@ pub struct KvWindow {
 }
 
 impl Snapshot {
+    /// Per redb table, summed over every kv node that answered: (stored bytes, page bytes).
+    pub fn kv_space(&self) -> BTreeMap<String, (u64, u64)> {
+        let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for node in self.kv.values() {
+            for (table, (stored, pages)) in &node.space {
+                let e = out.entry(table.clone()).or_default();
+                e.0 += stored;
+                e.1 += pages;
+            }
+        }
+        out
+    }
+
+    /// How much each table grew since `earlier` (negative: it shrank), as
+    /// (table, stored bytes, page bytes).
+    pub fn kv_space_since(&self, earlier: &Snapshot) -> Vec<(String, i64, i64)> {
+        let (now, before) = (self.kv_space(), earlier.kv_space());
+        let mut tables: Vec<&String> = now.keys().chain(before.keys()).collect();
+        tables.sort();
+        tables.dedup();
+        tables
+            .into_iter()
+            .map(|t| {
+                let (s1, p1) = now.get(t).copied().unwrap_or_default();
+                let (s0, p0) = before.get(t).copied().unwrap_or_default();
+                (t.clone(), s1 as i64 - s0 as i64, p1 as i64 - p0 as i64)
+            })
+            .collect()
+    }
+
     /// `self - earlier`, field by field (a kv restart resets its counters: never negative).
     pub fn since(&self, earlier: &Snapshot) -> Snapshot {
         Snapshot {

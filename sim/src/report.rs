@@ -30,6 +30,16 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
         .collect();
     kv_by_op.retain(|(_, n, w)| *n > 0.0 || *w > 0.0);
     kv_by_op.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let space = o.window.1.kv_space_since(&o.window.0);
+    let mut storage_by_table: Vec<(String, f64, f64)> = space
+        .iter()
+        .map(|(t, s, p)| {
+            let per = |x: i64| x as f64 / window.sends.max(1) as f64;
+            (t.clone(), per(*s), per(*p))
+        })
+        .filter(|(_, s, p)| *s != 0.0 || *p != 0.0)
+        .collect();
+    storage_by_table.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
     let sends = st.sends.max(1) as f64;
     let window_sends = window.sends.max(1) as f64;
     let mut series = m.series;
@@ -91,6 +101,9 @@ pub fn build(opts: &Opts, plan: &Plan, o: &Outcome) -> RunReport {
             storage_bytes: storage as f64 / window_sends,
             chars: window.chars as f64 / window.sends.max(1) as f64,
             kv_by_op,
+            storage_stored_bytes: storage_by_table.iter().map(|t| t.1).sum(),
+            storage_page_bytes: storage_by_table.iter().map(|t| t.2).sum(),
+            storage_by_table,
         },
         faults,
         kv_availability: kv_availability(o),

@@ -372,6 +372,7 @@ async fn scrape(
                 requests,
                 writes,
                 by_op,
+                space,
             }) = client.call(nodes::proto::internal::Request::KvStats).await
             {
                 out.kv.insert(
@@ -380,6 +381,10 @@ async fn scrape(
                         requests,
                         writes,
                         by_op: by_op.into_iter().map(|(op, n, w)| (op, (n, w))).collect(),
+                        space: space
+                            .into_iter()
+                            .map(|t| (t.table, (t.stored_bytes, t.page_bytes)))
+                            .collect(),
                     },
                 );
             }

@@ -407,6 +407,7 @@ async fn handle(req: Request, inboxes: &Inboxes, stores: &[StoreSlot], m: &Metri
         Request::KvStats => {
             let (mut requests, mut writes) = (0, 0);
             let mut by_op: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            let mut tables: BTreeMap<String, (u64, u64)> = BTreeMap::new();
             for slot in stores {
                 let store = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let Some(store) = store else { continue };
@@ -414,6 +415,7 @@ async fn handle(req: Request, inboxes: &Inboxes, stores: &[StoreSlot], m: &Metri
                     requests: r,
                     writes: w,
                     by_op: ops,
+                    space,
                 } = store.stats()
                 {
                     requests += r;
@@ -423,12 +425,27 @@ async fn handle(req: Request, inboxes: &Inboxes, stores: &[StoreSlot], m: &Metri
                         e.0 += n;
                         e.1 += wr;
                     }
+                    for t in space {
+                        let e = tables.entry(t.table).or_default();
+                        e.0 += t.stored_bytes;
+                        e.1 += t.page_bytes;
+                    }
                 }
             }
             Response::KvStats {
                 requests,
                 writes,
                 by_op: by_op.into_iter().map(|(op, (n, w))| (op, n, w)).collect(),
+                space: tables
+                    .into_iter()
+                    .map(
+                        |(table, (stored_bytes, page_bytes))| crate::proto::internal::TableSpace {
+                            table,
+                            stored_bytes,
+                            page_bytes,
+                        },
+                    )
+                    .collect(),
             }
         }
         other => Response::Error {

@@ -100,6 +100,16 @@ pub struct SessionEntry {
     pub connection: u64,
 }
 
+/// One redb table's size: the bytes of its keys and values, and the bytes of the pages its
+/// B-tree uses (leaves and branches, at redb's page size). File length beyond the pages of
+/// every table is the allocator's: free pages, redb's own tables, slack from growth.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSpace {
+    pub table: String,
+    pub stored_bytes: u64,
+    pub page_bytes: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatServerInfo {
     pub server: u32,
@@ -451,6 +461,10 @@ pub enum Response {
         /// (operation, requests, write transactions) per request kind, by name.
         #[serde(default)]
         by_op: Vec<(String, u64, u64)>,
+        /// What the node's replicas store, per redb table (summed over its replicas), as of
+        /// their last commit.
+        #[serde(default)]
+        space: Vec<TableSpace>,
     },
     Chat(Option<ChatServerInfo>),
     ChatList(Vec<ChatServerInfo>),
