@@ -233,16 +233,9 @@ impl Peers {
             }
             _ => None,
         };
-        let publish_etcd = etcd.clone();
-        Some(async move {
-            let publish = async {
-                if let Some((role, index, addr)) = me {
-                    members::publish_address(&publish_etcd, role, index, addr).await;
-                }
-            };
-            let follow = members::follow(etcd, groups, move || weak.strong_count() > 0);
-            futures::join!(publish, follow);
-        })
+        Some(members::follow(etcd, groups, me, move || {
+            weak.strong_count() > 0
+        }))
     }
 
     /// Spawns [`Peers::membership_task`], if there is one.

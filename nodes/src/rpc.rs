@@ -341,8 +341,11 @@ impl RpcClient {
 
     /// The node moved to `addr`: this client and its clones call it there from now on, on a
     /// new connection (calls in flight on the old one fail). False if it was already there.
+    ///
+    /// The address changes at once (callers that dial from now on dial it); the connection
+    /// in place, or one a dial in flight installs, is failed next (one redial if that dial
+    /// already went to the new address). Nothing waits when the address did not change.
     pub async fn repoint(&self, addr: SocketAddr) -> bool {
-        let mut slot = self.slot.lock().await;
         {
             let mut at = self.addr.lock().unwrap_or_else(|p| p.into_inner());
             if *at == addr {
@@ -350,7 +353,7 @@ impl RpcClient {
             }
             *at = addr;
         }
-        if let Some(old) = slot.take() {
+        if let Some(old) = self.slot.lock().await.take() {
             old.fail_all();
         }
         true

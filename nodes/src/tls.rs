@@ -6,8 +6,9 @@
 //! certificate's URI name, `spiffe://chatsim/<role>/<index>` or `spiffe://chatsim/operator`
 //! ([`Principal`]). A connection is TLS 1.3 both ways:
 //! - the caller checks that the node it dialled holds a certificate of the cluster CA (every
-//!   node certificate carries the DNS name [`CLUSTER_SERVER_NAME`]: it proves membership of the
-//!   cluster, not which node it is);
+//!   node certificate carries the DNS name [`CLUSTER_SERVER_NAME`]), and a caller that knows
+//!   which node it wants (a client of a kv, presence, push, idgen or chat node, whose address
+//!   comes from etcd: [`NodeTls::connect_to`]) also that the certificate names that node;
 //! - the node requires the caller's certificate, checks it against the same CA, and reads the
 //!   caller's principal from it. A caller without one never completes the handshake.
 //!

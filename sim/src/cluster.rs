@@ -102,12 +102,12 @@ pub struct Sizes {
 
 /// The running cluster: node ids by role, for faults.
 pub struct Cluster {
-    /// The process of each node: a kv node replaced at a new address is another simulated
-    /// host (`move_kv`). A std mutex: never held across await.
+    /// The process of each node: a node replaced at a new address is another simulated host
+    /// (`move_node`). A std mutex: never held across await.
     nodes: Mutex<BTreeMap<(Role, u32), NodeId>>,
     pub api_addrs: Vec<SocketAddr>,
-    /// The map every node was configured with (a moved kv node is found through etcd, not
-    /// here: see `kv_addr` for where it is now).
+    /// The map every node was configured with (a moved node is found through etcd, not here:
+    /// see `address` for where it is now).
     pub map: ClusterMap,
     /// Where each moved node answers now (shared with the harness's scraper: `kv_addrs`).
     moved: Arc<Mutex<BTreeMap<(Role, u32), SocketAddr>>>,

@@ -77,9 +77,18 @@ impl Snapshot {
     }
 
     /// How much each table grew since `earlier` (negative: it shrank), as
-    /// (table, stored bytes, page bytes).
+    /// (table, stored bytes, page bytes), over the kv nodes that answered both times.
     pub fn kv_space_since(&self, earlier: &Snapshot) -> Vec<(String, i64, i64)> {
-        let (now, before) = (self.kv_space(), earlier.kv_space());
+        let both = |s: &Snapshot| Snapshot {
+            kv: s
+                .kv
+                .iter()
+                .filter(|(n, _)| self.kv.contains_key(n) && earlier.kv.contains_key(n))
+                .map(|(n, c)| (*n, c.clone()))
+                .collect(),
+            ..Snapshot::default()
+        };
+        let (now, before) = (both(self).kv_space(), both(earlier).kv_space());
         let mut tables: Vec<&String> = now.keys().chain(before.keys()).collect();
         tables.sort();
         tables.dedup();

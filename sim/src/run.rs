@@ -338,10 +338,9 @@ struct Scrape {
     kv: BTreeMap<u32, KvCounters>,
 }
 
-/// Asks the first `chat` chat servers and `kv` kv nodes for their counters, over the
-/// simulated network from the scraper node (as a metrics scraper would). A node that does not
-/// answer is left out.
-/// The chat servers' error counts and the counters of the kv nodes at `kv` (by slot).
+/// Asks the first `chat` chat servers for their error counts and the kv nodes at `kv` (by
+/// slot) for their counters, over the simulated network from the scraper node (as a metrics
+/// scraper would). A node that does not answer is left out.
 async fn scrape(
     node: &madsim::runtime::NodeHandle,
     operator: &nodes::tls::NodeTls,

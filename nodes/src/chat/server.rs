@@ -121,8 +121,8 @@ pub struct SessionHandle {
     pub tx: mpsc::Sender<Outbound>,
     /// Ends the session from outside (slow consumer, replaced by a newer connection).
     pub closer: Arc<Closer>,
-    /// When the device last heartbeated here (Unix ms; 0: not yet), re-asserted to a
-    /// presence node that restarted.
+    /// When the device last heartbeated here, or connected if it has not yet (Unix ms),
+    /// re-asserted to a presence node that restarted.
     pub last_heartbeat_ms: Arc<AtomicU64>,
 }
 

@@ -3,8 +3,8 @@
 //! edited.
 //!
 //! - `chatsim/addr/{role}/{index}` = `"10.0.5.3:7000"`: the RPC address of each kv, presence,
-//!   push and idgen node, put by the node when it starts (retried until etcd takes it). No
-//!   lease: a node that is down is still a member (a kv node's replicas hold votes and data,
+//!   push and idgen node, put by the node when it starts and put back whenever the node finds
+//!   another value there (every [`MEMBERS_REFRESH_MS`]). No lease: a node that is down is still a member (a kv node's replicas hold votes and data,
 //!   a presence node owns its users); only its replacement changes the key. Chat servers
 //!   register under leases instead (`coord`), and nothing calls api nodes.
 //! - `chatsim/kv/layout` = `{"nodes":5,"shards":5,"replicas":3}`: written by the first kv node
@@ -21,7 +21,8 @@
 //! address in etcd can send a caller only to the node it was looking for.
 //!
 //! The old machine must stay down (revoke its certificate: `chatd revoke-node`): started
-//! again, it would put its old address back.
+//! again, it would put its old address back, and the two would overwrite each other every
+//! 2 s (each logs a warning) until one stops; a revoked one is refused by every caller.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -118,39 +119,13 @@ pub async fn check_layout(
     })
 }
 
-/// A kv node's start in etcd: checks the layout and publishes its address, retrying while
-/// etcd does not answer (the node serves meanwhile, at the address its config gives). Returns
-/// only when both are done, or with the layout's error.
-pub async fn join(m: &KvMembership, mine: KvLayout) -> Result<(), LayoutError> {
+/// A kv node's layout check: retried while etcd does not answer (the node serves meanwhile,
+/// at the address its config gives); returns when etcd agrees, or with the layout's error.
+pub async fn check_layout_until_answered(etcd: &Etcd, mine: KvLayout) -> Result<(), LayoutError> {
     loop {
-        match check_layout(&m.etcd, mine).await {
-            Ok(r) => {
-                r?;
-                break;
-            }
+        match check_layout(etcd, mine).await {
+            Ok(r) => return r,
             Err(e) => tracing::debug!(error = %e, "kv layout not checked yet"),
-        }
-        tokio::time::sleep(Duration::from_millis(RETRY_MS)).await;
-    }
-    publish(m).await;
-    Ok(())
-}
-
-/// Puts this kv node's address under its slot, retrying until etcd takes it.
-pub async fn publish(m: &KvMembership) {
-    publish_address(&m.etcd, Role::Kv, m.slot, m.advertise).await
-}
-
-/// Puts node `index` of `role`'s address, retrying until etcd takes it.
-pub async fn publish_address(etcd: &Etcd, role: Role, index: u32, addr: SocketAddr) {
-    loop {
-        let value = addr.to_string().into_bytes();
-        match etcd.put(addr_key(role, index), value, 0).await {
-            Ok(()) => {
-                tracing::info!(role = role.name(), index, %addr, "address published");
-                return;
-            }
-            Err(e) => tracing::debug!(error = %e, "address not published yet"),
         }
         tokio::time::sleep(Duration::from_millis(RETRY_MS)).await;
     }
@@ -195,10 +170,27 @@ pub async fn kv_addresses(etcd: &Etcd) -> Result<BTreeMap<u32, SocketAddr>, RpcE
 /// Clients of one role's nodes, by index.
 pub type Group = (Role, Vec<RpcClient>);
 
-/// Moves each client whose node's address in etcd changed; how many moved.
-pub async fn refresh(etcd: &Etcd, groups: &[Group]) -> Result<usize, RpcError> {
+/// This node, when it publishes its address: (role, index, address).
+pub type Me = Option<(Role, u32, SocketAddr)>;
+
+/// Moves each client whose node's address in etcd changed; how many moved. With `me`, puts
+/// this node's address back if etcd holds another (or none): an old machine of the same
+/// node that started by mistake and overwrote it, or etcd that lost it.
+pub async fn refresh(etcd: &Etcd, groups: &[Group], me: Me) -> Result<usize, RpcError> {
+    let found = addresses(etcd).await?;
+    if let Some((role, index, addr)) = me {
+        let there = found.get(&(role, index)).copied();
+        if there != Some(addr) {
+            if let Some(other) = there {
+                tracing::warn!(role = role.name(), index, %other, mine = %addr, "etcd named another address for this node: put back");
+            }
+            etcd.put(addr_key(role, index), addr.to_string().into_bytes(), 0)
+                .await?;
+            tracing::info!(role = role.name(), index, %addr, "address published");
+        }
+    }
     let mut moved = 0;
-    for ((role, index), addr) in addresses(etcd).await? {
+    for ((role, index), addr) in found {
         let Some((_, clients)) = groups.iter().find(|(r, _)| *r == role) else {
             continue;
         };
@@ -217,9 +209,9 @@ pub async fn refresh(etcd: &Etcd, groups: &[Group]) -> Result<usize, RpcError> {
 
 /// [`refresh`] now and every [`MEMBERS_REFRESH_MS`], while `alive` says so (a task per
 /// holder of clients; etcd errors wait for the next round).
-pub async fn follow(etcd: Arc<Etcd>, groups: Vec<Group>, alive: impl Fn() -> bool) {
+pub async fn follow(etcd: Arc<Etcd>, groups: Vec<Group>, me: Me, alive: impl Fn() -> bool) {
     while alive() {
-        if let Err(e) = refresh(&etcd, &groups).await {
+        if let Err(e) = refresh(&etcd, &groups, me).await {
             tracing::debug!(error = %e, "node addresses not read");
         }
         tokio::time::sleep(Duration::from_millis(MEMBERS_REFRESH_MS)).await;

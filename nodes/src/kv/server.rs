@@ -301,48 +301,36 @@ pub async fn run(cfg: KvConfig) -> anyhow::Result<()> {
         async move { handle(req, &inboxes, &stores, &metrics).await }.boxed()
     });
     let health = cfg.health.clone();
-    // The layout (if etcd did not answer before the start) and this node's address.
+    // With etcd: the layout (if etcd did not answer before the start), then this node's
+    // address and its peers' (`coord::members::follow`, for as long as the node runs). Ends
+    // only with a layout that disagrees.
     #[cfg(feature = "etcd")]
-    let joined = {
+    let membership = {
         let membership = cfg.membership.clone();
-        let placement = cfg.placement;
-        if let Some(m) = &membership {
-            let groups = vec![(crate::cluster::Role::Kv, transport.clients())];
-            tokio::spawn(crate::coord::members::follow(
-                m.etcd.clone(),
-                groups,
-                || true,
-            ));
-        }
+        let (placement, clients) = (cfg.placement, transport.clients());
         async move {
-            match membership {
-                Some(m) if !layout_checked => {
-                    crate::coord::members::join(&m, (&placement).into()).await
-                }
-                Some(m) => {
-                    crate::coord::members::publish(&m).await;
-                    Ok(())
-                }
-                None => Ok(()),
+            let Some(m) = membership else {
+                return std::future::pending().await;
+            };
+            if !layout_checked {
+                let mine = (&placement).into();
+                crate::coord::members::check_layout_until_answered(&m.etcd, mine).await?;
             }
+            let groups = vec![(crate::cluster::Role::Kv, clients)];
+            let me = Some((crate::cluster::Role::Kv, m.slot, m.advertise));
+            crate::coord::members::follow(m.etcd.clone(), groups, me, || true).await;
+            Ok::<(), crate::coord::members::LayoutError>(())
         }
     };
     #[cfg(not(feature = "etcd"))]
-    let joined = std::future::ready(Ok::<(), std::convert::Infallible>(()));
-    let serve = rpc::serve(cfg.listen, handler, cfg.tls.clone());
-    tokio::pin!(serve);
+    let membership = std::future::pending::<Result<(), std::convert::Infallible>>();
     tokio::select! {
         biased;
         e = health.fatal() => anyhow::bail!("kv node {} stops: {e}", cfg.slot),
-        r = &mut serve => r?,
-        r = joined => {
+        r = rpc::serve(cfg.listen, handler, cfg.tls.clone()) => r?,
+        r = membership => {
             if let Err(e) = r {
                 anyhow::bail!("kv node {} stops: {e}", cfg.slot);
-            }
-            tokio::select! {
-                biased;
-                e = health.fatal() => anyhow::bail!("kv node {} stops: {e}", cfg.slot),
-                r = &mut serve => r?,
             }
         }
     }

@@ -355,6 +355,36 @@ async fn one_role(role: Role, a: RoleArgs) -> anyhow::Result<()> {
     deploy::run_until_one_ends(tasks).await
 }
 
+/// Where each kv node answers: the config's addresses, with those etcd names instead (a
+/// node replaced at another address, `coord::members`).
+async fn kv_addresses(cfg: &Config, operator: &nodes::tls::NodeTls) -> Vec<std::net::SocketAddr> {
+    let mut addrs: Vec<std::net::SocketAddr> = cfg.kv.iter().map(|n| n.listen).collect();
+    let map = cfg.cluster_map();
+    if let Some(etcd) = nodes::coord::etcd::Etcd::for_coordination(&map.coordination, operator) {
+        match nodes::coord::members::kv_addresses(&etcd).await {
+            Ok(found) => {
+                for (slot, addr) in found {
+                    if let Some(a) = addrs.get_mut(slot as usize) {
+                        *a = addr;
+                    }
+                }
+            }
+            Err(e) => eprintln!("etcd did not answer ({e}): the config's kv addresses"),
+        }
+    }
+    addrs
+}
+
+/// A client of kv node `index` at `addr`: it answers only if it is that node.
+fn kv_client(
+    addr: std::net::SocketAddr,
+    operator: &nodes::tls::NodeTls,
+    index: usize,
+) -> nodes::rpc::RpcClient {
+    let who = nodes::tls::Principal::Node(Role::Kv, index as u32);
+    nodes::rpc::RpcClient::to_node(addr, operator.clone(), who)
+}
+
 async fn kv_node(a: KvArgs) -> anyhow::Result<()> {
     let mut cfg = Config::load(&a.role.config)?;
     let index = a.role.index;
@@ -363,18 +393,18 @@ async fn kv_node(a: KvArgs) -> anyhow::Result<()> {
         "the config has {} kv node(s); no index {index}",
         cfg.kv.len()
     );
-    // The old machine's address: `--replace` checks nothing answers there any more.
-    let old = cfg.kv[index].listen;
+    // Where the node answers now (before `--listen` moves it): `--replace` checks it is down.
+    let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
+    let old = kv_addresses(&cfg, &operator).await[index];
+    a.role.apply_listen(&mut cfg, Role::Kv)?;
     if a.replace {
-        let addr = old;
-        let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
-        let probe = nodes::rpc::RpcClient::new(addr, operator);
+        let probe = kv_client(old, &operator, index);
         if probe
             .call(nodes::proto::internal::Request::KvStatus)
             .await
             .is_ok()
         {
-            anyhow::bail!("kv node {index} answers on {addr}: stop it before replacing its disk");
+            anyhow::bail!("kv node {index} answers on {old}: stop it before replacing its disk");
         }
         let dir = cfg.kv_dir(index);
         if dir.exists() {
@@ -382,7 +412,6 @@ async fn kv_node(a: KvArgs) -> anyhow::Result<()> {
             tracing::warn!(dir = %dir.display(), "replacement: the old disk's data is gone");
         }
     }
-    a.role.apply_listen(&mut cfg, Role::Kv)?;
     let listen = cfg.kv[index].listen;
     std::fs::create_dir_all(&cfg.data).with_context(|| format!("create {}", cfg.data.display()))?;
     let shared = Shared::new(&cfg, Arc::new(nodes::push::LogProvider))?;
@@ -399,23 +428,9 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         "shard", "node", "id", "role", "term", "commit", "applied", "last"
     );
     let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
-    let mut addrs: Vec<std::net::SocketAddr> = cfg.kv.iter().map(|n| n.listen).collect();
-    // A kv node replaced at another address is found there (`coord::members`).
-    let map = cfg.cluster_map();
-    if let Some(etcd) = nodes::coord::etcd::Etcd::for_coordination(&map.coordination, &operator) {
-        match nodes::coord::members::kv_addresses(&etcd).await {
-            Ok(found) => {
-                for (slot, addr) in found {
-                    if let Some(a) = addrs.get_mut(slot as usize) {
-                        *a = addr;
-                    }
-                }
-            }
-            Err(e) => eprintln!("etcd did not answer ({e}): the config's kv addresses"),
-        }
-    }
+    let addrs = kv_addresses(&cfg, &operator).await;
     for (i, listen) in addrs.iter().enumerate() {
-        let client = nodes::rpc::RpcClient::new(*listen, operator.clone());
+        let client = kv_client(*listen, &operator, i);
         match client.call(Request::KvStatus).await {
             Ok(Response::KvStatus(list)) => {
                 for s in list {
@@ -478,12 +493,10 @@ fn revoke_node(a: RevokeNodeArgs) -> anyhow::Result<()> {
 async fn kv_recover(a: KvRecoverArgs) -> anyhow::Result<()> {
     use nodes::proto::internal::{Request, Response};
     let cfg = Config::load(&a.config)?;
-    let node = cfg
-        .kv
-        .get(a.index)
-        .ok_or_else(|| anyhow::anyhow!("no kv node {}", a.index))?;
+    anyhow::ensure!(a.index < cfg.kv.len(), "no kv node {}", a.index);
     let operator = deploy::certs::node_tls(&cfg, nodes::tls::Principal::Operator)?;
-    let client = nodes::rpc::RpcClient::new(node.listen, operator);
+    let addr = kv_addresses(&cfg, &operator).await[a.index];
+    let client = kv_client(addr, &operator, a.index);
     match client
         .call(Request::KvForceRecover { shard: a.shard })
         .await?
