@@ -126,6 +126,10 @@ pub struct SessionHandle {
     pub last_heartbeat_ms: Arc<AtomicU64>,
 }
 
+/// Most departed devices a chat server remembers for presence re-assertion (about 40 bytes
+/// each).
+const DEPARTED_MAX: usize = 100_000;
+
 /// State shared by all tasks of one chat server.
 pub struct ChatState {
     pub cfg: ChatConfig,
@@ -148,6 +152,11 @@ pub struct ChatState {
     /// that reconnecting (or opening a second connection) does not refill them. A std mutex:
     /// short updates.
     buckets: Mutex<BTreeMap<Id, (SharedBuckets, Option<u64>)>>,
+    /// Devices whose connection here ended without a logout: (user, last heartbeat, Unix ms).
+    /// Presence still counts such a device until its heartbeats time out, so a presence node
+    /// that restarts hears of it in the re-assertion too (a device between two connections
+    /// is on no server). At most `DEPARTED_MAX`; entries past `PRESENCE_TIMEOUT_MS` go first.
+    departed: Mutex<BTreeMap<Id, (Id, u64)>>,
     /// Open WebSocket connections by source address (`WS_CONNECTIONS_PER_ADDR_MAX`); an
     /// address leaves the map with its last connection. A std mutex: short updates.
     per_addr: Mutex<BTreeMap<std::net::IpAddr, u32>>,
@@ -223,11 +232,36 @@ impl ChatState {
     }
 
     /// Removes the session if it is still the one with `epoch`.
-    pub fn detach(&self, device: Id, epoch: u64) {
+    /// Ends the device's session `epoch` here; `logged_out`: the device logged out (else it
+    /// is remembered as departed for presence's re-assertion).
+    pub fn detach(&self, device: Id, epoch: u64, logged_out: bool) {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if s.get(&device).is_some_and(|h| h.epoch == epoch) {
-            s.remove(&device);
+        if !s.get(&device).is_some_and(|h| h.epoch == epoch) {
+            return;
         }
+        let Some(h) = s.remove(&device) else { return };
+        drop(s);
+        let mut d = self.departed.lock().unwrap_or_else(|p| p.into_inner());
+        if logged_out {
+            d.remove(&device);
+            return;
+        }
+        let last = h.last_heartbeat_ms.load(Ordering::Relaxed);
+        let now = crate::clock::unix_ms();
+        if d.len() >= DEPARTED_MAX {
+            d.retain(|_, (_, at)| now.saturating_sub(*at) < crate::limits::PRESENCE_TIMEOUT_MS);
+            if d.len() >= DEPARTED_MAX {
+                // Still full: the oldest goes.
+                if let Some(oldest) = d
+                    .iter()
+                    .min_by_key(|(dev, (_, at))| (*at, **dev))
+                    .map(|(dev, _)| *dev)
+                {
+                    d.remove(&oldest);
+                }
+            }
+        }
+        d.insert(device, (h.user, last));
     }
 
     /// The device's buckets: those its open or recently closed connections here use, else
@@ -345,14 +379,30 @@ impl ChatState {
     /// (user, device, last heartbeat ms) of every session here whose user presence node
     /// `node` (of `nodes`) holds and which has heartbeated.
     pub fn heartbeats_for_presence_node(&self, node: usize, nodes: usize) -> Vec<(Id, Id, u64)> {
+        let mine = |user: Id| (user % nodes.max(1) as u64) as usize == node;
         let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        s.iter()
-            .filter(|(_, h)| (h.user % nodes.max(1) as u64) as usize == node)
+        let mut out: Vec<(Id, Id, u64)> = s
+            .iter()
+            .filter(|(_, h)| mine(h.user))
             .filter_map(|(device, h)| {
                 let at = h.last_heartbeat_ms.load(Ordering::Relaxed);
                 (at > 0).then_some((h.user, *device, at))
             })
-            .collect()
+            .collect();
+        // Devices between two connections, as presence would still count them (it drops
+        // the ones past its timeout itself).
+        let now = crate::clock::unix_ms();
+        let d = self.departed.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(
+            d.iter()
+                .filter(|(device, (user, at))| {
+                    mine(*user)
+                        && !s.contains_key(device)
+                        && now.saturating_sub(*at) < crate::limits::PRESENCE_TIMEOUT_MS
+                })
+                .map(|(device, (user, at))| (*user, *device, *at)),
+        );
+        out
     }
 
     /// Sends `frame` to every session here; returns how many took it.
@@ -451,6 +501,7 @@ impl ChatState {
             errors: Mutex::new(BTreeMap::new()),
             per_addr: Mutex::new(BTreeMap::new()),
             buckets: Mutex::new(BTreeMap::new()),
+            departed: Mutex::new(BTreeMap::new()),
         }
     }
 }

@@ -271,6 +271,8 @@ struct Session {
     last_heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
     /// When the token expires: the session ends then (checked at every frame).
     expires_at_ms: u64,
+    /// The device logged out: not remembered as departed when the session ends.
+    logged_out: bool,
 }
 
 impl Session {
@@ -324,6 +326,7 @@ impl Session {
             reads: BTreeMap::new(),
             last_heartbeat_ms,
             expires_at_ms: claims.expires_at_ms,
+            logged_out: false,
             state,
         };
         // Register before welcoming: the device syncs after `welcome`, and every message
@@ -336,7 +339,7 @@ impl Session {
                     ErrorCode::SessionReplaced,
                     "a newer connection of this device is open",
                 );
-                s.state.detach(s.device, s.epoch);
+                s.state.detach(s.device, s.epoch, false);
                 s.state.release_buckets(s.device, unix_ms());
                 return None;
             }
@@ -344,7 +347,7 @@ impl Session {
                 tracing::warn!(device = s.device, error = %e, "session registration failed; refusing");
                 let detail = format!("session registry unavailable: {}", e.public_detail());
                 s.closer.close(ErrorCode::Unavailable, detail);
-                s.state.detach(s.device, s.epoch);
+                s.state.detach(s.device, s.epoch, false);
                 s.state.release_buckets(s.device, unix_ms());
                 return None;
             }
@@ -520,6 +523,7 @@ impl Session {
                     device: self.device,
                 };
                 let _ = self.state.peers().presence_for(self.user).call(req).await;
+                self.logged_out = true;
                 return false;
             }
         }
@@ -800,7 +804,7 @@ impl Session {
 
     async fn close(mut self) {
         self.flush_reads();
-        self.state.detach(self.device, self.epoch);
+        self.state.detach(self.device, self.epoch, self.logged_out);
         self.state.release_buckets(self.device, unix_ms());
         let mut entry = self.entry();
         let kv = self.state.peers().kv_for_user(self.user).clone();
