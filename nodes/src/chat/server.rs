@@ -236,8 +236,8 @@ impl ChatState {
     /// is remembered as departed for presence's re-assertion).
     pub fn detach(&self, device: Id, epoch: u64, logged_out: bool) {
         let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if !s.get(&device).is_some_and(|h| h.epoch == epoch) {
-            return;
+        if s.get(&device).is_none_or(|h| h.epoch != epoch) {
+            return; // A newer session of the device is attached: it stays.
         }
         let Some(h) = s.remove(&device) else { return };
         drop(s);
