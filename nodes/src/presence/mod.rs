@@ -12,7 +12,9 @@
 //! but have not heartbeated here yet, is not shown offline (swarm seed 500012). Online
 //! changes (a heartbeat is proof) still go out. Chat servers re-assert their devices' last
 //! heartbeats as soon as they see the node settling (`PresenceReassert`, within one
-//! subscription period, 2 s); the node settles once every chat server registered when it
+//! subscription period, 2 s): every session (one without a heartbeat yet as of its hello),
+//! and the devices that left them without a logout within the presence timeout (between two
+//! connections a device is on no server; swarm seed 183000 at 800 users); the node settles once every chat server registered when it
 //! started has done so, and after [`WARMUP_MS`] (two heartbeat intervals: every live device
 //! has heartbeated) at the latest. The shell answers no status query while settling, and
 //! once settled chat servers tell their sessions to ask again (the boot time changed),
