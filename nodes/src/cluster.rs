@@ -253,7 +253,12 @@ impl Peers {
     }
 
     pub fn kv_for_user(&self, user: Id) -> &ShardClient {
-        &self.kv[(user % self.kv.len() as u64) as usize]
+        &self.kv[self.kv_shard_of_user(user)]
+    }
+
+    /// The index of the kv shard holding `user`.
+    pub fn kv_shard_of_user(&self, user: Id) -> usize {
+        (user % self.kv.len() as u64) as usize
     }
 
     pub fn kv_for_channel(&self, channel: Id) -> &ShardClient {

@@ -230,6 +230,15 @@ fn rpc_requests() -> Vec<Vec<u8>> {
             message: message(),
             users: vec![16, 17],
         },
+        Request::ClaimPushes {
+            message_id: 290_336_586_162_245_642,
+            devices: vec![73, 74],
+            claim: 5,
+            now_ms: 1_700_000_000_000,
+        },
+        Request::SetCursorsBatch {
+            devices: vec![(73, vec![(7, 12)]), (74, vec![(7, 11), (8, 2)])],
+        },
         Request::SubscribePresence { info },
         Request::PresenceReassert {
             server: 1,
@@ -264,6 +273,10 @@ fn rpc_responses() -> Vec<Vec<u8>> {
         Response::Id(1_700_000_000_000),
         Response::User(Some(user())),
         Response::Presence(vec![(16, PresenceStatus::Online, 3)]),
+        Response::PushClaims {
+            granted: vec![73],
+            held: vec![74],
+        },
         Response::Error {
             code: crate::proto::client::ErrorCode::Unavailable,
             detail: "kv shard 2 has no leader".into(),

@@ -125,6 +125,15 @@ pub const WEBPUSH_ENDPOINT_BYTES_MAX: usize = 2048;
 /// `limit_reached`; `DELETE /v1/devices/{device}` frees a place.
 pub const DEVICES_PER_USER_MAX: usize = 20;
 
+/// Devices one kv `ClaimPushes` or `ConfirmPushes` may name: every device of a group
+/// message's recipients (99 users of 20 devices). Enforced by kv (`bad_request` beyond it).
+pub const PUSH_CLAIM_DEVICES_MAX: usize = (GROUP_MEMBERS_MAX - 1) * DEVICES_PER_USER_MAX;
+
+/// Devices in one kv `SetCursorsBatch`. A chat server gathers its sessions' cursors per kv
+/// shard and writes them every `CURSOR_FLUSH_MS`; a shard's batch that reaches this many
+/// devices is written at once. Enforced by kv (`bad_request` beyond it) and by the batcher.
+pub const CURSOR_BATCH_DEVICES_MAX: usize = 10_000;
+
 /// Friends one user may have (each friendship is a 1:1 channel); past it `limit_reached`.
 pub const FRIENDS_PER_USER_MAX: usize = 5_000;
 

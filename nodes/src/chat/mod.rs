@@ -4,8 +4,10 @@
 //!
 //! `session` is one device connection; `send` the commit path (the one place that turns a
 //! send into a committed message); `fanout` live delivery and push; `server` the listeners,
-//! registration with discovery and the server-to-server RPC. `validate` holds the pure checks.
+//! registration with discovery and the server-to-server RPC; `cursors` the batched cursor
+//! writes. `validate` holds the pure checks.
 
+pub mod cursors;
 pub mod fanout;
 pub mod send;
 pub mod server;

@@ -160,6 +160,8 @@ pub struct ChatState {
     /// Open WebSocket connections by source address (`WS_CONNECTIONS_PER_ADDR_MAX`); an
     /// address leaves the map with its last connection. A std mutex: short updates.
     per_addr: Mutex<BTreeMap<std::net::IpAddr, u32>>,
+    /// Sessions' read cursors waiting for the next batched write (`cursors`).
+    pub cursors: Arc<super::cursors::CursorBatcher>,
 }
 
 /// One open WebSocket connection's place in its source address's count; given back on drop.
@@ -502,6 +504,7 @@ impl ChatState {
             per_addr: Mutex::new(BTreeMap::new()),
             buckets: Mutex::new(BTreeMap::new()),
             departed: Mutex::new(BTreeMap::new()),
+            cursors: Arc::default(),
         }
     }
 }
@@ -525,6 +528,10 @@ pub async fn run(cfg: ChatConfig) -> anyhow::Result<()> {
     tokio::spawn(peers_loop(state.clone()));
     tokio::spawn(presence_loop(state.clone()));
     tokio::spawn(sweep_loop(state.clone()));
+    tokio::spawn(super::cursors::flush_loop(
+        cfg.peers.clone(),
+        state.cursors.clone(),
+    ));
     tracing::info!(server = cfg.server, ws = %cfg.ws_listen, "chat server up");
     loop {
         match listener.accept().await {

@@ -690,13 +690,33 @@ impl Session {
         *e = (*e).max(seq);
     }
 
-    /// Writes the remembered cursors in one kv call, in the background.
+    /// Hands the remembered cursors to the server's batcher (`cursors`), which writes them
+    /// within `CURSOR_FLUSH_MS`.
     fn flush_reads(&mut self) {
         if self.reads.is_empty() {
             return;
         }
-        let cursors = std::mem::take(&mut self.reads).into_iter().collect();
-        let kv = self.state.peers().kv_for_user(self.user).clone();
+        let reads = std::mem::take(&mut self.reads);
+        let peers = self.state.peers();
+        let shard = peers.kv_shard_of_user(self.user);
+        if let Some(full) = self.state.cursors.add(shard, self.device, reads) {
+            let peers = peers.clone();
+            tokio::spawn(async move { super::cursors::write(&peers, full).await });
+        }
+    }
+
+    /// Writes the remembered cursors and those still waiting in the batcher in one kv call,
+    /// in the background: the session is closing, and its device may sync elsewhere soon.
+    fn write_reads_now(&mut self) {
+        let mut reads = std::mem::take(&mut self.reads);
+        let peers = self.state.peers();
+        let shard = peers.kv_shard_of_user(self.user);
+        super::cursors::merge(&mut reads, self.state.cursors.take_device(shard, self.device));
+        if reads.is_empty() {
+            return;
+        }
+        let cursors = reads.into_iter().collect();
+        let kv = peers.kv_shard(shard).clone();
         let device = self.device;
         tokio::spawn(async move {
             let _ = kv.call(Request::SetCursors { device, cursors }).await;
@@ -803,7 +823,7 @@ impl Session {
     }
 
     async fn close(mut self) {
-        self.flush_reads();
+        self.write_reads_now();
         self.state.detach(self.device, self.epoch, self.logged_out);
         self.state.release_buckets(self.device, unix_ms());
         let mut entry = self.entry();

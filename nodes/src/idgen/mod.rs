@@ -31,6 +31,11 @@ pub fn decode(id: Id) -> (u64, u16, u16) {
     (ts, worker, seq)
 }
 
+/// The smallest id issued at `ts_ms` or later: ids issued before it are below it.
+pub fn first_id_at(ts_ms: u64) -> Id {
+    encode(ts_ms.max(EPOCH_MS), 0, 0)
+}
+
 fn encode(ts_ms: u64, worker: u16, seq: u64) -> Id {
     ((ts_ms - EPOCH_MS) << (WORKER_BITS + SEQUENCE_BITS)) | ((worker as u64) << SEQUENCE_BITS) | seq
 }

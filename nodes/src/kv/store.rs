@@ -30,14 +30,14 @@
 //! state as a snapshot. The database also holds the replica's Raft log (`raftlog`), in tables
 //! of its own, so a log append and an apply can share one commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::limits::{
-    CHANNELS_PER_USER_MAX, DEVICES_PER_USER_MAX, FRIENDS_PER_USER_MAX, GROUP_MEMBERS_MAX,
-    MESSAGE_CHARS_MAX,
+    CHANNELS_PER_USER_MAX, CURSOR_BATCH_DEVICES_MAX, DEVICES_PER_USER_MAX, FRIENDS_PER_USER_MAX,
+    GROUP_MEMBERS_MAX, MESSAGE_CHARS_MAX, PUSH_CLAIM_DEVICES_MAX,
 };
 use crate::proto::client::{ChatMessage, ErrorCode, PushTarget};
 use crate::proto::internal::{
@@ -62,14 +62,22 @@ const LAST_ACTIVE: TableDefinition<u64, u64> = TableDefinition::new("last_active
 /// (channel, seq) -> commit time (ms) of messages whose fanout is not finished: written in the
 /// commit's transaction, removed by `FanoutDone`, swept by chat servers after a crash.
 const PENDING: TableDefinition<(u64, u64), u64> = TableDefinition::new("pending_fanout");
-/// (message_id, device) -> 1 once a push was sent.
-/// (message, device) -> (claim, claimed at ms); claimed at `u64::MAX` means notified.
+/// (message, device) -> (claim, claimed at ms); claimed at `u64::MAX` means notified. Rows
+/// live on the message's channel shard and are deleted [`PUSH_CLAIMS_KEPT_MS`] after the
+/// message (`ExpirePushClaims`).
 const PUSHED: TableDefinition<(u64, u64), (u64, u64)> = TableDefinition::new("push_claims");
 /// The replica's own bookkeeping: `applied` (index, term of the last applied log entry),
 /// `conf_state` (the Raft membership as of it), `self_id` (this replica's Raft id).
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("replica_meta");
 /// How long a push claim keeps others out (its holder may have died before notifying).
 pub const PUSH_CLAIM_TTL_MS: u64 = 60_000;
+/// How long push claims are kept after their message was sent. Push nodes notify nobody of a
+/// message older than `push::server::PUSH_STALE_MS` (1 h), so a claim deleted after 6 h can
+/// never be needed again, whatever clocks skew by (the simulation steps clocks by at most
+/// 30 s).
+pub const PUSH_CLAIMS_KEPT_MS: u64 = 6 * 3_600_000;
+/// Rows one `ExpirePushClaims` deletes at most (one Raft entry stays small).
+pub const PUSH_CLAIMS_EXPIRED_PER_CALL: usize = 10_000;
 
 type R<T> = Result<T, redb::Error>;
 
@@ -766,12 +774,20 @@ impl Store {
                 now_ms,
             } => self.claim_push(message_id, device, claim, now_ms),
             Request::ConfirmPush { message_id, device } => {
-                let txn = self.begin_write()?;
-                txn.open_table(PUSHED)?
-                    .insert((message_id, device), (0, u64::MAX))?;
-                txn.commit()?;
-                Ok(Response::Ok)
+                self.confirm_pushes(message_id, &[device])
             }
+            Request::ClaimPushes {
+                message_id,
+                devices,
+                claim,
+                now_ms,
+            } => self.claim_pushes(message_id, &devices, claim, now_ms),
+            Request::ConfirmPushes {
+                message_id,
+                devices,
+            } => self.confirm_pushes(message_id, &devices),
+            Request::ExpirePushClaims { before_ms } => self.expire_push_claims(before_ms),
+            Request::SetCursorsBatch { devices } => self.set_cursors_batch(&devices),
             other => Ok(refuse(
                 ErrorCode::BadRequest,
                 format!("kv does not serve {other:?}"),
@@ -1118,14 +1134,30 @@ impl Store {
     }
 
     fn set_cursors(&self, device: Id, cursors: &[(Id, u64)]) -> R<Response> {
+        self.set_cursors_batch(&[(device, cursors.to_vec())])
+    }
+
+    /// Several devices' cursors in one transaction (a chat server's batch for this shard).
+    fn set_cursors_batch(&self, devices: &[(Id, Vec<(Id, u64)>)]) -> R<Response> {
+        if devices.len() > CURSOR_BATCH_DEVICES_MAX {
+            return Ok(refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "{} devices in one cursor batch, at most {CURSOR_BATCH_DEVICES_MAX}",
+                    devices.len()
+                ),
+            ));
+        }
         let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(CURSORS)?;
-            for &(channel, seq) in cursors {
-                let current = t.get((device, channel))?.map(|v| v.value()).unwrap_or(0);
-                // Cursors only move forward: a late, reordered `read` must not rewind them.
-                if seq > current {
-                    t.insert((device, channel), seq)?;
+            for (device, cursors) in devices {
+                for &(channel, seq) in cursors {
+                    let current = t.get((*device, channel))?.map(|v| v.value()).unwrap_or(0);
+                    // Cursors only move forward: a late, reordered `read` must not rewind them.
+                    if seq > current {
+                        t.insert((*device, channel), seq)?;
+                    }
                 }
             }
         }
@@ -1192,34 +1224,102 @@ impl Store {
     }
 
     fn claim_push(&self, message_id: Id, device: Id, claim: u64, now_ms: u64) -> R<Response> {
-        let txn = self.begin_write()?;
-        let granted = {
-            let t = txn.open_table(PUSHED)?;
-            let key = (message_id, device);
-            let current = t.get(key)?.map(|v| v.value());
-            match current {
-                None => Some(true),
-                Some((_, u64::MAX)) => Some(false),
-                Some((held, at))
-                    if held == claim || now_ms >= at.saturating_add(PUSH_CLAIM_TTL_MS) =>
-                {
-                    Some(true)
-                }
-                Some(_) => None,
-            }
-        };
-        if granted == Some(true) {
-            txn.open_table(PUSHED)?
-                .insert((message_id, device), (claim, now_ms))?;
-        }
-        txn.commit()?;
-        Ok(match granted {
-            Some(g) => Response::Bool(g),
-            None => refuse(
+        Ok(match self.claim_pushes(message_id, &[device], claim, now_ms)? {
+            Response::PushClaims { granted, .. } if !granted.is_empty() => Response::Bool(true),
+            Response::PushClaims { held, .. } if held.is_empty() => Response::Bool(false),
+            Response::PushClaims { .. } => refuse(
                 ErrorCode::Unavailable,
                 "another push holds the claim; retry after it lapses",
             ),
+            other => other,
         })
+    }
+
+    /// Grants each device whose row is absent, held by this `claim`, or lapsed; leaves the
+    /// notified ones out; names those another live claim holds. One transaction.
+    fn claim_pushes(
+        &self,
+        message_id: Id,
+        devices: &[Id],
+        claim: u64,
+        now_ms: u64,
+    ) -> R<Response> {
+        if devices.len() > PUSH_CLAIM_DEVICES_MAX {
+            return Ok(refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "{} devices in one push claim, at most {PUSH_CLAIM_DEVICES_MAX}",
+                    devices.len()
+                ),
+            ));
+        }
+        let devices: BTreeSet<Id> = devices.iter().copied().collect();
+        let (mut granted, mut held) = (Vec::new(), Vec::new());
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(PUSHED)?;
+            for device in devices {
+                let key = (message_id, device);
+                let current = t.get(key)?.map(|v| v.value());
+                match current {
+                    Some((_, u64::MAX)) => {}
+                    Some((holder, at))
+                        if holder != claim && now_ms < at.saturating_add(PUSH_CLAIM_TTL_MS) =>
+                    {
+                        held.push(device)
+                    }
+                    _ => {
+                        t.insert(key, (claim, now_ms))?;
+                        granted.push(device);
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(Response::PushClaims { granted, held })
+    }
+
+    /// Marks the devices notified: no claim on them is granted again (until the rows expire).
+    fn confirm_pushes(&self, message_id: Id, devices: &[Id]) -> R<Response> {
+        if devices.len() > PUSH_CLAIM_DEVICES_MAX {
+            return Ok(refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "{} devices in one push confirmation, at most {PUSH_CLAIM_DEVICES_MAX}",
+                    devices.len()
+                ),
+            ));
+        }
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(PUSHED)?;
+            for &device in devices {
+                t.insert((message_id, device), (0, u64::MAX))?;
+            }
+        }
+        txn.commit()?;
+        Ok(Response::Ok)
+    }
+
+    /// Deletes the claims of messages issued before `before_ms` (ids are Snowflakes: their
+    /// high bits are the issue time, so those rows are one key range).
+    fn expire_push_claims(&self, before_ms: u64) -> R<Response> {
+        let first_kept = crate::idgen::first_id_at(before_ms);
+        let txn = self.begin_write()?;
+        let removed = {
+            let mut t = txn.open_table(PUSHED)?;
+            let keys: Vec<(u64, u64)> = t
+                .range(..(first_kept, 0))?
+                .take(PUSH_CLAIMS_EXPIRED_PER_CALL)
+                .map(|item| item.map(|(k, _)| k.value()))
+                .collect::<Result<_, _>>()?;
+            for &k in &keys {
+                t.remove(k)?;
+            }
+            keys.len()
+        };
+        txn.commit()?;
+        Ok(Response::Count(removed as u64))
     }
 }
 
@@ -1721,6 +1821,95 @@ mod tests {
         assert_eq!(s.apply(confirm), Response::Ok);
         assert_eq!(claim(2, 1_000_000), Response::Bool(false));
         assert_eq!(claim(9, 1_000_000), Response::Bool(false));
+    }
+
+    // Proves one `ClaimPushes` grants every free device once (a repeated device counts once),
+    // names the devices another live claim holds, leaves notified ones out, takes lapsed
+    // claims over; that `ConfirmPushes` closes them; that too many devices are refused; and
+    // that `ExpirePushClaims` deletes exactly the rows of messages issued before its time,
+    // at most `PUSH_CLAIMS_EXPIRED_PER_CALL` per call.
+    #[test]
+    fn push_claims_in_batches_and_their_expiry() {
+        let s = store();
+        let t0 = crate::idgen::EPOCH_MS + 10_000_000;
+        let old = crate::idgen::first_id_at(t0) + 5;
+        let new = crate::idgen::first_id_at(t0 + 1);
+        let claim = |m: Id, devices: Vec<Id>, c: u64, now: u64| {
+            s.apply(Request::ClaimPushes {
+                message_id: m,
+                devices,
+                claim: c,
+                now_ms: now,
+            })
+        };
+        let answer = |granted: Vec<Id>, held: Vec<Id>| Response::PushClaims { granted, held };
+        assert_eq!(claim(old, vec![3, 1, 3], 1, 1_000), answer(vec![1, 3], vec![]));
+        assert_eq!(claim(old, vec![1, 2, 3], 2, 2_000), answer(vec![2], vec![1, 3]));
+        assert_eq!(
+            claim(old, vec![1, 3], 1, 2_500),
+            answer(vec![1, 3], vec![]),
+            "the same claimer retries"
+        );
+        let confirm = Request::ConfirmPushes {
+            message_id: old,
+            devices: vec![1, 2],
+        };
+        assert_eq!(s.apply(confirm), Response::Ok);
+        assert_eq!(
+            claim(old, vec![1, 2, 3], 9, 2_500 + PUSH_CLAIM_TTL_MS),
+            answer(vec![3], vec![]),
+            "notified devices are left out; the lapsed claim on 3 is taken over"
+        );
+        assert_eq!(claim(new, vec![1], 9, 3_000), answer(vec![1], vec![]));
+        let too_many = vec![1; PUSH_CLAIM_DEVICES_MAX + 1];
+        assert!(matches!(
+            claim(new, too_many, 9, 3_000),
+            Response::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ));
+        // Expiry: the old message's three rows go, the new one's stays.
+        let expire = |before_ms| s.apply(Request::ExpirePushClaims { before_ms });
+        assert_eq!(expire(t0), Response::Count(0));
+        assert_eq!(expire(t0 + 1), Response::Count(3));
+        assert_eq!(expire(t0 + 1), Response::Count(0));
+        assert_eq!(claim(new, vec![1, 4], 10, 3_000), answer(vec![4], vec![1]));
+        // Bounded per call.
+        let many: Vec<Id> = (0..PUSH_CLAIM_DEVICES_MAX as u64).collect();
+        for m in 0..6 {
+            claim(old + m, many.clone(), 1, 1_000);
+        }
+        let total = 6 * PUSH_CLAIM_DEVICES_MAX as u64;
+        assert_eq!(
+            expire(t0 + 1),
+            Response::Count(PUSH_CLAIMS_EXPIRED_PER_CALL as u64)
+        );
+        assert_eq!(
+            expire(t0 + 1),
+            Response::Count(total - PUSH_CLAIMS_EXPIRED_PER_CALL as u64)
+        );
+    }
+
+    // Proves a cursor batch moves every device's cursors forward only, like `SetCursors`,
+    // and refuses more than `CURSOR_BATCH_DEVICES_MAX` devices.
+    #[test]
+    fn cursor_batches() {
+        let s = store();
+        let batch = |devices| s.apply(Request::SetCursorsBatch { devices });
+        assert_eq!(batch(vec![(1, vec![(10, 5)]), (2, vec![(10, 7), (11, 1)])]), Response::Ok);
+        assert_eq!(batch(vec![(1, vec![(10, 3)]), (2, vec![(11, 4)])]), Response::Ok);
+        let cursors = |device| s.apply(Request::GetCursors { device });
+        assert_eq!(cursors(1), Response::Cursors([(10, 5)].into()));
+        assert_eq!(cursors(2), Response::Cursors([(10, 7), (11, 4)].into()));
+        let too_many = (0..=CURSOR_BATCH_DEVICES_MAX as u64).map(|d| (d, vec![])).collect();
+        assert!(matches!(
+            batch(too_many),
+            Response::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ));
     }
 
     // Proves a push target is stored on the user record for one of the user's devices (and

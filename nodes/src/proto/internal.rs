@@ -264,6 +264,13 @@ pub enum Request {
         /// (channel, seq) pairs.
         cursors: Vec<(Id, u64)>,
     },
+    /// `SetCursors` for several devices in one write: a chat server's cursors for one shard,
+    /// gathered over [`CURSOR_FLUSH_MS`](crate::chat::cursors::CURSOR_FLUSH_MS). At most
+    /// [`CURSOR_BATCH_DEVICES_MAX`](crate::limits::CURSOR_BATCH_DEVICES_MAX) devices.
+    SetCursorsBatch {
+        /// (device, [(channel, seq)]).
+        devices: Vec<(Id, Vec<(Id, u64)>)>,
+    },
     GetCursors {
         device: Id,
     },
@@ -293,6 +300,30 @@ pub enum Request {
     ConfirmPush {
         message_id: Id,
         device: Id,
+    },
+    /// `ClaimPush` for several devices of one message in one write (the push node claims
+    /// every device of a `Notify` at once, on the message's channel shard): answers
+    /// `PushClaims`. At most
+    /// [`PUSH_CLAIM_DEVICES_MAX`](crate::limits::PUSH_CLAIM_DEVICES_MAX) devices; repeated devices count once.
+    ClaimPushes {
+        message_id: Id,
+        devices: Vec<Id>,
+        claim: u64,
+        now_ms: u64,
+    },
+    /// `ConfirmPush` for several devices of one message in one write.
+    ConfirmPushes {
+        message_id: Id,
+        devices: Vec<Id>,
+    },
+    /// Deletes the push claims of messages whose id was issued before `before_ms` (claims are
+    /// kept
+    /// [`PUSH_CLAIMS_KEPT_MS`](crate::kv::store::PUSH_CLAIMS_KEPT_MS), not forever), at most
+    /// [`PUSH_CLAIMS_EXPIRED_PER_CALL`](crate::kv::store::PUSH_CLAIMS_EXPIRED_PER_CALL)
+    /// rows per call: answers `Count` (rows deleted); the caller repeats while it gets the
+    /// maximum.
+    ExpirePushClaims {
+        before_ms: u64,
     },
     /// idgen time lease: stores max(stored, `until_ms`) for `worker`; answers the previous
     /// value (`Id`, 0 if none).
@@ -451,6 +482,14 @@ pub enum Response {
     Pending(Vec<(ChatMessage, Vec<Id>)>),
     Sessions(Vec<SessionEntry>),
     Bool(bool),
+    /// `ClaimPushes`: the devices this claim may notify now, and those another live claim
+    /// holds (retry after it lapses). Devices already notified are in neither.
+    PushClaims {
+        granted: Vec<Id>,
+        held: Vec<Id>,
+    },
+    /// How many rows a request affected.
+    Count(u64),
     /// Errors sent to devices since the server started, by code.
     ErrorCounts(Vec<(ErrorCode, u64)>),
     /// A kv node's operations since it started: requests served and, of those, the ones that

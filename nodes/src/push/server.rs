@@ -1,5 +1,6 @@
 //! The push node shell: answers `Notify` by marking and sending one notification per device.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use super::{Notification, PushError, PushProvider, PREVIEW_CHARS_MAX};
 use crate::canary::Canary;
 use crate::clock::unix_ms;
 use crate::cluster::Peers;
+use crate::kv::client::ShardClient;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::proto::client::{ChatMessage, ErrorCode};
 use crate::proto::internal::{Request, Response};
@@ -54,6 +56,7 @@ impl PushProvider for Counted {
 pub async fn run(cfg: PushConfig) -> anyhow::Result<()> {
     cfg.peers.spawn_membership(Some(cfg.listen));
     tracing::info!(listen = %cfg.listen, "push node up");
+    tokio::spawn(expire_claims(cfg.peers.clone()));
     let claims = Arc::new(ClaimIds::new());
     let peers = cfg.peers.clone();
     let provider: Arc<dyn PushProvider> = Arc::new(Counted {
@@ -88,15 +91,26 @@ pub async fn run(cfg: PushConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Users of one request notified at once. A group message can name ~100 offline users, each
-/// several kv round trips (user, claim, confirm per device): one at a time that outlasts the
-/// chat server's call timeout, so the fanout would stay pending and be redone again and again
-/// (found by the `peak-hour` workload: deliveries delayed ~90 s behind such fanouts).
-const USERS_IN_FLIGHT: usize = 32;
+/// Notifications of one request in flight at once. A group message can name ~100 offline
+/// users of several devices each; one at a time that outlasts the chat server's call timeout,
+/// so the fanout would stay pending and be redone again and again (found by the `peak-hour`
+/// workload: deliveries delayed ~90 s behind such fanouts).
+const NOTIFY_IN_FLIGHT: usize = 64;
 
-/// Notifies every device of every user once. Users are independent: one user's kv shard being
-/// down does not hold back the others; the error is returned so the caller retries (the
-/// (message, device) marks make a retry safe).
+/// No push for a message older than this (by its id's time): its fanout was redone long after
+/// it was sent (a crash, a shard down for long); the devices get it when they next connect.
+/// It also bounds how long claims must be kept (`PUSH_CLAIMS_KEPT_MS`, 6 h).
+pub const PUSH_STALE_MS: u64 = 3_600_000;
+
+/// How often a push node deletes the claims older than `PUSH_CLAIMS_KEPT_MS` on every shard.
+/// Any push node may: the deletes are idempotent.
+pub const PUSH_CLAIMS_EXPIRY_EVERY_MS: u64 = 600_000;
+
+/// Notifies every device of every user once. Per request: one `GetUsers` per kv shard of the
+/// users (at once), one `ClaimPushes` of every device on the message's channel shard, the
+/// notifications, one `ConfirmPushes` (4 kv requests, 2 writes, for a 1:1 message; they were
+/// 1 + 2 per device). One shard being down holds back only its users; the error is returned
+/// so the caller retries (the claims make a retry safe).
 async fn notify(
     peers: &Peers,
     provider: &dyn PushProvider,
@@ -104,72 +118,98 @@ async fn notify(
     users: &[Id],
     claim: u64,
 ) -> Result<(), RpcError> {
-    use futures::{FutureExt, StreamExt};
-    // Boxed: a stream of plain async calls over borrowed arguments fails rustc's
-    // higher-ranked `Send` check in the spawned handler.
-    let calls: Vec<futures::future::BoxFuture<'_, Result<(), RpcError>>> = users
-        .iter()
-        .map(|&user| notify_user(peers, provider, message, user, claim).boxed())
-        .collect();
-    let results: Vec<Result<(), RpcError>> = futures::stream::iter(calls)
-        .buffered(USERS_IN_FLIGHT)
-        .collect()
-        .await;
-    results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
-}
-
-async fn notify_user(
-    peers: &Peers,
-    provider: &dyn PushProvider,
-    message: &ChatMessage,
-    user: Id,
-    claim: u64,
-) -> Result<(), RpcError> {
-    let kv = peers.kv_for_user(user);
-    let (devices, mut targets) = match kv.call(Request::GetUser { user }).await? {
-        Response::User(Some(u)) => (u.devices, u.push_targets),
-        _ => return Ok(()),
-    };
+    use futures::StreamExt;
+    let (sent_ms, _, _) = crate::idgen::decode(message.message_id);
+    if unix_ms().saturating_sub(sent_ms) > PUSH_STALE_MS {
+        tracing::debug!(message = message.message_id, "stale message: not pushed");
+        return Ok(());
+    }
     let mut first_err = None;
-    for device in devices {
-        let req = Request::ClaimPush {
-            message_id: message.message_id,
-            device,
-            claim,
-            now_ms: unix_ms(),
-        };
-        // Claim first: two pushes of one message never run at once, and a device notified
-        // once is never notified again. A claimer that dies before notifying holds the claim
-        // only `PUSH_CLAIM_TTL_MS`; the caller's retry (or a sweep) then takes it over.
-        match call_with_retries(peers, user, req).await {
-            Ok(Response::Bool(true)) => {}
-            Ok(Response::Bool(false)) if peers.canaries.is_on(Canary::PushIgnoresClaim) => {}
-            Ok(Response::Bool(false)) => continue,
-            Ok(other) => {
-                tracing::warn!(?other, "unexpected claim answer");
-                continue;
+    let lookups = peers
+        .users_by_shard(users)
+        .into_iter()
+        .map(|(shard, users)| peers.kv_shard(shard).call(Request::GetUsers { users }));
+    let mut targets: BTreeMap<Id, (Id, Option<crate::proto::client::PushTarget>)> =
+        BTreeMap::new();
+    for answer in futures::future::join_all(lookups).await {
+        match answer {
+            Ok(Response::Users(records)) => {
+                for mut u in records {
+                    for device in u.devices {
+                        targets.insert(device, (u.user, u.push_targets.remove(&device)));
+                    }
+                }
             }
+            Ok(other) => tracing::warn!(?other, "unexpected user lookup answer"),
             Err(e) => {
                 first_err.get_or_insert(e);
-                continue;
             }
         }
+    }
+    if targets.is_empty() {
+        return first_err.map_or(Ok(()), Err);
+    }
+    // Claim first: two pushes of one message to a device never run at once, and a device
+    // notified once is never notified again. A claimer that dies before notifying holds its
+    // claims only `PUSH_CLAIM_TTL_MS`; the caller's retry (or a sweep) then takes them over.
+    let kv = peers.kv_for_channel(message.channel);
+    let req = Request::ClaimPushes {
+        message_id: message.message_id,
+        devices: targets.keys().copied().collect(),
+        claim,
+        now_ms: unix_ms(),
+    };
+    let granted = match call_with_retries(kv, req).await? {
+        Response::PushClaims { .. } if peers.canaries.is_on(Canary::PushIgnoresClaim) => {
+            targets.keys().copied().collect()
+        }
+        Response::PushClaims { granted, held } => {
+            if !held.is_empty() {
+                first_err.get_or_insert(RpcError::Remote {
+                    code: ErrorCode::Unavailable,
+                    detail: format!(
+                        "another push holds the claims of {} devices; retry after they lapse",
+                        held.len()
+                    ),
+                });
+            }
+            granted
+        }
+        other => {
+            return Err(RpcError::Remote {
+                code: ErrorCode::Unavailable,
+                detail: format!("unexpected claim answer {other:?}"),
+            })
+        }
+    };
+    let preview: String = message.text.chars().take(PREVIEW_CHARS_MAX).collect();
+    let sends = granted.into_iter().map(|device| {
+        let (user, target) = targets.remove(&device).unwrap_or((0, None));
         let n = Notification {
             user,
             device,
             channel: message.channel,
             message_id: message.message_id,
             sender: message.sender,
-            preview: message.text.chars().take(PREVIEW_CHARS_MAX).collect(),
-            target: targets.remove(&device),
+            preview: preview.clone(),
+            target,
         };
-        match provider.notify(n).await {
-            Ok(()) => {}
+        provider.notify(n).map(move |r| (user, device, r))
+    });
+    let outcomes: Vec<_> = futures::stream::iter(sends)
+        .buffer_unordered(NOTIFY_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut done = Vec::new();
+    for (user, device, outcome) in outcomes {
+        match outcome {
+            Ok(()) => done.push(device),
             // The platform answered no (token gone, malformed request): a retry gets the same
             // answer, so the device counts as done (confirmed below) instead of failing the
             // whole request again and again.
             Err(e @ PushError::Refused(_)) => {
                 tracing::warn!(user, device, error = %e, "push refused, not retried");
+                done.push(device);
             }
             Err(e @ PushError::Unreachable(_)) => {
                 // Not confirmed: the claim lapses and a retry notifies again.
@@ -178,19 +218,21 @@ async fn notify_user(
                     code: ErrorCode::Unavailable,
                     detail: format!("push provider: {e}"),
                 });
-                continue;
             }
         }
-        let confirm = Request::ConfirmPush {
+    }
+    if !done.is_empty() {
+        done.sort_unstable();
+        let confirm = Request::ConfirmPushes {
             message_id: message.message_id,
-            device,
+            devices: done,
         };
         // Sent either way. An unconfirmed claim lapses and a retry of the whole request (when
         // another device failed) would notify again, so the confirm keeps being retried in the
-        // background for as long as the claim holds.
-        if let Err(e) = call_with_retries(peers, user, confirm.clone()).await {
-            tracing::warn!(user, device, error = %e, "push sent but not confirmed yet");
-            let kv = peers.kv_for_user(user).clone();
+        // background for as long as the claims hold.
+        if let Err(e) = call_with_retries(kv, confirm.clone()).await {
+            tracing::warn!(message = message.message_id, error = %e, "pushes sent but not confirmed yet");
+            let kv = kv.clone();
             tokio::spawn(async move {
                 let tries = crate::kv::store::PUSH_CLAIM_TTL_MS / 1000;
                 for _ in 0..tries {
@@ -199,11 +241,40 @@ async fn notify_user(
                         return;
                     }
                 }
-                tracing::warn!(user, device, "push confirm never landed");
+                tracing::warn!("push confirm never landed");
             });
         }
     }
     first_err.map_or(Ok(()), Err)
+}
+
+/// Deletes expired claims on every shard, every [`PUSH_CLAIMS_EXPIRY_EVERY_MS`], for as long
+/// as the node runs. A shard that does not answer is tried again next time.
+async fn expire_claims(peers: Arc<Peers>) {
+    use crate::kv::store::{PUSH_CLAIMS_EXPIRED_PER_CALL, PUSH_CLAIMS_KEPT_MS};
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(PUSH_CLAIMS_EXPIRY_EVERY_MS)).await;
+        let before_ms = unix_ms().saturating_sub(PUSH_CLAIMS_KEPT_MS);
+        for shard in 0..peers.kv_shards() {
+            loop {
+                match peers
+                    .kv_shard(shard)
+                    .call(Request::ExpirePushClaims { before_ms })
+                    .await
+                {
+                    Ok(Response::Count(n)) if n as usize >= PUSH_CLAIMS_EXPIRED_PER_CALL => {}
+                    Ok(Response::Count(n)) => {
+                        tracing::debug!(shard, removed = n, "push claims expired");
+                        break;
+                    }
+                    other => {
+                        tracing::debug!(shard, answer = ?other, "push claim expiry failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Claim ids of one push node process: a random base (its low 20 bits clear) above a counter,
@@ -234,13 +305,13 @@ impl ClaimIds {
 
 /// Claim and confirm calls are retried a few times (the same request: both are idempotent
 /// for their claimer) before the error goes back to the caller.
-async fn call_with_retries(peers: &Peers, user: Id, req: Request) -> Result<Response, RpcError> {
+async fn call_with_retries(kv: &ShardClient, req: Request) -> Result<Response, RpcError> {
     let mut last = None;
     for attempt in 0..KV_ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
-        match peers.kv_for_user(user).call(req.clone()).await {
+        match kv.call(req.clone()).await {
             Ok(r) => return Ok(r),
             // kv answered: retrying the same request gets the same answer.
             Err(e @ RpcError::Remote { .. }) => return Err(e),
