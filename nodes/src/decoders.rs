@@ -229,6 +229,7 @@ fn rpc_requests() -> Vec<Vec<u8>> {
         Request::Notify {
             message: message(),
             users: vec![16, 17],
+            fanout_done: true,
         },
         Request::ClaimPushes {
             message_id: 290_336_586_162_245_642,

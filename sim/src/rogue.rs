@@ -68,6 +68,7 @@ fn targets(cluster: &Cluster) -> Vec<(String, SocketAddr, Request)> {
         let req = Request::Notify {
             message: forged.clone(),
             users: Vec::new(),
+            fanout_done: false,
         };
         out.push((format!("push-{i}"), *addr, req));
     }

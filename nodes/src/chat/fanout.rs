@@ -72,7 +72,9 @@ pub async fn fanout(state: Arc<ChatState>, c: Committed) {
         .await
         .into_iter()
         .all(|ok| ok);
-    if push_offline(&state, &c).await && delivered && looked_up {
+    let pushed = push_offline(&state, &c, delivered && looked_up).await;
+    // Recorded by the push node, or to record here.
+    if pushed == Pushed::Done && delivered && looked_up {
         let done = Request::FanoutDone {
             channel: c.message.channel,
             seq: c.message.seq,
@@ -155,8 +157,21 @@ async fn sessions_of(state: &ChatState, users: &[Id]) -> (Vec<SessionEntry>, boo
     (out, complete)
 }
 
-/// Asks the push node to notify offline members; false if it could not be reached.
-async fn push_offline(state: &ChatState, c: &Committed) -> bool {
+/// What `push_offline` got done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pushed {
+    /// Every offline member's devices were handled (or there were none).
+    Done,
+    /// Done, and the push node recorded the fanout done with its claims (one kv write fewer).
+    DoneAndRecorded,
+    /// Presence or the push node could not do it now: the fanout stays pending.
+    NotDone,
+}
+
+/// Asks the push node to notify offline members. With `record_done` (every online device was
+/// reached), the push node also records the fanout done in the same kv write as its claims'
+/// confirmation.
+async fn push_offline(state: &ChatState, c: &Committed, record_done: bool) -> Pushed {
     let peers = state.peers();
     let recipients: Vec<Id> = c
         .members
@@ -165,7 +180,7 @@ async fn push_offline(state: &ChatState, c: &Committed) -> bool {
         .filter(|u| *u != c.message.sender)
         .collect();
     if recipients.is_empty() {
-        return true;
+        return Pushed::Done;
     }
     let offline: Vec<Id> = if peers.canaries.is_on(Canary::PushToOnline) {
         recipients
@@ -184,7 +199,7 @@ async fn push_offline(state: &ChatState, c: &Committed) -> bool {
                     ?other,
                     "presence unknown; push later"
                 );
-                return false;
+                return Pushed::NotDone;
             }
         }
     };
@@ -194,19 +209,24 @@ async fn push_offline(state: &ChatState, c: &Committed) -> bool {
         "push to offline members"
     );
     if offline.is_empty() {
-        return true;
+        return Pushed::Done;
     }
     for attempt in 1..=PUSH_ATTEMPTS {
         let req = Request::Notify {
             message: c.message.clone(),
             users: offline.clone(),
+            fanout_done: record_done,
         };
         // Any push node serves any request: the healthy ones first, round robin.
         let node = peers.push_health.order(tokio::time::Instant::now())[0];
         match peers.push(node).call(req).await {
             Ok(Response::Ok) => {
                 peers.push_health.succeeded(node);
-                return true;
+                return Pushed::Done;
+            }
+            Ok(Response::Bool(true)) => {
+                peers.push_health.succeeded(node);
+                return Pushed::DoneAndRecorded;
             }
             Ok(other) => {
                 // The push node answered but not every device was handled (its kv shard
@@ -226,7 +246,7 @@ async fn push_offline(state: &ChatState, c: &Committed) -> bool {
         message = c.message.message_id,
         "push not reached; a sweep will retry"
     );
-    false
+    Pushed::NotDone
 }
 
 /// Attempts to hand a notification request to the push node (1 s, 2 s apart: done within

@@ -774,7 +774,7 @@ impl Store {
                 now_ms,
             } => self.claim_push(message_id, device, claim, now_ms),
             Request::ConfirmPush { message_id, device } => {
-                self.confirm_pushes(message_id, &[device])
+                self.confirm_pushes(message_id, &[device], None)
             }
             Request::ClaimPushes {
                 message_id,
@@ -785,7 +785,8 @@ impl Store {
             Request::ConfirmPushes {
                 message_id,
                 devices,
-            } => self.confirm_pushes(message_id, &devices),
+                fanout_done,
+            } => self.confirm_pushes(message_id, &devices, fanout_done),
             Request::ExpirePushClaims { before_ms } => self.expire_push_claims(before_ms),
             Request::SetCursorsBatch { devices } => self.set_cursors_batch(&devices),
             other => Ok(refuse(
@@ -1280,7 +1281,13 @@ impl Store {
     }
 
     /// Marks the devices notified: no claim on them is granted again (until the rows expire).
-    fn confirm_pushes(&self, message_id: Id, devices: &[Id]) -> R<Response> {
+    /// With `fanout_done`, removes that pending fanout in the same transaction.
+    fn confirm_pushes(
+        &self,
+        message_id: Id,
+        devices: &[Id],
+        fanout_done: Option<(Id, u64)>,
+    ) -> R<Response> {
         if devices.len() > PUSH_CLAIM_DEVICES_MAX {
             return Ok(refuse(
                 ErrorCode::BadRequest,
@@ -1296,6 +1303,9 @@ impl Store {
             for &device in devices {
                 t.insert((message_id, device), (0, u64::MAX))?;
             }
+        }
+        if let Some(pending) = fanout_done {
+            txn.open_table(PENDING)?.remove(pending)?;
         }
         txn.commit()?;
         Ok(Response::Ok)
@@ -1723,6 +1733,18 @@ mod tests {
         assert_eq!((p[0].0.seq, p[0].1.clone()), (1, vec![1, 2]));
         s.apply(Request::FanoutDone { channel: 7, seq: 1 });
         assert!(pending(u64::MAX).is_empty());
+        // A push confirmation may carry the fanout's end: the same removal.
+        append(&s, 1, 2, 200, "b");
+        assert_eq!(pending(u64::MAX).len(), 1);
+        let confirm = |fanout_done| Request::ConfirmPushes {
+            message_id: 200,
+            devices: vec![],
+            fanout_done,
+        };
+        s.apply(confirm(None));
+        assert_eq!(pending(u64::MAX).len(), 1);
+        s.apply(confirm(Some((7, 2))));
+        assert!(pending(u64::MAX).is_empty());
     }
 
     // Proves a late registration of an older connection neither replaces the entry of the
@@ -1853,6 +1875,7 @@ mod tests {
         let confirm = Request::ConfirmPushes {
             message_id: old,
             devices: vec![1, 2],
+            fanout_done: None,
         };
         assert_eq!(s.apply(confirm), Response::Ok);
         assert_eq!(

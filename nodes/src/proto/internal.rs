@@ -311,10 +311,14 @@ pub enum Request {
         claim: u64,
         now_ms: u64,
     },
-    /// `ConfirmPush` for several devices of one message in one write.
+    /// `ConfirmPush` for several devices of one message in one write; with `fanout_done`
+    /// (channel, seq), also `FanoutDone` in the same write (the push node finished the last
+    /// step of the message's fanout).
     ConfirmPushes {
         message_id: Id,
         devices: Vec<Id>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fanout_done: Option<(Id, u64)>,
     },
     /// Deletes the push claims of messages whose id was issued before `before_ms` (claims are
     /// kept
@@ -431,9 +435,16 @@ pub enum Request {
         observers: Vec<Id>,
     },
     // ---- push
+    /// Answers `Bool(true)` when every device was handled and, as `fanout_done` asked, the
+    /// message's fanout was recorded done (in the claims' confirmation: one kv write fewer);
+    /// `Ok` when every device was handled and nothing more was written.
     Notify {
         message: ChatMessage,
         users: Vec<Id>,
+        /// The caller delivered to every online device: record the fanout done when the push
+        /// is.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fanout_done: bool,
     },
 }
 

@@ -69,10 +69,21 @@ pub async fn run(cfg: PushConfig) -> anyhow::Result<()> {
         let claims = claims.clone();
         async move {
             match req {
-                Request::Notify { message, users } => {
+                Request::Notify {
+                    message,
+                    users,
+                    fanout_done,
+                } => {
                     let claim = claims.next();
-                    match notify(&peers, provider.as_ref(), &message, &users, claim).await {
-                        Ok(()) => Response::Ok,
+                    let job = Job {
+                        message: &message,
+                        users: &users,
+                        claim,
+                        fanout_done,
+                    };
+                    match notify(&peers, provider.as_ref(), job).await {
+                        Ok(true) => Response::Bool(true),
+                        Ok(false) => Response::Ok,
                         Err(e) => Response::Error {
                             code: e.code(),
                             detail: e.to_string(),
@@ -106,23 +117,35 @@ pub const PUSH_STALE_MS: u64 = 3_600_000;
 /// Any push node may: the deletes are idempotent.
 pub const PUSH_CLAIMS_EXPIRY_EVERY_MS: u64 = 600_000;
 
+/// One `Notify`.
+struct Job<'a> {
+    message: &'a ChatMessage,
+    users: &'a [Id],
+    /// This request's claim id.
+    claim: u64,
+    /// Record the message's fanout done with the confirmation, if every device is handled.
+    fanout_done: bool,
+}
+
 /// Notifies every device of every user once. Per request: one `GetUsers` per kv shard of the
 /// users (at once), one `ClaimPushes` of every device on the message's channel shard, the
-/// notifications, one `ConfirmPushes` (4 kv requests, 2 writes, for a 1:1 message; they were
-/// 1 + 2 per device). One shard being down holds back only its users; the error is returned
-/// so the caller retries (the claims make a retry safe).
-async fn notify(
-    peers: &Peers,
-    provider: &dyn PushProvider,
-    message: &ChatMessage,
-    users: &[Id],
-    claim: u64,
-) -> Result<(), RpcError> {
+/// notifications, one `ConfirmPushes`, which also records the fanout done when the caller
+/// asked (3 kv requests, 2 writes, for a 1:1 message; they were 1 + 2 per device, and the
+/// chat server's `FanoutDone`). One shard being down holds back only its users; the error is
+/// returned so the caller retries (the claims make a retry safe). True if the fanout was
+/// recorded done.
+async fn notify(peers: &Peers, provider: &dyn PushProvider, job: Job<'_>) -> Result<bool, RpcError> {
     use futures::StreamExt;
+    let Job {
+        message,
+        users,
+        claim,
+        fanout_done,
+    } = job;
     let (sent_ms, _, _) = crate::idgen::decode(message.message_id);
     if unix_ms().saturating_sub(sent_ms) > PUSH_STALE_MS {
         tracing::debug!(message = message.message_id, "stale message: not pushed");
-        return Ok(());
+        return Ok(false);
     }
     let mut first_err = None;
     let lookups = peers
@@ -147,7 +170,7 @@ async fn notify(
         }
     }
     if targets.is_empty() {
-        return first_err.map_or(Ok(()), Err);
+        return first_err.map_or(Ok(false), Err);
     }
     // Claim first: two pushes of one message to a device never run at once, and a device
     // notified once is never notified again. A claimer that dies before notifying holds its
@@ -221,16 +244,23 @@ async fn notify(
             }
         }
     }
-    if !done.is_empty() {
+    let pending = (fanout_done && first_err.is_none()).then_some((message.channel, message.seq));
+    let mut recorded = false;
+    if !done.is_empty() || pending.is_some() {
         done.sort_unstable();
         let confirm = Request::ConfirmPushes {
             message_id: message.message_id,
             devices: done,
+            fanout_done: pending,
         };
         // Sent either way. An unconfirmed claim lapses and a retry of the whole request (when
         // another device failed) would notify again, so the confirm keeps being retried in the
         // background for as long as the claims hold.
-        if let Err(e) = call_with_retries(kv, confirm.clone()).await {
+        // Not recorded: the caller records the fanout done itself (a second removal is
+        // harmless).
+        let confirmed = call_with_retries(kv, confirm.clone()).await;
+        recorded = confirmed.is_ok() && pending.is_some();
+        if let Err(e) = confirmed {
             tracing::warn!(message = message.message_id, error = %e, "pushes sent but not confirmed yet");
             let kv = kv.clone();
             tokio::spawn(async move {
@@ -245,7 +275,7 @@ async fn notify(
             });
         }
     }
-    first_err.map_or(Ok(()), Err)
+    first_err.map_or(Ok(recorded), Err)
 }
 
 /// Deletes expired claims on every shard, every [`PUSH_CLAIMS_EXPIRY_EVERY_MS`], for as long
