@@ -10,7 +10,7 @@
 //! | `client_frame` | a WebSocket text frame from a device | UTF-8, then `chat::validate::parse_frame`, then `check_text` on a send |
 //! | `http_body` | a request body of every JSON route | `api::routes::decode_body` into each route's type |
 //! | `rpc_request` / `rpc_response` | an internal RPC frame (after its length prefix) | `rpc::decode_request` / `rpc::decode_response` |
-//! | `kv_record` | a stored user, channel, message or session row | `kv::store::decode_record` |
+//! | `kv_record` | a stored user, channel, message or session row | `kv::store::decode_record`, and `decode_message` for a log row (postcard or JSON) |
 //! | `raft_entry` | a Raft log entry (stored, or in a snapshot or message) and what applying it reads | `kv::replica::decode_log_entry` |
 //! | `raft_message` | a Raft message from a peer | protobuf `Message::parse_from_bytes` |
 
@@ -102,6 +102,7 @@ fn kv_record(bytes: &[u8]) -> bool {
     ok |= decode_record::<ChannelRecord>(bytes).is_ok();
     ok |= decode_record::<ChatMessage>(bytes).is_ok();
     ok |= decode_record::<SessionEntry>(bytes).is_ok();
+    ok |= crate::kv::store::decode_message((7, 3), bytes).is_ok();
     ok
 }
 
@@ -294,6 +295,7 @@ fn kv_records() -> Vec<Vec<u8>> {
         json(&user()),
         json(&channel()),
         json(&message()),
+        crate::kv::store::encode_message(&message()),
         json(&SessionEntry {
             user: 15,
             device: 73,

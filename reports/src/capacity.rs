@@ -78,7 +78,20 @@ pub struct Measurement {
     pub storage_page_bytes: i64,
     #[serde(default)]
     pub storage_stored_bytes: i64,
+    /// The same two for the tables that grow with history and are kept forever
+    /// ([`HISTORY_TABLES`]): what a year of storage is made of. 0 in measurements from
+    /// before they were taken (the plan then uses file growth).
+    #[serde(default)]
+    pub storage_history_page_bytes: i64,
+    #[serde(default)]
+    pub storage_history_stored_bytes: i64,
 }
+
+/// kv tables that grow with every message and are kept forever: the channel logs and the
+/// send dedup index. The others are bounded: by users and devices (`users`, `names`,
+/// `channels`, `cursors`, `sessions`, `last_active`), by time (`push_claims`, 6 h;
+/// `pending_fanout`, until done) or by compaction (the Raft log).
+pub const HISTORY_TABLES: [&str; 2] = ["log", "dedup"];
 
 /// Per-node capacities measured by `cargo run --release -p benches --bin node-capacity`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -281,21 +294,44 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
     // The measurement holds `copies` of everything: one copy's growth, then the plan's
     // replication.
     let copies = m.kv_replicas.max(1) as f64;
-    let overhead = (m.storage_bytes as f64 / copies - m.text_bytes as f64).max(0.0) / sent;
+    let per_copy = |b: f64| b / copies / sent;
+    // The pages of the history tables when measured (what stays: the bounded tables' growth
+    // over a short run is not a year's), else the files' growth.
+    let (grown, on) = if m.storage_history_page_bytes > 0 {
+        (
+            m.storage_history_page_bytes as f64,
+            format!(
+                "the B-tree pages of the tables kept forever ({}: {:.0} B per message and copy in pages, {:.0} B of keys and values; every table: {:.0} B in pages, {:.0} B of keys and values, {:.0} B of file length, the rest bounded by users, devices, time or compaction)",
+                HISTORY_TABLES.join(", "),
+                per_copy(m.storage_history_page_bytes as f64),
+                per_copy(m.storage_history_stored_bytes as f64),
+                per_copy(m.storage_page_bytes as f64),
+                per_copy(m.storage_stored_bytes as f64),
+                per_copy(m.storage_bytes as f64),
+            ),
+        )
+    } else {
+        (
+            m.storage_bytes as f64,
+            format!(
+                "redb files ({:.0} B per message and copy in file length, {:.0} B in the tables' pages, {:.0} B of keys and values)",
+                per_copy(m.storage_bytes as f64),
+                per_copy(m.storage_page_bytes as f64),
+                per_copy(m.storage_stored_bytes as f64),
+            ),
+        )
+    };
+    let overhead = (grown / copies - m.text_bytes as f64).max(0.0) / sent;
     let text = model.mean_text_chars() * bytes_per_char;
     let per_msg_storage = overhead + text;
     let msgs_per_day = model.messages_per_user_per_day * dau as f64;
     let day = per_msg_storage * msgs_per_day * a.replication;
-    let per_copy = |b: f64| b / copies / sent;
     put(
         "storage_bytes_per_day",
         day,
         "bytes/day",
         sim(format!(
-            "({overhead:.0} B of kv database growth per message and copy beyond its text, measured on redb files (measured with {copies:.0} copies: {:.0} B per message and copy in file length, {:.0} B in the tables' pages, {:.0} B of keys and values) + {text:.0} B of text: the model's mean {:.0} characters) x {msgs_per_day:.0} messages/day [model] x replication {} [assumption]",
-            per_copy(m.storage_bytes as f64),
-            per_copy(m.storage_page_bytes as f64),
-            per_copy(m.storage_stored_bytes as f64),
+            "({overhead:.0} B of kv growth per message and copy beyond its text, measured with {copies:.0} copies on {on} + {text:.0} B of text: the model's mean {:.0} characters) x {msgs_per_day:.0} messages/day [model] x replication {} [assumption]",
             model.mean_text_chars(),
             a.replication
         )),
@@ -624,6 +660,8 @@ mod tests {
             kv_replicas: 1,
             storage_page_bytes: 1_500_000,
             storage_stored_bytes: 900_000,
+            storage_history_page_bytes: 0,
+            storage_history_stored_bytes: 0,
         }
     }
 
@@ -687,6 +725,30 @@ mod tests {
         }
         let md = std::fs::read_to_string(dir.path().join("capacity.md")).unwrap();
         assert!(md.contains("10 KB") && md.contains("back-of-envelope"));
+    }
+
+    // Proves a measurement with the history tables' pages sizes storage from them (not from
+    // the files, which also hold bounded tables), per copy, with the run's text swapped for
+    // the model's mean.
+    #[test]
+    fn storage_comes_from_the_history_tables() {
+        let model = Model::default();
+        let a = Assumptions::default();
+        let day = |m: &Measurement| {
+            plan(50_000_000, &model, m, &default_bench(), &a)
+                .get("storage_bytes_per_day")
+                .expect("storage")
+                .value
+        };
+        let mut m = measurement();
+        m.kv_replicas = 3;
+        m.storage_history_page_bytes = 3 * (40_000 + 850 * 300);
+        m.storage_history_stored_bytes = 3 * (40_000 + 850 * 200);
+        let per_message = 300.0 + model.mean_text_chars();
+        let msgs = model.messages_per_user_per_day * 50e6;
+        assert!((day(&m) - per_message * msgs * a.replication).abs() < 1.0);
+        m.storage_history_page_bytes = 0;
+        assert!(day(&m) > 0.0, "falls back to file growth");
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub fn write_plan(c: &CapacityOpts, opts: &Opts, plan: &Plan, outcome: &Outcome)
     let w = outcome.window.1.since(&outcome.window.0);
     let kv = outcome.window.1.kv_since(&outcome.window.0);
     let space = outcome.window.1.kv_space_since(&outcome.window.0);
+    let history = space
+        .iter()
+        .filter(|t| reports::capacity::HISTORY_TABLES.contains(&t.0.as_str()));
     let m = Measurement {
         workload: opts.workload.clone(),
         seed: opts.seed,
@@ -71,6 +74,8 @@ pub fn write_plan(c: &CapacityOpts, opts: &Opts, plan: &Plan, outcome: &Outcome)
         kv_replicas: opts.replicas.max(1),
         storage_page_bytes: space.iter().map(|t| t.2).sum(),
         storage_stored_bytes: space.iter().map(|t| t.1).sum(),
+        storage_history_page_bytes: history.clone().map(|t| t.2).sum(),
+        storage_history_stored_bytes: history.map(|t| t.1).sum(),
         chars: w.chars,
         text_bytes: w.text_bytes,
         kv_by_op: kv

@@ -711,7 +711,10 @@ impl Session {
         let mut reads = std::mem::take(&mut self.reads);
         let peers = self.state.peers();
         let shard = peers.kv_shard_of_user(self.user);
-        super::cursors::merge(&mut reads, self.state.cursors.take_device(shard, self.device));
+        super::cursors::merge(
+            &mut reads,
+            self.state.cursors.take_device(shard, self.device),
+        );
         if reads.is_empty() {
             return;
         }

@@ -134,7 +134,11 @@ struct Job<'a> {
 /// chat server's `FanoutDone`). One shard being down holds back only its users; the error is
 /// returned so the caller retries (the claims make a retry safe). True if the fanout was
 /// recorded done.
-async fn notify(peers: &Peers, provider: &dyn PushProvider, job: Job<'_>) -> Result<bool, RpcError> {
+async fn notify(
+    peers: &Peers,
+    provider: &dyn PushProvider,
+    job: Job<'_>,
+) -> Result<bool, RpcError> {
     use futures::StreamExt;
     let Job {
         message,
@@ -152,8 +156,7 @@ async fn notify(peers: &Peers, provider: &dyn PushProvider, job: Job<'_>) -> Res
         .users_by_shard(users)
         .into_iter()
         .map(|(shard, users)| peers.kv_shard(shard).call(Request::GetUsers { users }));
-    let mut targets: BTreeMap<Id, (Id, Option<crate::proto::client::PushTarget>)> =
-        BTreeMap::new();
+    let mut targets: BTreeMap<Id, (Id, Option<crate::proto::client::PushTarget>)> = BTreeMap::new();
     for answer in futures::future::join_all(lookups).await {
         match answer {
             Ok(Response::Users(records)) => {
@@ -283,7 +286,10 @@ async fn notify(peers: &Peers, provider: &dyn PushProvider, job: Job<'_>) -> Res
 async fn expire_claims(peers: Arc<Peers>) {
     use crate::kv::store::{PUSH_CLAIMS_EXPIRED_PER_CALL, PUSH_CLAIMS_KEPT_MS};
     loop {
-        tokio::time::sleep(std::time::Duration::from_millis(PUSH_CLAIMS_EXPIRY_EVERY_MS)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(
+            PUSH_CLAIMS_EXPIRY_EVERY_MS,
+        ))
+        .await;
         let before_ms = unix_ms().saturating_sub(PUSH_CLAIMS_KEPT_MS);
         for shard in 0..peers.kv_shards() {
             loop {
