@@ -273,7 +273,16 @@ struct Session {
     expires_at_ms: u64,
     /// The device logged out: not remembered as departed when the session ends.
     logged_out: bool,
+    /// The user's channels as read at `hello` (after the registration), and when: the first
+    /// sync, which follows at once, uses them instead of reading the user again (one kv read
+    /// fewer per connection). Taken by that sync; ignored after `HELLO_CHANNELS_FRESH`.
+    hello_channels: Option<(tokio::time::Instant, Vec<Id>)>,
 }
+
+/// How long the channel list read at `hello` serves the first sync. Any message committed
+/// after the registration is delivered live, so a list this old misses nothing a fresh read
+/// would find: a channel joined since shows its messages live, and a gap syncs it.
+const HELLO_CHANNELS_FRESH: Duration = Duration::from_secs(2);
 
 impl Session {
     /// Attaches and registers the session, then welcomes the device. `None` when the session
@@ -314,7 +323,7 @@ impl Session {
             );
             return None;
         }
-        let s = Session {
+        let mut s = Session {
             user: claims.user,
             device: claims.device,
             epoch,
@@ -327,6 +336,7 @@ impl Session {
             last_heartbeat_ms,
             expires_at_ms: claims.expires_at_ms,
             logged_out: false,
+            hello_channels: None,
             state,
         };
         // Register before welcoming: the device syncs after `welcome`, and every message
@@ -362,10 +372,11 @@ impl Session {
             .call(Request::GetUser { user: s.user })
             .await
         {
-            Ok(Response::User(Some(u))) => u
-                .accepts(&claims)
-                .err()
-                .map(|code| (code, "this token was revoked: log in again".to_string())),
+            Ok(Response::User(Some(u))) => {
+                let refused = u.accepts(&claims).err();
+                s.hello_channels = Some((tokio::time::Instant::now(), u.channels));
+                refused.map(|code| (code, "this token was revoked: log in again".to_string()))
+            }
             Ok(_) => Some((ErrorCode::TokenRevoked, "no such user".to_string())),
             Err(e) => Some((
                 ErrorCode::Unavailable,
@@ -608,9 +619,16 @@ impl Session {
     ) -> Result<BTreeMap<Id, u64>, crate::rpc::RpcError> {
         let peers = self.state.peers().clone();
         let user_kv = peers.kv_for_user(self.user);
-        let mut channels = match user_kv.call(Request::GetUser { user: self.user }).await? {
-            Response::User(Some(u)) => u.channels,
-            _ => Vec::new(),
+        let hello = self
+            .hello_channels
+            .take()
+            .filter(|(at, _)| at.elapsed() <= HELLO_CHANNELS_FRESH);
+        let mut channels = match hello {
+            Some((_, channels)) => channels,
+            None => match user_kv.call(Request::GetUser { user: self.user }).await? {
+                Response::User(Some(u)) => u.channels,
+                _ => Vec::new(),
+            },
         };
         let skip_check = peers.canaries.is_on(Canary::SkipMembershipCheck);
         if skip_check {
