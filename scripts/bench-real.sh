@@ -6,7 +6,12 @@
 # `tls` compares client TLS on and off: 1:1 throughput and latency at RATES_TLS sends/s, and
 # idle WebSocket memory for TLS_IDLE_CONNS connections.
 #
-# Usage: scripts/bench-real.sh [idle|reconnect|throughput|tls]...   (default: all but tls)
+# `overload` offers 1:1 sends past saturation (RATES_OVERLOAD, default 8000/s: about twice
+# what this machine acks) with admission control (the default: 256 sends in flight per chat
+# server) and without it (SENDS_IN_FLIGHT_OFF, default 1000000): acked/s, refusals, and the
+# send->ack of the sends never refused.
+#
+# Usage: scripts/bench-real.sh [idle|reconnect|throughput|tls|overload]...   (default: all but tls and overload)
 # Env: IDLE_CONNS (default "10000 19000"), RECONNECT_USERS (10000, 5,000 per chat server),
 #      RATES_1TO1 ("500 1000 2000"), RATES_GROUP100 ("10 20 40"), RATES_TLS ("4000 8000"),
 #      TLS_IDLE_CONNS (5000), TLS (1: clients speak https and wss:// as the cluster's default;
@@ -118,6 +123,21 @@ tls() {
     IDLE_CONNS=$n IDLE_OUT="$out/tls.txt" idle
   done
   TLS=1
+}
+
+overload() {
+  for rate in ${RATES_OVERLOAD:-8000}; do
+    for limit in default "${SENDS_IN_FLIGHT_OFF:-1000000}"; do
+      local extra=()
+      [ "$limit" = default ] || extra=(--sends-in-flight "$limit")
+      start_cluster ov "${extra[@]}"
+      echo "1:1 at $rate sends/s, sends in flight per chat server: $limit:" | tee -a "$out/overload.txt"
+      $load run --api "127.0.0.1:$port" $(ca ov) --users 2000 --group-size 1 --group-share 0 \
+        --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/ov-$limit-$rate" \
+        | grep -E "throughput|send->|admission|result" | tee -a "$out/overload.txt" || true
+      stop_cluster
+    done
+  done
 }
 
 what=${*:-idle reconnect throughput}

@@ -134,6 +134,18 @@ pub const PUSH_CLAIM_DEVICES_MAX: usize = (GROUP_MEMBERS_MAX - 1) * DEVICES_PER_
 /// devices is written at once. Enforced by kv (`bad_request` beyond it) and by the batcher.
 pub const CURSOR_BATCH_DEVICES_MAX: usize = 10_000;
 
+/// Sends one chat server commits at once (idgen, then kv) by default (`ChatConfig`). A send
+/// past it is refused at once with `overloaded` and `retry_after_ms` =
+/// `OVERLOAD_RETRY_AFTER_MS`, nothing written: overload is refused, not queued, so accepted
+/// sends keep their latency (at the real deployment's saturation, about 1,700 sends/s per
+/// server on this machine, 256 in flight is about 150 ms of queue). Enforced by the session's
+/// send path.
+pub const SENDS_IN_FLIGHT_MAX: usize = 256;
+
+/// The retry hint an `overloaded` refusal carries. Devices resend at their next tick (5 s)
+/// at the earliest.
+pub const OVERLOAD_RETRY_AFTER_MS: u64 = 1_000;
+
 /// Friends one user may have (each friendship is a 1:1 channel); past it `limit_reached`.
 pub const FRIENDS_PER_USER_MAX: usize = 5_000;
 

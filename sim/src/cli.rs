@@ -125,6 +125,11 @@ pub struct Opts {
     /// kv shards (Raft groups); 0: one per kv node, so each node prefers to lead one.
     #[arg(long, default_value_t = 0)]
     pub kv_shards: u32,
+    /// Sends each chat server commits at once; past it a send is refused `overloaded` and
+    /// the device resends at its next tick (admission control; default
+    /// `limits::SENDS_IN_FLIGHT_MAX`). A small value makes a run an overload run.
+    #[arg(long, default_value_t = nodes::limits::SENDS_IN_FLIGHT_MAX as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sends_in_flight: u32,
     /// Devices speak plain http and ws:// (default: https and wss://, as `chatd` serves them,
     /// with a self-signed certificate drawn from the seed).
     #[arg(long)]
@@ -220,6 +225,7 @@ impl Opts {
             ("kv-nodes", self.kv, d.kv),
             ("replicas", self.replicas, d.replicas),
             ("kv-shards", self.kv_shards, d.kv_shards),
+            ("sends-in-flight", self.sends_in_flight, d.sends_in_flight),
         ] {
             if v != dv {
                 a.push(format!("--{name} {v}"));

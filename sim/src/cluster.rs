@@ -98,6 +98,8 @@ pub struct Sizes {
     /// kv shards (0: one per kv node) and copies of each.
     pub kv_shards: u32,
     pub kv_replicas: u32,
+    /// Each chat server's admission limit (`ChatConfig::sends_in_flight_max`).
+    pub sends_in_flight: usize,
 }
 
 /// The running cluster: node ids by role, for faults.
@@ -292,6 +294,7 @@ impl Cluster {
             let tls = node_tls(&mut ca, Role::Chat, i, canaries);
             let server_tls = server_tls.clone();
             let chat_ip = ip(Role::Chat, i);
+            let sends_in_flight = sizes.sends_in_flight;
             c.add(&handle, Role::Chat, i, move || {
                 nodes::chat::run(nodes::chat::ChatConfig {
                     server: i,
@@ -303,6 +306,7 @@ impl Cluster {
                     token_key: token_key(),
                     metrics: nodes::metrics::Metrics::new(),
                     tls: server_tls.clone(),
+                    sends_in_flight_max: sends_in_flight,
                 })
             });
         }

@@ -93,6 +93,7 @@ async fn drive(
         kv: opts.kv,
         kv_shards: opts.kv_shards,
         kv_replicas: opts.replicas,
+        sends_in_flight: opts.sends_in_flight as usize,
     };
     let provider = Arc::new(HistoryPush {
         recorder: recorder.clone(),

@@ -55,6 +55,35 @@ fn every_scenario_passes_small() {
     }
 }
 
+// Proves admission control refuses rather than queues, and loses nothing: with each chat
+// server allowed one send in flight and 30 sends per user per minute, sends beyond it are
+// refused `overloaded` (devices see
+// the code, servers count it), the devices resend them, and every invariant holds (no_loss
+// covers every acknowledged send).
+#[test]
+fn overload_is_refused_and_retried() {
+    let opts = Opts {
+        sends_in_flight: 1,
+        rate: 30.0,
+        ..small(3)
+    };
+    let o = run_on_fresh_thread(&opts, &Canaries::none());
+    assert_passes("overload", &o);
+    let shown = o.stats.errors.get("overloaded").copied().unwrap_or(0);
+    let counted = o
+        .stats
+        .server_errors
+        .get("overloaded")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        shown > 0 && counted > 0,
+        "no send was refused: {:?}",
+        o.stats.errors
+    );
+    assert!(o.stats.acked > 0);
+}
+
 // Proves a quorum loss is reported as what it is: the run says which shards lost a quorum of
 // their disks and that a forced recovery followed, every shard serves again afterwards, and
 // nothing is garbled (what fails, if anything, is loss: no_loss or order, never duplicates,

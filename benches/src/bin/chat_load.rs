@@ -294,6 +294,8 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         total.dropped_sends += s.dropped_sends;
         total.connects += s.connects;
         total.connect_failures += s.connect_failures;
+        total.overloaded += s.overloaded;
+        total.accepted_ack_us.extend(s.accepted_ack_us);
     }
     let history = merge(&files, &a.out.join("history.jsonl"))?;
     let probes = probes
@@ -308,6 +310,20 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
     eprintln!(
         "workers: {} connects, {} failed connect attempts, {} sends dropped by the driver (cue queue full)",
         total.connects, total.connect_failures, total.dropped_sends
+    );
+    total.accepted_ack_us.sort_unstable();
+    let q = |p: f64| {
+        let v = &total.accepted_ack_us;
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+            .map_or(0.0, |us| *us as f64 / 1000.0)
+    };
+    println!(
+        "admission: {} sends refused overloaded (resent at the device's next tick, 5 s later); send->ack of the {} sends never refused: p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
+        total.overloaded,
+        total.accepted_ack_us.len(),
+        q(0.5),
+        q(0.99),
+        q(1.0)
     );
     print!("{}", verdict.render());
     std::fs::write(

@@ -43,7 +43,19 @@ pub struct WorkerSummary {
     pub dropped_sends: u64,
     pub connects: u64,
     pub connect_failures: u64,
+    /// Sends a chat server refused `overloaded` (the device library resends them at its next
+    /// tick, so one send may count several times).
+    #[serde(default)]
+    pub overloaded: u64,
+    /// Send->ack (due to acknowledged, microseconds) of the sends no server refused
+    /// `overloaded`: the latency of accepted work under admission control. At most
+    /// `ACCEPTED_SAMPLES_MAX` per worker; later ones are not kept.
+    #[serde(default)]
+    pub accepted_ack_us: Vec<u64>,
 }
+
+/// Accepted send->ack samples one worker keeps.
+pub const ACCEPTED_SAMPLES_MAX: usize = 2_000_000;
 
 #[derive(Default)]
 struct Counters {
@@ -52,6 +64,9 @@ struct Counters {
     dropped: AtomicU64,
     connects: AtomicU64,
     connect_failures: AtomicU64,
+    overloaded: AtomicU64,
+    /// A std mutex: one short push per ack.
+    accepted_ack_us: std::sync::Mutex<Vec<u64>>,
 }
 
 /// Runs slice `slice` of `of` until the plan's end; returns the summary.
@@ -110,6 +125,7 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
             device: d.device,
             rec: rec.clone(),
             counters: counters.clone(),
+            pending: Default::default(),
         };
         let runtime = DeviceRuntime::new(
             login,
@@ -165,6 +181,12 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
         }
     }
     let _ = rec.flush();
+    let accepted_ack_us = std::mem::take(
+        &mut *counters
+            .accepted_ack_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
     WorkerSummary {
         devices: mine.len() as u64,
         connected_at_end: counters.connected.load(Ordering::Relaxed),
@@ -172,6 +194,8 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
         dropped_sends: counters.dropped.load(Ordering::Relaxed),
         connects: counters.connects.load(Ordering::Relaxed),
         connect_failures: counters.connect_failures.load(Ordering::Relaxed),
+        overloaded: counters.overloaded.load(Ordering::Relaxed),
+        accepted_ack_us,
     }
 }
 
@@ -181,6 +205,9 @@ struct Recording {
     device: Id,
     rec: Recorder,
     counters: Arc<Counters>,
+    /// Sends awaiting their ack: when each was due, and whether a server refused it
+    /// `overloaded` (bounded by the device's outbox).
+    pending: std::collections::HashMap<Id, (u64, bool)>,
 }
 
 impl Observer for Recording {
@@ -195,14 +222,39 @@ impl Observer for Recording {
                 tracing::debug!(device = self.device, error = %e.error, "connect failed");
                 c.connect_failures.fetch_add(1, Ordering::Relaxed);
             }
-            DeviceEvent::Sending { due, .. } => {
+            DeviceEvent::Sending {
+                due, client_msg_id, ..
+            } => {
                 c.sends.fetch_add(1, Ordering::Relaxed);
                 // Stamped with the time the send was due: time spent queued in the driver
                 // counts.
                 at = *due;
+                let t = due.unwrap_or_else(|| self.rec.now_us());
+                self.pending.insert(*client_msg_id, (t, false));
             }
-            DeviceEvent::Observed(Observation::Error { code, detail }) => {
+            DeviceEvent::Observed(Observation::Error {
+                code,
+                detail,
+                client_msg_id,
+            }) => {
+                if *code == nodes::proto::client::ErrorCode::Overloaded {
+                    c.overloaded.fetch_add(1, Ordering::Relaxed);
+                    if let Some(p) = client_msg_id.and_then(|id| self.pending.get_mut(&id)) {
+                        p.1 = true;
+                    }
+                }
                 tracing::debug!(device = self.device, ?code, %detail, "server error");
+            }
+            DeviceEvent::Observed(Observation::Ack { client_msg_id, .. }) => {
+                if let Some((t, false)) = self.pending.remove(client_msg_id) {
+                    let mut v = c.accepted_ack_us.lock().unwrap_or_else(|p| p.into_inner());
+                    if v.len() < ACCEPTED_SAMPLES_MAX {
+                        v.push(self.rec.now_us().saturating_sub(t));
+                    }
+                }
+            }
+            DeviceEvent::Observed(Observation::SendFailed { client_msg_id, .. }) => {
+                self.pending.remove(client_msg_id);
             }
             _ => {}
         }

@@ -88,7 +88,9 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::NameTaken | ErrorCode::GroupFull | ErrorCode::LimitReached => {
             StatusCode::CONFLICT
         }
-        ErrorCode::Unavailable | ErrorCode::NoChatServer => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable | ErrorCode::NoChatServer | ErrorCode::Overloaded => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::BodyTimeout => StatusCode::REQUEST_TIMEOUT,

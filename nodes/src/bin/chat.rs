@@ -820,7 +820,7 @@ mod real {
                     };
                     println!("* {name} is {word}");
                 }
-                DeviceEvent::Observed(Observation::Error { code, detail }) => {
+                DeviceEvent::Observed(Observation::Error { code, detail, .. }) => {
                     eprintln!("{}: {detail}", code.as_str())
                 }
                 _ => {}

@@ -41,6 +41,8 @@ pub struct ChatConfig {
     pub metrics: Arc<Metrics>,
     /// `wss://` instead of `ws://` (`[client_tls]`).
     pub tls: Option<crate::client_tls::ServerTls>,
+    /// Sends committed at once; past it `overloaded` (`limits::SENDS_IN_FLIGHT_MAX`).
+    pub sends_in_flight_max: usize,
 }
 
 /// What a session's writer task is asked to do. Kept to 16 bytes: every session's queue
@@ -162,6 +164,8 @@ pub struct ChatState {
     per_addr: Mutex<BTreeMap<std::net::IpAddr, u32>>,
     /// Sessions' read cursors waiting for the next batched write (`cursors`).
     pub cursors: Arc<super::cursors::CursorBatcher>,
+    /// One permit per send being committed (`ChatConfig::sends_in_flight_max`).
+    pub sends_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// One open WebSocket connection's place in its source address's count; given back on drop.
@@ -493,6 +497,7 @@ impl ChatState {
 impl ChatState {
     /// A server's state before it listens: no sessions, no lease.
     pub fn new(cfg: ChatConfig) -> ChatState {
+        let sends = cfg.sends_in_flight_max;
         ChatState {
             cfg,
             sessions: Mutex::new(BTreeMap::new()),
@@ -505,6 +510,7 @@ impl ChatState {
             buckets: Mutex::new(BTreeMap::new()),
             departed: Mutex::new(BTreeMap::new()),
             cursors: Arc::default(),
+            sends_in_flight: Arc::new(tokio::sync::Semaphore::new(sends)),
         }
     }
 }

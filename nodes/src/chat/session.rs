@@ -25,8 +25,8 @@ use crate::canary::Canary;
 use crate::client_tls::MaybeTls;
 use crate::clock::unix_ms;
 use crate::limits::{
-    PRESENCE_QUERY_USERS_MAX, SESSION_OUTBOX_MAX, SYNC_PAGE_MAX, WS_FRAME_BYTES_MAX,
-    WS_WRITE_TIMEOUT_MS,
+    OVERLOAD_RETRY_AFTER_MS, PRESENCE_QUERY_USERS_MAX, SESSION_OUTBOX_MAX, SYNC_PAGE_MAX,
+    WS_FRAME_BYTES_MAX, WS_WRITE_TIMEOUT_MS,
 };
 use crate::net::Stream;
 use crate::proto::client::{ClientFrame, Cursor, ErrorCode, ServerFrame};
@@ -547,6 +547,7 @@ impl Session {
             detail,
             client_msg_id: Some(client_msg_id),
             channel: Some(channel),
+            retry_after_ms: None,
         };
         let taken = check_text(&text).and_then(|()| {
             let mut b = self.rate.lock().unwrap_or_else(|p| p.into_inner());
@@ -556,6 +557,22 @@ impl Session {
             self.send(refuse(code, detail)).await;
             return;
         }
+        // Admission: a send past the server's limit in flight is refused now, not queued
+        // behind the others (their latency would grow without bound under overload).
+        let Ok(_in_flight) = self.state.sends_in_flight.clone().try_acquire_owned() else {
+            let frame = ServerFrame::Error {
+                code: ErrorCode::Overloaded,
+                detail: format!(
+                    "this chat server is committing {} sends; retry later",
+                    self.state.cfg.sends_in_flight_max
+                ),
+                client_msg_id: Some(client_msg_id),
+                channel: Some(channel),
+                retry_after_ms: Some(OVERLOAD_RETRY_AFTER_MS),
+            };
+            self.send(frame).await;
+            return;
+        };
         let req = SendRequest {
             user: self.user,
             device: self.device,

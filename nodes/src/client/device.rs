@@ -53,10 +53,12 @@ pub enum Observation {
         user: Id,
         status: PresenceStatus,
     },
-    /// A server error not tied to a send.
+    /// A server error: not tied to a send, or a send refused with a retryable code
+    /// (`client_msg_id`: the device resends it at its next tick).
     Error {
         code: ErrorCode,
         detail: String,
+        client_msg_id: Option<Id>,
     },
     /// The server asks the app to query its friends' presence again (the app owns the list).
     PresenceRefresh,
@@ -303,6 +305,7 @@ impl DeviceState {
                 detail,
                 client_msg_id,
                 channel,
+                ..
             } => match (client_msg_id, channel) {
                 (Some(id), Some(ch)) if !code.retryable() => {
                     if self.outbox.remove(&id).is_some() {
@@ -315,9 +318,17 @@ impl DeviceState {
                 }
                 (Some(id), Some(_)) if self.outbox.contains_key(&id) => {
                     self.retry_sends.insert(id);
-                    obs.push(Observation::Error { code, detail });
+                    obs.push(Observation::Error {
+                        code,
+                        detail,
+                        client_msg_id: Some(id),
+                    });
                 }
-                _ => obs.push(Observation::Error { code, detail }),
+                _ => obs.push(Observation::Error {
+                    code,
+                    detail,
+                    client_msg_id: None,
+                }),
             },
         }
         (obs, out)
@@ -538,6 +549,7 @@ mod tests {
             detail: String::new(),
             client_msg_id: Some(2),
             channel: Some(6),
+            retry_after_ms: None,
         });
         assert!(matches!(
             o.as_slice(),
@@ -618,6 +630,7 @@ mod tests {
             detail: "idgen".into(),
             client_msg_id: Some(7),
             channel: Some(5),
+            retry_after_ms: None,
         });
         let out = d.on_tick();
         assert_eq!(
@@ -634,6 +647,7 @@ mod tests {
             detail: "no".into(),
             client_msg_id: Some(7),
             channel: Some(5),
+            retry_after_ms: None,
         });
         assert_eq!(d.outbox_len(), 0);
     }

@@ -681,7 +681,7 @@ impl<O: Observer> DeviceRuntime<O> {
         let mut refresh = false;
         for o in obs {
             refresh |= o == Observation::PresenceRefresh;
-            if let Observation::Error { code, detail } = &o {
+            if let Observation::Error { code, detail, .. } = &o {
                 if code.ends_login() && self.exit.is_none() {
                     self.exit = Some(Exit::LoggedOut {
                         code: *code,

@@ -233,6 +233,10 @@ pub struct ChatNode {
     pub rpc_advertise: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
+    /// Sends committed at once before new ones are refused `overloaded`; default
+    /// `limits::SENDS_IN_FLIGHT_MAX` (256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sends_in_flight_max: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -312,6 +316,7 @@ impl Config {
                 ws_advertise: None,
                 rpc_advertise: None,
                 admin: None,
+                sends_in_flight_max: None,
             }],
             // The api's admin endpoint (the process's /metrics) just below the api.
             api: vec![ApiNode {
@@ -411,6 +416,7 @@ impl Config {
                     ws_advertise: None,
                     rpc_advertise: None,
                     admin: Some(sa(6, i, 9000)),
+                    sends_in_flight_max: None,
                 })
                 .collect(),
             api: (0..sizes.api)
@@ -446,6 +452,11 @@ impl Config {
             || self.api.is_empty()
         {
             bail!("a cluster needs at least one [[kv]], [[presence]], [[push]], [[idgen]], [[chat]] and [[api]]");
+        }
+        for (i, c) in self.chat.iter().enumerate() {
+            if c.sends_in_flight_max == Some(0) {
+                bail!("chat-{i}: sends_in_flight_max = 0 would refuse every send (at least 1)");
+            }
         }
         let mut seen = std::collections::BTreeMap::new();
         for (name, addr) in self.listen_addrs() {

@@ -157,6 +157,9 @@ pub fn start(
                 token_key: shared.token_key.clone(),
                 metrics: m,
                 tls: certs::client_tls(cfg)?,
+                sends_in_flight_max: node
+                    .sends_in_flight_max
+                    .unwrap_or(crate::limits::SENDS_IN_FLIGHT_MAX),
             })));
             node.admin
         }

@@ -54,6 +54,10 @@ pub enum ErrorCode {
     /// Internal RPC only: the calling node may not make this request (`tls::authorize`).
     /// Shown to clients as `unavailable`.
     Forbidden,
+    /// The chat server is at its limit of sends in flight (`SENDS_IN_FLIGHT_MAX`): the send
+    /// was refused at once, nothing was written. Retryable; the frame's `retry_after_ms` says
+    /// when (HTTP 503).
+    Overloaded,
 }
 
 impl ErrorCode {
@@ -85,6 +89,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TokenRevoked => "token_revoked",
             ErrorCode::NotAdmin => "not_admin",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 
@@ -114,7 +119,10 @@ impl ErrorCode {
 
     /// Whether a send refused with this code may succeed if retried unchanged.
     pub fn retryable(self) -> bool {
-        matches!(self, ErrorCode::Unavailable | ErrorCode::RateLimited)
+        matches!(
+            self,
+            ErrorCode::Unavailable | ErrorCode::RateLimited | ErrorCode::Overloaded
+        )
     }
 }
 
@@ -550,6 +558,9 @@ pub enum ServerFrame {
         client_msg_id: Option<Id>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         channel: Option<Id>,
+        /// With `overloaded`: how long to wait before sending again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -560,6 +571,7 @@ impl ServerFrame {
             detail: detail.into(),
             client_msg_id: None,
             channel: None,
+            retry_after_ms: None,
         }
     }
 }

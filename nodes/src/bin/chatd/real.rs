@@ -103,6 +103,10 @@ struct LocalCluster {
     idgen: u16,
     #[arg(long, default_value_t = 1)]
     api: u16,
+    /// Sends each chat server commits at once before refusing new ones `overloaded`
+    /// (default 256).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    sends_in_flight: Option<u64>,
     /// Use this config instead of generating one (its addresses should be on this machine).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -538,6 +542,9 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
             };
             let mut cfg = Config::loopback_cluster(data.clone(), a.http, &sizes)?;
             a.client_tls.apply(&mut cfg);
+            for c in &mut cfg.chat {
+                c.sends_in_flight_max = a.sends_in_flight.map(|n| n as usize);
+            }
             let path = data.join("cluster.toml");
             std::fs::write(&path, cfg.to_toml())
                 .with_context(|| format!("write {}", path.display()))?;
