@@ -81,7 +81,7 @@ fn overload_is_refused_and_retried() {
         "no send was refused: {:?}",
         o.stats.errors
     );
-    assert!(o.stats.acked > 0);
+    assert!(o.stats.acks > 0);
 }
 
 // Proves a quorum loss is reported as what it is: the run says which shards lost a quorum of
