@@ -234,7 +234,7 @@ pub struct ChatNode {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
     /// Sends committed at once before new ones are refused `overloaded`; default
-    /// `limits::SENDS_IN_FLIGHT_MAX` (256).
+    /// `limits::SENDS_IN_FLIGHT_MAX` (100,000: off in practice, see there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sends_in_flight_max: Option<usize>,
 }

@@ -104,7 +104,7 @@ struct LocalCluster {
     #[arg(long, default_value_t = 1)]
     api: u16,
     /// Sends each chat server commits at once before refusing new ones `overloaded`
-    /// (default 256).
+    /// (default 100,000: off in practice; see `limits::SENDS_IN_FLIGHT_MAX`).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     sends_in_flight: Option<u64>,
     /// Use this config instead of generating one (its addresses should be on this machine).
