@@ -1203,14 +1203,8 @@ impl Store {
 
     /// Several devices' cursors in one transaction (a chat server's batch for this shard).
     fn set_cursors_batch(&self, devices: &[(Id, Vec<(Id, u64)>)]) -> R<Response> {
-        if devices.len() > CURSOR_BATCH_DEVICES_MAX {
-            return Ok(refuse(
-                ErrorCode::BadRequest,
-                format!(
-                    "{} devices in one cursor batch, at most {CURSOR_BATCH_DEVICES_MAX}",
-                    devices.len()
-                ),
-            ));
+        if let Some(refused) = too_many(devices.len(), CURSOR_BATCH_DEVICES_MAX, "cursor batch") {
+            return Ok(refused);
         }
         let txn = self.begin_write()?;
         {
@@ -1304,14 +1298,8 @@ impl Store {
     /// Grants each device whose row is absent, held by this `claim`, or lapsed; leaves the
     /// notified ones out; names those another live claim holds. One transaction.
     fn claim_pushes(&self, message_id: Id, devices: &[Id], claim: u64, now_ms: u64) -> R<Response> {
-        if devices.len() > PUSH_CLAIM_DEVICES_MAX {
-            return Ok(refuse(
-                ErrorCode::BadRequest,
-                format!(
-                    "{} devices in one push claim, at most {PUSH_CLAIM_DEVICES_MAX}",
-                    devices.len()
-                ),
-            ));
+        if let Some(refused) = too_many(devices.len(), PUSH_CLAIM_DEVICES_MAX, "push claim") {
+            return Ok(refused);
         }
         let devices: BTreeSet<Id> = devices.iter().copied().collect();
         let (mut granted, mut held) = (Vec::new(), Vec::new());
@@ -1347,14 +1335,9 @@ impl Store {
         devices: &[Id],
         fanout_done: Option<(Id, u64)>,
     ) -> R<Response> {
-        if devices.len() > PUSH_CLAIM_DEVICES_MAX {
-            return Ok(refuse(
-                ErrorCode::BadRequest,
-                format!(
-                    "{} devices in one push confirmation, at most {PUSH_CLAIM_DEVICES_MAX}",
-                    devices.len()
-                ),
-            ));
+        if let Some(refused) = too_many(devices.len(), PUSH_CLAIM_DEVICES_MAX, "push confirmation")
+        {
+            return Ok(refused);
         }
         let txn = self.begin_write()?;
         {
@@ -1390,6 +1373,16 @@ impl Store {
         txn.commit()?;
         Ok(Response::Count(removed as u64))
     }
+}
+
+/// A `bad_request` refusal when a request names more than `max` devices.
+fn too_many(n: usize, max: usize, what: &str) -> Option<Response> {
+    (n > max).then(|| {
+        refuse(
+            ErrorCode::BadRequest,
+            format!("{n} devices in one {what}, at most {max}"),
+        )
+    })
 }
 
 /// A snapshot of the state machine: what [`Store::dump`] returns.
