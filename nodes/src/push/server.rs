@@ -128,10 +128,10 @@ struct Job<'a> {
 }
 
 /// Notifies every device of every user once. Per request: one `GetUsers` per kv shard of the
-/// users (at once), one `ClaimPushes` of every device on the message's channel shard, the
-/// notifications, one `ConfirmPushes`, which also records the fanout done when the caller
-/// asked (3 kv requests, 2 writes, for a 1:1 message; they were 1 + 2 per device, and the
-/// chat server's `FanoutDone`). One shard being down holds back only its users; the error is
+/// users (at once), then per 64 devices one `ClaimPushes` on the message's channel shard, the
+/// notifications and one `ConfirmPushes`; the last also records the fanout done when the
+/// caller asked (3 kv requests, 2 writes, for a 1:1 message; they were 1 + 2 per device, and
+/// the chat server's `FanoutDone`). One shard being down holds back only its users; the error is
 /// returned so the caller retries (the claims make a retry safe). True if the fanout was
 /// recorded done.
 async fn notify(
@@ -175,19 +175,92 @@ async fn notify(
     if targets.is_empty() {
         return first_err.map_or(Ok(false), Err);
     }
-    // Claim first: two pushes of one message to a device never run at once, and a device
-    // notified once is never notified again. A claimer that dies before notifying holds its
-    // claims only `PUSH_CLAIM_TTL_MS`; the caller's retry (or a sweep) then takes them over.
+    // In chunks of NOTIFY_IN_FLIGHT devices, each claimed, notified at once and confirmed
+    // before the next is claimed: a claim is exposed for one round of provider calls, well
+    // inside `PUSH_CLAIM_TTL_MS` (claiming all 1,980 devices of a group message up front and
+    // confirming after the last would leave the first claims open for ~31 rounds of up to a
+    // provider timeout each, and a retry could take them over and notify again).
+    let devices: Vec<Id> = targets.keys().copied().collect();
+    let chunks: Vec<&[Id]> = devices.chunks(NOTIFY_IN_FLIGHT).collect();
     let kv = peers.kv_for_channel(message.channel);
+    let preview: String = message.text.chars().take(PREVIEW_CHARS_MAX).collect();
+    let mut recorded = false;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let granted = claim_chunk(peers, kv, message, chunk, claim, &mut first_err).await?;
+        let sends = granted.into_iter().map(|device| {
+            let (user, target) = targets.remove(&device).unwrap_or((0, None));
+            let n = Notification {
+                user,
+                device,
+                channel: message.channel,
+                message_id: message.message_id,
+                sender: message.sender,
+                preview: preview.clone(),
+                target,
+            };
+            provider.notify(n).map(move |r| (user, device, r))
+        });
+        let outcomes: Vec<_> = futures::stream::iter(sends)
+            .buffer_unordered(NOTIFY_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut done = Vec::new();
+        for (user, device, outcome) in outcomes {
+            match outcome {
+                Ok(()) => done.push(device),
+                // The platform answered no (token gone, malformed request): a retry gets the
+                // same answer, so the device counts as done (confirmed below) instead of
+                // failing the whole request again and again.
+                Err(e @ PushError::Refused(_)) => {
+                    tracing::warn!(user, device, error = %e, "push refused, not retried");
+                    done.push(device);
+                }
+                Err(e @ PushError::Unreachable(_)) => {
+                    // Not confirmed: the claim lapses and a retry notifies again.
+                    tracing::warn!(user, device, error = %e, "push provider failed");
+                    first_err.get_or_insert(RpcError::Remote {
+                        code: ErrorCode::Unavailable,
+                        detail: format!("push provider: {e}"),
+                    });
+                }
+            }
+        }
+        // The fanout ends with the last chunk's confirmation, if nothing failed.
+        let last = i + 1 == chunks.len();
+        let pending =
+            (last && fanout_done && first_err.is_none()).then_some((message.channel, message.seq));
+        if !done.is_empty() || pending.is_some() {
+            done.sort_unstable();
+            let confirm = Request::ConfirmPushes {
+                message_id: message.message_id,
+                devices: done,
+                fanout_done: pending,
+            };
+            recorded = confirm_pushes(kv, confirm).await && pending.is_some();
+        }
+    }
+    first_err.map_or(Ok(recorded), Err)
+}
+
+/// Claims `chunk` for this request: the devices granted. Devices another live claim holds
+/// are left out and noted in `first_err` (the caller retries after the claim lapses).
+async fn claim_chunk(
+    peers: &Peers,
+    kv: &ShardClient,
+    message: &ChatMessage,
+    chunk: &[Id],
+    claim: u64,
+    first_err: &mut Option<RpcError>,
+) -> Result<Vec<Id>, RpcError> {
     let req = Request::ClaimPushes {
         message_id: message.message_id,
-        devices: targets.keys().copied().collect(),
+        devices: chunk.to_vec(),
         claim,
         now_ms: unix_ms(),
     };
-    let granted = match call_with_retries(kv, req).await? {
+    match call_with_retries(kv, req).await? {
         Response::PushClaims { .. } if peers.canaries.is_on(Canary::PushIgnoresClaim) => {
-            targets.keys().copied().collect()
+            Ok(chunk.to_vec())
         }
         Response::PushClaims { granted, held } => {
             if !held.is_empty() {
@@ -199,72 +272,24 @@ async fn notify(
                     ),
                 });
             }
-            granted
+            Ok(granted)
         }
-        other => {
-            return Err(RpcError::Remote {
-                code: ErrorCode::Unavailable,
-                detail: format!("unexpected claim answer {other:?}"),
-            })
-        }
-    };
-    let preview: String = message.text.chars().take(PREVIEW_CHARS_MAX).collect();
-    let sends = granted.into_iter().map(|device| {
-        let (user, target) = targets.remove(&device).unwrap_or((0, None));
-        let n = Notification {
-            user,
-            device,
-            channel: message.channel,
-            message_id: message.message_id,
-            sender: message.sender,
-            preview: preview.clone(),
-            target,
-        };
-        provider.notify(n).map(move |r| (user, device, r))
-    });
-    let outcomes: Vec<_> = futures::stream::iter(sends)
-        .buffer_unordered(NOTIFY_IN_FLIGHT)
-        .collect()
-        .await;
-    let mut done = Vec::new();
-    for (user, device, outcome) in outcomes {
-        match outcome {
-            Ok(()) => done.push(device),
-            // The platform answered no (token gone, malformed request): a retry gets the same
-            // answer, so the device counts as done (confirmed below) instead of failing the
-            // whole request again and again.
-            Err(e @ PushError::Refused(_)) => {
-                tracing::warn!(user, device, error = %e, "push refused, not retried");
-                done.push(device);
-            }
-            Err(e @ PushError::Unreachable(_)) => {
-                // Not confirmed: the claim lapses and a retry notifies again.
-                tracing::warn!(user, device, error = %e, "push provider failed");
-                first_err.get_or_insert(RpcError::Remote {
-                    code: ErrorCode::Unavailable,
-                    detail: format!("push provider: {e}"),
-                });
-            }
-        }
+        other => Err(RpcError::Remote {
+            code: ErrorCode::Unavailable,
+            detail: format!("unexpected claim answer {other:?}"),
+        }),
     }
-    let pending = (fanout_done && first_err.is_none()).then_some((message.channel, message.seq));
-    let mut recorded = false;
-    if !done.is_empty() || pending.is_some() {
-        done.sort_unstable();
-        let confirm = Request::ConfirmPushes {
-            message_id: message.message_id,
-            devices: done,
-            fanout_done: pending,
-        };
-        // Sent either way. An unconfirmed claim lapses and a retry of the whole request (when
-        // another device failed) would notify again, so the confirm keeps being retried in the
-        // background for as long as the claims hold.
-        // Not recorded: the caller records the fanout done itself (a second removal is
-        // harmless).
-        let confirmed = call_with_retries(kv, confirm.clone()).await;
-        recorded = confirmed.is_ok() && pending.is_some();
-        if let Err(e) = confirmed {
-            tracing::warn!(message = message.message_id, error = %e, "pushes sent but not confirmed yet");
+}
+
+/// Sends a confirmation; true if kv took it. An unconfirmed claim lapses and a retry of the
+/// whole request (when another device failed) would notify again, so a confirmation that
+/// fails keeps being retried in the background for as long as the claims hold. (If it
+/// carried the fanout's end, the caller records that itself: a second removal is harmless.)
+async fn confirm_pushes(kv: &ShardClient, confirm: Request) -> bool {
+    match call_with_retries(kv, confirm.clone()).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "pushes sent but not confirmed yet");
             let kv = kv.clone();
             tokio::spawn(async move {
                 let tries = crate::kv::store::PUSH_CLAIM_TTL_MS / 1000;
@@ -276,9 +301,9 @@ async fn notify(
                 }
                 tracing::warn!("push confirm never landed");
             });
+            false
         }
     }
-    first_err.map_or(Ok(recorded), Err)
 }
 
 /// Deletes expired claims on every shard, every [`PUSH_CLAIMS_EXPIRY_EVERY_MS`], for as long
