@@ -134,6 +134,12 @@ pub const PUSH_CLAIM_DEVICES_MAX: usize = (GROUP_MEMBERS_MAX - 1) * DEVICES_PER_
 /// devices is written at once. Enforced by kv (`bad_request` beyond it) and by the batcher.
 pub const CURSOR_BATCH_DEVICES_MAX: usize = 10_000;
 
+/// (channel, seq) pairs in one kv `SetCursorsBatch` (about 4 MB of JSON), and channels one
+/// device's pending cursors may name (the rest wait for the device's next report). A shard's
+/// batch that reaches it is written at once. Enforced by kv (`bad_request` beyond it) and by
+/// the batcher.
+pub const CURSOR_BATCH_PAIRS_MAX: usize = 100_000;
+
 /// Sends one chat server commits at once (idgen, then kv) by default (`ChatConfig`). A send
 /// past it is refused at once with `overloaded` and `retry_after_ms` =
 /// `OVERLOAD_RETRY_AFTER_MS`, nothing written. Enforced by the session's send path.

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::cluster::Peers;
-use crate::limits::CURSOR_BATCH_DEVICES_MAX;
+use crate::limits::{CURSOR_BATCH_DEVICES_MAX, CURSOR_BATCH_PAIRS_MAX};
 use crate::proto::internal::Request;
 use crate::proto::Id;
 
@@ -23,38 +23,52 @@ pub const CURSOR_FLUSH_MS: u64 = 5_000;
 /// Channel -> seq.
 type Cursors = BTreeMap<Id, u64>;
 
-/// Cursors waiting to be written, by kv shard and device. A std mutex: never held across an
-/// await.
+/// One shard's pending cursors by device, and how many (channel, seq) pairs they hold.
+type ShardPending = (BTreeMap<Id, Cursors>, usize);
+
+/// Cursors waiting to be written, by kv shard. A std mutex: never held across an await.
 #[derive(Default)]
 pub struct CursorBatcher {
-    pending: Mutex<BTreeMap<usize, BTreeMap<Id, Cursors>>>,
+    pending: Mutex<BTreeMap<usize, ShardPending>>,
 }
 
 /// One shard's batch, ready for `SetCursorsBatch`.
 type Batch = (usize, Vec<(Id, Vec<(Id, u64)>)>);
 
 impl CursorBatcher {
-    /// Merges `cursors` (the larger seq wins) into the device's pending ones. A shard's batch
-    /// that reaches [`CURSOR_BATCH_DEVICES_MAX`] devices is returned, to be written now.
+    /// Merges `cursors` (the larger seq wins) into the device's pending ones; a device names
+    /// at most [`CURSOR_BATCH_PAIRS_MAX`] channels (new ones past it are dropped: the device
+    /// reports again). A shard's batch that reaches [`CURSOR_BATCH_DEVICES_MAX`] devices or
+    /// [`CURSOR_BATCH_PAIRS_MAX`] pairs is returned, to be written now.
     pub fn add(&self, shard: usize, device: Id, cursors: Cursors) -> Option<Batch> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let devices = pending.entry(shard).or_default();
+        let (devices, pairs) = pending.entry(shard).or_default();
         let mine = devices.entry(device).or_default();
-        merge(mine, cursors);
-        if devices.len() < CURSOR_BATCH_DEVICES_MAX {
+        let before = mine.len();
+        for (channel, seq) in cursors {
+            if mine.len() >= CURSOR_BATCH_PAIRS_MAX && !mine.contains_key(&channel) {
+                continue;
+            }
+            let e = mine.entry(channel).or_default();
+            *e = (*e).max(seq);
+        }
+        *pairs += mine.len() - before;
+        if devices.len() < CURSOR_BATCH_DEVICES_MAX && *pairs < CURSOR_BATCH_PAIRS_MAX {
             return None;
         }
-        let full = std::mem::take(devices);
+        let (full, _) = std::mem::take(&mut *pending.get_mut(&shard)?);
         Some((shard, flatten(full)))
     }
 
     /// Takes the device's pending cursors out (its session is closing and writes them).
     pub fn take_device(&self, shard: usize, device: Id) -> Cursors {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending
-            .get_mut(&shard)
-            .and_then(|devices| devices.remove(&device))
-            .unwrap_or_default()
+        let Some((devices, pairs)) = pending.get_mut(&shard) else {
+            return Cursors::new();
+        };
+        let mine = devices.remove(&device).unwrap_or_default();
+        *pairs -= mine.len();
+        mine
     }
 
     /// Every shard's batch, emptying the batcher.
@@ -62,8 +76,8 @@ impl CursorBatcher {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         pending
             .into_iter()
-            .filter(|(_, devices)| !devices.is_empty())
-            .map(|(shard, devices)| (shard, flatten(devices)))
+            .filter(|(_, (devices, _))| !devices.is_empty())
+            .map(|(shard, (devices, _))| (shard, flatten(devices)))
             .collect()
     }
 }
@@ -127,5 +141,18 @@ mod tests {
         let (shard, full) = b.add(2, u64::MAX, [(1, 1)].into()).expect("full");
         assert_eq!((shard, full.len()), (2, CURSOR_BATCH_DEVICES_MAX));
         assert!(b.take_all().is_empty());
+        // A device names at most CURSOR_BATCH_PAIRS_MAX channels, and a shard's batch that
+        // reaches that many pairs comes back at once.
+        let many: Cursors = (0..CURSOR_BATCH_PAIRS_MAX as u64 + 5)
+            .map(|c| (c, 1))
+            .collect();
+        let (shard, full) = b.add(3, 1, many).expect("full by pairs");
+        assert_eq!((shard, full.len()), (3, 1));
+        assert_eq!(full[0].1.len(), CURSOR_BATCH_PAIRS_MAX);
+        assert!(
+            b.add(3, 2, [(1, 1)].into()).is_none(),
+            "the shard starts empty again"
+        );
+        assert_eq!(b.take_device(3, 2).len(), 1);
     }
 }

@@ -524,6 +524,9 @@ impl Session {
             ClientFrame::Read { channel, seq } => self.on_read(channel, seq),
             ClientFrame::Heartbeat => {
                 self.on_heartbeat();
+                // Past its use (the first sync follows the hello at once): not kept for the
+                // session's life (up to 6,000 channel ids).
+                self.hello_channels = None;
                 self.flush_reads();
                 self.send(ServerFrame::HeartbeatAck).await;
             }
@@ -559,7 +562,7 @@ impl Session {
         }
         // Admission: a send past the server's limit in flight is refused now, not queued
         // behind the others (their latency would grow without bound under overload).
-        let Ok(_in_flight) = self.state.sends_in_flight.clone().try_acquire_owned() else {
+        let Ok(in_flight) = self.state.sends_in_flight.clone().try_acquire_owned() else {
             let frame = ServerFrame::Error {
                 code: ErrorCode::Overloaded,
                 detail: format!(
@@ -587,6 +590,9 @@ impl Session {
         } else {
             commit(peers, req).await
         };
+        // Committed or refused: the permit is not held while the answer waits for room in a
+        // slow device's queue.
+        drop(in_flight);
         match result {
             Ok(c) => {
                 self.send(ServerFrame::Ack {
@@ -750,6 +756,10 @@ impl Session {
             &mut reads,
             self.state.cursors.take_device(shard, self.device),
         );
+        // Within kv's limit for one write (the rest: the device is offered them again).
+        while reads.len() > crate::limits::CURSOR_BATCH_PAIRS_MAX {
+            reads.pop_last();
+        }
         if reads.is_empty() {
             return;
         }

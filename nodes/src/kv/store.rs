@@ -36,8 +36,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::limits::{
-    CHANNELS_PER_USER_MAX, CURSOR_BATCH_DEVICES_MAX, DEVICES_PER_USER_MAX, FRIENDS_PER_USER_MAX,
-    GROUP_MEMBERS_MAX, MESSAGE_CHARS_MAX, PUSH_CLAIM_DEVICES_MAX,
+    CHANNELS_PER_USER_MAX, CURSOR_BATCH_DEVICES_MAX, CURSOR_BATCH_PAIRS_MAX, DEVICES_PER_USER_MAX,
+    FRIENDS_PER_USER_MAX, GROUP_MEMBERS_MAX, MESSAGE_CHARS_MAX, PUSH_CLAIM_DEVICES_MAX,
 };
 use crate::proto::client::{ChatMessage, ErrorCode, PushTarget};
 use crate::proto::internal::{
@@ -1205,6 +1205,13 @@ impl Store {
     fn set_cursors_batch(&self, devices: &[(Id, Vec<(Id, u64)>)]) -> R<Response> {
         if let Some(refused) = too_many(devices.len(), CURSOR_BATCH_DEVICES_MAX, "cursor batch") {
             return Ok(refused);
+        }
+        let pairs: usize = devices.iter().map(|(_, c)| c.len()).sum();
+        if pairs > CURSOR_BATCH_PAIRS_MAX {
+            return Ok(refuse(
+                ErrorCode::BadRequest,
+                format!("{pairs} cursors in one batch, at most {CURSOR_BATCH_PAIRS_MAX}"),
+            ));
         }
         let txn = self.begin_write()?;
         {
