@@ -88,21 +88,27 @@ reconnect() {
   stop_cluster
 }
 
+# One traffic run against the running cluster `name`: 2,000 users for 30 s (10 s to settle),
+# groups of `size` taking `share` of the sends, `rate` sends/s; its work files in $work/`dir`;
+# the report lines matching `keep` are appended to $out/`file`.
+traffic() {
+  local name=$1 size=$2 share=$3 rate=$4 dir=$5 keep=$6 file=$7
+  $load run --api "127.0.0.1:$port" $(ca "$name") --users 2000 --group-size "$size" \
+    --group-share "$share" --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/$dir" \
+    | grep -E "$keep" | tee -a "$out/$file" || true
+}
+
 throughput() {
   for rate in ${RATES_1TO1:-500 1000 2000}; do
     start_cluster tp
     echo "1:1 at $rate sends/s:" | tee -a "$out/throughput.txt"
-    $load run --api "127.0.0.1:$port" $(ca tp) --users 2000 --group-size 1 --group-share 0 \
-      --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/tp-1to1-$rate" \
-      | grep -E "throughput|send->|result" | tee -a "$out/throughput.txt" || true
+    traffic tp 1 0 "$rate" "tp-1to1-$rate" "throughput|send->|result" throughput.txt
     stop_cluster
   done
   for rate in ${RATES_GROUP100:-10 20 40}; do
     start_cluster tp
     echo "groups of 100 at $rate sends/s:" | tee -a "$out/throughput.txt"
-    $load run --api "127.0.0.1:$port" $(ca tp) --users 2000 --group-size 100 --group-share 1 \
-      --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/tp-g100-$rate" \
-      | grep -E "throughput|send->|result" | tee -a "$out/throughput.txt" || true
+    traffic tp 100 1 "$rate" "tp-g100-$rate" "throughput|send->|result" throughput.txt
     stop_cluster
   done
 }
@@ -114,9 +120,7 @@ tls() {
     for rate in ${RATES_TLS:-4000 8000}; do
       start_cluster tp
       echo "client TLS=$t, 1:1 at $rate sends/s:" | tee -a "$out/tls.txt"
-      $load run --api "127.0.0.1:$port" $(ca tp) --users 2000 --group-size 1 --group-share 0 \
-        --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/tls-$t-$rate" \
-        | grep -E "throughput|send->|connect|result" | tee -a "$out/tls.txt" || true
+      traffic tp 1 0 "$rate" "tls-$t-$rate" "throughput|send->|connect|result" tls.txt
       stop_cluster
     done
     echo "client TLS=$t:" | tee -a "$out/tls.txt"
@@ -132,9 +136,7 @@ overload() {
       [ "$limit" = default ] || extra=(--sends-in-flight "$limit")
       start_cluster ov "${extra[@]}"
       echo "1:1 at $rate sends/s, sends in flight per chat server: $limit:" | tee -a "$out/overload.txt"
-      $load run --api "127.0.0.1:$port" $(ca ov) --users 2000 --group-size 1 --group-share 0 \
-        --rate "$rate" --duration 30 --settle 10 --procs 2 --out "$work/ov-$limit-$rate" \
-        | grep -E "throughput|send->|admission|result" | tee -a "$out/overload.txt" || true
+      traffic ov 1 0 "$rate" "ov-$limit-$rate" "throughput|send->|admission|result" overload.txt
       stop_cluster
     done
   done
