@@ -7,9 +7,11 @@
 # idle WebSocket memory for TLS_IDLE_CONNS connections.
 #
 # `overload` offers 1:1 sends past saturation (RATES_OVERLOAD, default 8000/s: about twice
-# what this machine acks) with each chat server's limit of sends in flight in
-# SENDS_IN_FLIGHT_LIMITS (default "256 default"; the default limit is off in practice):
-# acked/s, refusals, and the send->ack of the sends never refused.
+# what this machine acks) with each chat server's admission in SENDS_IN_FLIGHT_LIMITS
+# (default "32 128 target=50 target=100 default": a number is a fixed limit of sends in
+# flight, target=T an adaptive limit aiming at T ms commits, default the cluster's default):
+# acked/s, refusals, sends held by devices' backoff, the send->ack of the sends neither
+# refused nor held, and attempt->ack (from the transmission the server accepted).
 #
 # Usage: scripts/bench-real.sh [idle|reconnect|throughput|tls|overload]...   (default: all but tls and overload)
 # Env: IDLE_CONNS (default "10000 19000"), RECONNECT_USERS (10000, 5,000 per chat server),
@@ -131,9 +133,13 @@ tls() {
 
 overload() {
   for rate in ${RATES_OVERLOAD:-8000}; do
-    for limit in ${SENDS_IN_FLIGHT_LIMITS:-256 default}; do
+    for limit in ${SENDS_IN_FLIGHT_LIMITS:-32 128 target=50 target=100 default}; do
       local extra=()
-      [ "$limit" = default ] || extra=(--sends-in-flight "$limit")
+      case $limit in
+        default) ;;
+        target=*) extra=(--admission-target-ms "${limit#target=}") ;;
+        *) extra=(--sends-in-flight "$limit" --admission-target-ms 0) ;;
+      esac
       start_cluster ov "${extra[@]}"
       echo "1:1 at $rate sends/s, sends in flight per chat server: $limit:" | tee -a "$out/overload.txt"
       traffic ov 1 0 "$rate" "ov-$limit-$rate" "throughput|send->|admission|result" overload.txt

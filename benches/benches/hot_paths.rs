@@ -164,6 +164,7 @@ fn fanout(c: &mut Criterion) {
         token_key: nodes::auth::TokenKey::new(1, b"0123456789abcdef0123456789abcdef".to_vec()),
         metrics: nodes::metrics::Metrics::new(),
         sends_in_flight_max: nodes::limits::SENDS_IN_FLIGHT_MAX,
+        admission_target: None,
         tls: None,
     });
     let mut outboxes = Vec::new();

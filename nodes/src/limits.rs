@@ -140,23 +140,32 @@ pub const CURSOR_BATCH_DEVICES_MAX: usize = 10_000;
 /// the batcher.
 pub const CURSOR_BATCH_PAIRS_MAX: usize = 100_000;
 
-/// Sends one chat server commits at once (idgen, then kv) by default (`ChatConfig`). A send
-/// past it is refused at once with `overloaded` and `retry_after_ms` =
-/// `OVERLOAD_RETRY_AFTER_MS`, nothing written. Enforced by the session's send path.
-///
-/// The default is high enough to be off in practice: a low limit made overload worse where it
-/// was measured (`scripts/bench-real.sh overload`, 8,000 1:1 sends/s offered to a local
-/// cluster on this 2-core machine, about twice what it acks): no limit, 4,456 acked/s and
-/// send->ack p99 19.5 s; 256 per server, 3,126/s and p99 16 s for the sends never refused;
-/// 32, 1,658/s and p99 5.7 s. The refused sends all come back at the devices' next tick and
-/// the refusals and resends take the CPU the commits need. A limit pays off only once devices
-/// back off with jitter (not done yet); until then it is for operators to try
-/// (`[[chat]] sends_in_flight_max`) and for the simulation's overload test.
+/// Sends one chat server commits at once (idgen, then kv) at most (`ChatConfig`,
+/// `[[chat]] sends_in_flight_max`). A send past the limit is refused at once with
+/// `overloaded` and `retry_after_ms` = `OVERLOAD_RETRY_AFTER_MS`, nothing written
+/// (`chat::admission`). With a latency target (`ADMISSION_TARGET_MS`) the limit adapts below
+/// this ceiling; without one it is this number, fixed.
 pub const SENDS_IN_FLIGHT_MAX: usize = 100_000;
 
-/// The retry hint an `overloaded` refusal carries. Devices resend at their next tick (5 s)
-/// at the earliest.
+/// The commit latency (idgen, then kv: mean over a window) an adaptive admission limit aims
+/// at by default (`[[chat]] admission_target_ms`; 0 turns adaptation off). Measured with
+/// `scripts/bench-real.sh overload` (8,000 1:1 sends/s offered on this 2-core machine, about
+/// twice what it acks, TLS; benches/results/real/overload.txt): no limit, 4,261 acked/s with
+/// send->ack p99 21 s; 50 ms, 2,990/s with accepted attempt->ack p99 242 ms; 100 ms, 3,407/s
+/// and p99 553 ms; 200 ms, 3,900/s and p99 2.4 s. Fixed limits of 32 / 128 / 256 in flight:
+/// 2,352 / 3,417 / 3,841 per s, p99 167 ms / 617 ms / 3.5 s. 100 ms keeps the p99 under 1 s.
+pub const ADMISSION_TARGET_MS: u64 = 100;
+
+/// The floor of an adaptive admission limit: a server never admits fewer sends at once.
+pub const ADMISSION_LIMIT_MIN: usize = 8;
+
+/// The retry hint an `overloaded` refusal carries. A device holds its sends for the hint
+/// times 2^k (k: backoffs in a row before this one, reset by an ack), with jitter (a uniform
+/// draw between half and all of it), at most `DEVICE_BACKOFF_MAX_MS`.
 pub const OVERLOAD_RETRY_AFTER_MS: u64 = 1_000;
+
+/// The longest a device holds its sends after refusals with a retry-after hint.
+pub const DEVICE_BACKOFF_MAX_MS: u64 = 30_000;
 
 /// Friends one user may have (each friendship is a 1:1 channel); past it `limit_reached`.
 pub const FRIENDS_PER_USER_MAX: usize = 5_000;

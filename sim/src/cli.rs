@@ -130,6 +130,10 @@ pub struct Opts {
     /// `limits::SENDS_IN_FLIGHT_MAX`). A small value makes a run an overload run.
     #[arg(long, default_value_t = nodes::limits::SENDS_IN_FLIGHT_MAX as u32, value_parser = clap::value_parser!(u32).range(1..))]
     pub sends_in_flight: u32,
+    /// The commit latency each chat server's adaptive admission limit aims at, in ms (0: the
+    /// limit is fixed at --sends-in-flight; see `nodes::chat::admission`).
+    #[arg(long, default_value_t = nodes::limits::ADMISSION_TARGET_MS)]
+    pub admission_target_ms: u64,
     /// Devices speak plain http and ws:// (default: https and wss://, as `chatd` serves them,
     /// with a self-signed certificate drawn from the seed).
     #[arg(long)]
@@ -230,6 +234,12 @@ impl Opts {
             if v != dv {
                 a.push(format!("--{name} {v}"));
             }
+        }
+        if self.admission_target_ms != d.admission_target_ms {
+            a.push(format!(
+                "--admission-target-ms {}",
+                self.admission_target_ms
+            ));
         }
         if self.client_plaintext {
             a.push("--client-plaintext".into());

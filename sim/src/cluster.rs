@@ -100,6 +100,8 @@ pub struct Sizes {
     pub kv_replicas: u32,
     /// Each chat server's admission limit (`ChatConfig::sends_in_flight_max`).
     pub sends_in_flight: usize,
+    /// Their adaptive limit's latency target (`ChatConfig::admission_target`).
+    pub admission_target: Option<std::time::Duration>,
 }
 
 /// The running cluster: node ids by role, for faults.
@@ -295,6 +297,7 @@ impl Cluster {
             let server_tls = server_tls.clone();
             let chat_ip = ip(Role::Chat, i);
             let sends_in_flight = sizes.sends_in_flight;
+            let admission_target = sizes.admission_target;
             c.add(&handle, Role::Chat, i, move || {
                 nodes::chat::run(nodes::chat::ChatConfig {
                     server: i,
@@ -307,6 +310,7 @@ impl Cluster {
                     metrics: nodes::metrics::Metrics::new(),
                     tls: server_tls.clone(),
                     sends_in_flight_max: sends_in_flight,
+                    admission_target,
                 })
             });
         }

@@ -228,6 +228,8 @@ impl Observer for Recording {
             | DeviceEvent::AppClosed { .. }
             | DeviceEvent::ConnectFailed(_)
             | DeviceEvent::SyncAsked
+            | DeviceEvent::Held { .. }
+            | DeviceEvent::Released { .. }
             | DeviceEvent::Disconnected { .. } => {}
         }
         if let Some(ev) = Event::of_device(self.user, self.device, ev) {

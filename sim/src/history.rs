@@ -203,8 +203,8 @@ pub struct KvNodeStatus {
 
 impl Event {
     /// The history event for what happened on a device (`nodes::client::runtime`), if it is
-    /// one: connect failures, heartbeats sent, bad-input notices, errors not tied to a send
-    /// and presence-refresh hints are not history events. Shared by the simulated devices and
+    /// one: connect failures, heartbeats sent, bad-input notices, sends held or released by a
+    /// backoff, errors not tied to a send and presence-refresh hints are not history events. Shared by the simulated devices and
     /// the real load driver, so both write the same lines.
     pub fn of_device(
         user: Id,
@@ -243,7 +243,11 @@ impl Event {
             },
             D::SyncAsked => Event::Sync { user, device },
             D::Observed(o) => return Self::observed(user, device, o),
-            D::ConnectFailed(_) | D::HeartbeatSent | D::BadInput => return None,
+            D::ConnectFailed(_)
+            | D::HeartbeatSent
+            | D::BadInput
+            | D::Held { .. }
+            | D::Released { .. } => return None,
         })
     }
 

@@ -94,6 +94,7 @@ async fn drive(
         kv_shards: opts.kv_shards,
         kv_replicas: opts.replicas,
         sends_in_flight: opts.sends_in_flight as usize,
+        admission_target: nodes::chat::admission::target(Some(opts.admission_target_ms)),
     };
     let provider = Arc::new(HistoryPush {
         recorder: recorder.clone(),

@@ -295,7 +295,9 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         total.connects += s.connects;
         total.connect_failures += s.connect_failures;
         total.overloaded += s.overloaded;
+        total.held += s.held;
         total.accepted_ack_us.extend(s.accepted_ack_us);
+        total.attempt_ack_us.extend(s.attempt_ack_us);
     }
     let history = merge(&files, &a.out.join("history.jsonl"))?;
     let probes = probes
@@ -312,18 +314,24 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         total.connects, total.connect_failures, total.dropped_sends
     );
     total.accepted_ack_us.sort_unstable();
-    let q = |p: f64| {
-        let v = &total.accepted_ack_us;
+    total.attempt_ack_us.sort_unstable();
+    let q = |v: &[u64], p: f64| {
         v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
             .map_or(0.0, |us| *us as f64 / 1000.0)
     };
+    let (first, attempt) = (&total.accepted_ack_us, &total.attempt_ack_us);
     println!(
-        "admission: {} sends refused overloaded (resent at the device's next tick, 5 s later); send->ack of the {} sends never refused: p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
+        "admission: {} refusals overloaded, {} sends held by a device's backoff; send->ack of the {} sends neither: p50 {:.0} ms p99 {:.0} ms max {:.0} ms; accepted attempt->ack of all {} acked: p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
         total.overloaded,
-        total.accepted_ack_us.len(),
-        q(0.5),
-        q(0.99),
-        q(1.0)
+        total.held,
+        first.len(),
+        q(first, 0.5),
+        q(first, 0.99),
+        q(first, 1.0),
+        attempt.len(),
+        q(attempt, 0.5),
+        q(attempt, 0.99),
+        q(attempt, 1.0)
     );
     print!("{}", verdict.render());
     std::fs::write(

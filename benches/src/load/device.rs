@@ -43,15 +43,23 @@ pub struct WorkerSummary {
     pub dropped_sends: u64,
     pub connects: u64,
     pub connect_failures: u64,
-    /// Sends a chat server refused `overloaded` (the device library resends them at its next
-    /// tick, so one send may count several times).
+    /// Sends a chat server refused `overloaded` (the device library holds them for a backoff
+    /// and sends them again, so one send may count several times).
     #[serde(default)]
     pub overloaded: u64,
-    /// Send->ack (due to acknowledged, microseconds) of the sends no server refused
-    /// `overloaded`: the latency of accepted work under admission control. At most
-    /// `ACCEPTED_SAMPLES_MAX` per worker; later ones are not kept.
+    /// Sends held at once because their device was backing off.
+    #[serde(default)]
+    pub held: u64,
+    /// Send->ack (due to acknowledged, microseconds) of the sends that went out at once and
+    /// no server refused `overloaded`. At most `ACCEPTED_SAMPLES_MAX` per worker; later ones
+    /// are not kept.
     #[serde(default)]
     pub accepted_ack_us: Vec<u64>,
+    /// Attempt->ack of every acknowledged send: from the transmission the server accepted
+    /// (the first, or the last release from a backoff) to its ack. The latency of accepted
+    /// work under admission control, whatever the device waited before. Same bound.
+    #[serde(default)]
+    pub attempt_ack_us: Vec<u64>,
 }
 
 /// Accepted send->ack samples one worker keeps.
@@ -65,8 +73,10 @@ struct Counters {
     connects: AtomicU64,
     connect_failures: AtomicU64,
     overloaded: AtomicU64,
+    held: AtomicU64,
     /// A std mutex: one short push per ack.
     accepted_ack_us: std::sync::Mutex<Vec<u64>>,
+    attempt_ack_us: std::sync::Mutex<Vec<u64>>,
 }
 
 /// Runs slice `slice` of `of` until the plan's end; returns the summary.
@@ -181,12 +191,11 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
         }
     }
     let _ = rec.flush();
-    let accepted_ack_us = std::mem::take(
-        &mut *counters
-            .accepted_ack_us
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()),
-    );
+    let take = |v: &std::sync::Mutex<Vec<u64>>| {
+        std::mem::take(&mut *v.lock().unwrap_or_else(|p| p.into_inner()))
+    };
+    let accepted_ack_us = take(&counters.accepted_ack_us);
+    let attempt_ack_us = take(&counters.attempt_ack_us);
     WorkerSummary {
         devices: mine.len() as u64,
         connected_at_end: counters.connected.load(Ordering::Relaxed),
@@ -195,7 +204,9 @@ pub async fn run_worker(plan: Arc<Plan>, slice: usize, of: usize, rec: Recorder)
         connects: counters.connects.load(Ordering::Relaxed),
         connect_failures: counters.connect_failures.load(Ordering::Relaxed),
         overloaded: counters.overloaded.load(Ordering::Relaxed),
+        held: counters.held.load(Ordering::Relaxed),
         accepted_ack_us,
+        attempt_ack_us,
     }
 }
 
@@ -205,9 +216,24 @@ struct Recording {
     device: Id,
     rec: Recorder,
     counters: Arc<Counters>,
-    /// Sends awaiting their ack: when each was due, and whether a server refused it
-    /// `overloaded` (bounded by the device's outbox).
-    pending: std::collections::HashMap<Id, (u64, bool)>,
+    /// Sends awaiting their ack (bounded by the device's outbox).
+    pending: std::collections::HashMap<Id, Pending>,
+}
+
+struct Pending {
+    /// When the send was due.
+    due_us: u64,
+    /// When its last attempt went out.
+    attempt_us: u64,
+    /// Refused `overloaded` or held by a backoff at least once.
+    delayed: bool,
+}
+
+fn keep_sample(v: &std::sync::Mutex<Vec<u64>>, us: u64) {
+    let mut v = v.lock().unwrap_or_else(|p| p.into_inner());
+    if v.len() < ACCEPTED_SAMPLES_MAX {
+        v.push(us);
+    }
 }
 
 impl Observer for Recording {
@@ -230,7 +256,26 @@ impl Observer for Recording {
                 // counts.
                 at = *due;
                 let t = due.unwrap_or_else(|| self.rec.now_us());
-                self.pending.insert(*client_msg_id, (t, false));
+                let p = Pending {
+                    due_us: t,
+                    attempt_us: t,
+                    delayed: false,
+                };
+                self.pending.insert(*client_msg_id, p);
+            }
+            DeviceEvent::Held { client_msg_id } => {
+                c.held.fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = self.pending.get_mut(client_msg_id) {
+                    p.delayed = true;
+                }
+            }
+            DeviceEvent::Released { client_msg_ids } => {
+                let now = self.rec.now_us();
+                for id in client_msg_ids {
+                    if let Some(p) = self.pending.get_mut(id) {
+                        p.attempt_us = now;
+                    }
+                }
             }
             DeviceEvent::Observed(Observation::Error {
                 code,
@@ -240,17 +285,18 @@ impl Observer for Recording {
                 if *code == nodes::proto::client::ErrorCode::Overloaded {
                     c.overloaded.fetch_add(1, Ordering::Relaxed);
                     if let Some(p) = client_msg_id.and_then(|id| self.pending.get_mut(&id)) {
-                        p.1 = true;
+                        p.delayed = true;
                     }
                 }
                 tracing::debug!(device = self.device, ?code, %detail, "server error");
             }
             DeviceEvent::Observed(Observation::Ack { client_msg_id, .. }) => {
-                if let Some((t, false)) = self.pending.remove(client_msg_id) {
-                    let mut v = c.accepted_ack_us.lock().unwrap_or_else(|p| p.into_inner());
-                    if v.len() < ACCEPTED_SAMPLES_MAX {
-                        v.push(self.rec.now_us().saturating_sub(t));
+                if let Some(p) = self.pending.remove(client_msg_id) {
+                    let now = self.rec.now_us();
+                    if !p.delayed {
+                        keep_sample(&c.accepted_ack_us, now.saturating_sub(p.due_us));
                     }
+                    keep_sample(&c.attempt_ack_us, now.saturating_sub(p.attempt_us));
                 }
             }
             DeviceEvent::Observed(Observation::SendFailed { client_msg_id, .. }) => {

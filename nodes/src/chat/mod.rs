@@ -7,6 +7,7 @@
 //! registration with discovery and the server-to-server RPC; `cursors` the batched cursor
 //! writes. `validate` holds the pure checks.
 
+pub mod admission;
 pub mod cursors;
 pub mod fanout;
 pub mod send;

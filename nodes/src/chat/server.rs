@@ -43,6 +43,9 @@ pub struct ChatConfig {
     pub tls: Option<crate::client_tls::ServerTls>,
     /// Sends committed at once; past it `overloaded` (`limits::SENDS_IN_FLIGHT_MAX`).
     pub sends_in_flight_max: usize,
+    /// With a commit latency target the limit adapts below `sends_in_flight_max`
+    /// (`chat::admission`); without, it is fixed.
+    pub admission_target: Option<std::time::Duration>,
 }
 
 /// What a session's writer task is asked to do. Kept to 16 bytes: every session's queue
@@ -164,8 +167,8 @@ pub struct ChatState {
     per_addr: Mutex<BTreeMap<std::net::IpAddr, u32>>,
     /// Sessions' read cursors waiting for the next batched write (`cursors`).
     pub cursors: Arc<super::cursors::CursorBatcher>,
-    /// One permit per send being committed (`ChatConfig::sends_in_flight_max`).
-    pub sends_in_flight: Arc<tokio::sync::Semaphore>,
+    /// Admission of sends being committed (`ChatConfig::sends_in_flight_max`).
+    pub sends_in_flight: Arc<super::admission::Admission>,
 }
 
 /// One open WebSocket connection's place in its source address's count; given back on drop.
@@ -497,7 +500,8 @@ impl ChatState {
 impl ChatState {
     /// A server's state before it listens: no sessions, no lease.
     pub fn new(cfg: ChatConfig) -> ChatState {
-        let sends = cfg.sends_in_flight_max;
+        let admission =
+            super::admission::Admission::new(cfg.sends_in_flight_max, cfg.admission_target);
         ChatState {
             cfg,
             sessions: Mutex::new(BTreeMap::new()),
@@ -510,7 +514,7 @@ impl ChatState {
             buckets: Mutex::new(BTreeMap::new()),
             departed: Mutex::new(BTreeMap::new()),
             cursors: Arc::default(),
-            sends_in_flight: Arc::new(tokio::sync::Semaphore::new(sends)),
+            sends_in_flight: admission,
         }
     }
 }

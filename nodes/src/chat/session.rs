@@ -562,12 +562,12 @@ impl Session {
         }
         // Admission: a send past the server's limit in flight is refused now, not queued
         // behind the others (their latency would grow without bound under overload).
-        let Ok(in_flight) = self.state.sends_in_flight.clone().try_acquire_owned() else {
+        let Some(in_flight) = self.state.sends_in_flight.try_admit() else {
             let frame = ServerFrame::Error {
                 code: ErrorCode::Overloaded,
                 detail: format!(
                     "this chat server is committing {} sends; retry later",
-                    self.state.cfg.sends_in_flight_max
+                    self.state.sends_in_flight.limit()
                 ),
                 client_msg_id: Some(client_msg_id),
                 channel: Some(channel),

@@ -9,13 +9,17 @@
 //!   reconnect (the server deduplicates). The device's own message arriving by sync counts as
 //!   its acknowledgement.
 //! - The presence of friends as last shown.
+//! - A backoff: a send refused with a retry-after hint (`overloaded`) holds every send until
+//!   the runtime says the backoff is over (each such refusal in a row doubles it); then the
+//!   held sends go out one at a time, each after the answer to the one before, so a device
+//!   does not meet a busy server with a burst.
 //!
 //! With the `cursor-by-message-id` canary it behaves like the seed's client instead: one
 //! `cur_max_message_id` for all channels, dropping anything not above it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::limits::DEVICE_REORDER_BUFFER_MAX;
+use crate::limits::{DEVICE_BACKOFF_MAX_MS, DEVICE_REORDER_BUFFER_MAX};
 use crate::proto::client::{
     ChatMessage, ClientFrame, Cursor, ErrorCode, PresenceStatus, ServerFrame,
 };
@@ -88,6 +92,18 @@ struct ChannelView {
     unreported: bool,
 }
 
+/// Where a device is in its backoff from a busy server.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Backoff {
+    /// Sends go out when made.
+    #[default]
+    Off,
+    /// Waiting out a retry-after hint: every send is held.
+    Waiting,
+    /// The wait is over: one held send is out (this one); the next goes when it is answered.
+    Draining(Id),
+}
+
 #[derive(Debug, Default)]
 pub struct DeviceState {
     pub user: Id,
@@ -97,6 +113,14 @@ pub struct DeviceState {
     /// Sends refused with a retryable code (idgen or kv briefly unavailable): resent at the
     /// next tick with the same `client_msg_id` (kv deduplicates).
     retry_sends: BTreeSet<Id>,
+    /// Sends held back by a backoff (refused with a retry-after hint, or made during it or
+    /// while the device drains what it held): they go out one at a time after it.
+    held_sends: BTreeSet<Id>,
+    backoff: Backoff,
+    /// Backoffs in a row (reset by an ack): each doubles the wait.
+    backoffs: u32,
+    /// The wait the last backoff asks for, not yet taken by the runtime (`take_backoff`).
+    backoff_ms: Option<u64>,
     /// Friend -> (status shown, version of the answer it came from).
     presence: BTreeMap<Id, (PresenceStatus, u64)>,
     /// Canary mode: the seed's single max-id cursor.
@@ -120,8 +144,9 @@ impl DeviceState {
         }
     }
 
-    /// Queues a send; the frame goes out now and again after each reconnect until answered.
-    pub fn send(&mut self, client_msg_id: Id, channel: Id, text: String) -> ClientFrame {
+    /// Queues a send; the frame goes out now (None while a backoff runs: it goes out when the
+    /// backoff ends) and again after each reconnect until answered.
+    pub fn send(&mut self, client_msg_id: Id, channel: Id, text: String) -> Option<ClientFrame> {
         self.outbox.insert(
             client_msg_id,
             PendingSend {
@@ -129,11 +154,68 @@ impl DeviceState {
                 text: text.clone(),
             },
         );
-        ClientFrame::Send {
+        if self.backoff != Backoff::Off {
+            self.held_sends.insert(client_msg_id);
+            return None;
+        }
+        Some(ClientFrame::Send {
             client_msg_id,
             channel,
             text,
+        })
+    }
+
+    /// The backoff a refusal just asked for, in ms (once): the runtime waits it out, with
+    /// jitter, and then calls `release_held`.
+    pub fn take_backoff(&mut self) -> Option<u64> {
+        self.backoff_ms.take()
+    }
+
+    /// The backoff's wait is over: the first held send goes out (same `client_msg_id`), the
+    /// others one by one as each is answered (`on_frame`).
+    pub fn release_held(&mut self) -> Vec<ClientFrame> {
+        let mut out = Vec::new();
+        if self.backoff == Backoff::Waiting {
+            self.send_next_held(&mut out);
         }
+        out
+    }
+
+    /// While draining: once the send out is answered (acked, or refused for good), the next
+    /// held one goes out; when none is left the backoff is over.
+    fn drain_held(&mut self, out: &mut Vec<ClientFrame>) {
+        if let Backoff::Draining(id) = self.backoff {
+            if !self.outbox.contains_key(&id) {
+                self.send_next_held(out);
+            }
+        }
+    }
+
+    fn send_next_held(&mut self, out: &mut Vec<ClientFrame>) {
+        while let Some(id) = self.held_sends.pop_first() {
+            if let Some(p) = self.outbox.get(&id) {
+                out.push(ClientFrame::Send {
+                    client_msg_id: id,
+                    channel: p.channel,
+                    text: p.text.clone(),
+                });
+                self.backoff = Backoff::Draining(id);
+                return;
+            }
+        }
+        self.backoff = Backoff::Off;
+    }
+
+    fn frames_for(&self, ids: BTreeSet<Id>) -> Vec<ClientFrame> {
+        ids.into_iter()
+            .filter_map(|id| {
+                self.outbox.get(&id).map(|p| ClientFrame::Send {
+                    client_msg_id: id,
+                    channel: p.channel,
+                    text: p.text.clone(),
+                })
+            })
+            .collect()
     }
 
     pub fn outbox_len(&self) -> usize {
@@ -148,6 +230,11 @@ impl DeviceState {
             v.sync_ticks = 0;
         }
         self.retry_sends.clear(); // Everything unanswered is resent now.
+                                  // A new connection (perhaps to another chat server) ends the backoff; another refusal
+                                  // starts a longer one.
+        self.held_sends.clear();
+        self.backoff = Backoff::Off;
+        self.backoff_ms = None;
         self.full_sync_ticks = Some(0);
         let mut out = vec![self.sync_all()];
         out.extend(self.resends());
@@ -191,16 +278,8 @@ impl DeviceState {
     /// answer lost with a connection, or refused while a kv shard was down) is asked again.
     /// Without this a device whose sync failed would never learn of messages it missed.
     pub fn on_tick(&mut self) -> Vec<ClientFrame> {
-        let mut out: Vec<ClientFrame> = std::mem::take(&mut self.retry_sends)
-            .into_iter()
-            .filter_map(|id| {
-                self.outbox.get(&id).map(|p| ClientFrame::Send {
-                    client_msg_id: id,
-                    channel: p.channel,
-                    text: p.text.clone(),
-                })
-            })
-            .collect();
+        let retry = std::mem::take(&mut self.retry_sends);
+        let mut out = self.frames_for(retry);
         if self.by_message_id {
             return out;
         }
@@ -305,7 +384,7 @@ impl DeviceState {
                 detail,
                 client_msg_id,
                 channel,
-                ..
+                retry_after_ms,
             } => match (client_msg_id, channel) {
                 (Some(id), Some(ch)) if !code.retryable() => {
                     if self.outbox.remove(&id).is_some() {
@@ -317,7 +396,12 @@ impl DeviceState {
                     }
                 }
                 (Some(id), Some(_)) if self.outbox.contains_key(&id) => {
-                    self.retry_sends.insert(id);
+                    match retry_after_ms {
+                        Some(hint) => self.back_off(id, hint),
+                        None => {
+                            self.retry_sends.insert(id);
+                        }
+                    }
                     obs.push(Observation::Error {
                         code,
                         detail,
@@ -331,7 +415,23 @@ impl DeviceState {
                 }),
             },
         }
+        self.drain_held(&mut out);
         (obs, out)
+    }
+
+    /// A send refused with a retry-after hint: it is held, and so is every send until the
+    /// backoff ends. The first refusal of a backoff sets its length: the hint doubled for each
+    /// backoff in a row before it (an ack ends the row), at most `DEVICE_BACKOFF_MAX_MS`;
+    /// refusals of sends already in flight when it began join it.
+    fn back_off(&mut self, id: Id, hint_ms: u64) {
+        self.held_sends.insert(id);
+        if self.backoff == Backoff::Waiting {
+            return;
+        }
+        self.backoff = Backoff::Waiting;
+        let doubled = hint_ms.max(1).saturating_mul(1 << self.backoffs.min(16));
+        self.backoffs = self.backoffs.saturating_add(1);
+        self.backoff_ms = Some(doubled.min(DEVICE_BACKOFF_MAX_MS));
     }
 
     fn on_ack(
@@ -345,6 +445,7 @@ impl DeviceState {
         let Some(sent) = self.outbox.remove(&id) else {
             return; // Already acknowledged (by sync, or an earlier ack of a retry).
         };
+        self.backoffs = 0;
         obs.push(Observation::Ack {
             channel,
             client_msg_id: id,
@@ -650,5 +751,88 @@ mod tests {
             retry_after_ms: None,
         });
         assert_eq!(d.outbox_len(), 0);
+    }
+
+    fn overloaded(id: Id, hint: u64) -> ServerFrame {
+        ServerFrame::Error {
+            code: ErrorCode::Overloaded,
+            detail: "busy".into(),
+            client_msg_id: Some(id),
+            channel: Some(5),
+            retry_after_ms: Some(hint),
+        }
+    }
+
+    fn sent_ids(frames: &[ClientFrame]) -> Vec<Id> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                ClientFrame::Send { client_msg_id, .. } => Some(*client_msg_id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ack(id: Id, seq: u64) -> ServerFrame {
+        ServerFrame::Ack {
+            client_msg_id: id,
+            channel: 5,
+            message_id: 100 + seq,
+            seq,
+        }
+    }
+
+    // Proves a refusal with a retry-after hint holds that send and every later one until the
+    // backoff's wait is over (not at the next tick); that they then go out one at a time,
+    // each after the answer to the one before; that the wait doubles for each backoff in a
+    // row up to the cap; and that an ack starts over at the hint.
+    #[test]
+    fn retry_after_hint_holds_sends_then_drains_them_one_by_one() {
+        let mut d = DeviceState::new(1, 10, false);
+        assert!(d.send(1, 5, "a".into()).is_some());
+        assert!(d.send(2, 5, "b".into()).is_some());
+        d.on_frame(overloaded(1, 1_000));
+        d.on_frame(overloaded(2, 1_000)); // In flight when the backoff began: joins it.
+        assert_eq!(d.take_backoff(), Some(1_000));
+        assert_eq!(d.take_backoff(), None, "taken once");
+        assert!(
+            d.send(3, 5, "c".into()).is_none(),
+            "held during the backoff"
+        );
+        assert!(sent_ids(&d.on_tick()).is_empty(), "not resent at the tick");
+        assert_eq!(sent_ids(&d.release_held()), vec![1]);
+        assert!(d.send(4, 5, "d".into()).is_none(), "held while draining");
+        assert_eq!(sent_ids(&d.on_frame(ack(1, 1)).1), vec![2]);
+        // A refusal for good answers it too.
+        let (_, out) = d.on_frame(ServerFrame::Error {
+            code: ErrorCode::MessageTooLong,
+            detail: "no".into(),
+            client_msg_id: Some(2),
+            channel: Some(5),
+            retry_after_ms: None,
+        });
+        assert_eq!(sent_ids(&out), vec![3]);
+        assert_eq!(sent_ids(&d.on_frame(ack(3, 2)).1), vec![4]);
+        assert!(sent_ids(&d.on_frame(ack(4, 3)).1).is_empty());
+        assert!(d.send(5, 5, "e".into()).is_some(), "the backoff is over");
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            d.on_frame(overloaded(5, 1_000));
+            waits.push(d.take_backoff().unwrap());
+            assert_eq!(sent_ids(&d.release_held()), vec![5]);
+        }
+        assert_eq!(
+            waits,
+            [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000],
+            "doubles for each backoff in a row, capped"
+        );
+        d.on_frame(ack(5, 4));
+        assert!(d.send(6, 5, "f".into()).is_some());
+        d.on_frame(overloaded(6, 1_000));
+        assert_eq!(d.take_backoff(), Some(1_000), "an ack ends the row");
+        assert!(d.send(7, 5, "g".into()).is_none());
+        // A new connection sends everything unanswered and ends the backoff.
+        assert_eq!(sent_ids(&d.on_connected()), vec![6, 7]);
+        assert!(d.send(8, 5, "h".into()).is_some());
     }
 }

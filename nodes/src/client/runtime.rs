@@ -197,6 +197,15 @@ pub enum DeviceEvent {
         digest: String,
         due: Option<u64>,
     },
+    /// A send held back by a running backoff (a server's retry-after hint) instead of going
+    /// out; `Released` says when it does.
+    Held {
+        client_msg_id: Id,
+    },
+    /// Held sends went out again (a backoff's wait ended, or the one before was answered).
+    Released {
+        client_msg_ids: Vec<Id>,
+    },
     HeartbeatSent,
     /// A `sync` frame went out (its answer is `Observed(Observation::Synced)`, in order).
     SyncAsked,
@@ -360,6 +369,8 @@ pub struct DeviceRuntime<O> {
     disconnects: Option<watch::Receiver<u64>>,
     /// The `disconnects` count when the current connection opened.
     disconnects_at_connect: u64,
+    /// When the sends held by a server's retry-after hint go out (`DeviceState::back_off`).
+    release_held_at: Option<Instant>,
     /// Set when the loop must end.
     exit: Option<Exit>,
 }
@@ -392,6 +403,7 @@ impl<O: Observer> DeviceRuntime<O> {
             avoid: None,
             disconnects: None,
             disconnects_at_connect: 0,
+            release_held_at: None,
             exit: None,
         }
     }
@@ -450,6 +462,13 @@ impl<O: Observer> DeviceRuntime<O> {
                 _ = heartbeat.tick() => self.on_heartbeat().await,
                 _ = presence.tick(), if refresh.is_some() => self.ask_presence().await,
                 _ = tokio::time::sleep_until(self.next_connect), if want_connect => {}
+                _ = sleep_until_some(self.release_held_at), if self.release_held_at.is_some() => {
+                    self.release_held_at = None;
+                    let frames = self.state.release_held();
+                    let client_msg_ids = sent_ids(&frames);
+                    self.emit(DeviceEvent::Released { client_msg_ids }).await;
+                    self.send_all(frames).await;
+                }
             }
         }
     }
@@ -507,6 +526,7 @@ impl<O: Observer> DeviceRuntime<O> {
                 self.avoid = None;
                 self.last_heard = Instant::now();
                 self.backoff_ms = self.settings.backoff_min_ms;
+                self.release_held_at = None; // `on_connected` sends everything unanswered.
                 self.emit(DeviceEvent::Connected { server }).await;
                 let frames = self.state.on_connected();
                 self.send_all(frames).await;
@@ -614,8 +634,10 @@ impl<O: Observer> DeviceRuntime<O> {
             due,
         })
         .await;
-        let frame = self.state.send(client_msg_id, channel, text);
-        self.send_frame(frame).await;
+        match self.state.send(client_msg_id, channel, text) {
+            Some(frame) => self.send_frame(frame).await,
+            None => self.emit(DeviceEvent::Held { client_msg_id }).await,
+        }
     }
 
     async fn bad_input(&mut self, b: BadFrame) {
@@ -691,7 +713,20 @@ impl<O: Observer> DeviceRuntime<O> {
             }
             self.emit(DeviceEvent::Observed(o)).await;
         }
+        // Sends in the answer are held ones going out again (a backoff draining).
+        let released = sent_ids(&out);
+        if !released.is_empty() {
+            self.emit(DeviceEvent::Released {
+                client_msg_ids: released,
+            })
+            .await;
+        }
         self.send_all(out).await;
+        if let Some(ms) = self.state.take_backoff() {
+            // Jitter, as for reconnects: devices refused together do not come back together.
+            let wait = self.rng.gen_range(ms / 2..=ms);
+            self.release_held_at = Some(Instant::now() + Duration::from_millis(wait));
+        }
         if refresh {
             self.ask_presence().await;
         }
@@ -713,4 +748,23 @@ async fn changed(rx: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
         Ok(()) => Some(*rx.borrow_and_update()),
         Err(_) => None,
     }
+}
+
+/// Sleeps until `at`, or forever when `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The `client_msg_id`s of the sends among `frames`.
+fn sent_ids(frames: &[ClientFrame]) -> Vec<Id> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ClientFrame::Send { client_msg_id, .. } => Some(*client_msg_id),
+            _ => None,
+        })
+        .collect()
 }

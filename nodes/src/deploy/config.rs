@@ -234,9 +234,14 @@ pub struct ChatNode {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
     /// Sends committed at once before new ones are refused `overloaded`; default
-    /// `limits::SENDS_IN_FLIGHT_MAX` (100,000: off in practice, see there).
+    /// `limits::SENDS_IN_FLIGHT_MAX`. With `admission_target_ms` it is the ceiling of an
+    /// adaptive limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sends_in_flight_max: Option<usize>,
+    /// The commit latency the adaptive admission limit aims at (`chat::admission`); default
+    /// `limits::ADMISSION_TARGET_MS`; 0: a fixed limit of `sends_in_flight_max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission_target_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -317,6 +322,7 @@ impl Config {
                 rpc_advertise: None,
                 admin: None,
                 sends_in_flight_max: None,
+                admission_target_ms: None,
             }],
             // The api's admin endpoint (the process's /metrics) just below the api.
             api: vec![ApiNode {
@@ -417,6 +423,7 @@ impl Config {
                     rpc_advertise: None,
                     admin: Some(sa(6, i, 9000)),
                     sends_in_flight_max: None,
+                    admission_target_ms: None,
                 })
                 .collect(),
             api: (0..sizes.api)

@@ -160,6 +160,7 @@ pub fn start(
                 sends_in_flight_max: node
                     .sends_in_flight_max
                     .unwrap_or(crate::limits::SENDS_IN_FLIGHT_MAX),
+                admission_target: crate::chat::admission::target(node.admission_target_ms),
             })));
             node.admin
         }

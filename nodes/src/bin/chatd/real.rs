@@ -107,6 +107,10 @@ struct LocalCluster {
     /// (default 100,000: off in practice; see `limits::SENDS_IN_FLIGHT_MAX`).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     sends_in_flight: Option<u64>,
+    /// The commit latency each chat server's adaptive admission limit aims at, in ms (default
+    /// `limits::ADMISSION_TARGET_MS`; 0: the limit is fixed at --sends-in-flight).
+    #[arg(long)]
+    admission_target_ms: Option<u64>,
     /// Use this config instead of generating one (its addresses should be on this machine).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -544,6 +548,7 @@ async fn local_cluster(a: LocalCluster) -> anyhow::Result<()> {
             a.client_tls.apply(&mut cfg);
             for c in &mut cfg.chat {
                 c.sends_in_flight_max = a.sends_in_flight.map(|n| n as usize);
+                c.admission_target_ms = a.admission_target_ms;
             }
             let path = data.join("cluster.toml");
             std::fs::write(&path, cfg.to_toml())
