@@ -22,11 +22,23 @@ use tokio::net::{TcpListener, TcpStream};
 /// A TCP stream that behaves like real TCP in both worlds.
 pub struct Stream {
     inner: TcpStream,
+    /// (local, peer) addresses: the simulation counts bytes per pair (`sim_wire_bytes_by_path`).
+    /// Boxed: a stream is inlined in enums of streams, which should stay small.
+    #[cfg(madsim)]
+    path: Box<(std::net::IpAddr, std::net::IpAddr)>,
 }
 
 impl Stream {
     pub fn new(inner: TcpStream) -> Self {
         let _ = inner.set_nodelay(true);
+        #[cfg(madsim)]
+        {
+            let unspecified = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+            let ip = |a: io::Result<SocketAddr>| a.map_or(unspecified, |a| a.ip());
+            let path = Box::new((ip(inner.local_addr()), ip(inner.peer_addr())));
+            Self { inner, path }
+        }
+        #[cfg(not(madsim))]
         Self { inner }
     }
 }
@@ -48,6 +60,43 @@ thread_local! {
     /// Bytes written to simulated TCP streams on this thread. Each simulated run has its own
     /// OS thread (and madsim runs every node on it), so this is the run's wire total.
     static SIM_WIRE_BYTES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The same bytes by (writer's address, peer's address).
+    static SIM_WIRE_PATHS: std::cell::RefCell<WirePaths> = const {
+        std::cell::RefCell::new(std::collections::BTreeMap::new())
+    };
+    /// The bytes written inside [`heartbeat_write`].
+    static SIM_HEARTBEAT_BYTES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+#[cfg(madsim)]
+tokio::task_local! {
+    /// Set while a task writes a heartbeat or its answer (`heartbeat_write`).
+    static HEARTBEAT_WRITE: ();
+}
+
+/// Bytes written by (writer's address, peer's address).
+pub type WirePaths = std::collections::BTreeMap<(std::net::IpAddr, std::net::IpAddr), u64>;
+
+/// The simulated run's wire bytes by (writer's address, peer's address).
+#[cfg(madsim)]
+pub fn sim_wire_bytes_by_path() -> WirePaths {
+    SIM_WIRE_PATHS.with(|p| p.borrow().clone())
+}
+
+/// The simulated run's bytes written inside [`heartbeat_write`]: the devices' heartbeats and
+/// the chat servers' answers, as the wire carries them (WebSocket framing and TLS included).
+#[cfg(madsim)]
+pub fn sim_heartbeat_bytes() -> u64 {
+    SIM_HEARTBEAT_BYTES.with(|b| b.get())
+}
+
+/// Runs `write` (the write of a heartbeat or of its answer) so that the simulation counts its
+/// bytes as heartbeat bytes as well. No effect on real tokio.
+pub async fn heartbeat_write<F: std::future::Future>(write: F) -> F::Output {
+    #[cfg(madsim)]
+    return HEARTBEAT_WRITE.scope((), write).await;
+    #[cfg(not(madsim))]
+    write.await
 }
 
 /// Bytes every node and device of the current simulated run wrote to TCP (WebSocket, HTTP
@@ -136,6 +185,10 @@ impl AsyncWrite for Stream {
         #[cfg(madsim)]
         if n > 0 {
             SIM_WIRE_BYTES.with(|b| b.set(b.get() + n as u64));
+            SIM_WIRE_PATHS.with(|p| *p.borrow_mut().entry(*self.path).or_default() += n as u64);
+            if HEARTBEAT_WRITE.try_with(|_| ()).is_ok() {
+                SIM_HEARTBEAT_BYTES.with(|b| b.set(b.get() + n as u64));
+            }
             match Pin::new(&mut self.inner).poll_flush(cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) | Poll::Pending => {}

@@ -58,6 +58,13 @@ pub struct Measurement {
     pub connects: u64,
     pub net_messages: u64,
     pub wire_bytes: u64,
+    /// Of `wire_bytes`: the devices' heartbeats and the chat servers' answers (WebSocket
+    /// framing and TLS included).
+    #[serde(default)]
+    pub heartbeat_wire_bytes: u64,
+    /// `wire_bytes` by path between roles (`device-chat`, `kv-kv`...), both directions.
+    #[serde(default)]
+    pub wire_by_path: Vec<(String, u64)>,
     pub kv_requests: u64,
     pub kv_writes: u64,
     /// Growth of every kv database file (every replica's).
@@ -486,6 +493,12 @@ pub fn plan(dau: u64, model: &Model, m: &Measurement, bench: &Bench, a: &Assumpt
         "bytes",
         sim("bytes on TCP of the whole system per message sent".into()),
     );
+    put(
+        "heartbeat_wire_bytes_per_send",
+        m.heartbeat_wire_bytes as f64 / m.sends.max(1) as f64,
+        "bytes",
+        sim("bytes on TCP of the devices' heartbeats and their answers per message sent (the chat servers' relays to presence are in the `chat-presence` path)".into()),
+    );
     Plan {
         dau,
         figures: f,
@@ -577,6 +590,28 @@ pub fn markdown(p: &Plan) -> String {
         "\n## Measured window (unscaled)\n\n{:.0} s; {} messages sent, {} acknowledgements seen, {} deliveries, {} heartbeats, {} connects, {:.0} devices connected on average; {} network messages, {} wire bytes, {} kv requests of which {} write operations, {} bytes of kv growth.\n",
         m.window_s, m.sends, m.acks, m.delivers, m.heartbeats, m.connects, m.mean_connected, m.net_messages, m.wire_bytes, m.kv_requests, m.kv_writes, m.storage_bytes
     );
+    if !m.wire_by_path.is_empty() {
+        let sent = m.sends.max(1) as f64;
+        let mut paths = m.wire_by_path.clone();
+        paths.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let text = m.text_bytes as f64 / sent;
+        let recipients = m.delivers as f64 / sent;
+        s += &format!(
+            "\n## Wire bytes per message by path (measured)\n\nWhere `wire_bytes_per_send` goes: bytes written to TCP in the measured window between two kinds of hosts, both directions, per message sent. Heartbeats (the devices' `heartbeat` frames and the chat servers' answers, TLS included) are {:.0} B per message, inside `chat-device`; the rest of the system is {:.0} B per message against {:.0} B of text delivered to {:.2} devices (3 x text x devices + 1 KB = {:.0} B).\n\n| path | bytes per message | share |\n|---|---|---|\n",
+            m.heartbeat_wire_bytes as f64 / sent,
+            (m.wire_bytes - m.heartbeat_wire_bytes.min(m.wire_bytes)) as f64 / sent,
+            text,
+            recipients,
+            3.0 * text * recipients + 1024.0,
+        );
+        for (path, n) in paths {
+            s += &format!(
+                "| `{path}` | {:.0} | {:.1} % |\n",
+                n as f64 / sent,
+                100.0 * n as f64 / m.wire_bytes.max(1) as f64
+            );
+        }
+    }
     if !m.kv_by_op.is_empty() {
         let mut ops = m.kv_by_op.clone();
         ops.retain(|(_, n, w)| *n > 0 || *w > 0);
@@ -651,6 +686,11 @@ mod tests {
             connects: 500,
             net_messages: 300_000,
             wire_bytes: 60_000_000,
+            heartbeat_wire_bytes: 10_000_000,
+            wire_by_path: vec![
+                ("chat-device".into(), 30_000_000),
+                ("kv-kv".into(), 30_000_000),
+            ],
             kv_requests: 20_000,
             kv_writes: 8_000,
             storage_bytes: 2_000_000,

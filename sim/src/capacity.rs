@@ -68,6 +68,8 @@ pub fn write_plan(c: &CapacityOpts, opts: &Opts, plan: &Plan, outcome: &Outcome)
         connects: w.connects,
         net_messages: w.net_messages,
         wire_bytes: w.wire_bytes,
+        heartbeat_wire_bytes: w.heartbeat_wire_bytes,
+        wire_by_path: w.wire_paths.clone().into_iter().collect(),
         kv_requests: kv.requests,
         kv_writes: kv.writes,
         storage_bytes: w.disk_bytes,

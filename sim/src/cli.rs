@@ -125,9 +125,9 @@ pub struct Opts {
     /// kv shards (Raft groups); 0: one per kv node, so each node prefers to lead one.
     #[arg(long, default_value_t = 0)]
     pub kv_shards: u32,
-    /// Sends each chat server commits at once; past it a send is refused `overloaded` and
-    /// the device resends at its next tick (admission control; default
-    /// `limits::SENDS_IN_FLIGHT_MAX`). A small value makes a run an overload run.
+    /// Sends each chat server commits at once at most; past it a send is refused `overloaded`
+    /// and the device backs off (admission control; default `limits::SENDS_IN_FLIGHT_MAX`,
+    /// the ceiling of the adaptive limit). A small value makes a run an overload run.
     #[arg(long, default_value_t = nodes::limits::SENDS_IN_FLIGHT_MAX as u32, value_parser = clap::value_parser!(u32).range(1..))]
     pub sends_in_flight: u32,
     /// The commit latency each chat server's adaptive admission limit aims at, in ms (0: the

@@ -74,6 +74,43 @@ type Starter = Arc<
         + Sync,
 >;
 
+/// What the IP plan puts at `ip`: a role's name, `device`, `moved` (a replacement machine),
+/// `harness` (setup and scraping) or `other`.
+pub fn place(ip: std::net::IpAddr) -> &'static str {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return "other";
+    };
+    match v4.octets() {
+        [10, 0, 0, _] => "harness",
+        [10, 0, 1, _] => "api",
+        [10, 0, 2, _] => "etcd",
+        [10, 0, 3, _] => "chat",
+        [10, 0, 4, _] => "idgen",
+        [10, 0, 5, _] => "kv",
+        [10, 0, 6, _] => "presence",
+        [10, 0, 7, _] => "push",
+        [10, 0, 8, _] => "moved",
+        [10, b, _, _] if b >= 1 => "device",
+        _ => "other",
+    }
+}
+
+/// Wire bytes by path between places (`place`), both directions together, named `a-b` in
+/// name order.
+pub fn wire_paths(by_pair: &nodes::net::WirePaths) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for ((from, to), n) in by_pair {
+        let (a, b) = (place(*from), place(*to));
+        let name = if a <= b {
+            format!("{a}-{b}")
+        } else {
+            format!("{b}-{a}")
+        };
+        *out.entry(name).or_default() += n;
+    }
+    out
+}
+
 /// The address of the `n`-th replacement machine (0-based).
 pub fn moved_ip(n: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 8, (n + 1) as u8)

@@ -36,6 +36,10 @@ pub struct Snapshot {
     pub text_bytes: u64,
     pub net_messages: u64,
     pub wire_bytes: u64,
+    /// Of `wire_bytes`: devices' heartbeats and the chat servers' answers.
+    pub heartbeat_wire_bytes: u64,
+    /// `wire_bytes` by path (`cluster::wire_paths`).
+    pub wire_paths: BTreeMap<String, u64>,
     /// Per kv node (by index): its counters since it last started; a node that did not
     /// answer is missing.
     pub kv: BTreeMap<u32, KvCounters>,
@@ -115,6 +119,17 @@ impl Snapshot {
             text_bytes: self.text_bytes.saturating_sub(earlier.text_bytes),
             net_messages: self.net_messages.saturating_sub(earlier.net_messages),
             wire_bytes: self.wire_bytes.saturating_sub(earlier.wire_bytes),
+            heartbeat_wire_bytes: self
+                .heartbeat_wire_bytes
+                .saturating_sub(earlier.heartbeat_wire_bytes),
+            wire_paths: self
+                .wire_paths
+                .iter()
+                .map(|(k, v)| {
+                    let before = earlier.wire_paths.get(k).copied().unwrap_or(0);
+                    (k.clone(), v.saturating_sub(before))
+                })
+                .collect(),
             kv: self.kv.clone(),
             disk_bytes: self.disk_bytes.saturating_sub(earlier.disk_bytes),
         }

@@ -170,6 +170,8 @@ async fn drive(
                     text_bytes: c.text_bytes,
                     net_messages: madsim::net::NetSim::current().stat().msg_count,
                     wire_bytes: nodes::net::sim_wire_bytes(),
+                    heartbeat_wire_bytes: nodes::net::sim_heartbeat_bytes(),
+                    wire_paths: crate::cluster::wire_paths(&nodes::net::sim_wire_bytes_by_path()),
                     kv: s.kv,
                     disk_bytes: disks.iter().map(|d| d.len_bytes() as u64).sum(),
                 }

@@ -4,12 +4,21 @@
 //! of everything accepted.
 //!
 //! The limit is either fixed (`sends_in_flight_max`) or adaptive: with a latency target it
-//! moves between `ADMISSION_LIMIT_MIN` and `sends_in_flight_max` by AIMD on the commit
-//! latency, judged once per window of one target. A window whose mean commit latency is over
-//! the target cuts the limit by a fifth; one under it, in which the limit was binding (sends
+//! moves between `ADMISSION_LIMIT_MIN` and `sends_in_flight_max` by AIMD on the latency of
+//! successful commits, judged once per window of one target. A window whose mean is over the
+//! threshold cuts the limit by a fifth; one under it, in which the limit was binding (sends
 //! in flight reached nine tenths of it), raises it by a twentieth (at least one). The limit
-//! then sits where commits take about the target: as many in flight as the kv's group commit
-//! can use without queueing, which no fixed number knows on every machine.
+//! then sits where commits take about the threshold: as many in flight as the kv's group
+//! commit can use without queueing, which no fixed number knows on every machine.
+//!
+//! The threshold is the target, or twice the baseline if that is higher: the baseline is the
+//! lowest mean of the windows in which the limit did not bind (commits without admission
+//! queueing: what healthy commits take), forgotten by 1 % a window, so a deployment whose
+//! healthy commits are slower than the target (slow disks, replicas far apart) is judged
+//! against itself and not held at the floor. Windows in which the limit binds do not move the
+//! baseline: under sustained overload it would creep up to the overloaded latency. Failed commits (a kv shard without a leader answers after its
+//! timeout) are not samples: they are unavailability, refused `unavailable`, not overload; one
+//! dead shard must not cut the limit that sends to the healthy ones share.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,6 +46,9 @@ struct Inner {
     latency_sum: Duration,
     commits: u32,
     peak_in_flight: usize,
+    /// The lowest mean of windows in which the limit did not bind, slowly forgotten (the first
+    /// window's mean until then).
+    baseline: Option<Duration>,
 }
 
 /// A send admitted: held while it commits; dropping it reports the commit's latency.
@@ -46,6 +58,16 @@ pub struct Admitted {
     started: Instant,
     /// When it finished, if not at the drop (tests).
     finished: Option<Instant>,
+    /// The commit failed: its latency is no sample (`failed`).
+    failed: bool,
+}
+
+impl Admitted {
+    /// The commit failed (kv or idgen unavailable, refused): it frees its slot but its
+    /// latency does not move the limit.
+    pub fn failed(&mut self) {
+        self.failed = true;
+    }
 }
 
 /// The latency target of a configured `admission_target_ms`: absent, the default
@@ -76,6 +98,7 @@ impl Admission {
                 latency_sum: Duration::ZERO,
                 commits: 0,
                 peak_in_flight: 0,
+                baseline: None,
             }),
         })
     }
@@ -93,6 +116,7 @@ impl Admission {
             admission: self.clone(),
             started: Instant::now(),
             finished: None,
+            failed: false,
         })
     }
 
@@ -101,23 +125,34 @@ impl Admission {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).limit as usize
     }
 
-    /// A send admitted at `started` finished at `now`.
-    fn done(&self, started: Instant, now: Instant) {
+    /// A send admitted at `started` finished at `now` (a sample unless it failed).
+    fn done(&self, started: Instant, now: Instant, failed: bool) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.in_flight -= 1;
         let Some(target) = self.target else {
             return;
         };
+        if failed {
+            return;
+        }
         g.latency_sum += now.saturating_duration_since(started);
         g.commits += 1;
         if now.duration_since(g.window_start) < target {
             return;
         }
         let mean = g.latency_sum / g.commits;
+        let binding = g.peak_in_flight as f64 >= g.limit * 0.9;
+        let baseline = match g.baseline {
+            None => mean,
+            Some(b) if !binding => b.mul_f64(1.01).min(mean),
+            Some(b) => b,
+        };
+        g.baseline = Some(baseline);
+        let threshold = target.max(baseline * 2);
         let min = ADMISSION_LIMIT_MIN.min(self.max) as f64;
-        if mean > target {
+        if mean > threshold {
             g.limit = (g.limit * 0.8).max(min);
-        } else if g.peak_in_flight as f64 >= g.limit * 0.9 {
+        } else if binding {
             g.limit = (g.limit + (g.limit * 0.05).max(1.0)).min(self.max as f64);
         }
         g.window_start = now;
@@ -130,7 +165,7 @@ impl Admission {
 impl Drop for Admitted {
     fn drop(&mut self) {
         let finished = self.finished.unwrap_or_else(Instant::now);
-        self.admission.done(self.started, finished);
+        self.admission.done(self.started, finished, self.failed);
     }
 }
 
@@ -172,6 +207,13 @@ mod tests {
         let a = Admission::new(1_000, Some(ms(100)));
         let mut t = Instant::now();
         let start = a.limit();
+        // Healthy: 50 ms commits (the baseline), not binding.
+        for _ in 0..10 {
+            round(&a, 4, t, ms(50));
+            t += ms(50);
+        }
+        assert_eq!(a.limit(), start);
+        // Six times slower: over the target and over twice the baseline.
         for _ in 0..40 {
             round(&a, 4, t, ms(300));
             t += ms(300);
@@ -198,5 +240,47 @@ mod tests {
             t += ms(200);
         }
         assert_eq!(idle.limit(), before, "an idle limit is not raised");
+    }
+
+    // Proves failed commits do not cut the limit however slow they are, and a deployment
+    // whose healthy commits are slower than the target is judged against its own baseline:
+    // it cuts when they get twice as slow, not at the target.
+    #[test]
+    fn failures_and_slow_baselines_do_not_cut() {
+        let ms = Duration::from_millis;
+        let a = Admission::new(1_000, Some(ms(100)));
+        let mut t = Instant::now();
+        let start = a.limit();
+        for _ in 0..40 {
+            let held: Vec<_> = (0..4).map(|_| a.try_admit().unwrap()).collect();
+            for mut h in held {
+                h.started = t;
+                h.finished = Some(t + ms(2_000));
+                h.failed();
+            }
+            t += ms(2_000);
+        }
+        assert_eq!(a.limit(), start, "failed commits are no samples");
+        // Healthy commits of 250 ms: seen first at low load (the baseline), then with the limit
+        // binding: it climbs.
+        for _ in 0..5 {
+            round(&a, 4, t, ms(250));
+            t += ms(250);
+        }
+        for _ in 0..100 {
+            round(&a, usize::MAX, t, ms(250));
+            t += ms(250);
+        }
+        let climbed = a.limit();
+        assert!(
+            climbed > start,
+            "{climbed} > {start}: judged against its baseline"
+        );
+        // Twice as slow as its baseline and more: it cuts.
+        for _ in 0..10 {
+            round(&a, usize::MAX, t, ms(700));
+            t += ms(700);
+        }
+        assert!(a.limit() < climbed, "{} < {climbed}", a.limit());
     }
 }

@@ -168,13 +168,18 @@ async fn write_loop(
             _ => {}
         }
         let text = serde_json::to_string(&*frame).expect("server frames serialize");
+        let heartbeat = matches!(&*frame, ServerFrame::HeartbeatAck);
+        let send = sink.send(Message::text(text));
+        let write = async {
+            if heartbeat {
+                // Counted apart by the simulation's wire accounting.
+                crate::net::heartbeat_write(send).await
+            } else {
+                send.await
+            }
+        };
         // Boxed: the idle writer waits in the select above and should not carry this state.
-        match Box::pin(tokio::time::timeout(
-            WS_WRITE_TIMEOUT,
-            sink.send(Message::text(text)),
-        ))
-        .await
-        {
+        match Box::pin(tokio::time::timeout(WS_WRITE_TIMEOUT, write)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => break,
             Err(_) => {
@@ -562,7 +567,7 @@ impl Session {
         }
         // Admission: a send past the server's limit in flight is refused now, not queued
         // behind the others (their latency would grow without bound under overload).
-        let Some(in_flight) = self.state.sends_in_flight.try_admit() else {
+        let Some(mut in_flight) = self.state.sends_in_flight.try_admit() else {
             let frame = ServerFrame::Error {
                 code: ErrorCode::Overloaded,
                 detail: format!(
@@ -590,8 +595,11 @@ impl Session {
         } else {
             commit(peers, req).await
         };
-        // Committed or refused: the permit is not held while the answer waits for room in a
-        // slow device's queue.
+        // Committed or refused: the slot is not held while the answer waits for room in a
+        // slow device's queue. A failure is no latency sample (`chat::admission`).
+        if result.is_err() {
+            in_flight.failed();
+        }
         drop(in_flight);
         match result {
             Ok(c) => {

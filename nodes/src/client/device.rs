@@ -58,7 +58,8 @@ pub enum Observation {
         status: PresenceStatus,
     },
     /// A server error: not tied to a send, or a send refused with a retryable code
-    /// (`client_msg_id`: the device resends it at its next tick).
+    /// (`client_msg_id`: the device resends it at its next tick, or after its backoff when
+    /// the refusal carries a retry-after hint).
     Error {
         code: ErrorCode,
         detail: String,
@@ -398,6 +399,10 @@ impl DeviceState {
                 (Some(id), Some(_)) if self.outbox.contains_key(&id) => {
                     match retry_after_ms {
                         Some(hint) => self.back_off(id, hint),
+                        // A backoff holds every send, this one too.
+                        None if self.backoff == Backoff::Waiting => {
+                            self.held_sends.insert(id);
+                        }
                         None => {
                             self.retry_sends.insert(id);
                         }
@@ -429,6 +434,8 @@ impl DeviceState {
             return;
         }
         self.backoff = Backoff::Waiting;
+        // Sends waiting for the next tick wait for the backoff instead.
+        self.held_sends.append(&mut self.retry_sends);
         let doubled = hint_ms.max(1).saturating_mul(1 << self.backoffs.min(16));
         self.backoffs = self.backoffs.saturating_add(1);
         self.backoff_ms = Some(doubled.min(DEVICE_BACKOFF_MAX_MS));
@@ -529,6 +536,7 @@ impl DeviceState {
         }
         // Our own message found by sync: it was committed, so it is acknowledged.
         if self.outbox.remove(&m.client_msg_id).is_some() {
+            self.backoffs = 0;
             obs.push(Observation::Ack {
                 channel: m.channel,
                 client_msg_id: m.client_msg_id,

@@ -202,7 +202,8 @@ pub enum DeviceEvent {
     Held {
         client_msg_id: Id,
     },
-    /// Held sends went out again (a backoff's wait ended, or the one before was answered).
+    /// Unanswered sends went out again: held ones (a backoff's wait ended, or the one before
+    /// was answered), refused ones at a tick, or all of them after a reconnect.
     Released {
         client_msg_ids: Vec<Id>,
     },
@@ -462,14 +463,22 @@ impl<O: Observer> DeviceRuntime<O> {
                 _ = heartbeat.tick() => self.on_heartbeat().await,
                 _ = presence.tick(), if refresh.is_some() => self.ask_presence().await,
                 _ = tokio::time::sleep_until(self.next_connect), if want_connect => {}
-                _ = sleep_until_some(self.release_held_at), if self.release_held_at.is_some() => {
+                _ = sleep_until_some(self.release_held_at), if self.release_held_at.is_some() && self.conn.is_some() => {
                     self.release_held_at = None;
                     let frames = self.state.release_held();
-                    let client_msg_ids = sent_ids(&frames);
-                    self.emit(DeviceEvent::Released { client_msg_ids }).await;
-                    self.send_all(frames).await;
+                    self.send_resends(frames).await;
                 }
             }
+        }
+    }
+
+    /// Sends `frames`; the sends among them (all resends: none is new) are reported as
+    /// `Released` once written.
+    async fn send_resends(&mut self, frames: Vec<ClientFrame>) {
+        let client_msg_ids = sent_ids(&frames);
+        self.send_all(frames).await;
+        if !client_msg_ids.is_empty() && self.conn.is_some() {
+            self.emit(DeviceEvent::Released { client_msg_ids }).await;
         }
     }
 
@@ -529,7 +538,7 @@ impl<O: Observer> DeviceRuntime<O> {
                 self.release_held_at = None; // `on_connected` sends everything unanswered.
                 self.emit(DeviceEvent::Connected { server }).await;
                 let frames = self.state.on_connected();
-                self.send_all(frames).await;
+                self.send_resends(frames).await;
                 self.send_frame(ClientFrame::Heartbeat).await;
                 self.emit(DeviceEvent::HeartbeatSent).await;
                 self.ask_presence().await;
@@ -561,7 +570,13 @@ impl<O: Observer> DeviceRuntime<O> {
         tracing::trace!(device = self.login.device, ?frame, "send");
         let sync = matches!(frame, ClientFrame::Sync { .. });
         if let Some(ws) = self.conn.as_mut() {
-            match tokio::time::timeout(WRITE_TIMEOUT, ws.send(&frame)).await {
+            let write = ws.send(&frame);
+            let written = if frame == ClientFrame::Heartbeat {
+                tokio::time::timeout(WRITE_TIMEOUT, crate::net::heartbeat_write(write)).await
+            } else {
+                tokio::time::timeout(WRITE_TIMEOUT, write).await
+            };
+            match written {
                 Ok(Ok(())) if sync => self.emit(DeviceEvent::SyncAsked).await,
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => self.lost_connection("send failed").await,
@@ -579,6 +594,8 @@ impl<O: Observer> DeviceRuntime<O> {
     async fn lost_connection(&mut self, reason: &'static str) {
         if let Some(ws) = self.conn.take() {
             drop(ws);
+            // Held sends go out with everything unanswered at the next connect.
+            self.release_held_at = None;
             self.avoid = self.server.take();
             self.emit(DeviceEvent::Disconnected { reason }).await;
             self.schedule_reconnect();
@@ -592,6 +609,7 @@ impl<O: Observer> DeviceRuntime<O> {
         if logout {
             self.send_frame(ClientFrame::Logout).await;
         }
+        self.release_held_at = None;
         if let Some(ws) = self.conn.take() {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close()).await;
             let reason = if logout { "logout" } else { "app closed" };
@@ -672,7 +690,7 @@ impl<O: Observer> DeviceRuntime<O> {
         self.emit(DeviceEvent::HeartbeatSent).await;
         let mut frames = self.state.take_reads();
         frames.extend(self.state.on_tick());
-        self.send_all(frames).await;
+        self.send_resends(frames).await;
     }
 
     async fn ask_presence(&mut self) {
@@ -714,14 +732,7 @@ impl<O: Observer> DeviceRuntime<O> {
             self.emit(DeviceEvent::Observed(o)).await;
         }
         // Sends in the answer are held ones going out again (a backoff draining).
-        let released = sent_ids(&out);
-        if !released.is_empty() {
-            self.emit(DeviceEvent::Released {
-                client_msg_ids: released,
-            })
-            .await;
-        }
-        self.send_all(out).await;
+        self.send_resends(out).await;
         if let Some(ms) = self.state.take_backoff() {
             // Jitter, as for reconnects: devices refused together do not come back together.
             let wait = self.rng.gen_range(ms / 2..=ms);
