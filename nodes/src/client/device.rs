@@ -32,6 +32,17 @@ pub fn text_digest(text: &str) -> String {
     format!("{:08x}", crc32fast::hash(text.as_bytes()))
 }
 
+/// The `client_msg_id`s of the sends among `frames`.
+pub fn sent_ids(frames: &[ClientFrame]) -> Vec<Id> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ClientFrame::Send { client_msg_id, .. } => Some(*client_msg_id),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Heartbeat ticks (5 s each) a sync may go unanswered before it is asked again.
 pub const SYNC_RETRY_TICKS: u8 = 2;
 
@@ -769,16 +780,6 @@ mod tests {
             channel: Some(5),
             retry_after_ms: Some(hint),
         }
-    }
-
-    fn sent_ids(frames: &[ClientFrame]) -> Vec<Id> {
-        frames
-            .iter()
-            .filter_map(|f| match f {
-                ClientFrame::Send { client_msg_id, .. } => Some(*client_msg_id),
-                _ => None,
-            })
-            .collect()
     }
 
     fn ack(id: Id, seq: u64) -> ServerFrame {

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::device::{DeviceState, Observation};
+use super::device::{sent_ids, DeviceState, Observation};
 use super::http::HttpClient;
 use super::ws::{Incoming, WsConn, EARLY_FRAMES_MAX};
 use super::ClientError;
@@ -767,15 +767,4 @@ async fn sleep_until_some(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// The `client_msg_id`s of the sends among `frames`.
-fn sent_ids(frames: &[ClientFrame]) -> Vec<Id> {
-    frames
-        .iter()
-        .filter_map(|f| match f {
-            ClientFrame::Send { client_msg_id, .. } => Some(*client_msg_id),
-            _ => None,
-        })
-        .collect()
 }
