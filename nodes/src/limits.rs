@@ -152,8 +152,9 @@ pub const SENDS_IN_FLIGHT_MAX: usize = 100_000;
 /// `scripts/bench-real.sh overload` (8,000 1:1 sends/s offered on this 2-core machine, about
 /// twice what it acks, TLS; benches/results/real/overload.txt), as acked/s and attempt->ack
 /// p99 (from the transmission the server accepted to its ack): no limit, 4,261/s and 21 s;
-/// target 50 ms, 2,990/s and 242 ms; 100 ms, 3,090-3,407/s and 546-553 ms; 200 ms, 3,900/s and
-/// 2.4 s (the first three with the target alone as threshold). Fixed limits of 32 / 128 / 256:
+/// target 50 ms, 2,990/s and 242 ms; 100 ms, 3,407/s and 553 ms, and with the baseline rule
+/// of `chat::admission` 2,680-3,130/s and 536-537 ms (4,259/s and 20.8 s without admission in
+/// the same hour); 200 ms, 3,900/s and 2.4 s. Fixed limits of 32 / 128 / 256:
 /// 2,352 / 3,316-3,417 / 3,841 per s, p99 167 ms / 617-645 ms / 3.5 s. 100 ms keeps accepted
 /// sends under 1 s at p99; what the system cannot take waits on the devices.
 pub const ADMISSION_TARGET_MS: u64 = 100;

@@ -597,7 +597,7 @@ pub fn markdown(p: &Plan) -> String {
         let text = m.text_bytes as f64 / sent;
         let recipients = m.delivers as f64 / sent;
         s += &format!(
-            "\n## Wire bytes per message by path (measured)\n\nWhere `wire_bytes_per_send` goes: bytes written to TCP in the measured window between two kinds of hosts, both directions, per message sent. Heartbeats (the devices' `heartbeat` frames and the chat servers' answers, TLS included) are {:.0} B per message, inside `chat-device`; the rest of the system is {:.0} B per message against {:.0} B of text delivered to {:.2} devices (3 x text x devices + 1 KB = {:.0} B).\n\n| path | bytes per message | share |\n|---|---|---|\n",
+            "\n## Wire bytes per message by path (measured)\n\nWhere `wire_bytes_per_send` goes: bytes written to TCP in the measured window between two kinds of hosts, both directions, per message sent (etcd's traffic is not counted). Heartbeats (the devices' `heartbeat` frames and the chat servers' answers, TLS included) are {:.0} B per message, inside `chat-device`; the rest of the system is {:.0} B per message against {:.0} B of text delivered to {:.2} devices (the goal of issue 14, 3 x text x devices + 1 KB, would be {:.0} B).\n\n| path | bytes per message | share |\n|---|---|---|\n",
             m.heartbeat_wire_bytes as f64 / sent,
             (m.wire_bytes - m.heartbeat_wire_bytes.min(m.wire_bytes)) as f64 / sent,
             text,

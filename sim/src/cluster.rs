@@ -75,7 +75,8 @@ type Starter = Arc<
 >;
 
 /// What the IP plan puts at `ip`: a role's name, `device`, `moved` (a replacement machine),
-/// `harness` (setup and scraping) or `other`.
+/// `harness` (setup and scraping) or `other`. The simulated etcd's traffic does not go
+/// through `nodes::net::Stream` and is not counted.
 pub fn place(ip: std::net::IpAddr) -> &'static str {
     let std::net::IpAddr::V4(v4) = ip else {
         return "other";

@@ -11,12 +11,14 @@
 //! then sits where commits take about the threshold: as many in flight as the kv's group
 //! commit can use without queueing, which no fixed number knows on every machine.
 //!
-//! The threshold is the target, or twice the baseline if that is higher: the baseline is the
+//! The threshold is the target, or twice the baseline if that is higher. The baseline is the
 //! lowest mean of the windows in which the limit did not bind (commits without admission
-//! queueing: what healthy commits take), forgotten by 1 % a window, so a deployment whose
-//! healthy commits are slower than the target (slow disks, replicas far apart) is judged
-//! against itself and not held at the floor. Windows in which the limit binds do not move the
-//! baseline: under sustained overload it would creep up to the overloaded latency. Failed commits (a kv shard without a leader answers after its
+//! queueing: what healthy commits take), allowed to rise by 1 % per such window, so a
+//! deployment whose healthy commits are slower than the target (slow disks, replicas far
+//! apart) is judged against itself. Windows in which the limit binds do not move it (under
+//! sustained overload it would creep up to the overloaded latency), except at the floor:
+//! there no admission queueing is left, so commits that stay slower than the target without
+//! overload (a leader moved to a slow disk) raise the baseline and free the limit. Failed commits (a kv shard without a leader answers after its
 //! timeout) are not samples: they are unavailability, refused `unavailable`, not overload; one
 //! dead shard must not cut the limit that sends to the healthy ones share.
 
@@ -46,8 +48,8 @@ struct Inner {
     latency_sum: Duration,
     commits: u32,
     peak_in_flight: usize,
-    /// The lowest mean of windows in which the limit did not bind, slowly forgotten (the first
-    /// window's mean until then).
+    /// The lowest mean of windows in which the limit did not bind (or sat at the floor),
+    /// slowly forgotten; None before the first such window (the threshold is the target).
     baseline: Option<Duration>,
 }
 
@@ -132,28 +134,31 @@ impl Admission {
         let Some(target) = self.target else {
             return;
         };
-        if failed {
-            return;
+        if !failed {
+            g.latency_sum += now.saturating_duration_since(started);
+            g.commits += 1;
         }
-        g.latency_sum += now.saturating_duration_since(started);
-        g.commits += 1;
         if now.duration_since(g.window_start) < target {
             return;
         }
-        let mean = g.latency_sum / g.commits;
-        let binding = g.peak_in_flight as f64 >= g.limit * 0.9;
-        let baseline = match g.baseline {
-            None => mean,
-            Some(b) if !binding => b.mul_f64(1.01).min(mean),
-            Some(b) => b,
-        };
-        g.baseline = Some(baseline);
-        let threshold = target.max(baseline * 2);
-        let min = ADMISSION_LIMIT_MIN.min(self.max) as f64;
-        if mean > threshold {
-            g.limit = (g.limit * 0.8).max(min);
-        } else if binding {
-            g.limit = (g.limit + (g.limit * 0.05).max(1.0)).min(self.max as f64);
+        // A window of failures only (an outage) is closed unjudged.
+        if g.commits > 0 {
+            let mean = g.latency_sum / g.commits;
+            let min = ADMISSION_LIMIT_MIN.min(self.max) as f64;
+            let binding = g.peak_in_flight as f64 >= g.limit * 0.9;
+            // A binding window's commits queued behind the limit: not what healthy commits
+            // take, except at the floor, where no admission queueing is left to remove (so
+            // commits that grew slower than the target for good move the baseline up, and
+            // the limit off the floor, at 1 % a window).
+            if !binding || g.limit <= min {
+                g.baseline = Some(g.baseline.map_or(mean, |b| b.mul_f64(1.01).min(mean)));
+            }
+            let threshold = g.baseline.map_or(target, |b| target.max(b * 2));
+            if mean > threshold {
+                g.limit = (g.limit * 0.8).max(min);
+            } else if binding {
+                g.limit = (g.limit + (g.limit * 0.05).max(1.0)).min(self.max as f64);
+            }
         }
         g.window_start = now;
         g.latency_sum = Duration::ZERO;
@@ -282,5 +287,37 @@ mod tests {
             t += ms(700);
         }
         assert!(a.limit() < climbed, "{} < {climbed}", a.limit());
+    }
+
+    // Proves a limit is not held at the floor for good when healthy commits become slower
+    // than the target after the baseline was learned fast (a leader moved to a slow disk),
+    // with demand above the floor all along: at the floor its windows teach the baseline.
+    #[test]
+    fn slower_healthy_commits_free_the_floor() {
+        let ms = Duration::from_millis;
+        let a = Admission::new(1_000, Some(ms(100)));
+        let mut t = Instant::now();
+        for _ in 0..10 {
+            round(&a, 4, t, ms(20));
+            t += ms(100);
+        }
+        for _ in 0..20 {
+            round(&a, usize::MAX, t, ms(150));
+            t += ms(150);
+        }
+        assert_eq!(
+            a.limit(),
+            ADMISSION_LIMIT_MIN,
+            "150 ms > the 100 ms target: cut"
+        );
+        for _ in 0..400 {
+            round(&a, usize::MAX, t, ms(150));
+            t += ms(150);
+        }
+        assert!(
+            a.limit() > 2 * ADMISSION_LIMIT_MIN,
+            "{}: off the floor once the baseline learned 150 ms",
+            a.limit()
+        );
     }
 }
