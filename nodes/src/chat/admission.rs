@@ -191,6 +191,22 @@ mod tests {
         k
     }
 
+    /// `n` rounds of `round(a, k, ..)`, the next starting `every` after the last; `t` ends
+    /// after them.
+    fn rounds(
+        a: &Arc<Admission>,
+        n: usize,
+        k: usize,
+        t: &mut Instant,
+        took: Duration,
+        every: Duration,
+    ) {
+        for _ in 0..n {
+            round(a, k, *t, took);
+            *t += every;
+        }
+    }
+
     // Proves a fixed limit admits exactly `max` at once and frees a slot when one ends.
     #[test]
     fn fixed_limit_admits_max() {
@@ -213,16 +229,10 @@ mod tests {
         let mut t = Instant::now();
         let start = a.limit();
         // Healthy: 50 ms commits (the baseline), not binding.
-        for _ in 0..10 {
-            round(&a, 4, t, ms(50));
-            t += ms(50);
-        }
+        rounds(&a, 10, 4, &mut t, ms(50), ms(50));
         assert_eq!(a.limit(), start);
         // Six times slower: over the target and over twice the baseline.
-        for _ in 0..40 {
-            round(&a, 4, t, ms(300));
-            t += ms(300);
-        }
+        rounds(&a, 40, 4, &mut t, ms(300), ms(300));
         assert_eq!(
             a.limit(),
             ADMISSION_LIMIT_MIN,
@@ -240,10 +250,7 @@ mod tests {
         assert_eq!(a.limit(), 1_000, "climbs to the ceiling");
         let idle = Admission::new(1_000, Some(ms(100)));
         let before = idle.limit();
-        for _ in 0..50 {
-            round(&idle, 1, t, ms(5));
-            t += ms(200);
-        }
+        rounds(&idle, 50, 1, &mut t, ms(5), ms(200));
         assert_eq!(idle.limit(), before, "an idle limit is not raised");
     }
 
@@ -268,24 +275,15 @@ mod tests {
         assert_eq!(a.limit(), start, "failed commits are no samples");
         // Healthy commits of 250 ms: seen first at low load (the baseline), then with the limit
         // binding: it climbs.
-        for _ in 0..5 {
-            round(&a, 4, t, ms(250));
-            t += ms(250);
-        }
-        for _ in 0..100 {
-            round(&a, usize::MAX, t, ms(250));
-            t += ms(250);
-        }
+        rounds(&a, 5, 4, &mut t, ms(250), ms(250));
+        rounds(&a, 100, usize::MAX, &mut t, ms(250), ms(250));
         let climbed = a.limit();
         assert!(
             climbed > start,
             "{climbed} > {start}: judged against its baseline"
         );
         // Twice as slow as its baseline and more: it cuts.
-        for _ in 0..10 {
-            round(&a, usize::MAX, t, ms(700));
-            t += ms(700);
-        }
+        rounds(&a, 10, usize::MAX, &mut t, ms(700), ms(700));
         assert!(a.limit() < climbed, "{} < {climbed}", a.limit());
     }
 
@@ -297,23 +295,14 @@ mod tests {
         let ms = Duration::from_millis;
         let a = Admission::new(1_000, Some(ms(100)));
         let mut t = Instant::now();
-        for _ in 0..10 {
-            round(&a, 4, t, ms(20));
-            t += ms(100);
-        }
-        for _ in 0..20 {
-            round(&a, usize::MAX, t, ms(150));
-            t += ms(150);
-        }
+        rounds(&a, 10, 4, &mut t, ms(20), ms(100));
+        rounds(&a, 20, usize::MAX, &mut t, ms(150), ms(150));
         assert_eq!(
             a.limit(),
             ADMISSION_LIMIT_MIN,
             "150 ms > the 100 ms target: cut"
         );
-        for _ in 0..400 {
-            round(&a, usize::MAX, t, ms(150));
-            t += ms(150);
-        }
+        rounds(&a, 400, usize::MAX, &mut t, ms(150), ms(150));
         assert!(
             a.limit() > 2 * ADMISSION_LIMIT_MIN,
             "{}: off the floor once the baseline learned 150 ms",
